@@ -1,0 +1,502 @@
+//! [`ToolKitClient`]: a toolkit, its settings and its tools.
+
+use std::{
+    any::Any,
+    collections::HashMap,
+    fmt,
+    future::Future,
+    panic::{AssertUnwindSafe, catch_unwind},
+    pin::Pin,
+    sync::{Arc, PoisonError, RwLock},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::{Map, Value, json};
+
+use crate::{
+    error::{CallError, RegisterError},
+    schema::{Provider, typed_schema, untyped_schema},
+    secret::{AuthToken, Secret},
+    tool::{BoxFuture, Call, Handler, HandlerOutput, Tool},
+};
+
+/// The ATP server the seed's client talks to by default.
+pub const DEFAULT_BASE_URL: &str = "https://api.chat-atp.com";
+
+/// The default body limit of the HTTP endpoints: 1 MiB.
+pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+
+/// A toolkit: its API key, app name, ATP server URL, settings and tools —
+/// the seed's `ToolKitClient`.
+///
+/// It is a cheap handle: clones share the same tools, so a client can be
+/// registered with [`register_client`](crate::register_client) and still
+/// get new tools afterwards, while it is being served. Settings
+/// (`with_*`) belong to the handle they are called on: set them before
+/// sharing the client.
+///
+/// ```
+/// use atp_registry::{Call, Tool, ToolError, ToolKitClient};
+/// use serde_json::{Value, json};
+///
+/// async fn hello_world(call: Call) -> Result<Value, ToolError> {
+///     let name = call.str("name").unwrap_or("World");
+///     Ok(json!({"message": format!("Hello, {name}!")}))
+/// }
+///
+/// let client = ToolKitClient::new("YOUR_ATP_TOOLKIT_API_KEY", "my_app");
+/// client
+///     .register_tool(
+///         Tool::new("hello_world")
+///             .description("Returns a greeting.")
+///             .params(["name"])
+///             .required_params(["name"]),
+///         hello_world,
+///     )
+///     .unwrap();
+/// assert_eq!(client.tool_names(), ["hello_world"]);
+/// ```
+#[derive(Clone)]
+pub struct ToolKitClient {
+    config: Arc<Config>,
+    tools: Arc<RwLock<Tools>>,
+}
+
+#[derive(Clone)]
+struct Config {
+    api_key: Secret,
+    app_name: String,
+    base_url: String,
+    timeout: Option<Duration>,
+    body_limit: usize,
+    endpoint_key: Option<Secret>,
+}
+
+#[derive(Default)]
+struct Tools {
+    list: Vec<Arc<RegisteredTool>>,
+    by_name: HashMap<String, usize>,
+}
+
+impl ToolKitClient {
+    /// A toolkit with the seed's defaults: base URL
+    /// [`DEFAULT_BASE_URL`], no timeout, a 1 MiB body limit, no endpoint key.
+    pub fn new(api_key: impl Into<Secret>, app_name: impl Into<String>) -> Self {
+        Self {
+            config: Arc::new(Config {
+                api_key: api_key.into(),
+                app_name: app_name.into(),
+                base_url: DEFAULT_BASE_URL.to_owned(),
+                timeout: None,
+                body_limit: DEFAULT_BODY_LIMIT,
+                endpoint_key: None,
+            }),
+            tools: Arc::default(),
+        }
+    }
+
+    /// Sets the ATP server URL (the seed's `base_url`).
+    pub fn with_base_url(mut self, base_url: impl Into<String>) -> Self {
+        Arc::make_mut(&mut self.config).base_url = base_url.into();
+        self
+    }
+
+    /// Sets the longest a tool call may run; past it the call fails with
+    /// [`CallError::Timeout`]. Off by default. A blocking handler past the
+    /// timeout keeps running on its thread until it returns (a thread can
+    /// not be killed), but the caller gets its answer at the timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        Arc::make_mut(&mut self.config).timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the largest request body the HTTP endpoints accept (1 MiB by
+    /// default).
+    pub fn with_body_limit(mut self, bytes: usize) -> Self {
+        Arc::make_mut(&mut self.config).body_limit = bytes;
+        self
+    }
+
+    /// Requires every HTTP request to this toolkit to carry
+    /// `X-ATP-Key: KEY` (compared in constant time). A locked toolkit is
+    /// left out of the `GET /atp/` listing.
+    pub fn with_endpoint_key(mut self, key: impl Into<Secret>) -> Self {
+        Arc::make_mut(&mut self.config).endpoint_key = Some(key.into());
+        self
+    }
+
+    /// The toolkit's API key.
+    pub fn api_key(&self) -> &Secret {
+        &self.config.api_key
+    }
+
+    /// The app name.
+    pub fn app_name(&self) -> &str {
+        &self.config.app_name
+    }
+
+    /// The ATP server URL.
+    pub fn base_url(&self) -> &str {
+        &self.config.base_url
+    }
+
+    /// The tool timeout, if any.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.config.timeout
+    }
+
+    /// The HTTP body limit in bytes.
+    pub fn body_limit(&self) -> usize {
+        self.config.body_limit
+    }
+
+    /// The endpoint key, if the toolkit requires one.
+    pub fn endpoint_key(&self) -> Option<&Secret> {
+        self.config.endpoint_key.as_ref()
+    }
+
+    /// Registers a tool with an async handler. The handler gets the
+    /// call's params and auth token and returns any `Serialize` value, or
+    /// an error whose `Display` text is the message callers see.
+    pub fn register_tool<F, Fut, T, E>(&self, tool: Tool, handler: F) -> Result<(), RegisterError>
+    where
+        F: Fn(Call) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Serialize,
+        E: fmt::Display,
+    {
+        let schema = untyped_schema(&tool);
+        self.insert(tool, schema, Handler::from_async(handler))
+    }
+
+    /// Registers a tool whose handler blocks (file or network I/O with a
+    /// blocking library, heavy computation). It runs on tokio's blocking
+    /// pool, never on the async executor.
+    pub fn register_blocking_tool<F, T, E>(&self, tool: Tool, handler: F) -> Result<(), RegisterError>
+    where
+        F: Fn(Call) -> Result<T, E> + Send + Sync + 'static,
+        T: Serialize,
+        E: fmt::Display,
+    {
+        let schema = untyped_schema(&tool);
+        self.insert(tool, schema, Handler::from_blocking(handler))
+    }
+
+    /// Registers a tool whose handler takes a typed struct. Its `params`,
+    /// `required_params` and input schema are derived from `A` (whatever
+    /// the `tool` said of them is replaced), so they can not drift from
+    /// the code. The handler also gets the call's auth token.
+    ///
+    /// ```
+    /// use atp_registry::{Tool, ToolError, ToolKitClient};
+    ///
+    /// #[derive(serde::Deserialize, schemars::JsonSchema)]
+    /// struct Add { a: i64, b: i64 }
+    ///
+    /// let client = ToolKitClient::new("key", "math");
+    /// client
+    ///     .register_typed_tool(Tool::new("add").description("Adds."), |args: Add, _token| async move {
+    ///         Ok::<_, ToolError>(serde_json::json!({"sum": args.a + args.b}))
+    ///     })
+    ///     .unwrap();
+    /// assert_eq!(client.tool("add").unwrap().required_params(), ["a", "b"]);
+    /// ```
+    pub fn register_typed_tool<A, F, Fut, T, E>(&self, mut tool: Tool, handler: F) -> Result<(), RegisterError>
+    where
+        A: DeserializeOwned + schemars::JsonSchema,
+        F: Fn(A, Option<AuthToken>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Serialize,
+        E: fmt::Display,
+    {
+        let typed = typed_schema::<A>()?;
+        tool.params = typed.params;
+        tool.required_params = typed.required;
+        tool.param_schemas.clear();
+        if tool.description.is_empty()
+            && let Some(d) = typed.schema.get("description").and_then(Value::as_str)
+        {
+            tool.description = d.to_owned();
+        }
+        self.insert(tool, typed.schema, Handler::from_typed::<A, _, _, _, _>(handler))
+    }
+
+    fn insert(&self, tool: Tool, input_schema: Value, handler: Handler) -> Result<(), RegisterError> {
+        tool.validate()?;
+        let mut tools = self.tools.write().unwrap_or_else(PoisonError::into_inner);
+        if tools.by_name.contains_key(&tool.name) {
+            return Err(RegisterError::DuplicateTool(tool.name));
+        }
+        let index = tools.list.len();
+        tools.by_name.insert(tool.name.clone(), index);
+        tools.list.push(Arc::new(RegisteredTool {
+            tool,
+            input_schema,
+            handler,
+        }));
+        Ok(())
+    }
+
+    /// A registered tool by name.
+    pub fn tool(&self, name: &str) -> Option<Arc<RegisteredTool>> {
+        let tools = self.tools.read().unwrap_or_else(PoisonError::into_inner);
+        tools.by_name.get(name).map(|&i| tools.list[i].clone())
+    }
+
+    /// All registered tools, in registration order (the seed's
+    /// `registered_tools`).
+    pub fn registered_tools(&self) -> Vec<Arc<RegisteredTool>> {
+        self.tools.read().unwrap_or_else(PoisonError::into_inner).list.clone()
+    }
+
+    /// The names of the registered tools, in registration order.
+    pub fn tool_names(&self) -> Vec<String> {
+        let tools = self.tools.read().unwrap_or_else(PoisonError::into_inner);
+        tools.list.iter().map(|t| t.tool.name.clone()).collect()
+    }
+
+    /// How many tools are registered.
+    pub fn tool_count(&self) -> usize {
+        self.tools.read().unwrap_or_else(PoisonError::into_inner).list.len()
+    }
+
+    /// Every tool described in `provider`'s format (ATP-SPEC §5), in
+    /// registration order.
+    pub fn tool_schemas(&self, provider: Provider, strict: bool) -> Vec<Value> {
+        let tools = self.tools.read().unwrap_or_else(PoisonError::into_inner);
+        tools.list.iter().map(|t| t.provider_schema(provider, strict)).collect()
+    }
+
+    /// Runs a tool without HTTP, with every check of ATP-SPEC §3: the tool
+    /// exists, the auth token if the tool needs one, missing, unknown and
+    /// (for typed tools) invalid params, then the handler, isolated from
+    /// panics and bounded by the toolkit's timeout.
+    ///
+    /// `params` must be a JSON object (`null` counts as `{}`). An empty
+    /// auth token counts as none.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use atp_registry::{Call, CallError, Tool, ToolError, ToolKitClient};
+    /// use serde_json::json;
+    ///
+    /// let client = ToolKitClient::new("key", "demo");
+    /// client
+    ///     .register_tool(Tool::new("echo").params(["text"]).required_params(["text"]), |call: Call| async move {
+    ///         Ok::<_, ToolError>(json!({"echo": call.param("text")}))
+    ///     })
+    ///     .unwrap();
+    /// let out = client.call_tool_by_name("echo", json!({"text": "hi"}), None).await;
+    /// assert_eq!(out, Ok(json!({"echo": "hi"})));
+    /// let err = client.call_tool_by_name("echo", json!({}), None).await;
+    /// assert!(matches!(err, Err(CallError::MissingParams { .. })));
+    /// # });
+    /// ```
+    pub async fn call_tool_by_name(
+        &self,
+        name: &str,
+        params: Value,
+        auth_token: Option<AuthToken>,
+    ) -> Result<Value, CallError> {
+        let tool = self.tool(name).ok_or(CallError::ToolNotFound)?;
+        let params = match params {
+            Value::Object(m) => m,
+            Value::Null => Map::new(),
+            _ => return Err(CallError::InvalidParams("params must be a JSON object".into())),
+        };
+        tool.call(self, params, auth_token).await
+    }
+}
+
+impl fmt::Debug for ToolKitClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ToolKitClient")
+            .field("api_key", &self.config.api_key)
+            .field("app_name", &self.config.app_name)
+            .field("base_url", &self.config.base_url)
+            .field("timeout", &self.config.timeout)
+            .field("body_limit", &self.config.body_limit)
+            .field("endpoint_key", &self.config.endpoint_key)
+            .field("tools", &self.tool_names())
+            .finish()
+    }
+}
+
+/// A tool as registered: its metadata, input schema and handler.
+#[derive(Debug)]
+pub struct RegisteredTool {
+    tool: Tool,
+    input_schema: Value,
+    handler: Handler,
+}
+
+impl RegisteredTool {
+    /// The tool's name (the seed's `function_name`).
+    pub fn name(&self) -> &str {
+        &self.tool.name
+    }
+
+    /// The description.
+    pub fn description(&self) -> &str {
+        &self.tool.description
+    }
+
+    /// All param names, in order.
+    pub fn params(&self) -> &[String] {
+        &self.tool.params
+    }
+
+    /// The required param names.
+    pub fn required_params(&self) -> &[String] {
+        &self.tool.required_params
+    }
+
+    /// The auth provider, if any.
+    pub fn auth_provider(&self) -> Option<&str> {
+        self.tool.auth_provider.as_deref()
+    }
+
+    /// The auth type, if any.
+    pub fn auth_type(&self) -> Option<&str> {
+        self.tool.auth_type.as_deref()
+    }
+
+    /// The name of the token parameter, if any.
+    pub fn auth_with(&self) -> Option<&str> {
+        self.tool.auth_with.as_deref()
+    }
+
+    /// Whether calls must carry an auth token.
+    pub fn requires_auth(&self) -> bool {
+        self.tool.requires_auth()
+    }
+
+    /// The JSON Schema of the tool's input.
+    pub fn input_schema(&self) -> &Value {
+        &self.input_schema
+    }
+
+    /// The tool's context, as `GET /atp/{toolkit}/{tool}/` answers it.
+    pub fn context(&self) -> Value {
+        json!({
+            "function": self.tool.name,
+            "params": self.tool.params,
+            "required_params": self.tool.required_params,
+            "description": self.tool.description,
+            "auth_provider": self.tool.auth_provider,
+            "auth_type": self.tool.auth_type,
+            "auth_with": self.tool.auth_with,
+            "input_schema": self.input_schema,
+        })
+    }
+
+    /// The tool in `provider`'s format (ATP-SPEC §5).
+    pub fn provider_schema(&self, provider: Provider, strict: bool) -> Value {
+        provider.tool_schema(&self.tool.name, &self.tool.description, &self.input_schema, strict)
+    }
+
+    /// Checks the auth token and the params (ATP-SPEC §3 steps 9 and 10).
+    pub fn check(&self, params: &Map<String, Value>, auth_token: Option<&AuthToken>) -> Result<(), CallError> {
+        if self.tool.requires_auth() && auth_token.is_none_or(Secret::is_empty) {
+            return Err(CallError::AuthRequired);
+        }
+        let missing: Vec<String> = self
+            .tool
+            .required_params
+            .iter()
+            .filter(|r| params.get(r.as_str()).is_none_or(Value::is_null))
+            .cloned()
+            .collect();
+        let unknown: Vec<String> = params
+            .keys()
+            .filter(|k| !self.tool.params.iter().any(|p| p == *k))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            return Err(CallError::MissingParams { missing, unknown });
+        }
+        if !unknown.is_empty() {
+            return Err(CallError::UnknownParams(unknown));
+        }
+        Ok(())
+    }
+
+    /// Checks, then runs the handler with `toolkit`'s timeout.
+    pub(crate) async fn call(
+        &self,
+        toolkit: &ToolKitClient,
+        params: Map<String, Value>,
+        auth_token: Option<AuthToken>,
+    ) -> Result<Value, CallError> {
+        let auth_token = auth_token.filter(|t| !t.is_empty());
+        self.check(&params, auth_token.as_ref())?;
+        let call = Call::new(params, auth_token);
+        let run = self.run(toolkit.app_name(), call);
+        match toolkit.timeout() {
+            None => run.await,
+            Some(limit) => match tokio::time::timeout(limit, run).await {
+                Ok(out) => out,
+                Err(_) => {
+                    tracing::warn!(app = toolkit.app_name(), tool = self.name(), ?limit, "tool timed out");
+                    Err(CallError::Timeout(limit))
+                }
+            },
+        }
+    }
+
+    async fn run(&self, app: &str, call: Call) -> Result<Value, CallError> {
+        let outcome = match &self.handler {
+            Handler::Async(f) => match catch_unwind(AssertUnwindSafe(|| f(call))) {
+                Ok(fut) => CatchUnwind(fut).await,
+                Err(panic) => Err(panic),
+            },
+            Handler::Typed(f) => match catch_unwind(AssertUnwindSafe(|| f(call))) {
+                Ok(Ok(fut)) => CatchUnwind(fut).await,
+                Ok(Err(message)) => return Err(CallError::InvalidParams(message)),
+                Err(panic) => Err(panic),
+            },
+            Handler::Blocking(f) => {
+                let f = f.clone();
+                match tokio::task::spawn_blocking(move || catch_unwind(AssertUnwindSafe(|| f(call)))).await {
+                    Ok(outcome) => outcome,
+                    Err(join) if join.is_panic() => Err(join.into_panic()),
+                    Err(_) => Err(Box::new("the blocking task was cancelled") as Box<dyn Any + Send>),
+                }
+            }
+        };
+        match outcome {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(message)) => Err(CallError::Tool(message)),
+            Err(panic) => {
+                tracing::error!(app, tool = self.name(), panic = panic_message(&*panic), "tool panicked");
+                Err(CallError::Panicked)
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic payload that is not a string)")
+}
+
+/// Polls a handler's future, turning a panic into an `Err`.
+struct CatchUnwind(BoxFuture<HandlerOutput>);
+
+impl Future for CatchUnwind {
+    type Output = Result<HandlerOutput, Box<dyn Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = &mut self.0;
+        match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}

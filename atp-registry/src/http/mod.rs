@@ -1,0 +1,656 @@
+//! The framework-neutral ATP HTTP engine (ATP-SPEC §3).
+//!
+//! An adapter turns its framework's request into a [`RequestHead`], calls
+//! [`Engine::begin`], and either sends the [`Response`] it gets at once or
+//! reads the body into a [`BodyBuffer`] (which enforces the limit while
+//! reading) and sends what [`PendingCall::run`] answers. The engine decides
+//! every status, header and body; the adapter decides nothing about ATP.
+
+use std::{borrow::Cow, fmt, sync::Arc};
+
+use bytes::{Bytes, BytesMut};
+use percent_encoding::percent_decode;
+use serde::{
+    Deserialize, Deserializer, Serialize,
+    de::{MapAccess, Visitor},
+};
+use serde_json::{Map, Value, json};
+
+use crate::{
+    client::{RegisteredTool, ToolKitClient},
+    error::ErrorCode,
+    registry::Registry,
+    schema::Provider,
+    secret::{AuthToken, Secret},
+    tool::AUTH_TOKEN_PARAM,
+};
+
+/// The default mount point of the endpoints.
+pub const DEFAULT_PREFIX: &str = "/atp";
+
+/// The header that carries a toolkit's endpoint key.
+pub const ENDPOINT_KEY_HEADER: &str = "x-atp-key";
+
+/// The `Allow` header of a tool path.
+pub const ALLOW_TOOL: &str = "GET, HEAD, POST";
+/// The `Allow` header of `/` and of a toolkit path.
+pub const ALLOW_READ: &str = "GET, HEAD";
+
+/// The header names an adapter must pass to [`RequestHead::new`], in
+/// lowercase.
+pub const HEADERS: [&str; 4] = ["content-type", "content-length", "authorization", ENDPOINT_KEY_HEADER];
+
+/// The ATP endpoints over a [`Registry`], under a prefix.
+///
+/// Cheap to clone. Adapters wrap it; `atp_axum::Atp::from(engine)` and its
+/// actix-web and Rocket twins take one configured here.
+///
+/// ```
+/// use atp_registry::{Engine, Registry};
+///
+/// let engine = Engine::with_registry(Registry::new()).prefix("/tools/");
+/// assert_eq!(engine.get_prefix(), "/tools");
+/// assert_eq!(Engine::new().get_prefix(), "/atp");
+/// ```
+#[derive(Clone)]
+pub struct Engine {
+    registry: Registry,
+    prefix: Arc<str>,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine").field("prefix", &self.prefix).field("registry", &self.registry).finish()
+    }
+}
+
+/// The parts of an HTTP request the engine reads (everything but the body).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead<'a> {
+    /// The method, e.g. `"GET"`.
+    pub method: &'a str,
+    /// The full path as received (still percent-encoded), prefix included.
+    pub path: &'a str,
+    /// The query string, without `?`.
+    pub query: Option<&'a str>,
+    /// The `Content-Type` header.
+    pub content_type: Option<&'a [u8]>,
+    /// The `Content-Length` header, if it is a number.
+    pub content_length: Option<u64>,
+    /// The `Authorization` header.
+    pub authorization: Option<&'a [u8]>,
+    /// The `X-ATP-Key` header.
+    pub endpoint_key: Option<&'a [u8]>,
+}
+
+impl<'a> RequestHead<'a> {
+    /// Builds a head from the method, raw path and query, and a function
+    /// that returns a header's value by its lowercase name (one of
+    /// [`HEADERS`]).
+    pub fn new(
+        method: &'a str,
+        path: &'a str,
+        query: Option<&'a str>,
+        header: impl Fn(&'static str) -> Option<&'a [u8]>,
+    ) -> Self {
+        Self {
+            method,
+            path,
+            query,
+            content_type: header("content-type"),
+            content_length: header("content-length")
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.trim().parse().ok()),
+            authorization: header("authorization"),
+            endpoint_key: header(ENDPOINT_KEY_HEADER),
+        }
+    }
+}
+
+/// What the engine answers to a request head.
+#[derive(Debug)]
+pub enum Step {
+    /// Send this response; do not read the body.
+    Respond(Response),
+    /// Read the body into [`PendingCall::body_buffer`], then
+    /// [`PendingCall::run`] (or [`PendingCall::too_large`] when the buffer
+    /// refuses a chunk).
+    ReadBody(PendingCall),
+}
+
+/// An HTTP response: status, headers and a JSON body.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Response {
+    status: u16,
+    allow: Option<&'static str>,
+    body: Bytes,
+}
+
+impl fmt::Debug for Response {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Response")
+            .field("status", &self.status)
+            .field("allow", &self.allow)
+            .field("body", &String::from_utf8_lossy(&self.body))
+            .finish()
+    }
+}
+
+impl Response {
+    /// The content type of every answer.
+    pub const CONTENT_TYPE: &'static str = "application/json";
+
+    fn json(status: u16, body: &impl Serialize) -> Self {
+        // Serializing a `Value` or one of our structs can not fail.
+        let body = serde_json::to_vec(body).map(Bytes::from).unwrap_or_default();
+        Self {
+            status,
+            allow: None,
+            body,
+        }
+    }
+
+    /// The error answer `{"error": message, "code": code}`.
+    pub fn error(code: ErrorCode, message: &str) -> Self {
+        #[derive(Serialize)]
+        struct ErrorBody<'a> {
+            error: &'a str,
+            code: &'static str,
+        }
+        Self::json(
+            code.status(),
+            &ErrorBody {
+                error: message,
+                code: code.as_str(),
+            },
+        )
+    }
+
+    fn method_not_allowed(allow: &'static str) -> Self {
+        let mut r = Self::error(ErrorCode::MethodNotAllowed, "Method not allowed");
+        r.allow = Some(allow);
+        r
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The headers to send (`Content-Type`, and `Allow` on a 405).
+    pub fn headers(&self) -> impl Iterator<Item = (&'static str, &'static str)> + use<> {
+        std::iter::once(("content-type", Self::CONTENT_TYPE)).chain(self.allow.map(|a| ("allow", a)))
+    }
+
+    /// The JSON body (also for `HEAD`: frameworks drop it and keep its
+    /// length).
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Takes the body.
+    pub fn into_body(self) -> Bytes {
+        self.body
+    }
+}
+
+/// A `POST` to a tool that has passed every check that does not need the
+/// body; read the body and [`run`](PendingCall::run) it.
+pub struct PendingCall {
+    client: ToolKitClient,
+    tool: Arc<RegisteredTool>,
+    media: Media,
+    header_token: Option<AuthToken>,
+    limit: usize,
+    size_hint: usize,
+}
+
+impl fmt::Debug for PendingCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingCall")
+            .field("tool", &self.tool.name())
+            .field("media", &self.media)
+            .field("header_token", &self.header_token)
+            .field("limit", &self.limit)
+            .finish()
+    }
+}
+
+/// A body buffer that refuses to grow past the toolkit's body limit.
+#[derive(Debug)]
+pub struct BodyBuffer {
+    buf: BytesMut,
+    limit: usize,
+}
+
+/// The body went over the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the request body is over the limit")]
+pub struct TooLarge;
+
+impl BodyBuffer {
+    /// Appends a chunk, or refuses it when the body would go over the
+    /// limit (then stop reading and answer [`PendingCall::too_large`]).
+    pub fn push(&mut self, chunk: &[u8]) -> Result<(), TooLarge> {
+        if chunk.len() > self.limit - self.buf.len() {
+            return Err(TooLarge);
+        }
+        self.buf.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    /// The body read so far.
+    pub fn finish(self) -> Bytes {
+        self.buf.freeze()
+    }
+}
+
+impl PendingCall {
+    /// The body limit in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// A buffer for the body, bounded by the limit.
+    pub fn body_buffer(&self) -> BodyBuffer {
+        BodyBuffer {
+            buf: BytesMut::with_capacity(self.size_hint.min(self.limit).min(64 * 1024)),
+            limit: self.limit,
+        }
+    }
+
+    /// The answer when the body is over the limit.
+    pub fn too_large(self) -> Response {
+        too_large(self.media, self.limit)
+    }
+
+    /// Parses the body and runs the tool (ATP-SPEC §3 steps 6 to 11).
+    pub async fn run(self, body: &[u8]) -> Response {
+        if body.len() > self.limit {
+            return self.too_large();
+        }
+        let mut params = if body.is_empty() {
+            Map::new()
+        } else {
+            let parsed = match self.media {
+                Media::Unsupported => return unsupported_media_type(),
+                Media::Json => parse_json_object(body),
+                Media::Form => parse_form(body),
+            };
+            match parsed {
+                Ok(p) => p,
+                Err(message) => return Response::error(ErrorCode::InvalidBody, &message),
+            }
+        };
+        let token = match params.remove(AUTH_TOKEN_PARAM) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) => Some(Secret::new(s)),
+            Some(_) => return Response::error(ErrorCode::InvalidBody, "auth_token must be a string"),
+        };
+        let token = token.or(self.header_token);
+        match self.tool.call(&self.client, params, token).await {
+            Ok(result) => Response::json(200, &ResultBody { result: &result }),
+            Err(e) => Response::error(e.code(), &e.to_string()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ResultBody<'a> {
+    result: &'a Value,
+}
+
+/// How the body is encoded, from its `Content-Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Media {
+    Json,
+    Form,
+    Unsupported,
+}
+
+fn media(content_type: Option<&[u8]>) -> Media {
+    let Some(raw) = content_type else { return Media::Json };
+    let Ok(raw) = std::str::from_utf8(raw) else { return Media::Unsupported };
+    if raw.trim().is_empty() {
+        return Media::Json;
+    }
+    let mut parts = raw.split(';');
+    let essence = parts.next().unwrap_or("").trim();
+    let media = if essence.eq_ignore_ascii_case("application/json") {
+        Media::Json
+    } else if essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        Media::Form
+    } else {
+        return Media::Unsupported;
+    };
+    for param in parts {
+        let Some((name, value)) = param.split_once('=') else { continue };
+        if name.trim().eq_ignore_ascii_case("charset") {
+            let value = value.trim().trim_matches('"');
+            if !(value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8")) {
+                return Media::Unsupported;
+            }
+        }
+    }
+    media
+}
+
+fn unsupported_media_type() -> Response {
+    Response::error(
+        ErrorCode::UnsupportedMediaType,
+        "Unsupported media type: send application/json (UTF-8) or application/x-www-form-urlencoded",
+    )
+}
+
+fn too_large(media: Media, limit: usize) -> Response {
+    if media == Media::Unsupported {
+        return unsupported_media_type();
+    }
+    Response::error(
+        ErrorCode::PayloadTooLarge,
+        &format!("Request body is larger than the limit of {limit} bytes"),
+    )
+}
+
+/// A JSON object whose top-level keys are all distinct.
+struct UniqueObject(Map<String, Value>);
+
+impl<'de> Deserialize<'de> for UniqueObject {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = UniqueObject;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<UniqueObject, A::Error> {
+                let mut map = Map::new();
+                while let Some(key) = access.next_key::<String>()? {
+                    if map.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format_args!("duplicate key {key:?}")));
+                    }
+                    let value: Value = access.next_value()?;
+                    map.insert(key, value);
+                }
+                Ok(UniqueObject(map))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+fn parse_json_object(body: &[u8]) -> Result<Map<String, Value>, String> {
+    match serde_json::from_slice::<UniqueObject>(body) {
+        Ok(UniqueObject(map)) => Ok(map),
+        Err(e) => Err(match e.classify() {
+            serde_json::error::Category::Data => {
+                let text = e.to_string();
+                if text.starts_with("duplicate key") {
+                    format!("Request body repeats a key: {}", text.split(" at line").next().unwrap_or(&text))
+                } else {
+                    "Request body must be a JSON object".to_owned()
+                }
+            }
+            _ => format!(
+                "Request body is not valid JSON (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+        }),
+    }
+}
+
+fn form_decode(raw: &[u8]) -> Result<String, String> {
+    let plus_as_space: Cow<'_, [u8]> = if raw.contains(&b'+') {
+        Cow::Owned(raw.iter().map(|&b| if b == b'+' { b' ' } else { b }).collect())
+    } else {
+        Cow::Borrowed(raw)
+    };
+    let decoded: Cow<'_, [u8]> = percent_decode(&plus_as_space).into();
+    String::from_utf8(decoded.into_owned()).map_err(|_| "Form field is not valid UTF-8".to_owned())
+}
+
+fn parse_form(body: &[u8]) -> Result<Map<String, Value>, String> {
+    let mut map = Map::new();
+    for pair in body.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+        let (k, v) = match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, &[][..]),
+        };
+        let key = form_decode(k)?;
+        let value = form_decode(v)?;
+        if map.contains_key(&key) {
+            return Err(format!("Form field {key:?} is repeated"));
+        }
+        map.insert(key, Value::String(value));
+    }
+    Ok(map)
+}
+
+/// The shape of a path below the prefix.
+enum Route<'p> {
+    Root,
+    Toolkit(&'p str),
+    Tool(&'p str, &'p str),
+    NotFound,
+}
+
+fn decode_segment(seg: &str) -> Option<Cow<'_, str>> {
+    percent_decode(seg.as_bytes()).decode_utf8().ok()
+}
+
+fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<Cow<'q, str>> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = form_decode(k.as_bytes()).ok()?;
+        if key == name {
+            Some(form_decode(v.as_bytes()).map(Cow::Owned).unwrap_or(Cow::Borrowed("\u{fffd}")))
+        } else {
+            None
+        }
+    })
+}
+
+fn bearer_token(authorization: Option<&[u8]>) -> Option<AuthToken> {
+    let value = std::str::from_utf8(authorization?).ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
+    (!token.is_empty()).then(|| Secret::new(token))
+}
+
+impl Engine {
+    /// The endpoints over the global registry, under `/atp`.
+    pub fn new() -> Self {
+        Self::with_registry(Registry::global().clone())
+    }
+
+    /// The endpoints over `registry`, under `/atp`.
+    pub fn with_registry(registry: Registry) -> Self {
+        Self {
+            registry,
+            prefix: Arc::from(DEFAULT_PREFIX),
+        }
+    }
+
+    /// Mounts the endpoints under `prefix` instead of `/atp` (a leading
+    /// `/` is added and a trailing one dropped; `""` or `"/"` is the root).
+    pub fn prefix(mut self, prefix: impl AsRef<str>) -> Self {
+        let p = prefix.as_ref().trim_matches('/');
+        self.prefix = if p.is_empty() { Arc::from("") } else { Arc::from(format!("/{p}")) };
+        self
+    }
+
+    /// The prefix, without a trailing slash (`""` for the root).
+    pub fn get_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The registry served.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Whether `path` is under the prefix (the prefix itself included).
+    pub fn is_under_prefix(&self, path: &str) -> bool {
+        path.strip_prefix(&*self.prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    fn route<'p>(&self, path: &'p str) -> Route<'p> {
+        let Some(rest) = path.strip_prefix(&*self.prefix) else { return Route::NotFound };
+        if rest.is_empty() || rest == "/" {
+            return Route::Root;
+        }
+        let Some(rest) = rest.strip_prefix('/') else { return Route::NotFound };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let mut segs = rest.split('/');
+        match (segs.next(), segs.next(), segs.next()) {
+            (Some(k), None, None) if !k.is_empty() => Route::Toolkit(k),
+            (Some(k), Some(t), None) if !k.is_empty() && !t.is_empty() => Route::Tool(k, t),
+            _ => Route::NotFound,
+        }
+    }
+
+    /// Answers a request head: at once (every check of ATP-SPEC §3 that
+    /// needs no body, in the spec's order), or with a [`PendingCall`] that
+    /// wants the body.
+    pub fn begin(&self, req: &RequestHead<'_>) -> Step {
+        Step::Respond(match self.route(req.path) {
+            Route::NotFound => Response::error(ErrorCode::NotFound, "Not found"),
+            Route::Root => match req.method {
+                "GET" | "HEAD" => self.list_toolkits(),
+                _ => Response::method_not_allowed(ALLOW_READ),
+            },
+            Route::Toolkit(raw) => {
+                let client = match self.toolkit(raw, req) {
+                    Ok(c) => c,
+                    Err(r) => return Step::Respond(r),
+                };
+                match req.method {
+                    "GET" | "HEAD" => toolkit_context(raw, &client, req.query),
+                    _ => Response::method_not_allowed(ALLOW_READ),
+                }
+            }
+            Route::Tool(raw_kit, raw_tool) => {
+                let client = match self.toolkit(raw_kit, req) {
+                    Ok(c) => c,
+                    Err(r) => return Step::Respond(r),
+                };
+                let Some(tool) = decode_segment(raw_tool).and_then(|n| client.tool(&n)) else {
+                    return Step::Respond(Response::error(ErrorCode::ToolNotFound, "Tool not found"));
+                };
+                match req.method {
+                    "GET" | "HEAD" => Response::json(200, &tool.context()),
+                    "POST" => {
+                        let media = media(req.content_type);
+                        let limit = client.body_limit();
+                        let declared = req.content_length.unwrap_or(0);
+                        if declared > limit as u64 {
+                            too_large(media, limit)
+                        } else {
+                            return Step::ReadBody(PendingCall {
+                                header_token: bearer_token(req.authorization),
+                                limit,
+                                size_hint: declared as usize,
+                                client,
+                                tool,
+                                media,
+                            });
+                        }
+                    }
+                    _ => Response::method_not_allowed(ALLOW_TOOL),
+                }
+            }
+        })
+    }
+
+    /// Answers a whole request whose body is already in memory: [`begin`]
+    /// then [`PendingCall::run`]. Adapters stream the body instead; this is
+    /// for tests, fuzzing and servers that buffer anyway.
+    ///
+    /// [`begin`]: Engine::begin
+    pub async fn handle(&self, req: &RequestHead<'_>, body: &[u8]) -> Response {
+        match self.begin(req) {
+            Step::Respond(r) => r,
+            Step::ReadBody(pending) => {
+                let mut buf = pending.body_buffer();
+                match buf.push(body) {
+                    Ok(()) => pending.run(&buf.finish()).await,
+                    Err(TooLarge) => pending.too_large(),
+                }
+            }
+        }
+    }
+
+    /// The toolkit of a raw path segment, after its endpoint key check.
+    fn toolkit(&self, raw: &str, req: &RequestHead<'_>) -> Result<ToolKitClient, Response> {
+        let client = decode_segment(raw)
+            .and_then(|name| self.registry.get_client(&name))
+            .ok_or_else(|| Response::error(ErrorCode::ToolkitNotFound, "Toolkit not found"))?;
+        if let Some(key) = client.endpoint_key()
+            && !req.endpoint_key.is_some_and(|given| key.matches(given))
+        {
+            return Err(Response::error(
+                ErrorCode::Unauthorized,
+                "This toolkit requires a valid X-ATP-Key header",
+            ));
+        }
+        Ok(client)
+    }
+
+    fn list_toolkits(&self) -> Response {
+        let toolkits: Vec<Value> = self
+            .registry
+            .list_clients()
+            .into_iter()
+            .filter(|(_, c)| c.endpoint_key().is_none())
+            .map(|(name, c)| json!({"toolkit": name, "app_name": c.app_name(), "tools": c.tool_count()}))
+            .collect();
+        Response::json(200, &json!({ "toolkits": toolkits }))
+    }
+}
+
+fn toolkit_context(raw_name: &str, client: &ToolKitClient, query: Option<&str>) -> Response {
+    let name = decode_segment(raw_name).unwrap_or(Cow::Borrowed(raw_name));
+    match query_param(query, "provider") {
+        None => {
+            let tools: Vec<Value> = client.registered_tools().iter().map(|t| t.context()).collect();
+            Response::json(
+                200,
+                &json!({"toolkit": name, "app_name": client.app_name(), "tools": tools}),
+            )
+        }
+        Some(sent) => match sent.parse::<Provider>() {
+            Err(e) => Response::error(ErrorCode::UnknownProvider, &e.to_string()),
+            Ok(provider) => {
+                let strict = query_param(query, "strict").is_some_and(|s| s == "true");
+                json_toolkit_for(&name, client, &sent, provider, strict)
+            }
+        },
+    }
+}
+
+fn json_toolkit_for(name: &str, client: &ToolKitClient, sent: &str, provider: Provider, strict: bool) -> Response {
+    Response::json(
+        200,
+        &json!({
+            "toolkit": name,
+            "app_name": client.app_name(),
+            "provider": sent,
+            "tools": client.tool_schemas(provider, strict),
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,22 @@
+#![doc = include_str!("../README.md")]
+
+mod client;
+mod error;
+pub mod http;
+mod registry;
+mod schema;
+mod secret;
+mod tool;
+
+pub use client::{DEFAULT_BASE_URL, DEFAULT_BODY_LIMIT, RegisteredTool, ToolKitClient};
+pub use error::{CallError, ErrorCode, RegisterError, RegistryError};
+pub use http::Engine;
+pub use registry::{Registry, get_client, list_clients, register_client};
+pub use schema::{Provider, UnknownProvider, strict_schema};
+pub use secret::{AuthToken, Secret};
+pub use tool::{AUTH_TOKEN_PARAM, Call, Tool, ToolError, is_valid_tool_name, is_valid_toolkit_name};
+
+// Re-exported so that typed tools can derive `JsonSchema` without naming
+// another dependency.
+pub use schemars;
+pub use serde_json;

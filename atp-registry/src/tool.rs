@@ -1,0 +1,392 @@
+//! Tool definitions: metadata, handlers and the arguments a handler gets.
+
+use std::{fmt, future::Future, pin::Pin, sync::Arc};
+
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::{Map, Value};
+
+use crate::{error::RegisterError, secret::AuthToken};
+
+/// The name of the body key that carries a call's auth token; no tool may
+/// declare it as a param.
+pub const AUTH_TOKEN_PARAM: &str = "auth_token";
+
+/// The longest tool name providers accept.
+pub const MAX_TOOL_NAME_LEN: usize = 64;
+/// The longest toolkit name.
+pub const MAX_TOOLKIT_NAME_LEN: usize = 128;
+
+/// Whether `name` is a valid tool name: 1–64 characters from
+/// `A-Z a-z 0-9 _ -` (the rule OpenAI, Anthropic and Mistral share).
+pub fn is_valid_tool_name(name: &str) -> bool {
+    (1..=MAX_TOOL_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Whether `name` is a valid toolkit name: 1–128 characters from
+/// `A-Z a-z 0-9 _ - .`.
+pub fn is_valid_toolkit_name(name: &str) -> bool {
+    (1..=MAX_TOOLKIT_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+/// The description of a tool, built the way the seed's `register_tool`
+/// takes its arguments.
+///
+/// ```
+/// use atp_registry::Tool;
+///
+/// let tool = Tool::new("create_company")
+///     .description("Creates a company in HubSpot.")
+///     .params(["name", "domain"])
+///     .required_params(["name"])
+///     .auth_provider("hubspot")
+///     .auth_type("OAuth2")
+///     .auth_with("access_token");
+/// assert_eq!(tool.name(), "create_company");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Tool {
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) params: Vec<String>,
+    pub(crate) required_params: Vec<String>,
+    pub(crate) auth_provider: Option<String>,
+    pub(crate) auth_type: Option<String>,
+    pub(crate) auth_with: Option<String>,
+    pub(crate) param_schemas: Vec<(String, Value)>,
+}
+
+impl Tool {
+    /// A tool called `function_name` (the seed's argument name), with no
+    /// params and no auth.
+    pub fn new(function_name: impl Into<String>) -> Self {
+        Self {
+            name: function_name.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The human-readable description given to the model.
+    pub fn description(mut self, description: impl Into<String>) -> Self {
+        self.description = description.into();
+        self
+    }
+
+    /// All parameter names, in order.
+    pub fn params<I, S>(mut self, params: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.params = params.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The required parameter names (a subset of [`Tool::params`]).
+    pub fn required_params<I, S>(mut self, required: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.required_params = required.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The OAuth2 / API key provider (e.g. `"hubspot"`). A tool with a
+    /// provider or an auth type refuses calls without an auth token.
+    pub fn auth_provider(mut self, provider: impl Into<String>) -> Self {
+        self.auth_provider = Some(provider.into());
+        self
+    }
+
+    /// The auth type (e.g. `"OAuth2"`, `"apiKey"`).
+    pub fn auth_type(mut self, auth_type: impl Into<String>) -> Self {
+        self.auth_type = Some(auth_type.into());
+        self
+    }
+
+    /// The name of the token parameter (e.g. `"access_token"`).
+    pub fn auth_with(mut self, auth_with: impl Into<String>) -> Self {
+        self.auth_with = Some(auth_with.into());
+        self
+    }
+
+    /// The JSON Schema of one untyped param, instead of the default
+    /// `{"type": "string"}`.
+    pub fn param_schema(mut self, param: impl Into<String>, schema: Value) -> Self {
+        self.param_schemas.push((param.into(), schema));
+        self
+    }
+
+    /// The tool's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Checks every registration rule of ATP-SPEC §2 that concerns the
+    /// tool alone.
+    pub(crate) fn validate(&self) -> Result<(), RegisterError> {
+        if !is_valid_tool_name(&self.name) {
+            return Err(RegisterError::InvalidToolName(self.name.clone()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.params {
+            if p == AUTH_TOKEN_PARAM {
+                return Err(RegisterError::ReservedParam(p.clone()));
+            }
+            if p.is_empty() {
+                return Err(RegisterError::EmptyParamName);
+            }
+            if !seen.insert(p.as_str()) {
+                return Err(RegisterError::DuplicateParam(p.clone()));
+            }
+        }
+        let mut seen_required = std::collections::HashSet::new();
+        for r in &self.required_params {
+            if !seen.contains(r.as_str()) {
+                return Err(RegisterError::RequiredNotInParams(r.clone()));
+            }
+            if !seen_required.insert(r.as_str()) {
+                return Err(RegisterError::DuplicateRequired(r.clone()));
+            }
+        }
+        for (p, schema) in &self.param_schemas {
+            if !seen.contains(p.as_str()) {
+                return Err(RegisterError::SchemaForUnknownParam(p.clone()));
+            }
+            if !schema.is_object() {
+                return Err(RegisterError::InvalidParamSchema(p.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether calls must carry an auth token.
+    pub fn requires_auth(&self) -> bool {
+        self.auth_provider.is_some() || self.auth_type.is_some()
+    }
+}
+
+/// What a handler gets: the call's params and its auth token.
+#[derive(Debug, Default)]
+pub struct Call {
+    params: Map<String, Value>,
+    auth_token: Option<AuthToken>,
+}
+
+impl Call {
+    /// A call with these params and token.
+    pub fn new(params: Map<String, Value>, auth_token: Option<AuthToken>) -> Self {
+        Self { params, auth_token }
+    }
+
+    /// All params of the call (a JSON object).
+    pub fn params(&self) -> &Map<String, Value> {
+        &self.params
+    }
+
+    /// One param, if the call has it.
+    pub fn param(&self, name: &str) -> Option<&Value> {
+        self.params.get(name)
+    }
+
+    /// One param as a string, if the call has it and it is a string.
+    pub fn str(&self, name: &str) -> Option<&str> {
+        self.params.get(name).and_then(Value::as_str)
+    }
+
+    /// The call's auth token (the seed's `kwargs['auth_token']`).
+    pub fn auth_token(&self) -> Option<&AuthToken> {
+        self.auth_token.as_ref()
+    }
+
+    /// Deserializes the params into `T`.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ToolError> {
+        T::deserialize(Value::Object(self.params.clone())).map_err(ToolError::new)
+    }
+
+    /// Takes the params and the token apart.
+    pub fn into_parts(self) -> (Map<String, Value>, Option<AuthToken>) {
+        (self.params, self.auth_token)
+    }
+}
+
+/// An error a handler returns; its message is what the caller sees.
+///
+/// Handlers may return any error type that implements `Display`; this one
+/// is for when a message is all there is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ToolError(String);
+
+impl ToolError {
+    /// An error with this message.
+    pub fn new(message: impl fmt::Display) -> Self {
+        Self(message.to_string())
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+}
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What the type-erased handler produces: the result as JSON, or the
+/// handler's error message.
+pub(crate) type HandlerOutput = Result<Value, String>;
+
+/// A handler, with its kind.
+#[derive(Clone)]
+pub(crate) enum Handler {
+    /// Runs on the async executor.
+    Async(Arc<dyn Fn(Call) -> BoxFuture<HandlerOutput> + Send + Sync>),
+    /// Runs on tokio's blocking pool.
+    Blocking(Arc<dyn Fn(Call) -> HandlerOutput + Send + Sync>),
+    /// Deserializes the params first; the error is an `invalid_params`
+    /// message.
+    Typed(Arc<dyn Fn(Call) -> Result<BoxFuture<HandlerOutput>, String> + Send + Sync>),
+}
+
+pub(crate) fn into_output<T: Serialize, E: fmt::Display>(r: Result<T, E>) -> HandlerOutput {
+    match r {
+        Ok(value) => serde_json::to_value(value)
+            .map_err(|e| format!("the tool's result could not be serialized: {e}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl Handler {
+    pub(crate) fn from_async<F, Fut, T, E>(f: F) -> Self
+    where
+        F: Fn(Call) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Serialize,
+        E: fmt::Display,
+    {
+        Handler::Async(Arc::new(move |call| {
+            let fut = f(call);
+            Box::pin(async move { into_output(fut.await) })
+        }))
+    }
+
+    pub(crate) fn from_blocking<F, T, E>(f: F) -> Self
+    where
+        F: Fn(Call) -> Result<T, E> + Send + Sync + 'static,
+        T: Serialize,
+        E: fmt::Display,
+    {
+        Handler::Blocking(Arc::new(move |call| into_output(f(call))))
+    }
+
+    pub(crate) fn from_typed<A, F, Fut, T, E>(f: F) -> Self
+    where
+        A: DeserializeOwned,
+        F: Fn(A, Option<AuthToken>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Serialize,
+        E: fmt::Display,
+    {
+        Handler::Typed(Arc::new(move |call| {
+            let (params, token) = call.into_parts();
+            let args = A::deserialize(Value::Object(params)).map_err(|e| e.to_string())?;
+            let fut = f(args, token);
+            Ok(Box::pin(async move { into_output(fut.await) }) as BoxFuture<_>)
+        }))
+    }
+
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Handler::Async(_) => "async",
+            Handler::Blocking(_) => "blocking",
+            Handler::Typed(_) => "typed",
+        }
+    }
+}
+
+impl fmt::Debug for Handler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Handler").field(&self.kind()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_names() {
+        assert!(is_valid_tool_name("hello_world"));
+        assert!(is_valid_tool_name("a-B_9"));
+        assert!(is_valid_tool_name(&"a".repeat(64)));
+        assert!(!is_valid_tool_name(&"a".repeat(65)));
+        assert!(!is_valid_tool_name(""));
+        assert!(!is_valid_tool_name("has space"));
+        assert!(!is_valid_tool_name("dot.ted"));
+        assert!(!is_valid_tool_name("ünï"));
+        assert!(!is_valid_tool_name("a/b"));
+    }
+
+    #[test]
+    fn toolkit_names() {
+        assert!(is_valid_toolkit_name("my.app-1_x"));
+        assert!(is_valid_toolkit_name(&"a".repeat(128)));
+        assert!(!is_valid_toolkit_name(&"a".repeat(129)));
+        assert!(!is_valid_toolkit_name(""));
+        assert!(!is_valid_toolkit_name("a b"));
+        assert!(!is_valid_toolkit_name("a/b"));
+        assert!(!is_valid_toolkit_name("a%b"));
+    }
+
+    #[test]
+    fn validation_rules() {
+        let ok = Tool::new("t").params(["a", "b"]).required_params(["a"]);
+        assert!(ok.validate().is_ok());
+        assert!(matches!(
+            Tool::new("bad name").validate(),
+            Err(RegisterError::InvalidToolName(_))
+        ));
+        assert!(matches!(
+            Tool::new("t").params(["a"]).required_params(["b"]).validate(),
+            Err(RegisterError::RequiredNotInParams(p)) if p == "b"
+        ));
+        assert!(matches!(
+            Tool::new("t").params(["a"]).required_params(["a", "a"]).validate(),
+            Err(RegisterError::DuplicateRequired(_))
+        ));
+        assert!(matches!(
+            Tool::new("t").params(["a", "a"]).validate(),
+            Err(RegisterError::DuplicateParam(_))
+        ));
+        assert!(matches!(
+            Tool::new("t").params(["auth_token"]).validate(),
+            Err(RegisterError::ReservedParam(_))
+        ));
+        assert!(matches!(
+            Tool::new("t").params([""]).validate(),
+            Err(RegisterError::EmptyParamName)
+        ));
+        assert!(matches!(
+            Tool::new("t").param_schema("x", serde_json::json!({})).validate(),
+            Err(RegisterError::SchemaForUnknownParam(_))
+        ));
+        assert!(matches!(
+            Tool::new("t").params(["x"]).param_schema("x", serde_json::json!(1)).validate(),
+            Err(RegisterError::InvalidParamSchema(_))
+        ));
+    }
+
+    #[test]
+    fn requires_auth_on_provider_or_type() {
+        assert!(!Tool::new("t").requires_auth());
+        assert!(Tool::new("t").auth_provider("x").requires_auth());
+        assert!(Tool::new("t").auth_type("OAuth2").requires_auth());
+        assert!(!Tool::new("t").auth_with("access_token").requires_auth());
+    }
+}
