@@ -1,0 +1,98 @@
+#![doc = include_str!("../README.md")]
+
+use atp_registry::http::{RequestHead, Response as AtpResponse, Step};
+use axum::{
+    Router,
+    body::Body,
+    extract::{Request, State},
+    http::{HeaderName, HeaderValue, StatusCode},
+    response::Response,
+    routing::any,
+};
+use http_body_util::BodyExt;
+
+pub use atp_registry::{self, Engine, Registry};
+
+/// The ATP endpoints as an axum service: `Router::new().merge(Atp::new())`.
+///
+/// Serves the global registry under `/atp` by default; build it from an
+/// [`Engine`] for another registry or prefix.
+#[derive(Debug, Clone, Default)]
+pub struct Atp(Engine);
+
+impl Atp {
+    /// The endpoints over the global registry, under `/atp`.
+    pub fn new() -> Self {
+        Self(Engine::new())
+    }
+
+    /// The engine served.
+    pub fn engine(&self) -> &Engine {
+        &self.0
+    }
+
+    /// A `Router` with the endpoints, to `merge` into an app.
+    pub fn router<S: Clone + Send + Sync + 'static>(self) -> Router<S> {
+        let prefix = self.0.get_prefix().to_owned();
+        let handler = any(handle).with_state(self.0);
+        let router = Router::new().route(&format!("{prefix}/"), handler.clone());
+        let router = if prefix.is_empty() {
+            router
+        } else {
+            router.route(&prefix, handler.clone())
+        };
+        router.route(&format!("{prefix}/{{*rest}}"), handler)
+    }
+}
+
+impl From<Engine> for Atp {
+    fn from(engine: Engine) -> Self {
+        Self(engine)
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> From<Atp> for Router<S> {
+    fn from(atp: Atp) -> Self {
+        atp.router()
+    }
+}
+
+async fn handle(State(engine): State<Engine>, request: Request) -> Response {
+    let (parts, mut body) = request.into_parts();
+    let head = RequestHead::new(
+        parts.method.as_str(),
+        parts.uri.path(),
+        parts.uri.query(),
+        |name| parts.headers.get(name).map(HeaderValue::as_bytes),
+    );
+    let pending = match engine.begin(&head) {
+        Step::Respond(r) => return convert(r),
+        Step::ReadBody(pending) => pending,
+    };
+    let mut buf = pending.body_buffer();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return convert(pending.read_failed());
+        };
+        if let Some(chunk) = frame.data_ref()
+            && buf.push(chunk).is_err()
+        {
+            return convert(pending.too_large());
+        }
+    }
+    convert(pending.run(&buf.finish()).await)
+}
+
+fn convert(r: AtpResponse) -> Response {
+    let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers: Vec<_> = r.headers().collect();
+    let mut response = Response::new(Body::from(r.into_body()));
+    *response.status_mut() = status;
+    for (name, value) in headers {
+        response.headers_mut().insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    response
+}

@@ -174,7 +174,11 @@ impl ToolKitClient {
     /// Registers a tool whose handler blocks (file or network I/O with a
     /// blocking library, heavy computation). It runs on tokio's blocking
     /// pool, never on the async executor.
-    pub fn register_blocking_tool<F, T, E>(&self, tool: Tool, handler: F) -> Result<(), RegisterError>
+    pub fn register_blocking_tool<F, T, E>(
+        &self,
+        tool: Tool,
+        handler: F,
+    ) -> Result<(), RegisterError>
     where
         F: Fn(Call) -> Result<T, E> + Send + Sync + 'static,
         T: Serialize,
@@ -203,7 +207,11 @@ impl ToolKitClient {
     ///     .unwrap();
     /// assert_eq!(client.tool("add").unwrap().required_params(), ["a", "b"]);
     /// ```
-    pub fn register_typed_tool<A, F, Fut, T, E>(&self, mut tool: Tool, handler: F) -> Result<(), RegisterError>
+    pub fn register_typed_tool<A, F, Fut, T, E>(
+        &self,
+        mut tool: Tool,
+        handler: F,
+    ) -> Result<(), RegisterError>
     where
         A: DeserializeOwned + schemars::JsonSchema,
         F: Fn(A, Option<AuthToken>) -> Fut + Send + Sync + 'static,
@@ -220,10 +228,19 @@ impl ToolKitClient {
         {
             tool.description = d.to_owned();
         }
-        self.insert(tool, typed.schema, Handler::from_typed::<A, _, _, _, _>(handler))
+        self.insert(
+            tool,
+            typed.schema,
+            Handler::from_typed::<A, _, _, _, _>(handler),
+        )
     }
 
-    fn insert(&self, tool: Tool, input_schema: Value, handler: Handler) -> Result<(), RegisterError> {
+    fn insert(
+        &self,
+        tool: Tool,
+        input_schema: Value,
+        handler: Handler,
+    ) -> Result<(), RegisterError> {
         tool.validate()?;
         let mut tools = self.tools.write().unwrap_or_else(PoisonError::into_inner);
         if tools.by_name.contains_key(&tool.name) {
@@ -248,7 +265,11 @@ impl ToolKitClient {
     /// All registered tools, in registration order (the seed's
     /// `registered_tools`).
     pub fn registered_tools(&self) -> Vec<Arc<RegisteredTool>> {
-        self.tools.read().unwrap_or_else(PoisonError::into_inner).list.clone()
+        self.tools
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .list
+            .clone()
     }
 
     /// The names of the registered tools, in registration order.
@@ -259,14 +280,22 @@ impl ToolKitClient {
 
     /// How many tools are registered.
     pub fn tool_count(&self) -> usize {
-        self.tools.read().unwrap_or_else(PoisonError::into_inner).list.len()
+        self.tools
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .list
+            .len()
     }
 
     /// Every tool described in `provider`'s format (ATP-SPEC §5), in
     /// registration order.
     pub fn tool_schemas(&self, provider: Provider, strict: bool) -> Vec<Value> {
         let tools = self.tools.read().unwrap_or_else(PoisonError::into_inner);
-        tools.list.iter().map(|t| t.provider_schema(provider, strict)).collect()
+        tools
+            .list
+            .iter()
+            .map(|t| t.provider_schema(provider, strict))
+            .collect()
     }
 
     /// Runs a tool without HTTP, with every check of ATP-SPEC §3: the tool
@@ -304,7 +333,11 @@ impl ToolKitClient {
         let params = match params {
             Value::Object(m) => m,
             Value::Null => Map::new(),
-            _ => return Err(CallError::InvalidParams("params must be a JSON object".into())),
+            _ => {
+                return Err(CallError::InvalidParams(
+                    "params must be a JSON object".into(),
+                ));
+            }
         };
         tool.call(self, params, auth_token).await
     }
@@ -394,11 +427,20 @@ impl RegisteredTool {
 
     /// The tool in `provider`'s format (ATP-SPEC §5).
     pub fn provider_schema(&self, provider: Provider, strict: bool) -> Value {
-        provider.tool_schema(&self.tool.name, &self.tool.description, &self.input_schema, strict)
+        provider.tool_schema(
+            &self.tool.name,
+            &self.tool.description,
+            &self.input_schema,
+            strict,
+        )
     }
 
     /// Checks the auth token and the params (ATP-SPEC §3 steps 9 and 10).
-    pub fn check(&self, params: &Map<String, Value>, auth_token: Option<&AuthToken>) -> Result<(), CallError> {
+    pub fn check(
+        &self,
+        params: &Map<String, Value>,
+        auth_token: Option<&AuthToken>,
+    ) -> Result<(), CallError> {
         if self.tool.requires_auth() && auth_token.is_none_or(Secret::is_empty) {
             return Err(CallError::AuthRequired);
         }
@@ -439,7 +481,12 @@ impl RegisteredTool {
             Some(limit) => match tokio::time::timeout(limit, run).await {
                 Ok(out) => out,
                 Err(_) => {
-                    tracing::warn!(app = toolkit.app_name(), tool = self.name(), ?limit, "tool timed out");
+                    tracing::warn!(
+                        app = toolkit.app_name(),
+                        tool = self.name(),
+                        ?limit,
+                        "tool timed out"
+                    );
                     Err(CallError::Timeout(limit))
                 }
             },
@@ -459,10 +506,16 @@ impl RegisteredTool {
             },
             Handler::Blocking(f) => {
                 let f = f.clone();
-                match tokio::task::spawn_blocking(move || catch_unwind(AssertUnwindSafe(|| f(call)))).await {
+                match tokio::task::spawn_blocking(move || {
+                    catch_unwind(AssertUnwindSafe(|| f(call)))
+                })
+                .await
+                {
                     Ok(outcome) => outcome,
                     Err(join) if join.is_panic() => Err(join.into_panic()),
-                    Err(_) => Err(Box::new("the blocking task was cancelled") as Box<dyn Any + Send>),
+                    Err(_) => {
+                        Err(Box::new("the blocking task was cancelled") as Box<dyn Any + Send>)
+                    }
                 }
             }
         };
@@ -470,7 +523,12 @@ impl RegisteredTool {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(message)) => Err(CallError::Tool(message)),
             Err(panic) => {
-                tracing::error!(app, tool = self.name(), panic = panic_message(&*panic), "tool panicked");
+                tracing::error!(
+                    app,
+                    tool = self.name(),
+                    panic = panic_message(&*panic),
+                    "tool panicked"
+                );
                 Err(CallError::Panicked)
             }
         }
@@ -498,5 +556,276 @@ impl Future for CatchUnwind {
             Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
             Err(panic) => Poll::Ready(Err(panic)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::{AtomicUsize, Ordering},
+        time::Instant,
+    };
+
+    use super::*;
+    use crate::ToolError;
+
+    fn echo_tool() -> Tool {
+        Tool::new("echo").params(["text"]).required_params(["text"])
+    }
+
+    async fn echo(call: Call) -> Result<Value, ToolError> {
+        Ok(json!({"echo": call.param("text")}))
+    }
+
+    #[test]
+    fn registration_rules() {
+        let c = ToolKitClient::new("k", "a");
+        c.register_tool(echo_tool(), echo).expect("valid");
+        assert_eq!(
+            c.register_tool(echo_tool(), echo),
+            Err(RegisterError::DuplicateTool("echo".into()))
+        );
+        assert!(matches!(
+            c.register_tool(Tool::new("x y"), echo),
+            Err(RegisterError::InvalidToolName(_))
+        ));
+        #[derive(serde::Deserialize, schemars::JsonSchema)]
+        #[allow(dead_code)]
+        struct Reserved {
+            auth_token: String,
+        }
+        assert!(matches!(
+            c.register_typed_tool(Tool::new("typed"), |_: Reserved, _| async {
+                Ok::<_, String>(1)
+            }),
+            Err(RegisterError::ReservedParam(_))
+        ));
+        assert_eq!(c.tool_names(), ["echo"]);
+    }
+
+    #[test]
+    fn debug_redacts_keys() {
+        let c = ToolKitClient::new("api-key-123", "a").with_endpoint_key("endpoint-key-456");
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("api-key-123") && !dbg.contains("endpoint-key-456"),
+            "{dbg}"
+        );
+        assert_eq!(c.api_key().expose(), "api-key-123");
+    }
+
+    #[test]
+    fn defaults_and_settings() {
+        let c = ToolKitClient::new("k", "a");
+        assert_eq!(c.base_url(), DEFAULT_BASE_URL);
+        assert_eq!(c.body_limit(), 1_048_576);
+        assert_eq!(c.timeout(), None);
+        let c = c
+            .with_base_url("http://127.0.0.1:9000")
+            .with_timeout(Duration::from_secs(1))
+            .with_body_limit(10);
+        assert_eq!(
+            (c.base_url(), c.timeout(), c.body_limit()),
+            ("http://127.0.0.1:9000", Some(Duration::from_secs(1)), 10)
+        );
+    }
+
+    #[tokio::test]
+    async fn call_checks() {
+        let c = ToolKitClient::new("k", "a");
+        c.register_tool(echo_tool(), echo).expect("valid");
+        c.register_tool(
+            Tool::new("secure").auth_type("apiKey"),
+            |call: Call| async move {
+                Ok::<_, String>(json!(call.auth_token().map(|t| t.expose().len())))
+            },
+        )
+        .expect("valid");
+        assert_eq!(
+            c.call_tool_by_name("echo", json!({"text": 1}), None).await,
+            Ok(json!({"echo": 1}))
+        );
+        assert_eq!(
+            c.call_tool_by_name("nope", json!({}), None).await,
+            Err(CallError::ToolNotFound)
+        );
+        assert!(matches!(
+            c.call_tool_by_name("echo", json!([1]), None).await,
+            Err(CallError::InvalidParams(_))
+        ));
+        assert!(matches!(
+            c.call_tool_by_name("echo", Value::Null, None).await,
+            Err(CallError::MissingParams { .. })
+        ));
+        assert_eq!(
+            c.call_tool_by_name("secure", json!({}), None).await,
+            Err(CallError::AuthRequired)
+        );
+        assert_eq!(
+            c.call_tool_by_name("secure", json!({}), Some(Secret::new("")))
+                .await,
+            Err(CallError::AuthRequired)
+        );
+        assert_eq!(
+            c.call_tool_by_name("secure", json!({}), Some("tok".into()))
+                .await,
+            Ok(json!(3))
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn blocking_handlers_do_not_block_the_executor() {
+        let c = ToolKitClient::new("k", "a");
+        c.register_blocking_tool(Tool::new("sleepy"), |_call| {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok::<_, String>("done")
+        })
+        .expect("valid");
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        assert_eq!(
+            c.call_tool_by_name("sleepy", json!({}), None).await,
+            Ok(json!("done"))
+        );
+        ticker.abort();
+        // On a single-threaded runtime the ticker only ran if the handler
+        // was off the executor.
+        assert!(
+            ticks.load(Ordering::Relaxed) >= 5,
+            "ticks: {}",
+            ticks.load(Ordering::Relaxed)
+        );
+    }
+
+    #[tokio::test]
+    async fn panics_are_isolated_and_nothing_is_poisoned() {
+        let c = ToolKitClient::new("k", "a");
+        c.register_tool(Tool::new("boom"), |_call: Call| async {
+            if true {
+                panic!("secret panic detail");
+            }
+            Ok::<_, String>(0)
+        })
+        .expect("valid");
+        c.register_blocking_tool(Tool::new("boom_blocking"), |_call| -> Result<i32, String> {
+            panic!("blocking secret")
+        })
+        .expect("valid");
+        c.register_tool(
+            Tool::new("boom_sync"),
+            |_call: Call| -> std::future::Ready<Result<i32, String>> {
+                panic!("panics before the future exists")
+            },
+        )
+        .expect("valid");
+        for name in ["boom", "boom_blocking", "boom_sync"] {
+            assert_eq!(
+                c.call_tool_by_name(name, json!({}), None).await,
+                Err(CallError::Panicked),
+                "{name}"
+            );
+        }
+        // Registration and calls still work afterwards.
+        c.register_tool(echo_tool(), echo).expect("valid");
+        assert!(
+            c.call_tool_by_name("echo", json!({"text": "x"}), None)
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn timeout_applies_to_async_and_blocking() {
+        let c = ToolKitClient::new("k", "a").with_timeout(Duration::from_millis(100));
+        c.register_tool(Tool::new("slow"), |_call: Call| async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<_, String>(0)
+        })
+        .expect("valid");
+        c.register_blocking_tool(Tool::new("slow_blocking"), |_call| {
+            std::thread::sleep(Duration::from_millis(400));
+            Ok::<_, String>(0)
+        })
+        .expect("valid");
+        for name in ["slow", "slow_blocking"] {
+            let t = Instant::now();
+            assert_eq!(
+                c.call_tool_by_name(name, json!({}), None).await,
+                Err(CallError::Timeout(Duration::from_millis(100)))
+            );
+            assert!(
+                t.elapsed() < Duration::from_millis(350),
+                "{name}: {:?}",
+                t.elapsed()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn results_of_any_serialize_type_and_errors_of_any_display_type() {
+        #[derive(Serialize)]
+        struct Out {
+            n: u8,
+        }
+        let c = ToolKitClient::new("k", "a");
+        c.register_tool(Tool::new("typed_out"), |_call: Call| async {
+            Ok::<_, std::io::Error>(Out { n: 7 })
+        })
+        .expect("valid");
+        c.register_tool(Tool::new("io_err"), |_call: Call| async {
+            Err::<Out, _>(std::io::Error::other("disk on fire"))
+        })
+        .expect("valid");
+        c.register_tool(Tool::new("bad_out"), |_call: Call| async {
+            let mut m = HashMap::new();
+            m.insert((1, 2), 3);
+            Ok::<_, String>(m)
+        })
+        .expect("valid");
+        assert_eq!(
+            c.call_tool_by_name("typed_out", json!({}), None).await,
+            Ok(json!({"n": 7}))
+        );
+        assert_eq!(
+            c.call_tool_by_name("io_err", json!({}), None).await,
+            Err(CallError::Tool("disk on fire".into()))
+        );
+        assert!(matches!(
+            c.call_tool_by_name("bad_out", json!({}), None).await,
+            Err(CallError::Tool(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn registering_while_serving() {
+        let c = ToolKitClient::new("k", "a");
+        c.register_tool(echo_tool(), echo).expect("valid");
+        let caller = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                for _ in 0..500 {
+                    assert!(
+                        c.call_tool_by_name("echo", json!({"text": 1}), None)
+                            .await
+                            .is_ok()
+                    );
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        for i in 0..500 {
+            c.register_tool(Tool::new(format!("t{i}")), echo)
+                .expect("valid");
+        }
+        caller.await.expect("no panic");
+        assert_eq!(c.tool_count(), 501);
     }
 }

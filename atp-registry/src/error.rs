@@ -209,8 +209,14 @@ mod tests {
     #[test]
     fn codes_and_statuses() {
         assert_eq!(ErrorCode::PayloadTooLarge.status(), 413);
-        assert_eq!(ErrorCode::UnsupportedMediaType.as_str(), "unsupported_media_type");
-        assert_eq!(CallError::Timeout(Duration::from_millis(5)).code().status(), 504);
+        assert_eq!(
+            ErrorCode::UnsupportedMediaType.as_str(),
+            "unsupported_media_type"
+        );
+        assert_eq!(
+            CallError::Timeout(Duration::from_millis(5)).code().status(),
+            504
+        );
         assert_eq!(CallError::Panicked.code().status(), 500);
         assert_eq!(CallError::AuthRequired.code().status(), 401);
     }

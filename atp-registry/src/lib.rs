@@ -14,7 +14,9 @@ pub use http::Engine;
 pub use registry::{Registry, get_client, list_clients, register_client};
 pub use schema::{Provider, UnknownProvider, strict_schema};
 pub use secret::{AuthToken, Secret};
-pub use tool::{AUTH_TOKEN_PARAM, Call, Tool, ToolError, is_valid_tool_name, is_valid_toolkit_name};
+pub use tool::{
+    AUTH_TOKEN_PARAM, Call, Tool, ToolError, is_valid_tool_name, is_valid_toolkit_name,
+};
 
 // Re-exported so that typed tools can derive `JsonSchema` without naming
 // another dependency.

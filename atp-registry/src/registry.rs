@@ -46,7 +46,11 @@ impl Registry {
     /// 1–128 characters from `A-Z a-z 0-9 _ - .`). A name that is taken is
     /// refused, not overwritten; use [`Registry::unregister_client`] first
     /// to replace a toolkit.
-    pub fn register_client(&self, name: impl Into<String>, client: ToolKitClient) -> Result<(), RegistryError> {
+    pub fn register_client(
+        &self,
+        name: impl Into<String>,
+        client: ToolKitClient,
+    ) -> Result<(), RegistryError> {
         let name = name.into();
         if !is_valid_toolkit_name(&name) {
             return Err(RegistryError::InvalidToolkitName(name));
@@ -62,18 +66,28 @@ impl Registry {
 
     /// Removes a toolkit, returning it.
     pub fn unregister_client(&self, name: &str) -> Option<ToolKitClient> {
-        self.inner.write().unwrap_or_else(PoisonError::into_inner).remove(name)
+        self.inner
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name)
     }
 
     /// The toolkit registered under `name`.
     pub fn get_client(&self, name: &str) -> Option<ToolKitClient> {
-        self.inner.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()
     }
 
     /// Every toolkit, sorted by name.
     pub fn list_clients(&self) -> Vec<(String, ToolKitClient)> {
         let map = self.inner.read().unwrap_or_else(PoisonError::into_inner);
-        let mut all: Vec<(String, ToolKitClient)> = map.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let mut all: Vec<(String, ToolKitClient)> = map
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         drop(map);
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
@@ -81,7 +95,10 @@ impl Registry {
 
     /// How many toolkits are registered.
     pub fn len(&self) -> usize {
-        self.inner.read().unwrap_or_else(PoisonError::into_inner).len()
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Whether no toolkit is registered.
@@ -93,13 +110,18 @@ impl Registry {
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<String> = self.list_clients().into_iter().map(|(n, _)| n).collect();
-        f.debug_struct("Registry").field("toolkits", &names).finish()
+        f.debug_struct("Registry")
+            .field("toolkits", &names)
+            .finish()
     }
 }
 
 /// Registers `client` under `name` in the global registry (the seed's
 /// `register_client`).
-pub fn register_client(name: impl Into<String>, client: ToolKitClient) -> Result<(), RegistryError> {
+pub fn register_client(
+    name: impl Into<String>,
+    client: ToolKitClient,
+) -> Result<(), RegistryError> {
     Registry::global().register_client(name, client)
 }
 
@@ -125,12 +147,18 @@ mod tests {
             r.register_client("bad name", ToolKitClient::new("k", "a")),
             Err(RegistryError::InvalidToolkitName(_))
         ));
-        r.register_client("a.b-c_1", ToolKitClient::new("k", "first")).expect("valid");
+        r.register_client("a.b-c_1", ToolKitClient::new("k", "first"))
+            .expect("valid");
         assert!(matches!(
             r.register_client("a.b-c_1", ToolKitClient::new("k", "second")),
             Err(RegistryError::DuplicateToolkit(_))
         ));
-        assert_eq!(r.get_client("a.b-c_1").map(|c| c.app_name().to_owned()).as_deref(), Some("first"));
+        assert_eq!(
+            r.get_client("a.b-c_1")
+                .map(|c| c.app_name().to_owned())
+                .as_deref(),
+            Some("first")
+        );
         assert!(r.unregister_client("a.b-c_1").is_some());
         assert!(r.is_empty());
     }
@@ -139,7 +167,8 @@ mod tests {
     fn listing_is_sorted() {
         let r = Registry::new();
         for n in ["zeta", "alpha", "mid"] {
-            r.register_client(n, ToolKitClient::new("k", n)).expect("valid");
+            r.register_client(n, ToolKitClient::new("k", n))
+                .expect("valid");
         }
         let names: Vec<String> = r.list_clients().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["alpha", "mid", "zeta"]);
@@ -161,7 +190,8 @@ mod tests {
                 let r = r.clone();
                 s.spawn(move || {
                     for i in 0..200 {
-                        r.register_client(format!("t{t}-{i}"), ToolKitClient::new("k", "x")).expect("valid");
+                        r.register_client(format!("t{t}-{i}"), ToolKitClient::new("k", "x"))
+                            .expect("valid");
                         assert!(r.get_client(&format!("t{t}-{i}")).is_some());
                     }
                 });

@@ -53,7 +53,13 @@ impl Provider {
 
     /// Describes one tool in this provider's format. `strict` only changes
     /// the OpenAI formats.
-    pub fn tool_schema(self, name: &str, description: &str, input_schema: &Value, strict: bool) -> Value {
+    pub fn tool_schema(
+        self,
+        name: &str,
+        description: &str,
+        input_schema: &Value,
+        strict: bool,
+    ) -> Value {
         let strict = strict && matches!(self, Provider::OpenAi | Provider::OpenAiChat);
         let parameters = if strict {
             strict_schema(input_schema)
@@ -137,7 +143,9 @@ pub(crate) fn typed_schema<A: schemars::JsonSchema>() -> Result<TypedSchema, Reg
         .into_generator();
     let root: Value = generator.into_root_schema_for::<A>().into();
     let Value::Object(mut root) = root else {
-        return Err(RegisterError::TypedArgsNotObject(A::schema_name().into_owned()));
+        return Err(RegisterError::TypedArgsNotObject(
+            A::schema_name().into_owned(),
+        ));
     };
     if root.contains_key("$defs") || root.contains_key("definitions") {
         return Err(RegisterError::TypedArgsNotObject(format!(
@@ -146,15 +154,24 @@ pub(crate) fn typed_schema<A: schemars::JsonSchema>() -> Result<TypedSchema, Reg
         )));
     }
     if root.get("type").and_then(Value::as_str) != Some("object") {
-        return Err(RegisterError::TypedArgsNotObject(A::schema_name().into_owned()));
+        return Err(RegisterError::TypedArgsNotObject(
+            A::schema_name().into_owned(),
+        ));
     }
     let properties = match root.remove("properties") {
         Some(Value::Object(p)) => p,
         None => Map::new(),
-        Some(_) => return Err(RegisterError::TypedArgsNotObject(A::schema_name().into_owned())),
+        Some(_) => {
+            return Err(RegisterError::TypedArgsNotObject(
+                A::schema_name().into_owned(),
+            ));
+        }
     };
     let required: Vec<String> = match root.remove("required") {
-        Some(Value::Array(r)) => r.into_iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        Some(Value::Array(r)) => r
+            .into_iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
         _ => Vec::new(),
     };
     let params: Vec<String> = properties.keys().cloned().collect();
@@ -174,7 +191,15 @@ pub(crate) fn typed_schema<A: schemars::JsonSchema>() -> Result<TypedSchema, Reg
 
 /// Formats OpenAI's strict mode accepts; any other `format` is dropped.
 const STRICT_FORMATS: &[&str] = &[
-    "date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid",
+    "date-time",
+    "time",
+    "date",
+    "duration",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "uuid",
 ];
 
 /// Makes a schema OpenAI-strict-compatible: `additionalProperties: false`
@@ -192,12 +217,17 @@ fn make_strict(v: &mut Value) {
     {
         m.remove("format");
     }
-    let is_object = m.get("type").and_then(Value::as_str) == Some("object") || m.contains_key("properties");
+    let is_object =
+        m.get("type").and_then(Value::as_str) == Some("object") || m.contains_key("properties");
     if is_object {
         let required: Vec<String> = m
             .get("required")
             .and_then(Value::as_array)
-            .map(|r| r.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .map(|r| {
+                r.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default();
         let mut all = Vec::new();
         if let Some(Value::Object(props)) = m.get_mut("properties") {
@@ -241,12 +271,18 @@ fn make_nullable(v: &mut Value) {
         Some(_) => {}
         None => {
             if let Some(Value::Array(any)) = m.get_mut("anyOf") {
-                if !any.iter().any(|s| s.get("type").and_then(Value::as_str) == Some("null")) {
+                if !any
+                    .iter()
+                    .any(|s| s.get("type").and_then(Value::as_str) == Some("null"))
+                {
                     any.push(json!({"type": "null"}));
                 }
             } else {
                 let inner = std::mem::take(m);
-                m.insert("anyOf".into(), json!([Value::Object(inner), {"type": "null"}]));
+                m.insert(
+                    "anyOf".into(),
+                    json!([Value::Object(inner), {"type": "null"}]),
+                );
                 return;
             }
         }
@@ -324,19 +360,34 @@ mod tests {
         let out = strict_schema(&s);
         assert_eq!(out["additionalProperties"], json!(false));
         assert_eq!(out["required"], json!(["inner", "any", "list"]));
-        assert_eq!(out["properties"]["inner"]["type"], json!(["object", "null"]));
-        assert_eq!(out["properties"]["inner"]["additionalProperties"], json!(false));
-        assert_eq!(out["properties"]["inner"]["properties"]["x"], json!({"type": ["integer", "null"]}));
-        assert_eq!(out["properties"]["any"], json!({"anyOf": [{"description": "anything"}, {"type": "null"}]}));
+        assert_eq!(
+            out["properties"]["inner"]["type"],
+            json!(["object", "null"])
+        );
+        assert_eq!(
+            out["properties"]["inner"]["additionalProperties"],
+            json!(false)
+        );
+        assert_eq!(
+            out["properties"]["inner"]["properties"]["x"],
+            json!({"type": ["integer", "null"]})
+        );
+        assert_eq!(
+            out["properties"]["any"],
+            json!({"anyOf": [{"description": "anything"}, {"type": "null"}]})
+        );
         let item = &out["properties"]["list"]["items"];
         assert_eq!(item["additionalProperties"], json!(false));
-        assert_eq!(item["properties"]["y"], json!({"type": "string", "format": "email"}));
+        assert_eq!(
+            item["properties"]["y"],
+            json!({"type": "string", "format": "email"})
+        );
     }
 
     #[derive(serde::Deserialize, schemars::JsonSchema)]
     #[allow(dead_code)]
     /// Adds two numbers.
-    struct Add {
+    pub(super) struct AddPub {
         a: i64,
         b: i64,
         note: Option<Inner>,
@@ -344,13 +395,13 @@ mod tests {
 
     #[derive(serde::Deserialize, schemars::JsonSchema)]
     #[allow(dead_code)]
-    struct Inner {
+    pub(super) struct Inner {
         text: String,
     }
 
     #[test]
     fn typed_schema_is_inlined_and_flat() {
-        let t = typed_schema::<Add>().expect("schema");
+        let t = typed_schema::<AddPub>().expect("schema");
         assert_eq!(t.params, ["a", "b", "note"]);
         assert_eq!(t.required, ["a", "b"]);
         let s = t.schema.as_object().expect("object");
@@ -359,13 +410,23 @@ mod tests {
         assert_eq!(s["description"], "Adds two numbers.");
         let text = serde_json::to_string(&t.schema).expect("json");
         assert!(!text.contains("$ref"), "{text}");
-        assert_eq!(s["properties"]["note"]["anyOf"][0]["properties"]["text"]["type"], "string");
+        assert_eq!(s["properties"]["note"]["type"], json!(["object", "null"]));
+        assert_eq!(
+            s["properties"]["note"]["properties"]["text"]["type"],
+            "string"
+        );
     }
 
     #[test]
     fn typed_schema_refuses_non_objects() {
-        assert!(matches!(typed_schema::<i64>(), Err(RegisterError::TypedArgsNotObject(_))));
-        assert!(matches!(typed_schema::<Vec<String>>(), Err(RegisterError::TypedArgsNotObject(_))));
+        assert!(matches!(
+            typed_schema::<i64>(),
+            Err(RegisterError::TypedArgsNotObject(_))
+        ));
+        assert!(matches!(
+            typed_schema::<Vec<String>>(),
+            Err(RegisterError::TypedArgsNotObject(_))
+        ));
     }
 
     #[test]

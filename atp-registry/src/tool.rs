@@ -357,7 +357,10 @@ mod tests {
             Err(RegisterError::RequiredNotInParams(p)) if p == "b"
         ));
         assert!(matches!(
-            Tool::new("t").params(["a"]).required_params(["a", "a"]).validate(),
+            Tool::new("t")
+                .params(["a"])
+                .required_params(["a", "a"])
+                .validate(),
             Err(RegisterError::DuplicateRequired(_))
         ));
         assert!(matches!(
@@ -373,11 +376,16 @@ mod tests {
             Err(RegisterError::EmptyParamName)
         ));
         assert!(matches!(
-            Tool::new("t").param_schema("x", serde_json::json!({})).validate(),
+            Tool::new("t")
+                .param_schema("x", serde_json::json!({}))
+                .validate(),
             Err(RegisterError::SchemaForUnknownParam(_))
         ));
         assert!(matches!(
-            Tool::new("t").params(["x"]).param_schema("x", serde_json::json!(1)).validate(),
+            Tool::new("t")
+                .params(["x"])
+                .param_schema("x", serde_json::json!(1))
+                .validate(),
             Err(RegisterError::InvalidParamSchema(_))
         ));
     }

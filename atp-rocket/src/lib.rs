@@ -1,0 +1,108 @@
+#![doc = include_str!("../README.md")]
+
+use std::io::Cursor;
+
+use atp_registry::http::{RequestHead, Response as AtpResponse, Step};
+use rocket::{
+    Data, Request, Route,
+    data::ToByteUnit,
+    http::{Header, Method, Status},
+    route::{Handler, Outcome},
+};
+
+pub use atp_registry::{self, Engine, Registry};
+
+/// The ATP endpoints as Rocket routes: `rocket::build().mount("/", Atp::new())`.
+///
+/// Serves the global registry under `/atp` by default; build it from an
+/// [`Engine`] for another registry or prefix. Mount it at `/`: the prefix
+/// is the engine's.
+#[derive(Debug, Clone, Default)]
+pub struct Atp(Engine);
+
+impl Atp {
+    /// The endpoints over the global registry, under `/atp`.
+    pub fn new() -> Self {
+        Self(Engine::new())
+    }
+
+    /// The engine served.
+    pub fn engine(&self) -> &Engine {
+        &self.0
+    }
+
+    /// The routes, to `mount` at `/`.
+    pub fn routes(self) -> Vec<Route> {
+        let prefix = self.0.get_prefix().to_owned();
+        let handler = AtpHandler(self.0);
+        let methods = [
+            Method::Get,
+            Method::Head,
+            Method::Post,
+            Method::Put,
+            Method::Delete,
+            Method::Patch,
+            Method::Options,
+            Method::Trace,
+            Method::Connect,
+        ];
+        // `<_..>` also matches no segment at all: the prefix itself.
+        methods
+            .into_iter()
+            .map(|method| Route::ranked(100, method, &format!("{prefix}/<_..>"), handler.clone()))
+            .collect()
+    }
+}
+
+impl From<Engine> for Atp {
+    fn from(engine: Engine) -> Self {
+        Self(engine)
+    }
+}
+
+impl From<Atp> for Vec<Route> {
+    fn from(atp: Atp) -> Self {
+        atp.routes()
+    }
+}
+
+#[derive(Clone)]
+struct AtpHandler(Engine);
+
+#[rocket::async_trait]
+impl Handler for AtpHandler {
+    async fn handle<'r>(&self, request: &'r Request<'_>, data: Data<'r>) -> Outcome<'r> {
+        let uri = request.uri();
+        let head = RequestHead::new(
+            request.method().as_str(),
+            uri.path().as_str(),
+            uri.query().map(|q| q.as_str()),
+            |name| request.headers().get_one(name).map(str::as_bytes),
+        );
+        let pending = match self.0.begin(&head) {
+            Step::Respond(r) => return convert(r),
+            Step::ReadBody(pending) => pending,
+        };
+        let mut buf = pending.body_buffer();
+        // One byte past the limit tells a body that is too large.
+        let limit = (pending.limit() as u64).saturating_add(1);
+        let Ok(body) = data.open(limit.bytes()).into_bytes().await else {
+            return convert(pending.read_failed());
+        };
+        if buf.push(&body).is_err() {
+            return convert(pending.too_large());
+        }
+        convert(pending.run(&buf.finish()).await)
+    }
+}
+
+fn convert<'r>(r: AtpResponse) -> Outcome<'r> {
+    let mut response = rocket::Response::build();
+    response.status(Status::new(r.status()));
+    for (name, value) in r.headers() {
+        response.header(Header::new(name, value));
+    }
+    let body = r.into_body();
+    response.sized_body(body.len(), Cursor::new(body));
+    Outcome::Success(response.finalize())
+}

@@ -38,7 +38,12 @@ pub const ALLOW_READ: &str = "GET, HEAD";
 
 /// The header names an adapter must pass to [`RequestHead::new`], in
 /// lowercase.
-pub const HEADERS: [&str; 4] = ["content-type", "content-length", "authorization", ENDPOINT_KEY_HEADER];
+pub const HEADERS: [&str; 4] = [
+    "content-type",
+    "content-length",
+    "authorization",
+    ENDPOINT_KEY_HEADER,
+];
 
 /// The ATP endpoints over a [`Registry`], under a prefix.
 ///
@@ -66,7 +71,10 @@ impl Default for Engine {
 
 impl fmt::Debug for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Engine").field("prefix", &self.prefix).field("registry", &self.registry).finish()
+        f.debug_struct("Engine")
+            .field("prefix", &self.prefix)
+            .field("registry", &self.registry)
+            .finish()
     }
 }
 
@@ -148,7 +156,9 @@ impl Response {
 
     fn json(status: u16, body: &impl Serialize) -> Self {
         // Serializing a `Value` or one of our structs can not fail.
-        let body = serde_json::to_vec(body).map(Bytes::from).unwrap_or_default();
+        let body = serde_json::to_vec(body)
+            .map(Bytes::from)
+            .unwrap_or_default();
         Self {
             status,
             allow: None,
@@ -185,7 +195,8 @@ impl Response {
 
     /// The headers to send (`Content-Type`, and `Allow` on a 405).
     pub fn headers(&self) -> impl Iterator<Item = (&'static str, &'static str)> + use<> {
-        std::iter::once(("content-type", Self::CONTENT_TYPE)).chain(self.allow.map(|a| ("allow", a)))
+        std::iter::once(("content-type", Self::CONTENT_TYPE))
+            .chain(self.allow.map(|a| ("allow", a)))
     }
 
     /// The JSON body (also for `HEAD`: frameworks drop it and keep its
@@ -270,6 +281,12 @@ impl PendingCall {
         too_large(self.media, self.limit)
     }
 
+    /// The answer when the body could not be read (the connection broke,
+    /// a chunked encoding was malformed).
+    pub fn read_failed(self) -> Response {
+        Response::error(ErrorCode::InvalidBody, "Request body could not be read")
+    }
+
     /// Parses the body and runs the tool (ATP-SPEC §3 steps 6 to 11).
     pub async fn run(self, body: &[u8]) -> Response {
         if body.len() > self.limit {
@@ -292,7 +309,9 @@ impl PendingCall {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.is_empty() => None,
             Some(Value::String(s)) => Some(Secret::new(s)),
-            Some(_) => return Response::error(ErrorCode::InvalidBody, "auth_token must be a string"),
+            Some(_) => {
+                return Response::error(ErrorCode::InvalidBody, "auth_token must be a string");
+            }
         };
         let token = token.or(self.header_token);
         match self.tool.call(&self.client, params, token).await {
@@ -316,8 +335,12 @@ enum Media {
 }
 
 fn media(content_type: Option<&[u8]>) -> Media {
-    let Some(raw) = content_type else { return Media::Json };
-    let Ok(raw) = std::str::from_utf8(raw) else { return Media::Unsupported };
+    let Some(raw) = content_type else {
+        return Media::Json;
+    };
+    let Ok(raw) = std::str::from_utf8(raw) else {
+        return Media::Unsupported;
+    };
     if raw.trim().is_empty() {
         return Media::Json;
     }
@@ -331,7 +354,9 @@ fn media(content_type: Option<&[u8]>) -> Media {
         return Media::Unsupported;
     };
     for param in parts {
-        let Some((name, value)) = param.split_once('=') else { continue };
+        let Some((name, value)) = param.split_once('=') else {
+            continue;
+        };
         if name.trim().eq_ignore_ascii_case("charset") {
             let value = value.trim().trim_matches('"');
             if !(value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8")) {
@@ -374,7 +399,9 @@ impl<'de> Deserialize<'de> for UniqueObject {
                 let mut map = Map::new();
                 while let Some(key) = access.next_key::<String>()? {
                     if map.contains_key(&key) {
-                        return Err(serde::de::Error::custom(format_args!("duplicate key {key:?}")));
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate key {key:?}"
+                        )));
                     }
                     let value: Value = access.next_value()?;
                     map.insert(key, value);
@@ -393,7 +420,10 @@ fn parse_json_object(body: &[u8]) -> Result<Map<String, Value>, String> {
             serde_json::error::Category::Data => {
                 let text = e.to_string();
                 if text.starts_with("duplicate key") {
-                    format!("Request body repeats a key: {}", text.split(" at line").next().unwrap_or(&text))
+                    format!(
+                        "Request body repeats a key: {}",
+                        text.split(" at line").next().unwrap_or(&text)
+                    )
                 } else {
                     "Request body must be a JSON object".to_owned()
                 }
@@ -409,7 +439,11 @@ fn parse_json_object(body: &[u8]) -> Result<Map<String, Value>, String> {
 
 fn form_decode(raw: &[u8]) -> Result<String, String> {
     let plus_as_space: Cow<'_, [u8]> = if raw.contains(&b'+') {
-        Cow::Owned(raw.iter().map(|&b| if b == b'+' { b' ' } else { b }).collect())
+        Cow::Owned(
+            raw.iter()
+                .map(|&b| if b == b'+' { b' ' } else { b })
+                .collect(),
+        )
     } else {
         Cow::Borrowed(raw)
     };
@@ -451,7 +485,11 @@ fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<Cow<'q, str>> {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let key = form_decode(k.as_bytes()).ok()?;
         if key == name {
-            Some(form_decode(v.as_bytes()).map(Cow::Owned).unwrap_or(Cow::Borrowed("\u{fffd}")))
+            Some(
+                form_decode(v.as_bytes())
+                    .map(Cow::Owned)
+                    .unwrap_or(Cow::Borrowed("\u{fffd}")),
+            )
         } else {
             None
         }
@@ -486,7 +524,11 @@ impl Engine {
     /// `/` is added and a trailing one dropped; `""` or `"/"` is the root).
     pub fn prefix(mut self, prefix: impl AsRef<str>) -> Self {
         let p = prefix.as_ref().trim_matches('/');
-        self.prefix = if p.is_empty() { Arc::from("") } else { Arc::from(format!("/{p}")) };
+        self.prefix = if p.is_empty() {
+            Arc::from("")
+        } else {
+            Arc::from(format!("/{p}"))
+        };
         self
     }
 
@@ -507,11 +549,15 @@ impl Engine {
     }
 
     fn route<'p>(&self, path: &'p str) -> Route<'p> {
-        let Some(rest) = path.strip_prefix(&*self.prefix) else { return Route::NotFound };
+        let Some(rest) = path.strip_prefix(&*self.prefix) else {
+            return Route::NotFound;
+        };
         if rest.is_empty() || rest == "/" {
             return Route::Root;
         }
-        let Some(rest) = rest.strip_prefix('/') else { return Route::NotFound };
+        let Some(rest) = rest.strip_prefix('/') else {
+            return Route::NotFound;
+        };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         let mut segs = rest.split('/');
         match (segs.next(), segs.next(), segs.next()) {
@@ -547,7 +593,10 @@ impl Engine {
                     Err(r) => return Step::Respond(r),
                 };
                 let Some(tool) = decode_segment(raw_tool).and_then(|n| client.tool(&n)) else {
-                    return Step::Respond(Response::error(ErrorCode::ToolNotFound, "Tool not found"));
+                    return Step::Respond(Response::error(
+                        ErrorCode::ToolNotFound,
+                        "Tool not found",
+                    ));
                 };
                 match req.method {
                     "GET" | "HEAD" => Response::json(200, &tool.context()),
@@ -624,7 +673,11 @@ fn toolkit_context(raw_name: &str, client: &ToolKitClient, query: Option<&str>) 
     let name = decode_segment(raw_name).unwrap_or(Cow::Borrowed(raw_name));
     match query_param(query, "provider") {
         None => {
-            let tools: Vec<Value> = client.registered_tools().iter().map(|t| t.context()).collect();
+            let tools: Vec<Value> = client
+                .registered_tools()
+                .iter()
+                .map(|t| t.context())
+                .collect();
             Response::json(
                 200,
                 &json!({"toolkit": name, "app_name": client.app_name(), "tools": tools}),
@@ -640,7 +693,13 @@ fn toolkit_context(raw_name: &str, client: &ToolKitClient, query: Option<&str>) 
     }
 }
 
-fn json_toolkit_for(name: &str, client: &ToolKitClient, sent: &str, provider: Provider, strict: bool) -> Response {
+fn json_toolkit_for(
+    name: &str,
+    client: &ToolKitClient,
+    sent: &str,
+    provider: Provider,
+    strict: bool,
+) -> Response {
     Response::json(
         200,
         &json!({
