@@ -6,7 +6,7 @@ use actix_web::{
     http::StatusCode,
     web,
 };
-use atp_registry::http::{RequestHead, Response as AtpResponse, Step};
+use atp_registry::http::{BodySource, RequestHead, Response as AtpResponse};
 use futures_util::StreamExt;
 
 pub use atp_registry::{self, Engine, Registry};
@@ -48,27 +48,24 @@ impl HttpServiceFactory for Atp {
 
 async fn handle(
     request: HttpRequest,
-    mut payload: web::Payload,
+    payload: web::Payload,
     engine: web::Data<Engine>,
 ) -> HttpResponse {
     let uri = request.uri();
     let head = RequestHead::new(request.method().as_str(), uri.path(), uri.query(), |name| {
         request.headers().get(name).map(|v| v.as_bytes())
     });
-    let pending = match engine.begin(&head) {
-        Step::Respond(r) => return convert(r),
-        Step::ReadBody(pending) => pending,
-    };
-    let mut buf = pending.body_buffer();
-    while let Some(chunk) = payload.next().await {
-        let Ok(chunk) = chunk else {
-            return convert(pending.read_failed());
-        };
-        if buf.push(&chunk).is_err() {
-            return convert(pending.too_large());
-        }
+    convert(engine.serve(&head, Source(payload)).await)
+}
+
+struct Source(web::Payload);
+
+impl BodySource for Source {
+    type Chunk = web::Bytes;
+
+    async fn next_chunk(&mut self, _allowed: usize) -> Option<Result<web::Bytes, ()>> {
+        self.0.next().await.map(|chunk| chunk.map_err(drop))
     }
-    convert(pending.run(&buf.finish()).await)
 }
 
 fn convert(r: AtpResponse) -> HttpResponse {

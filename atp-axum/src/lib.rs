@@ -1,9 +1,9 @@
 #![doc = include_str!("../README.md")]
 
-use atp_registry::http::{RequestHead, Response as AtpResponse, Step};
+use atp_registry::http::{BodySource, RequestHead, Response as AtpResponse};
 use axum::{
     Router,
-    body::Body,
+    body::{Body, Bytes},
     extract::{Request, State},
     http::{HeaderName, HeaderValue, StatusCode},
     response::Response,
@@ -58,29 +58,33 @@ impl<S: Clone + Send + Sync + 'static> From<Atp> for Router<S> {
 }
 
 async fn handle(State(engine): State<Engine>, request: Request) -> Response {
-    let (parts, mut body) = request.into_parts();
+    let (parts, body) = request.into_parts();
     let head = RequestHead::new(
         parts.method.as_str(),
         parts.uri.path(),
         parts.uri.query(),
         |name| parts.headers.get(name).map(HeaderValue::as_bytes),
     );
-    let pending = match engine.begin(&head) {
-        Step::Respond(r) => return convert(r),
-        Step::ReadBody(pending) => pending,
-    };
-    let mut buf = pending.body_buffer();
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else {
-            return convert(pending.read_failed());
-        };
-        if let Some(chunk) = frame.data_ref()
-            && buf.push(chunk).is_err()
-        {
-            return convert(pending.too_large());
+    convert(engine.serve(&head, Source(body)).await)
+}
+
+struct Source(Body);
+
+impl BodySource for Source {
+    type Chunk = Bytes;
+
+    async fn next_chunk(&mut self, _allowed: usize) -> Option<Result<Bytes, ()>> {
+        loop {
+            match self.0.frame().await? {
+                Err(_) => return Some(Err(())),
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Some(Ok(data));
+                    }
+                }
+            }
         }
     }
-    convert(pending.run(&buf.finish()).await)
 }
 
 fn convert(r: AtpResponse) -> Response {

@@ -2,7 +2,7 @@
 
 use std::io::Cursor;
 
-use atp_registry::http::{RequestHead, Response as AtpResponse, Step};
+use atp_registry::http::{BodySource, RequestHead, Response as AtpResponse};
 use rocket::{
     Data, Request, Route,
     data::ToByteUnit,
@@ -79,20 +79,27 @@ impl Handler for AtpHandler {
             uri.query().map(|q| q.as_str()),
             |name| request.headers().get_one(name).map(str::as_bytes),
         );
-        let pending = match self.0.begin(&head) {
-            Step::Respond(r) => return convert(r),
-            Step::ReadBody(pending) => pending,
-        };
-        let mut buf = pending.body_buffer();
-        // One byte past the limit tells a body that is too large.
-        let limit = (pending.limit() as u64).saturating_add(1);
-        let Ok(body) = data.open(limit.bytes()).into_bytes().await else {
-            return convert(pending.read_failed());
-        };
-        if buf.push(&body).is_err() {
-            return convert(pending.too_large());
-        }
-        convert(pending.run(&buf.finish()).await)
+        convert(self.0.serve(&head, Source(Some(data))).await)
+    }
+}
+
+/// Rocket reads a body through a cap set when it is opened: the whole body
+/// comes as one chunk of at most `allowed + 1` bytes.
+struct Source<'r>(Option<Data<'r>>);
+
+impl BodySource for Source<'_> {
+    type Chunk = Vec<u8>;
+
+    async fn next_chunk(&mut self, allowed: usize) -> Option<Result<Vec<u8>, ()>> {
+        let data = self.0.take()?;
+        let cap = (allowed as u64).saturating_add(1);
+        Some(
+            data.open(cap.bytes())
+                .into_bytes()
+                .await
+                .map(|b| b.into_inner())
+                .map_err(drop),
+        )
     }
 }
 

@@ -1,12 +1,12 @@
 //! The framework-neutral ATP HTTP engine (ATP-SPEC §3).
 //!
-//! An adapter turns its framework's request into a [`RequestHead`], calls
-//! [`Engine::begin`], and either sends the [`Response`] it gets at once or
-//! reads the body into a [`BodyBuffer`] (which enforces the limit while
-//! reading) and sends what [`PendingCall::run`] answers. The engine decides
-//! every status, header and body; the adapter decides nothing about ATP.
+//! An adapter turns its framework's request into a [`RequestHead`] and its
+//! body into a [`BodySource`], calls [`Engine::serve`], and turns the
+//! [`Response`] into its framework's response. The engine decides every
+//! status, header and body — and when to read the body, how much of it, and
+//! when to stop; the adapter decides nothing about ATP.
 
-use std::{borrow::Cow, fmt, sync::Arc};
+use std::{borrow::Cow, fmt, future::Future, sync::Arc};
 
 use bytes::{Bytes, BytesMut};
 use percent_encoding::percent_decode;
@@ -119,6 +119,23 @@ impl<'a> RequestHead<'a> {
             endpoint_key: header(ENDPOINT_KEY_HEADER),
         }
     }
+}
+
+/// A request body, read chunk by chunk: what an adapter gives
+/// [`Engine::serve`]. It need not be `Send` (actix-web's payload is not);
+/// the future of `serve` is `Send` when the source's is.
+pub trait BodySource {
+    /// A chunk of the body.
+    type Chunk: AsRef<[u8]>;
+
+    /// The next chunk, `None` at the end, or `Err(())` when the body can not
+    /// be read (the connection broke, a bad chunked encoding). `allowed` is
+    /// how many more bytes the engine will take: a source may read up to one
+    /// byte past it (so that an oversized body is noticed) and no further.
+    fn next_chunk(
+        &mut self,
+        allowed: usize,
+    ) -> impl Future<Output = Option<Result<Self::Chunk, ()>>>;
 }
 
 /// What the engine answers to a request head.
@@ -621,6 +638,31 @@ impl Engine {
                 }
             }
         })
+    }
+
+    /// Answers a request: the head at once when it decides the answer
+    /// (the body is then never read), else the body read from `body` up to
+    /// the toolkit's limit — reading stops as soon as the limit is passed —
+    /// and the tool's answer.
+    pub async fn serve<B: BodySource>(&self, req: &RequestHead<'_>, mut body: B) -> Response {
+        let pending = match self.begin(req) {
+            Step::Respond(r) => return r,
+            Step::ReadBody(pending) => pending,
+        };
+        let mut buf = pending.body_buffer();
+        loop {
+            let allowed = buf.limit - buf.buf.len();
+            match body.next_chunk(allowed).await {
+                None => break,
+                Some(Err(())) => return pending.read_failed(),
+                Some(Ok(chunk)) => {
+                    if buf.push(chunk.as_ref()).is_err() {
+                        return pending.too_large();
+                    }
+                }
+            }
+        }
+        pending.run(&buf.finish()).await
     }
 
     /// Answers a whole request whose body is already in memory: [`begin`]
