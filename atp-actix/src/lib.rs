@@ -11,29 +11,12 @@ use futures_util::StreamExt;
 
 pub use atp_registry::{self, Engine, Registry};
 
-/// The ATP endpoints as an actix-web service: `App::new().service(Atp::new())`.
-///
-/// Serves the global registry under `/atp` by default; build it from an
-/// [`Engine`] for another registry or prefix.
-#[derive(Debug, Clone, Default)]
-pub struct Atp(Engine);
-
-impl Atp {
-    /// The endpoints over the global registry, under `/atp`.
-    pub fn new() -> Self {
-        Self(Engine::new())
-    }
-
-    /// The engine served.
-    pub fn engine(&self) -> &Engine {
-        &self.0
-    }
-}
-
-impl From<Engine> for Atp {
-    fn from(engine: Engine) -> Self {
-        Self(engine)
-    }
+atp_registry::define_adapter! {
+    /// The ATP endpoints as an actix-web service: `App::new().service(Atp::new())`.
+    ///
+    /// Serves the global registry under `/atp` by default; build it from an
+    /// [`Engine`] for another registry or prefix.
+    pub struct Atp;
 }
 
 impl HttpServiceFactory for Atp {

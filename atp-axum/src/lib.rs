@@ -13,24 +13,15 @@ use http_body_util::BodyExt;
 
 pub use atp_registry::{self, Engine, Registry};
 
-/// The ATP endpoints as an axum service: `Router::new().merge(Atp::new())`.
-///
-/// Serves the global registry under `/atp` by default; build it from an
-/// [`Engine`] for another registry or prefix.
-#[derive(Debug, Clone, Default)]
-pub struct Atp(Engine);
+atp_registry::define_adapter! {
+    /// The ATP endpoints as an axum service: `Router::new().merge(Atp::new())`.
+    ///
+    /// Serves the global registry under `/atp` by default; build it from an
+    /// [`Engine`] for another registry or prefix.
+    pub struct Atp;
+}
 
 impl Atp {
-    /// The endpoints over the global registry, under `/atp`.
-    pub fn new() -> Self {
-        Self(Engine::new())
-    }
-
-    /// The engine served.
-    pub fn engine(&self) -> &Engine {
-        &self.0
-    }
-
     /// A `Router` with the endpoints, to `merge` into an app.
     pub fn router<S: Clone + Send + Sync + 'static>(self) -> Router<S> {
         let prefix = self.0.get_prefix().to_owned();
@@ -42,12 +33,6 @@ impl Atp {
             router.route(&prefix, handler.clone())
         };
         router.route(&format!("{prefix}/{{*rest}}"), handler)
-    }
-}
-
-impl From<Engine> for Atp {
-    fn from(engine: Engine) -> Self {
-        Self(engine)
     }
 }
 

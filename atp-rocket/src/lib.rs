@@ -12,25 +12,16 @@ use rocket::{
 
 pub use atp_registry::{self, Engine, Registry};
 
-/// The ATP endpoints as Rocket routes: `rocket::build().mount("/", Atp::new())`.
-///
-/// Serves the global registry under `/atp` by default; build it from an
-/// [`Engine`] for another registry or prefix. Mount it at `/`: the prefix
-/// is the engine's.
-#[derive(Debug, Clone, Default)]
-pub struct Atp(Engine);
+atp_registry::define_adapter! {
+    /// The ATP endpoints as Rocket routes: `rocket::build().mount("/", Atp::new())`.
+    ///
+    /// Serves the global registry under `/atp` by default; build it from an
+    /// [`Engine`] for another registry or prefix. Mount it at `/`: the prefix
+    /// is the engine's.
+    pub struct Atp;
+}
 
 impl Atp {
-    /// The endpoints over the global registry, under `/atp`.
-    pub fn new() -> Self {
-        Self(Engine::new())
-    }
-
-    /// The engine served.
-    pub fn engine(&self) -> &Engine {
-        &self.0
-    }
-
     /// The routes, to `mount` at `/`.
     pub fn routes(self) -> Vec<Route> {
         let prefix = self.0.get_prefix().to_owned();
@@ -51,12 +42,6 @@ impl Atp {
             .into_iter()
             .map(|method| Route::ranked(100, method, &format!("{prefix}/<_..>"), handler.clone()))
             .collect()
-    }
-}
-
-impl From<Engine> for Atp {
-    fn from(engine: Engine) -> Self {
-        Self(engine)
     }
 }
 

@@ -25,6 +25,47 @@ use crate::{
     tool::AUTH_TOKEN_PARAM,
 };
 
+/// Defines an adapter's handle: a type wrapping an [`Engine`], with the
+/// names every adapter shares — `new()` (the global registry under
+/// `/atp`), `Default`, `From<Engine>` and `engine()`. The adapter then
+/// implements its framework's mounting traits for it.
+///
+/// ```
+/// atp_registry::define_adapter! {
+///     /// The ATP endpoints for my framework.
+///     pub struct Atp;
+/// }
+/// let atp = Atp::from(atp_registry::Engine::new().prefix("/tools"));
+/// assert_eq!(atp.engine().get_prefix(), "/tools");
+/// assert_eq!(Atp::new().engine().get_prefix(), "/atp");
+/// ```
+#[macro_export]
+macro_rules! define_adapter {
+    ($(#[$meta:meta])* $vis:vis struct $name:ident;) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default)]
+        $vis struct $name($crate::Engine);
+
+        impl $name {
+            /// The endpoints over the global registry, under `/atp`.
+            pub fn new() -> Self {
+                Self($crate::Engine::new())
+            }
+
+            /// The engine served: its registry and prefix.
+            pub fn engine(&self) -> &$crate::Engine {
+                &self.0
+            }
+        }
+
+        impl ::core::convert::From<$crate::Engine> for $name {
+            fn from(engine: $crate::Engine) -> Self {
+                Self(engine)
+            }
+        }
+    };
+}
+
 /// The default mount point of the endpoints.
 pub const DEFAULT_PREFIX: &str = "/atp";
 
