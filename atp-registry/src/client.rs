@@ -60,18 +60,22 @@ pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 /// ```
 #[derive(Clone)]
 pub struct ToolKitClient {
-    config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
     tools: Arc<RwLock<Tools>>,
+    #[cfg(feature = "runtime")]
+    pub(crate) control: Arc<crate::runtime::Control>,
 }
 
 #[derive(Clone)]
-struct Config {
+pub(crate) struct Config {
     api_key: Secret,
     app_name: String,
     base_url: String,
     timeout: Option<Duration>,
     body_limit: usize,
     endpoint_key: Option<Secret>,
+    #[cfg(feature = "runtime")]
+    pub(crate) runtime: crate::runtime::RuntimeOptions,
 }
 
 #[derive(Default)]
@@ -92,8 +96,12 @@ impl ToolKitClient {
                 timeout: None,
                 body_limit: DEFAULT_BODY_LIMIT,
                 endpoint_key: None,
+                #[cfg(feature = "runtime")]
+                runtime: Default::default(),
             }),
             tools: Arc::default(),
+            #[cfg(feature = "runtime")]
+            control: Arc::default(),
         }
     }
 

@@ -4,6 +4,8 @@ mod client;
 mod error;
 pub mod http;
 mod registry;
+#[cfg(feature = "runtime")]
+pub mod runtime;
 mod schema;
 mod secret;
 mod tool;

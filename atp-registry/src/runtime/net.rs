@@ -1,0 +1,146 @@
+//! A small JSON-over-HTTP client (hyper-util's pooled client with rustls),
+//! for the calls a toolkit makes to its ATP server.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, header};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use serde_json::Value;
+
+/// The largest answer read from a server.
+const MAX_RESPONSE: usize = 16 * 1024 * 1024;
+
+/// Why an HTTP call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// The URL could not be parsed.
+    #[error("invalid URL: {0}")]
+    InvalidUrl(String),
+    /// The connection failed or broke.
+    #[error("connection failed: {0}")]
+    Connect(String),
+    /// No answer in time.
+    #[error("no answer within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    /// The answer was not JSON.
+    #[error("HTTP {status}: the answer is not JSON")]
+    NotJson {
+        /// The HTTP status.
+        status: u16,
+    },
+}
+
+/// A pooled HTTP/1.1 client for `http://` and `https://` URLs.
+#[derive(Clone)]
+pub(crate) struct HttpClient {
+    inner: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl HttpClient {
+    pub(crate) fn new() -> Self {
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Self {
+            inner: Client::builder(TokioExecutor::new()).build(https),
+        }
+    }
+
+    /// Sends `body` (if any) as JSON and reads a JSON answer (`null` for an
+    /// empty one). `headers` are sent as given: never log them.
+    pub(crate) async fn json(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<(u16, Value), NetError> {
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|_| NetError::InvalidUrl(redact_url(url)))?;
+        let mut req = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let payload = match body {
+            Some(v) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+            }
+            None => Bytes::new(),
+        };
+        let req = req
+            .body(Full::new(payload))
+            .map_err(|e| NetError::InvalidUrl(e.to_string()))?;
+        let call = async {
+            let resp = self
+                .inner
+                .request(req)
+                .await
+                .map_err(|e| NetError::Connect(e.to_string()))?;
+            let status = resp.status().as_u16();
+            let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| NetError::Connect(e.to_string()))?
+                .to_bytes();
+            if bytes.iter().all(u8::is_ascii_whitespace) {
+                return Ok((status, Value::Null));
+            }
+            let value = serde_json::from_slice(&bytes).map_err(|_| NetError::NotJson { status })?;
+            Ok((status, value))
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .unwrap_or(Err(NetError::Timeout(timeout)))
+    }
+}
+
+/// A URL fit for a log line: the path segment after `toolkit-client/`,
+/// `llm-client/` or `toolkit/` (an API key) is replaced by `***`.
+pub(crate) fn redact_url(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    let mut hide_next = false;
+    for (i, seg) in url.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        if hide_next && !seg.is_empty() && !seg.starts_with("verify_") {
+            out.push_str("***");
+        } else {
+            out.push_str(seg);
+        }
+        hide_next = matches!(seg, "toolkit-client" | "llm-client" | "toolkit");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("ws://h:1/ws/v1/atp/toolkit-client/SECRET/"),
+            "ws://h:1/ws/v1/atp/toolkit-client/***/"
+        );
+        assert_eq!(
+            redact_url("http://h/api/v1/toolkit/SECRET/inbox"),
+            "http://h/api/v1/toolkit/***/inbox"
+        );
+        assert_eq!(
+            redact_url("http://h/api/v1/toolkit/verify_hash"),
+            "http://h/api/v1/toolkit/verify_hash"
+        );
+    }
+}
