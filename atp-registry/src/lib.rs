@@ -3,6 +3,10 @@
 mod client;
 mod error;
 pub mod http;
+#[cfg(feature = "llm")]
+pub mod llm;
+#[cfg(feature = "_net")]
+mod net;
 mod registry;
 #[cfg(feature = "runtime")]
 pub mod runtime;

@@ -7,8 +7,8 @@ use hyper::Method;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::net::{HttpClient, NetError};
 use crate::client::{RegisteredTool, ToolKitClient};
+use crate::net::{HttpClient, NetError};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AnnounceError {

@@ -3,7 +3,6 @@
 //! inbox), as the seed's `start()` does (ATP-SPEC §4).
 
 mod announce;
-pub(crate) mod net;
 mod protocol;
 
 use std::{
@@ -23,10 +22,10 @@ use tokio::{
 };
 use tokio_tungstenite::tungstenite::{self, Message, protocol::CloseFrame};
 
-pub use net::NetError;
+pub use crate::net::NetError;
 pub use protocol::{Incoming, ToolRequest, parse_message, tool_response};
 
-use crate::client::ToolKitClient;
+use crate::{client::ToolKitClient, net};
 
 /// How the toolkit reaches its ATP server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

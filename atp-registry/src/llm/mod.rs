@@ -1,0 +1,616 @@
+//! [`LlmClient`]: the agent side of ATP (ATP-SPEC §6) — toolkit contexts in
+//! each provider's format, the tool calls a model made run through an ATP
+//! server, and the OAuth flow of the tools that need a user's token.
+
+mod calls;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures_util::{SinkExt, StreamExt, future::join_all};
+use hyper::Method;
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+
+pub use calls::{
+    CallFormat, CallOutcome, ToolCall, parse_tool_calls, result_messages, task_outcome,
+};
+
+use crate::{
+    net::{self, HttpClient, NetError},
+    schema::Provider,
+    secret::Secret,
+};
+
+/// How the client talks to the ATP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlmProtocol {
+    /// One WebSocket at `/ws/v1/atp/llm-client/{api_key}/`, shared by
+    /// concurrent requests (the seed's default).
+    WebSocket,
+    /// `POST /api/v1/atp/llm-client/process/` per request.
+    Http,
+}
+
+/// Why an [`LlmClient`] call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LlmError {
+    /// The server could not be reached.
+    #[error("could not reach the ATP server: {0}")]
+    Connect(String),
+    /// The server refused the API key.
+    #[error("the ATP server refused the API key: {0}")]
+    AuthRefused(String),
+    /// No answer in time.
+    #[error("no answer from the ATP server within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    /// The connection was lost before the answer came.
+    #[error("the connection to the ATP server was lost before it answered")]
+    ConnectionLost,
+    /// The server answered with an error.
+    #[error("the ATP server answered {}: {message}", status.map(|s| format!("HTTP {s}")).unwrap_or_else(|| "an error".into()))]
+    Server {
+        /// The HTTP status, when the answer came over HTTP.
+        status: Option<u16>,
+        /// The server's message.
+        message: String,
+    },
+    /// The answer was not what the protocol says.
+    #[error("the ATP server's answer is malformed: {0}")]
+    InvalidResponse(String),
+    /// A provider name that is not known.
+    #[error("unknown provider {0:?}: use openai, openai_chat, anthropic, mistral or mistralai")]
+    UnknownProvider(String),
+    /// The base URL is not `http://…` or `https://…`.
+    #[error("base_url must start with http:// or https://")]
+    InvalidBaseUrl,
+}
+
+impl From<NetError> for LlmError {
+    fn from(e: NetError) -> Self {
+        match e {
+            NetError::Timeout(d) => LlmError::Timeout(d),
+            NetError::NotJson { status } => {
+                LlmError::InvalidResponse(format!("HTTP {status}, not JSON"))
+            }
+            other => LlmError::Connect(other.to_string()),
+        }
+    }
+}
+
+/// The ATP server the seed's client talks to by default.
+pub const DEFAULT_LLM_BASE_URL: &str = "https://api.chat-atp.com";
+
+/// The agent side of ATP: the seed's `LLMClient`.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), atp_registry::llm::LlmError> {
+/// use atp_registry::llm::{LlmClient, LlmProtocol};
+///
+/// let atp = LlmClient::new("YOUR_ATP_LLM_CLIENT_API_KEY")
+///     .with_base_url("http://127.0.0.1:8080")
+///     .with_protocol(LlmProtocol::WebSocket);
+/// let context = atp.get_toolkit_context("Demo", "anthropic", "Say hello to Ada.").await?;
+/// // … give context["tools"] to the model, then pass what it returned:
+/// let model_output = serde_json::json!([{"type": "tool_use", "id": "toolu_1", "name": "hello_world", "input": {"name": "Ada"}}]);
+/// let messages = atp.call_tool("Demo", &model_output, "anthropic", "Say hello to Ada.").await?;
+/// // … append `messages` to the conversation.
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct LlmClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    api_key: Secret,
+    base_url: String,
+    protocol: LlmProtocol,
+    timeout: Duration,
+    connect_timeout: Duration,
+    http: HttpClient,
+    ws: tokio::sync::Mutex<Option<Connection>>,
+    next_id: AtomicU64,
+}
+
+impl fmt::Debug for LlmClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LlmClient")
+            .field("api_key", &self.inner.api_key)
+            .field("base_url", &self.inner.base_url)
+            .field("protocol", &self.inner.protocol)
+            .field("timeout", &self.inner.timeout)
+            .finish()
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>;
+
+/// A live, authenticated WebSocket: requests go out through `tx`, answers
+/// come back to `pending` by request id.
+struct Connection {
+    tx: mpsc::UnboundedSender<String>,
+    pending: Pending,
+    alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LlmClient {
+    /// A client with the seed's defaults: WebSocket, base URL
+    /// [`DEFAULT_LLM_BASE_URL`], 120 s to wait for a tool call.
+    pub fn new(api_key: impl Into<Secret>) -> Self {
+        Self::build(
+            api_key.into(),
+            DEFAULT_LLM_BASE_URL.into(),
+            LlmProtocol::WebSocket,
+            Duration::from_secs(120),
+        )
+    }
+
+    fn build(api_key: Secret, base_url: String, protocol: LlmProtocol, timeout: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                api_key,
+                base_url,
+                protocol,
+                timeout,
+                connect_timeout: Duration::from_secs(10),
+                http: HttpClient::new(),
+                ws: tokio::sync::Mutex::new(None),
+                next_id: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn rebuild(self, f: impl FnOnce(&mut String, &mut LlmProtocol, &mut Duration)) -> Self {
+        let mut base = self.inner.base_url.clone();
+        let mut protocol = self.inner.protocol;
+        let mut timeout = self.inner.timeout;
+        f(&mut base, &mut protocol, &mut timeout);
+        Self::build(self.inner.api_key.clone(), base, protocol, timeout)
+    }
+
+    /// Sets the ATP server (e.g. `http://127.0.0.1:8080` for a local
+    /// `atp-server`). A URL that ends in the seed's
+    /// `/ws/v1/atp/llm-client/` is accepted too.
+    pub fn with_base_url(self, base_url: impl Into<String>) -> Self {
+        let mut url = base_url.into().trim_end_matches('/').to_owned();
+        if let Some(stripped) = url.strip_suffix("/ws/v1/atp/llm-client") {
+            url = stripped.to_owned();
+        }
+        self.rebuild(|b, _, _| *b = url)
+    }
+
+    /// WebSocket (default) or HTTP.
+    pub fn with_protocol(self, protocol: LlmProtocol) -> Self {
+        self.rebuild(|_, p, _| *p = protocol)
+    }
+
+    /// How long to wait for any answer (120 s by default).
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        self.rebuild(|_, _, t| *t = timeout)
+    }
+
+    fn http_base(&self) -> Result<&str, LlmError> {
+        let base = self.inner.base_url.as_str();
+        if base.starts_with("http://") || base.starts_with("https://") {
+            Ok(base)
+        } else {
+            Err(LlmError::InvalidBaseUrl)
+        }
+    }
+
+    fn request_id(&self, kind: &str) -> String {
+        let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("{kind}_{nanos:x}_{n}")
+    }
+
+    /// Fetches a toolkit's context: its `payload`, with `tools` in
+    /// `provider`'s format (ATP-SPEC §5). `toolkit_id` is the toolkit's
+    /// `app_name`.
+    pub async fn get_toolkit_context(
+        &self,
+        toolkit_id: &str,
+        provider: &str,
+        user_prompt: &str,
+    ) -> Result<Value, LlmError> {
+        provider
+            .parse::<Provider>()
+            .map_err(|_| LlmError::UnknownProvider(provider.to_owned()))?;
+        let request_id = self.request_id("context");
+        let message = json!({
+            "type": "get_toolkit_context",
+            "toolkit_id": toolkit_id,
+            "request_id": request_id,
+            "provider": provider,
+            "user_prompt": user_prompt,
+        });
+        let answer = self.exchange(&request_id, message).await?;
+        if let Some(error) = server_error(&answer) {
+            return Err(error);
+        }
+        match answer.get("payload") {
+            Some(p @ Value::Object(_)) => Ok(p.clone()),
+            _ => Err(LlmError::InvalidResponse(
+                "toolkit_context without a payload".into(),
+            )),
+        }
+    }
+
+    /// Runs the tool calls a model made — passed exactly as the provider's
+    /// API returned them (a whole response, a message, a list of calls or
+    /// content blocks, or one call) — concurrently, and returns the result
+    /// messages in the provider's own format, in call order, ready to
+    /// append to the conversation (see [`result_messages`]).
+    ///
+    /// A call whose arguments are not valid JSON, or that the toolkit
+    /// failed, gets an error result; the method itself fails only for
+    /// errors of the client or the connection.
+    pub async fn call_tool(
+        &self,
+        toolkit_id: &str,
+        tool_calls: &Value,
+        provider: &str,
+        user_prompt: &str,
+    ) -> Result<Vec<Value>, LlmError> {
+        self.call_tool_as(toolkit_id, tool_calls, provider, user_prompt, None, None)
+            .await
+    }
+
+    /// [`call_tool`](Self::call_tool) for a given user: the server injects
+    /// the token of `external_user_id` (from the OAuth flow) into the calls
+    /// of tools that need it, or uses `auth_token` when given.
+    pub async fn call_tool_as(
+        &self,
+        toolkit_id: &str,
+        tool_calls: &Value,
+        provider: &str,
+        user_prompt: &str,
+        external_user_id: Option<&str>,
+        auth_token: Option<&Secret>,
+    ) -> Result<Vec<Value>, LlmError> {
+        let parsed = provider
+            .parse::<Provider>()
+            .map_err(|_| LlmError::UnknownProvider(provider.to_owned()))?;
+        let calls = parse_tool_calls(parsed, tool_calls);
+        let runs = calls.iter().map(|call| async move {
+            let arguments = match &call.arguments {
+                Ok(a) => a.clone(),
+                Err(why) => return Ok(CallOutcome::error(why.clone())),
+            };
+            let request_id = self.request_id("task");
+            let mut message = json!({
+                "type": "task_request",
+                "toolkit_id": toolkit_id,
+                "request_id": request_id,
+                "payload": {
+                    "function": call.name,
+                    "parameters": arguments,
+                    "auth_token": auth_token.map(Secret::expose),
+                    "tool_call_id": call.id,
+                },
+                "provider": provider,
+                "user_prompt": user_prompt,
+            });
+            if let Some(user) = external_user_id {
+                message["external_user_id"] = json!(user);
+            }
+            let answer = self.exchange(&request_id, message).await?;
+            Ok::<_, LlmError>(task_outcome(&answer))
+        });
+        let outcomes = join_all(runs)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(result_messages(&calls, &outcomes))
+    }
+
+    /// Starts an OAuth connection for a user of a platform: the answer
+    /// holds the `authorization_url` to send the user to.
+    pub async fn initiate_oauth_connection(
+        &self,
+        platform_id: &str,
+        external_user_id: &str,
+        developer_redirect_url: Option<&str>,
+    ) -> Result<Value, LlmError> {
+        let url = format!(
+            "{}/api/v1/atp/llm-client/oauth/confirmation/{}/",
+            self.http_base()?,
+            segment(platform_id)
+        );
+        let mut body = json!({"external_user_id": external_user_id});
+        if let Some(redirect) = developer_redirect_url {
+            body["developer_redirect_url"] = json!(redirect);
+        }
+        match self.http_json(Method::POST, &url, Some(&body)).await? {
+            (200..=299, answer) => Ok(answer),
+            (status, answer) => Err(http_error(status, &answer)),
+        }
+    }
+
+    /// Polls for a user's OAuth connection every `poll_interval` until it
+    /// is made (the tokens answer) or `timeout` passes.
+    pub async fn wait_for_connection(
+        &self,
+        platform_id: &str,
+        external_user_id: &str,
+        timeout: Duration,
+        poll_interval: Duration,
+    ) -> Result<Value, LlmError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(tokens) = self.tokens(platform_id, external_user_id).await? {
+                return Ok(tokens);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(LlmError::Timeout(timeout));
+            }
+            tokio::time::sleep(poll_interval.min(deadline - now)).await;
+        }
+    }
+
+    /// A connected user's tokens (`access_token`, `refresh_token`,
+    /// `expires_at`, `scope`, `integration_id`); an error when the user has
+    /// not connected.
+    pub async fn get_user_tokens(
+        &self,
+        platform_id: &str,
+        external_user_id: &str,
+    ) -> Result<Value, LlmError> {
+        self.tokens(platform_id, external_user_id)
+            .await?
+            .ok_or_else(|| LlmError::Server {
+                status: Some(404),
+                message: "the user has not connected this platform".into(),
+            })
+    }
+
+    async fn tokens(
+        &self,
+        platform_id: &str,
+        external_user_id: &str,
+    ) -> Result<Option<Value>, LlmError> {
+        let url = format!(
+            "{}/api/v1/atp/llm-client/oauth/tokens/{}/{}/",
+            self.http_base()?,
+            segment(platform_id),
+            segment(external_user_id)
+        );
+        match self.http_json(Method::GET, &url, None).await? {
+            (200, tokens) => Ok(Some(tokens)),
+            (404, _) => Ok(None),
+            (status, answer) => Err(http_error(status, &answer)),
+        }
+    }
+
+    async fn http_json(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), LlmError> {
+        let auth = format!("ApiKey {}", self.inner.api_key.expose());
+        Ok(self
+            .inner
+            .http
+            .json(
+                method,
+                url,
+                &[("authorization", auth.as_str())],
+                body,
+                self.inner.timeout,
+            )
+            .await?)
+    }
+
+    /// Sends one request and waits for its answer, over the protocol chosen.
+    async fn exchange(&self, request_id: &str, message: Value) -> Result<Value, LlmError> {
+        match self.inner.protocol {
+            LlmProtocol::Http => {
+                let url = format!("{}/api/v1/atp/llm-client/process/", self.http_base()?);
+                match self.http_json(Method::POST, &url, Some(&message)).await? {
+                    (200..=299, answer) => Ok(answer),
+                    (401 | 403, answer) => Err(LlmError::AuthRefused(error_text(&answer))),
+                    (status, answer) => Err(http_error(status, &answer)),
+                }
+            }
+            LlmProtocol::WebSocket => {
+                let (tx, pending, alive) = self.connection().await?;
+                let (answer_tx, answer_rx) = oneshot::channel();
+                pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(request_id.to_owned(), answer_tx);
+                if !alive.load(Ordering::SeqCst) || tx.send(message.to_string()).is_err() {
+                    pending
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(request_id);
+                    return Err(LlmError::ConnectionLost);
+                }
+                match tokio::time::timeout(self.inner.timeout, answer_rx).await {
+                    Ok(Ok(answer)) => Ok(answer),
+                    Ok(Err(_)) => Err(LlmError::ConnectionLost),
+                    Err(_) => {
+                        pending
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .remove(request_id);
+                        Err(LlmError::Timeout(self.inner.timeout))
+                    }
+                }
+            }
+        }
+    }
+
+    /// The live connection, (re)connecting and authenticating when needed.
+    async fn connection(
+        &self,
+    ) -> Result<
+        (
+            mpsc::UnboundedSender<String>,
+            Pending,
+            Arc<std::sync::atomic::AtomicBool>,
+        ),
+        LlmError,
+    > {
+        let mut slot = self.inner.ws.lock().await;
+        if let Some(c) = slot.as_ref()
+            && c.alive.load(Ordering::SeqCst)
+        {
+            return Ok((c.tx.clone(), c.pending.clone(), c.alive.clone()));
+        }
+        let c = self.connect().await?;
+        let out = (c.tx.clone(), c.pending.clone(), c.alive.clone());
+        *slot = Some(c);
+        Ok(out)
+    }
+
+    async fn connect(&self) -> Result<Connection, LlmError> {
+        let base = self.http_base()?;
+        let ws_base = base.replacen("http", "ws", 1);
+        let url = format!(
+            "{ws_base}/ws/v1/atp/llm-client/{}/",
+            self.inner.api_key.expose()
+        );
+        tracing::debug!(url = %net::redact_url(&url), "connecting to the ATP server");
+        let limit = self.inner.connect_timeout;
+        let (mut ws, _) =
+            match tokio::time::timeout(limit, tokio_tungstenite::connect_async(&url)).await {
+                Err(_) => return Err(LlmError::Timeout(limit)),
+                Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp)))
+                    if matches!(resp.status().as_u16(), 401 | 403) =>
+                {
+                    return Err(LlmError::AuthRefused(format!(
+                        "HTTP {}",
+                        resp.status().as_u16()
+                    )));
+                }
+                Ok(Err(e)) => return Err(LlmError::Connect(e.to_string())),
+                Ok(Ok(ws)) => ws,
+            };
+        let auth = json!({"type": "auth", "api_key": self.inner.api_key.expose()}).to_string();
+        ws.send(Message::text(auth))
+            .await
+            .map_err(|e| LlmError::Connect(e.to_string()))?;
+        let authenticated = tokio::time::timeout(limit, async {
+            while let Some(frame) = ws.next().await {
+                match frame {
+                    Ok(Message::Text(t)) => {
+                        let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                        if v.get("type").and_then(Value::as_str) == Some("auth_response") {
+                            return if v.get("success").and_then(Value::as_bool) == Some(true) {
+                                Ok(())
+                            } else {
+                                Err(LlmError::AuthRefused(error_text(&v)))
+                            };
+                        }
+                    }
+                    Ok(Message::Close(frame)) => {
+                        let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                        return Err(LlmError::AuthRefused(why));
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(LlmError::Connect(e.to_string())),
+                }
+            }
+            Err(LlmError::ConnectionLost)
+        })
+        .await
+        .map_err(|_| LlmError::Timeout(limit))?;
+        authenticated?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let pending: Pending = Arc::default();
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (task_pending, task_alive) = (pending.clone(), alive.clone());
+        tokio::spawn(async move {
+            let (mut sink, mut stream) = ws.split();
+            let mut ping = tokio::time::interval(Duration::from_secs(30));
+            ping.tick().await;
+            loop {
+                tokio::select! {
+                    out = rx.recv() => match out {
+                        Some(text) => if sink.send(Message::text(text)).await.is_err() { break },
+                        None => { let _ = sink.close().await; break }
+                    },
+                    frame = stream.next() => match frame {
+                        Some(Ok(Message::Text(t))) => route(&task_pending, t.as_str()),
+                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                        Some(Ok(_)) => {}
+                    },
+                    _ = ping.tick() => if sink.send(Message::Ping(Default::default())).await.is_err() { break },
+                }
+            }
+            task_alive.store(false, Ordering::SeqCst);
+            // Dropping the senders fails every waiting request at once.
+            task_pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        });
+        Ok(Connection { tx, pending, alive })
+    }
+}
+
+/// Hands an answer to the request waiting for it.
+fn route(pending: &Pending, text: &str) {
+    let Ok(answer) = serde_json::from_str::<Value>(text) else {
+        tracing::warn!("ignoring a message from the ATP server that is not JSON");
+        return;
+    };
+    let Some(id) = answer.get("request_id").and_then(Value::as_str) else {
+        tracing::debug!("ignoring a message without a request_id");
+        return;
+    };
+    let waiter = pending
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(id);
+    if let Some(waiter) = waiter {
+        let _ = waiter.send(answer);
+    }
+}
+
+fn segment(s: &str) -> String {
+    utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
+}
+
+fn error_text(answer: &Value) -> String {
+    ["error", "message", "detail", "reason"]
+        .iter()
+        .find_map(|k| answer.get(*k).and_then(Value::as_str))
+        .map(str::to_owned)
+        .unwrap_or_else(|| answer.to_string())
+}
+
+fn http_error(status: u16, answer: &Value) -> LlmError {
+    LlmError::Server {
+        status: Some(status),
+        message: error_text(answer),
+    }
+}
+
+/// An error answer to a request (`{"type": "error"}` or
+/// `{"status": "error"}`).
+fn server_error(answer: &Value) -> Option<LlmError> {
+    let is_error = answer.get("type").and_then(Value::as_str) == Some("error")
+        || answer.get("status").and_then(Value::as_str) == Some("error");
+    is_error.then(|| LlmError::Server {
+        status: None,
+        message: error_text(answer),
+    })
+}
