@@ -183,12 +183,15 @@ macro_rules! __expand_cases {
 /// The crate that calls it needs `tokio` (features `macros` and `rt`) as a
 /// dependency: the tests are `#[tokio::test]`.
 ///
-/// ```ignore
+/// ```
 /// use std::sync::OnceLock;
+///
+/// use atp_conformance::{serve_fixture, server::Framework};
 ///
 /// fn base_url() -> String {
 ///     static URL: OnceLock<String> = OnceLock::new();
-///     URL.get_or_init(|| start_my_server_with(atp_conformance::fixture())).clone()
+///     URL.get_or_init(|| serve_fixture(Framework::Axum).expect("the server starts"))
+///         .clone()
 /// }
 ///
 /// atp_conformance::conformance_tests!(base_url());
@@ -210,14 +213,14 @@ pub fn all_cases() -> Vec<(&'static str, CaseFn)> {
     crate::__for_each_case!(list)
 }
 
-/// Serves the [`fixture`] with `framework` on `127.0.0.1`, on a free port,
+/// Serves the [`fixture()`] with `framework` on `127.0.0.1`, on a free port,
 /// from a background thread (see [`server::spawn`]), and returns its base
 /// URL once it accepts connections.
 pub fn serve_fixture(framework: server::Framework) -> std::io::Result<String> {
     serve_fixture_on(framework, SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
-/// Serves the [`fixture`] with `framework` on `addr` (port 0 for a free
+/// Serves the [`fixture()`] with `framework` on `addr` (port 0 for a free
 /// one) and returns its base URL once it accepts connections.
 pub fn serve_fixture_on(framework: server::Framework, addr: SocketAddr) -> std::io::Result<String> {
     let engine = atp_registry::Engine::with_registry(fixture());
