@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod agreement;
 pub mod cases;
 pub mod client;
 pub mod fixture;
