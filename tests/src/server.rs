@@ -44,7 +44,9 @@ impl FromStr for Framework {
             "axum" => Ok(Framework::Axum),
             "actix" | "actix-web" => Ok(Framework::Actix),
             "rocket" => Ok(Framework::Rocket),
-            other => Err(format!("unknown framework {other:?}: use axum, actix or rocket")),
+            other => Err(format!(
+                "unknown framework {other:?}: use axum, actix or rocket"
+            )),
         }
     }
 }
@@ -62,7 +64,10 @@ pub fn spawn(framework: Framework, engine: Engine, addr: SocketAddr) -> io::Resu
 }
 
 fn runtime() -> io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
 }
 
 fn spawn_axum(engine: Engine, addr: SocketAddr) -> io::Result<SocketAddr> {
@@ -74,12 +79,14 @@ fn spawn_axum(engine: Engine, addr: SocketAddr) -> io::Result<SocketAddr> {
         let _guard = runtime.enter();
         tokio::net::TcpListener::from_std(listener)?
     };
-    thread::Builder::new().name("atp-axum".into()).spawn(move || {
-        let app: axum::Router = atp_axum::Atp::from(engine).into();
-        if let Err(e) = runtime.block_on(async move { axum::serve(listener, app).await }) {
-            eprintln!("axum server stopped: {e}");
-        }
-    })?;
+    thread::Builder::new()
+        .name("atp-axum".into())
+        .spawn(move || {
+            let app: axum::Router = atp_axum::Atp::from(engine).into();
+            if let Err(e) = runtime.block_on(async move { axum::serve(listener, app).await }) {
+                eprintln!("axum server stopped: {e}");
+            }
+        })?;
     Ok(local)
 }
 
@@ -87,28 +94,31 @@ fn spawn_actix(engine: Engine, addr: SocketAddr) -> io::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
     let (tx, rx) = mpsc::channel::<io::Result<()>>();
-    thread::Builder::new().name("atp-actix".into()).spawn(move || {
-        actix_web::rt::System::new().block_on(async move {
-            let server = actix_web::HttpServer::new(move || {
-                actix_web::App::new().service(atp_actix::Atp::from(engine.clone()))
-            })
-            .workers(2)
-            .disable_signals()
-            .listen(listener);
-            match server {
-                Ok(server) => {
-                    let _ = tx.send(Ok(()));
-                    if let Err(e) = server.run().await {
-                        eprintln!("actix-web server stopped: {e}");
+    thread::Builder::new()
+        .name("atp-actix".into())
+        .spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let server = actix_web::HttpServer::new(move || {
+                    actix_web::App::new().service(atp_actix::Atp::from(engine.clone()))
+                })
+                .workers(2)
+                .disable_signals()
+                .listen(listener);
+                match server {
+                    Ok(server) => {
+                        let _ = tx.send(Ok(()));
+                        if let Err(e) = server.run().await {
+                            eprintln!("actix-web server stopped: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
                     }
                 }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                }
-            }
-        });
-    })?;
-    rx.recv().map_err(|_| io::Error::other("the actix-web thread ended before listening"))??;
+            });
+        })?;
+    rx.recv()
+        .map_err(|_| io::Error::other("the actix-web thread ended before listening"))??;
     Ok(local)
 }
 
@@ -120,8 +130,12 @@ fn spawn_rocket(engine: Engine, addr: SocketAddr) -> io::Result<SocketAddr> {
         workers: 2,
         log_level: rocket::config::LogLevel::Off,
         cli_colors: false,
+        // No signal handlers: SIGTERM and Ctrl-C end the whole process, as
+        // they do for the other two frameworks here.
         shutdown: rocket::config::Shutdown {
             ctrlc: false,
+            #[cfg(unix)]
+            signals: Default::default(),
             ..Default::default()
         },
         ..rocket::Config::release_default()
@@ -129,17 +143,22 @@ fn spawn_rocket(engine: Engine, addr: SocketAddr) -> io::Result<SocketAddr> {
     let ready = tx.clone();
     let rocket = rocket::custom(config)
         .mount("/", atp_rocket::Atp::from(engine))
-        .attach(rocket::fairing::AdHoc::on_liftoff("report address", move |rocket| {
-            Box::pin(async move {
-                let c = rocket.config();
-                let _ = ready.send(Ok(SocketAddr::new(c.address, c.port)));
-            })
-        }));
-    thread::Builder::new().name("atp-rocket".into()).spawn(move || {
-        if let Err(e) = rocket::execute(rocket.launch()) {
-            let _ = tx.send(Err(e.to_string()));
-        }
-    })?;
+        .attach(rocket::fairing::AdHoc::on_liftoff(
+            "report address",
+            move |rocket| {
+                Box::pin(async move {
+                    let c = rocket.config();
+                    let _ = ready.send(Ok(SocketAddr::new(c.address, c.port)));
+                })
+            },
+        ));
+    thread::Builder::new()
+        .name("atp-rocket".into())
+        .spawn(move || {
+            if let Err(e) = rocket::execute(rocket.launch()) {
+                let _ = tx.send(Err(e.to_string()));
+            }
+        })?;
     rx.recv()
         .map_err(|_| io::Error::other("the Rocket thread ended before listening"))?
         .map_err(io::Error::other)
