@@ -1,0 +1,317 @@
+//! The server's settings: address, database, API keys, timeouts and OAuth
+//! platforms, from code or from a TOML file.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use atp_registry::Secret;
+use serde::Deserialize;
+
+use crate::error::ServerError;
+
+/// The address `atp-server` listens on by default.
+pub const DEFAULT_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
+
+/// The database file used by default.
+pub const DEFAULT_DB: &str = "atp-server.sqlite3";
+
+/// Where the state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DbLocation {
+    /// A SQLite file (created if absent).
+    File(PathBuf),
+    /// An in-memory database: everything is lost when the server stops.
+    Memory,
+}
+
+impl DbLocation {
+    /// `:memory:` is [`DbLocation::Memory`]; anything else is a file path.
+    pub fn parse(s: &str) -> Self {
+        if s == ":memory:" {
+            DbLocation::Memory
+        } else {
+            DbLocation::File(PathBuf::from(s))
+        }
+    }
+}
+
+/// An OAuth2 provider the server can connect users to (ATP-SPEC §6): the
+/// `platform_id` of `oauth/confirmation/{platform_id}/`.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthPlatform {
+    /// The `platform_id` in URLs.
+    pub id: String,
+    /// The `auth_provider` of the tools whose calls get this platform's
+    /// tokens (the platform id when absent).
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// A display name (the provider name when absent).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The provider's authorization endpoint.
+    pub authorize_url: String,
+    /// The provider's token endpoint.
+    pub token_url: String,
+    /// The OAuth client id.
+    pub client_id: String,
+    /// The OAuth client secret (sent only to `token_url`).
+    #[serde(with = "secret_serde")]
+    pub client_secret: Secret,
+    /// The scopes to ask for.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Extra query parameters for the authorization URL (e.g.
+    /// `access_type = "offline"`).
+    #[serde(default)]
+    pub extra_authorize_params: Vec<(String, String)>,
+}
+
+impl OAuthPlatform {
+    /// The `auth_provider` this platform serves.
+    pub fn provider(&self) -> &str {
+        self.provider.as_deref().unwrap_or(&self.id)
+    }
+}
+
+mod secret_serde {
+    use atp_registry::Secret;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
+        String::deserialize(d).map(Secret::new)
+    }
+
+    pub fn serialize<S: Serializer>(s: &Secret, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(s.expose())
+    }
+}
+
+/// Everything the server needs to run.
+///
+/// ```
+/// use atp_server::{Config, DbLocation};
+///
+/// let config = Config::dev().with_db(DbLocation::Memory);
+/// assert!(config.dev);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The address to listen on (`127.0.0.1:8080` by default).
+    pub addr: SocketAddr,
+    /// The SQLite database (`atp-server.sqlite3` by default).
+    pub db: DbLocation,
+    /// Dev mode: any API key is accepted, and the server only binds to a
+    /// loopback address.
+    pub dev: bool,
+    /// The accepted toolkit API keys (when not in dev mode).
+    pub toolkit_api_keys: Vec<Secret>,
+    /// The accepted LLM-client API keys (when not in dev mode).
+    pub llm_api_keys: Vec<Secret>,
+    /// How long a `task_request` waits for the toolkit (120 s by default).
+    pub task_timeout: Duration,
+    /// How long an inbox poll is held open while the inbox is empty
+    /// (10 s by default; a client may ask for less with `?wait=SECONDS`).
+    pub inbox_wait: Duration,
+    /// How long after its last poll an inbox toolkit still counts as
+    /// connected (90 s by default: the Python client polls every 30 s).
+    pub inbox_presence: Duration,
+    /// How often toolkit WebSockets are pinged (30 s by default); one
+    /// silent for two intervals is closed.
+    pub ping_interval: Duration,
+    /// The largest request body or WebSocket message (16 MiB by default).
+    pub max_message_size: usize,
+    /// The URL the server is reached at, for the OAuth callback
+    /// (`http://{addr}` by default).
+    pub public_url: Option<String>,
+    /// The OAuth platforms (added to the ones already in the database).
+    pub oauth_platforms: Vec<OAuthPlatform>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            addr: DEFAULT_ADDR,
+            db: DbLocation::File(PathBuf::from(DEFAULT_DB)),
+            dev: false,
+            toolkit_api_keys: Vec::new(),
+            llm_api_keys: Vec::new(),
+            task_timeout: Duration::from_secs(120),
+            inbox_wait: Duration::from_secs(10),
+            inbox_presence: Duration::from_secs(90),
+            ping_interval: Duration::from_secs(30),
+            max_message_size: 16 * 1024 * 1024,
+            public_url: None,
+            oauth_platforms: Vec::new(),
+        }
+    }
+}
+
+/// The TOML file's shape; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    addr: Option<SocketAddr>,
+    db: Option<String>,
+    dev: Option<bool>,
+    #[serde(default)]
+    toolkit_api_keys: Vec<String>,
+    #[serde(default)]
+    llm_api_keys: Vec<String>,
+    task_timeout_secs: Option<f64>,
+    inbox_wait_secs: Option<f64>,
+    inbox_presence_secs: Option<f64>,
+    ping_interval_secs: Option<f64>,
+    max_message_size: Option<usize>,
+    public_url: Option<String>,
+    #[serde(default)]
+    oauth_platforms: Vec<OAuthPlatform>,
+}
+
+fn secs(name: &str, v: f64) -> Result<Duration, ServerError> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| ServerError::Config(format!("{name} must be a positive number of seconds")))
+}
+
+impl Config {
+    /// Dev mode with the defaults: any API key, loopback only.
+    pub fn dev() -> Self {
+        Self {
+            dev: true,
+            ..Self::default()
+        }
+    }
+
+    /// Sets the database.
+    pub fn with_db(mut self, db: DbLocation) -> Self {
+        self.db = db;
+        self
+    }
+
+    /// Reads a TOML file (see the README for its keys) over the defaults.
+    pub fn load(path: &Path) -> Result<Self, ServerError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ServerError::Config(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml(&text)
+    }
+
+    /// Parses TOML settings over the defaults.
+    ///
+    /// ```
+    /// let config = atp_server::Config::from_toml(r#"
+    ///     addr = "127.0.0.1:9000"
+    ///     db = ":memory:"
+    ///     toolkit_api_keys = ["tk-1"]
+    ///     llm_api_keys = ["llm-1"]
+    ///     task_timeout_secs = 30
+    /// "#).unwrap();
+    /// assert_eq!(config.addr.port(), 9000);
+    /// assert_eq!(config.task_timeout.as_secs(), 30);
+    /// ```
+    pub fn from_toml(text: &str) -> Result<Self, ServerError> {
+        let file: FileConfig =
+            toml::from_str(text).map_err(|e| ServerError::Config(e.message().to_owned()))?;
+        let mut c = Self::default();
+        if let Some(a) = file.addr {
+            c.addr = a;
+        }
+        if let Some(db) = file.db {
+            c.db = DbLocation::parse(&db);
+        }
+        c.dev = file.dev.unwrap_or(false);
+        c.toolkit_api_keys = file.toolkit_api_keys.into_iter().map(Secret::new).collect();
+        c.llm_api_keys = file.llm_api_keys.into_iter().map(Secret::new).collect();
+        if let Some(v) = file.task_timeout_secs {
+            c.task_timeout = secs("task_timeout_secs", v)?;
+        }
+        if let Some(v) = file.inbox_wait_secs {
+            c.inbox_wait = secs("inbox_wait_secs", v)?;
+        }
+        if let Some(v) = file.inbox_presence_secs {
+            c.inbox_presence = secs("inbox_presence_secs", v)?;
+        }
+        if let Some(v) = file.ping_interval_secs {
+            c.ping_interval = secs("ping_interval_secs", v)?;
+        }
+        if let Some(v) = file.max_message_size {
+            c.max_message_size = v.max(1024);
+        }
+        c.public_url = file.public_url;
+        c.oauth_platforms = file.oauth_platforms;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks the settings that can be checked before starting.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        for key in self.toolkit_api_keys.iter().chain(&self.llm_api_keys) {
+            if key.is_empty() {
+                return Err(ServerError::Config("an API key is empty".into()));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.oauth_platforms {
+            if p.id.is_empty() || !seen.insert(p.id.as_str()) {
+                return Err(ServerError::Config(format!(
+                    "OAuth platform ids must be unique and non-empty: {:?}",
+                    p.id
+                )));
+            }
+            for url in [&p.authorize_url, &p.token_url] {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(ServerError::Config(format!(
+                        "OAuth platform {:?}: {url:?} is not an http(s) URL",
+                        p.id
+                    )));
+                }
+            }
+        }
+        if let Some(url) = &self.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ServerError::Config(
+                "public_url must start with http:// or https://".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether any API key is configured.
+    pub fn has_keys(&self) -> bool {
+        !self.toolkit_api_keys.is_empty() || !self.llm_api_keys.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_with_platforms() {
+        let c = Config::from_toml(
+            r#"
+            toolkit_api_keys = ["a"]
+            [[oauth_platforms]]
+            id = "hub"
+            provider = "hubspot"
+            authorize_url = "https://example.com/auth"
+            token_url = "https://example.com/token"
+            client_id = "cid"
+            client_secret = "very-secret"
+            scopes = ["x", "y"]
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(c.oauth_platforms[0].provider(), "hubspot");
+        assert!(!format!("{c:?}").contains("very-secret"));
+        assert!(Config::from_toml("nope = 1").is_err());
+        assert!(Config::from_toml("task_timeout_secs = -1").is_err());
+        assert!(Config::from_toml("toolkit_api_keys = [\"\"]").is_err());
+    }
+}

@@ -1,0 +1,89 @@
+//! Errors: the server's own ([`ServerError`]) and the JSON error answers of
+//! its endpoints.
+
+use std::net::SocketAddr;
+
+use axum::{
+    body::Body,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The settings are invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The database could not be opened or written.
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// Dev mode accepts any key, so it only listens on loopback.
+    #[error(
+        "dev mode accepts any API key, so it only binds to a loopback address; {0} is not one (configure API keys to listen there)"
+    )]
+    DevModeNotLoopback(SocketAddr),
+    /// Listening or serving failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// An error answer: `{"error": MESSAGE, "code": CODE}` with a status.
+#[derive(Debug, Clone)]
+pub(crate) struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "Invalid API key")
+    }
+
+    pub fn unauthorized_with(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        json_response(
+            self.status,
+            &json!({"error": self.message, "code": self.code}),
+        )
+    }
+}
+
+/// A JSON answer with this status.
+pub(crate) fn json_response(status: StatusCode, body: &Value) -> Response {
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}

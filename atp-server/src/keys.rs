@@ -1,0 +1,188 @@
+//! API keys, random tokens and small helpers shared by the endpoints.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use atp_registry::Secret;
+use axum::http::HeaderMap;
+use sha2::{Digest, Sha256};
+
+/// The longest API key accepted, in bytes.
+const MAX_KEY_LEN: usize = 512;
+
+/// Which side a key belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Toolkit,
+    Llm,
+}
+
+/// The accepted keys, or dev mode (any key).
+#[derive(Debug)]
+pub(crate) struct Keys {
+    dev: bool,
+    toolkit: Vec<Secret>,
+    llm: Vec<Secret>,
+}
+
+impl Keys {
+    pub fn new(dev: bool, toolkit: Vec<Secret>, llm: Vec<Secret>) -> Self {
+        Self { dev, toolkit, llm }
+    }
+
+    /// Whether `presented` is a valid key for `role`, compared in constant
+    /// time against every configured key.
+    pub fn check(&self, role: Role, presented: &str) -> bool {
+        if presented.is_empty() || presented.len() > MAX_KEY_LEN {
+            return false;
+        }
+        if self.dev {
+            return true;
+        }
+        let list = match role {
+            Role::Toolkit => &self.toolkit,
+            Role::Llm => &self.llm,
+        };
+        list.iter()
+            .fold(false, |ok, k| ok | k.matches(presented.as_bytes()))
+    }
+}
+
+/// What is stored and compared instead of a key: a SHA-256 of it, in hex.
+pub(crate) fn key_hash(key: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"atp-server/key/v1\0");
+    h.update(key.as_bytes());
+    hex(&h.finalize())
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `n` random bytes from the OS.
+pub(crate) fn random_bytes(n: usize) -> Result<Vec<u8>, getrandom::Error> {
+    let mut buf = vec![0u8; n];
+    getrandom::fill(&mut buf)?;
+    Ok(buf)
+}
+
+/// A random URL-safe token of `n` random bytes (for OAuth states, PKCE
+/// verifiers, exchange tokens).
+pub(crate) fn random_token(n: usize) -> Result<String, getrandom::Error> {
+    Ok(data_encoding::BASE64URL_NOPAD.encode(&random_bytes(n)?))
+}
+
+/// A UUID v4 (random; falls back to a unique time-and-counter id should the
+/// OS refuse randomness).
+pub(crate) fn uuid4() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        b[..8].copy_from_slice(&t.to_be_bytes());
+        b[8..].copy_from_slice(&n.to_be_bytes());
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex(&b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A Unix time as RFC 3339 in UTC (`2025-01-31T12:00:00Z`).
+pub(crate) fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The key of `Authorization: ApiKey KEY` (the scheme without regard to
+/// case).
+pub(crate) fn api_key_header(headers: &HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, key) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("apikey")
+        .then(|| key.trim())
+        .filter(|k| !k.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        let k = Keys::new(false, vec![Secret::new("tk")], vec![Secret::new("llm")]);
+        assert!(k.check(Role::Toolkit, "tk"));
+        assert!(!k.check(Role::Toolkit, "llm"));
+        assert!(k.check(Role::Llm, "llm"));
+        assert!(!k.check(Role::Llm, ""));
+        let dev = Keys::new(true, vec![], vec![]);
+        assert!(dev.check(Role::Llm, "anything"));
+        assert!(!dev.check(Role::Llm, ""));
+        assert!(!dev.check(Role::Llm, &"x".repeat(600)));
+        assert_ne!(key_hash("a"), key_hash("b"));
+        assert_eq!(key_hash("a").len(), 64);
+    }
+
+    #[test]
+    fn ids_and_times() {
+        let u = uuid4();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert_ne!(uuid4(), u);
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_735_689_599), "2024-12-31T23:59:59Z");
+        assert_eq!(random_token(32).expect("rng").len(), 43);
+    }
+
+    #[test]
+    fn api_key_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "apikey  k1 ".parse().expect("valid"));
+        assert_eq!(api_key_header(&h), Some("k1"));
+        h.insert("authorization", "Bearer k1".parse().expect("valid"));
+        assert_eq!(api_key_header(&h), None);
+    }
+}

@@ -1,0 +1,375 @@
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod error;
+mod hub;
+mod keys;
+mod llm;
+mod oauth;
+mod outbound;
+mod store;
+mod toolkit;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, PoisonError, RwLock},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::DefaultBodyLimit,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{MethodRouter, get, post},
+};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::{Map, Value, json};
+use tokio::{net::TcpListener, sync::watch};
+
+pub use config::{Config, DEFAULT_ADDR, DEFAULT_DB, DbLocation, OAuthPlatform};
+pub use error::ServerError;
+
+use crate::{
+    error::{ApiError, json_response},
+    hub::Hub,
+    keys::Keys,
+    outbound::Outbound,
+    store::{Store, ToolkitRecord},
+};
+
+/// The shared state behind every endpoint.
+pub(crate) struct State {
+    config: Config,
+    keys: Keys,
+    store: Store,
+    toolkits: RwLock<HashMap<String, Arc<ToolkitRecord>>>,
+    register_lock: tokio::sync::Mutex<()>,
+    hub: Hub,
+    outbound: Outbound,
+    platforms: RwLock<HashMap<String, OAuthPlatform>>,
+    refresh_lock: tokio::sync::Mutex<()>,
+    shutdown: watch::Sender<bool>,
+    public_url: RwLock<Option<String>>,
+}
+
+impl State {
+    fn toolkit(&self, app_name: &str) -> Option<Arc<ToolkitRecord>> {
+        self.toolkits
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(app_name)
+            .cloned()
+    }
+
+    fn platform(&self, id: &str) -> Option<OAuthPlatform> {
+        self.platforms
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    /// The URL this server is reached at, for the OAuth callback.
+    fn public_url(&self) -> String {
+        self.public_url
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.config.addr))
+    }
+}
+
+/// An ATP server: toolkits connect to it, LLM-side clients run tools
+/// through it (ATP-SPEC §4 and §6).
+///
+/// A cheap handle: clones share the same server.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), atp_server::ServerError> {
+/// use atp_server::{AtpServer, Config};
+///
+/// let server = AtpServer::open(Config::dev())?;
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+/// server.serve(listener).await?; // until `server.shutdown()`
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AtpServer {
+    state: Arc<State>,
+}
+
+impl std::fmt::Debug for AtpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AtpServer")
+            .field("config", &self.state.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AtpServer {
+    /// Opens the database, loads the registrations and OAuth platforms it
+    /// holds, and adds the configured platforms to it.
+    pub fn open(config: Config) -> Result<Self, ServerError> {
+        config.validate()?;
+        let store = Store::open(&config.db)?;
+        let kits = store.call_now(store::load_toolkits)?;
+        for p in &config.oauth_platforms {
+            store.call_now(|c| store::save_platform(c, p))?;
+        }
+        let platforms = store.call_now(store::load_platforms)?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        tracing::info!(
+            toolkits = kits.len(),
+            oauth_platforms = platforms.len(),
+            "state loaded"
+        );
+        let state = State {
+            keys: Keys::new(
+                config.dev,
+                config.toolkit_api_keys.clone(),
+                config.llm_api_keys.clone(),
+            ),
+            store,
+            toolkits: RwLock::new(
+                kits.into_iter()
+                    .map(|k| (k.app_name.clone(), Arc::new(k)))
+                    .collect(),
+            ),
+            register_lock: tokio::sync::Mutex::new(()),
+            hub: Hub::new(shutdown_rx, config.inbox_presence),
+            outbound: Outbound::new(),
+            platforms: RwLock::new(platforms.into_iter().map(|p| (p.id.clone(), p)).collect()),
+            refresh_lock: tokio::sync::Mutex::new(()),
+            shutdown,
+            public_url: RwLock::new(config.public_url.clone()),
+            config,
+        };
+        Ok(Self {
+            state: Arc::new(state),
+        })
+    }
+
+    /// The settings the server runs with.
+    pub fn config(&self) -> &Config {
+        &self.state.config
+    }
+
+    /// The routes, to serve with `axum::serve` or merge into an app.
+    pub fn router(&self) -> Router {
+        fn both(
+            r: Router<Arc<State>>,
+            path: &str,
+            m: MethodRouter<Arc<State>>,
+        ) -> Router<Arc<State>> {
+            r.route(path, m.clone()).route(&format!("{path}/"), m)
+        }
+        let mut r = Router::new();
+        r = both(r, "/api/v1/register_tool", post(toolkit::register_tool));
+        r = both(r, "/api/v1/toolkit/verify_hash", post(toolkit::verify_hash));
+        r = both(
+            r,
+            "/api/v1/toolkit/verify_tool_hash",
+            post(toolkit::verify_tool_hash),
+        );
+        r = both(r, "/api/v1/toolkit/{api_key}/inbox", get(toolkit::inbox));
+        r = both(
+            r,
+            "/api/v1/toolkit/{api_key}/inbox/respond",
+            post(toolkit::inbox_respond),
+        );
+        r = both(
+            r,
+            "/ws/v1/atp/toolkit-client/{api_key}",
+            get(toolkit::socket),
+        );
+        r = both(r, "/ws/v1/atp/llm-client/{api_key}", get(llm::socket));
+        r = both(r, "/api/v1/atp/llm-client/process", post(llm::process));
+        r = both(
+            r,
+            "/api/v1/atp/llm-client/oauth/confirmation/{platform_id}",
+            post(oauth::confirmation),
+        );
+        r = both(
+            r,
+            "/api/v1/atp/llm-client/oauth/callback",
+            get(oauth::callback),
+        );
+        r = both(
+            r,
+            "/api/v1/atp/llm-client/oauth/tokens/{platform_id}/{external_user_id}",
+            get(oauth::tokens),
+        );
+        r = both(r, "/health", get(health));
+        r.fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(DefaultBodyLimit::disable())
+            .with_state(self.state.clone())
+    }
+
+    /// Serves on `listener` until [`shutdown`](Self::shutdown): open
+    /// WebSockets are closed with "going away", inbox polls and waiting
+    /// requests are answered, then it returns.
+    ///
+    /// In dev mode the listener must be on a loopback address.
+    pub async fn serve(&self, listener: TcpListener) -> Result<(), ServerError> {
+        let addr = listener.local_addr()?;
+        if self.state.config.dev && !addr.ip().is_loopback() {
+            return Err(ServerError::DevModeNotLoopback(addr));
+        }
+        {
+            let mut public = self
+                .state
+                .public_url
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if public.is_none() {
+                *public = Some(format!("http://{addr}"));
+            }
+        }
+        if self.state.config.dev {
+            tracing::warn!(
+                %addr,
+                "DEV MODE: any API key is accepted; listening on loopback only"
+            );
+        }
+        tracing::info!(%addr, "atp-server listening");
+        let mut stop = self.state.shutdown.subscribe();
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await?;
+        tracing::info!("atp-server stopped");
+        Ok(())
+    }
+
+    /// Stops [`serve`](Self::serve).
+    pub fn shutdown(&self) {
+        self.state.shutdown.send_replace(true);
+    }
+
+    /// Waits until a toolkit named `app_name` is registered and a toolkit
+    /// with its API key is connected (a WebSocket, or an inbox poll that is
+    /// waiting now) — or `timeout` passes. Returns whether it is.
+    pub async fn wait_until_served(&self, app_name: &str, timeout: Duration) -> bool {
+        let mut changes = self.state.hub.subscribe();
+        let check = || {
+            self.state
+                .toolkit(app_name)
+                .is_some_and(|k| self.state.hub.is_live(&k.key_hash))
+        };
+        tokio::time::timeout(timeout, async {
+            loop {
+                if check() {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// Whether a toolkit named `app_name` is registered.
+    pub fn is_registered(&self, app_name: &str) -> bool {
+        self.state.toolkit(app_name).is_some()
+    }
+
+    /// Runs until Ctrl-C: a convenience for `main`.
+    pub async fn serve_until_ctrl_c(&self, listener: TcpListener) -> Result<(), ServerError> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!("Ctrl-C: shutting down");
+                me.shutdown();
+            }
+        });
+        self.serve(listener).await
+    }
+
+    /// Binds `addr` and serves until Ctrl-C.
+    pub async fn run(&self, addr: SocketAddr) -> Result<(), ServerError> {
+        if self.state.config.dev && !addr.ip().is_loopback() {
+            return Err(ServerError::DevModeNotLoopback(addr));
+        }
+        let listener = TcpListener::bind(addr).await?;
+        self.serve_until_ctrl_c(listener).await
+    }
+}
+
+async fn health() -> Response {
+    json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+async fn not_found() -> Response {
+    ApiError::not_found("not_found", "Not found").into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "Method not allowed",
+    )
+    .into_response()
+}
+
+/// Reads a body that must be a JSON object, within `limit` bytes.
+pub(crate) async fn read_object(body: Body, limit: usize) -> Result<Map<String, Value>, ApiError> {
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("The body is larger than {limit} bytes"),
+            ));
+        }
+        Err(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "The body could not be read",
+            ));
+        }
+    };
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad_request(
+            "invalid_body",
+            "The body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::bad_request(
+            "invalid_body",
+            format!("The body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+/// Completes when `shutdown` turns true (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// A string field of a message, if it is one and not empty.
+pub(crate) fn str_field<'a>(m: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
+    m.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+}
+
+/// The answer to a WebSocket upgrade that is not one.
+pub(crate) fn not_a_websocket() -> Response {
+    let mut r = ApiError::bad_request(
+        "websocket_required",
+        "This endpoint takes a WebSocket upgrade",
+    )
+    .into_response();
+    r.headers_mut().insert(
+        header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    r
+}

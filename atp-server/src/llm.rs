@@ -1,0 +1,518 @@
+//! The LLM side (ATP-SPEC §6): `get_toolkit_context` and `task_request`,
+//! over the LLM-client WebSocket and over `POST …/llm-client/process/`.
+
+use std::sync::Arc;
+
+use atp_registry::{CallError, Provider, Secret};
+use axum::{
+    body::Body,
+    extract::{
+        Path, State,
+        rejection::PathRejection,
+        ws::{
+            CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+        },
+    },
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hyper::Method;
+use serde_json::{Map, Value, json};
+use tokio::{sync::mpsc, task::JoinSet};
+
+use crate::{
+    error::{ApiError, json_response},
+    hub::{Route, RouteError, ToolRequest},
+    keys::{Role, api_key_header, key_hash},
+    not_a_websocket, oauth, read_object,
+    store::ToolkitRecord,
+    str_field,
+};
+
+/// The most task requests one WebSocket may have in flight.
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// Why a task got no result: a stable code and a message for people.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub code: String,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<CallError> for Failure {
+    fn from(e: CallError) -> Self {
+        Self::new(e.code().as_str(), e.to_string())
+    }
+}
+
+impl From<RouteError> for Failure {
+    fn from(e: RouteError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
+/// A `toolkit_context` answer, or the error of a `get_toolkit_context`.
+pub(crate) fn context(s: &crate::State, m: &Map<String, Value>) -> Result<Value, ApiError> {
+    let Some(toolkit_id) = str_field(m, "toolkit_id") else {
+        return Err(ApiError::bad_request(
+            "invalid_message",
+            "toolkit_id is missing",
+        ));
+    };
+    let provider_name = match m.get("provider") {
+        None | Some(Value::Null) => "openai",
+        Some(Value::String(p)) => p.as_str(),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "unknown_provider",
+                "provider must be a string",
+            ));
+        }
+    };
+    let provider: Provider =
+        provider_name
+            .parse()
+            .map_err(|e: atp_registry::UnknownProvider| {
+                ApiError::bad_request("unknown_provider", e.to_string())
+            })?;
+    let strict = matches!(m.get("strict"), Some(Value::Bool(true)))
+        || m.get("strict").and_then(Value::as_str) == Some("true");
+    let kit = s
+        .toolkit(toolkit_id)
+        .ok_or_else(|| ApiError::not_found("toolkit_not_found", "Toolkit not found"))?;
+    let tools: Vec<Value> = kit
+        .tools
+        .iter()
+        .map(|t| provider.tool_schema(&t.name, &t.meta.description, &t.meta.input_schema, strict))
+        .collect();
+    Ok(json!({
+        "type": "toolkit_context",
+        "request_id": m.get("request_id").cloned().unwrap_or(Value::Null),
+        "status": "success",
+        "payload": {
+            "toolkit_id": kit.app_name,
+            "toolkit_name": kit.app_name,
+            "caption": format!("{} tool(s) of {}", tools.len(), kit.app_name),
+            "provider": provider_name,
+            "strict": strict,
+            "toolkit_connected": s.hub.is_served(&kit.key_hash) || kit.endpoint_url.is_some(),
+            "tools": tools,
+            "user_prompt": m.get("user_prompt").cloned().unwrap_or(Value::Null),
+        },
+    }))
+}
+
+fn context_error(m: &Map<String, Value>, e: &ApiError) -> Value {
+    json!({
+        "type": "toolkit_context",
+        "request_id": m.get("request_id").cloned().unwrap_or(Value::Null),
+        "status": "error",
+        "message": e.message,
+        "error": e.message,
+        "code": e.code,
+    })
+}
+
+/// The `task_response` to a result or a failure: the result is at
+/// `payload.result` (the seed's place) and at `result.tool.result` (where
+/// the published Python `LLMClient` reads it); a failure's result is
+/// `{"error": MESSAGE}` in both places, with `error` and `code` beside.
+pub(crate) fn task_response(
+    m: &Map<String, Value>,
+    function: Option<&str>,
+    outcome: Result<Value, Failure>,
+) -> Value {
+    let payload = m.get("payload").and_then(Value::as_object);
+    let tool_call_id = payload
+        .and_then(|p| p.get("tool_call_id"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let (status, result, failure) = match outcome {
+        Ok(v) => ("success", v, None),
+        Err(f) => ("failed", json!({"error": f.message}), Some(f)),
+    };
+    let mut answer = json!({
+        "type": "task_response",
+        "request_id": m.get("request_id").cloned().unwrap_or(Value::Null),
+        "status": status,
+        "payload": {"result": result, "function": function, "tool_call_id": tool_call_id},
+        "result": {"tool": {"name": function, "result": result}},
+    });
+    if let Some(f) = failure {
+        answer["error"] = Value::String(f.message);
+        answer["code"] = Value::String(f.code);
+    }
+    answer
+}
+
+/// Runs one `task_request` and builds its `task_response` (always exactly
+/// one, whatever went wrong).
+pub(crate) async fn task(s: &crate::State, llm_key_hash: &str, m: &Map<String, Value>) -> Value {
+    let function = m
+        .get("payload")
+        .and_then(|p| p.get("function"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let outcome = run_task(s, llm_key_hash, m).await;
+    if let Err(f) = &outcome {
+        tracing::debug!(code = %f.code, "task failed: {}", f.message);
+    }
+    task_response(m, function.as_deref(), outcome)
+}
+
+async fn run_task(
+    s: &crate::State,
+    llm_key_hash: &str,
+    m: &Map<String, Value>,
+) -> Result<Value, Failure> {
+    let Some(toolkit_id) = str_field(m, "toolkit_id") else {
+        return Err(Failure::new("invalid_message", "toolkit_id is missing"));
+    };
+    let Some(payload) = m.get("payload").and_then(Value::as_object) else {
+        return Err(Failure::new(
+            "invalid_message",
+            "payload must be an object with function and parameters",
+        ));
+    };
+    let Some(function) = str_field(payload, "function") else {
+        return Err(Failure::new(
+            "invalid_message",
+            "payload.function is missing",
+        ));
+    };
+    let params = match payload.get("parameters").or_else(|| payload.get("params")) {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(p)) => p.clone(),
+        Some(Value::String(text)) if text.trim().is_empty() => Map::new(),
+        Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(p)) => p,
+            _ => {
+                return Err(
+                    CallError::InvalidParams("parameters must be a JSON object".into()).into(),
+                );
+            }
+        },
+        Some(_) => {
+            return Err(CallError::InvalidParams("parameters must be a JSON object".into()).into());
+        }
+    };
+    let kit = s
+        .toolkit(toolkit_id)
+        .ok_or_else(|| Failure::new("toolkit_not_found", "Toolkit not found"))?;
+    let tool = kit
+        .tools
+        .iter()
+        .find(|t| t.name == function)
+        .ok_or(CallError::ToolNotFound)?;
+
+    let explicit = str_field(payload, "auth_token")
+        .or_else(|| str_field(m, "auth_token"))
+        .map(Secret::new);
+    let user = str_field(m, "external_user_id").or_else(|| str_field(payload, "external_user_id"));
+    let mut not_connected = None;
+    let auth_token = match (explicit, user, tool.meta.auth_provider.as_deref()) {
+        (Some(t), _, _) => Some(t),
+        (None, Some(user), Some(provider)) => {
+            let token = oauth::token_for(s, llm_key_hash, provider, user).await?;
+            if token.is_none() {
+                not_connected = Some((user, provider));
+            }
+            token
+        }
+        _ => None,
+    };
+
+    if tool.meta.requires_auth() && auth_token.is_none() {
+        let mut message = CallError::AuthRequired.to_string();
+        if let Some((user, provider)) = not_connected {
+            message.push_str(&format!(
+                ": user {user} has not connected {provider} (start the OAuth flow with initiate_oauth_connection)"
+            ));
+        }
+        return Err(Failure::new(
+            CallError::AuthRequired.code().as_str(),
+            message,
+        ));
+    }
+    let missing: Vec<String> = tool
+        .meta
+        .required_params
+        .iter()
+        .filter(|r| params.get(r.as_str()).is_none_or(Value::is_null))
+        .cloned()
+        .collect();
+    let unknown: Vec<String> = params
+        .keys()
+        .filter(|k| !tool.meta.params.contains(k))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        return Err(CallError::MissingParams { missing, unknown }.into());
+    }
+    if !unknown.is_empty() {
+        return Err(CallError::UnknownParams(unknown).into());
+    }
+
+    let request = ToolRequest {
+        tool_name: tool.name.clone(),
+        params,
+        auth_token,
+    };
+    let result = match s.hub.route(&kit.key_hash, kit.endpoint_url.is_some()) {
+        None => return Err(RouteError::NotConnected(kit.app_name.clone()).into()),
+        Some(Route::Endpoint) => call_endpoint(s, &kit, &request).await?,
+        Some(Route::Socket | Route::Inbox) => {
+            s.hub
+                .dispatch(
+                    &kit.app_name,
+                    &kit.key_hash,
+                    &request,
+                    s.config.task_timeout,
+                )
+                .await?
+        }
+    };
+    // A toolkit reports a failure as `{"error": MESSAGE}`.
+    if let Some(Value::String(message)) = result
+        .as_object()
+        .filter(|o| o.len() == 1)
+        .and_then(|o| o.get("error"))
+    {
+        return Err(Failure::new("tool_error", message.clone()));
+    }
+    Ok(result)
+}
+
+/// Runs a tool at the toolkit's `endpoint_url` (an ATP HTTP adapter):
+/// `POST {endpoint_url}/atp/{toolkit}/{tool}/`.
+async fn call_endpoint(
+    s: &crate::State,
+    kit: &ToolkitRecord,
+    request: &ToolRequest,
+) -> Result<Value, Failure> {
+    let Some(base) = &kit.endpoint_url else {
+        return Err(RouteError::NotConnected(kit.app_name.clone()).into());
+    };
+    let url = format!("{base}/atp/{}/{}/", kit.app_name, request.tool_name);
+    let bearer = request
+        .auth_token
+        .as_ref()
+        .map(|t| format!("Bearer {}", t.expose()));
+    let mut headers = vec![("accept", "application/json")];
+    if let Some(b) = &bearer {
+        headers.push(("authorization", b.as_str()));
+    }
+    if let Some(k) = &kit.endpoint_key {
+        headers.push(("x-atp-key", k.expose()));
+    }
+    let body = Bytes::from(Value::Object(request.params.clone()).to_string());
+    let mut shutdown = s.shutdown.subscribe();
+    let answer = tokio::select! {
+        a = s.outbound.send(Method::POST, &url, &headers, Some(("application/json", body)), s.config.task_timeout) => a,
+        _ = crate::stopped(&mut shutdown) => return Err(RouteError::ShuttingDown.into()),
+    };
+    let answer = answer.map_err(|e| Failure::from(RouteError::Endpoint(e.to_string())))?;
+    let value: Value = serde_json::from_slice(&answer.body).map_err(|_| {
+        Failure::from(RouteError::Endpoint(format!(
+            "HTTP {} with a body that is not JSON",
+            answer.status
+        )))
+    })?;
+    match (answer.status, value) {
+        (200, Value::Object(mut o)) if o.contains_key("result") => {
+            Ok(o.remove("result").unwrap_or(Value::Null))
+        }
+        (status, v) => {
+            let message = v
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("HTTP {status}"));
+            let code = v
+                .get("code")
+                .and_then(Value::as_str)
+                .unwrap_or("toolkit_endpoint_error");
+            Err(Failure::new(code, message))
+        }
+    }
+}
+
+/// The LLM client's key: `Authorization: ApiKey KEY`, else the body's
+/// `api_key`.
+fn llm_key(
+    s: &crate::State,
+    headers: &HeaderMap,
+    m: Option<&Map<String, Value>>,
+) -> Option<String> {
+    let key = api_key_header(headers).or_else(|| m.and_then(|m| str_field(m, "api_key")))?;
+    s.keys.check(Role::Llm, key).then(|| key_hash(key))
+}
+
+/// `POST /api/v1/atp/llm-client/process/`.
+pub(crate) async fn process(
+    State(s): State<Arc<crate::State>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if api_key_header(&headers).is_some() && llm_key(&s, &headers, None).is_none() {
+        return ApiError::unauthorized().into_response();
+    }
+    let m = match read_object(body, s.config.max_message_size).await {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let Some(llm_key_hash) = llm_key(&s, &headers, Some(&m)) else {
+        return ApiError::unauthorized().into_response();
+    };
+    match m.get("type").and_then(Value::as_str) {
+        Some("get_toolkit_context") => match context(&s, &m) {
+            Ok(v) => json_response(StatusCode::OK, &v),
+            Err(e) => json_response(e.status, &context_error(&m, &e)),
+        },
+        Some("task_request") => json_response(StatusCode::OK, &task(&s, &llm_key_hash, &m).await),
+        Some(other) => ApiError::bad_request(
+            "unknown_message_type",
+            format!("Unknown message type {other:?}: use get_toolkit_context or task_request"),
+        )
+        .into_response(),
+        None => {
+            ApiError::bad_request("invalid_message", "The message has no \"type\"").into_response()
+        }
+    }
+}
+
+/// `GET /ws/v1/atp/llm-client/{api_key}/`: an LLM client's WebSocket.
+pub(crate) async fn socket(
+    State(s): State<Arc<crate::State>>,
+    key: Result<Path<String>, PathRejection>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let key = match key {
+        Ok(Path(k)) if s.keys.check(Role::Llm, &k) => Secret::new(k),
+        _ => return ApiError::unauthorized().into_response(),
+    };
+    let Ok(ws) = ws else {
+        return not_a_websocket();
+    };
+    ws.max_message_size(s.config.max_message_size)
+        .on_upgrade(move |socket| serve_socket(s, key, socket))
+}
+
+fn error_frame(m: Option<&Map<String, Value>>, code: &str, message: &str) -> String {
+    json!({
+        "type": "error",
+        "request_id": m.and_then(|m| m.get("request_id")).cloned().unwrap_or(Value::Null),
+        "status": "error",
+        "error": message,
+        "message": message,
+        "code": code,
+    })
+    .to_string()
+}
+
+async fn serve_socket(s: Arc<crate::State>, key: Secret, socket: WebSocket) {
+    let llm_key_hash = key_hash(key.expose());
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let mut tasks = JoinSet::new();
+    let mut authenticated = false;
+    let mut shutdown = s.shutdown.subscribe();
+    tracing::debug!("LLM client connected");
+    loop {
+        tokio::select! {
+            _ = crate::stopped(&mut shutdown) => {
+                let _ = sink.send(Message::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;
+                break;
+            }
+            Some(out) = rx.recv() => {
+                if sink.send(Message::Text(out.into())).await.is_err() {
+                    break;
+                }
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            frame = stream.next() => {
+                let text = match frame {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Binary(_))) => {
+                        let _ = tx.send(error_frame(None, "invalid_message", "binary frames are not supported; send JSON text"));
+                        continue;
+                    }
+                    Some(Ok(_)) => continue,
+                };
+                let Ok(Value::Object(m)) = serde_json::from_str::<Value>(text.as_str()) else {
+                    let _ = tx.send(error_frame(None, "invalid_message", "messages must be JSON objects"));
+                    continue;
+                };
+                let kind = m.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
+                if kind == "auth" {
+                    let ok = str_field(&m, "api_key").is_some_and(|k| {
+                        key.matches(k.as_bytes()) && s.keys.check(crate::keys::Role::Llm, k)
+                    });
+                    if ok {
+                        authenticated = true;
+                        let _ = tx.send(json!({"type": "auth_response", "success": true}).to_string());
+                    } else {
+                        let refusal = json!({"type": "auth_response", "success": false, "error": "Invalid API key"});
+                        let _ = sink.send(Message::Text(refusal.to_string().into())).await;
+                        let _ = sink.send(Message::Close(Some(CloseFrame { code: 1008, reason: "invalid API key".into() }))).await;
+                        break;
+                    }
+                    continue;
+                }
+                if !authenticated {
+                    let message = "Authenticate first: send {\"type\": \"auth\", \"api_key\": KEY}";
+                    let answer = match kind.as_str() {
+                        "task_request" => task_response(&m, None, Err(Failure::new("not_authenticated", message))).to_string(),
+                        "get_toolkit_context" => context_error(&m, &ApiError::unauthorized_with("not_authenticated", message)).to_string(),
+                        _ => error_frame(Some(&m), "not_authenticated", message),
+                    };
+                    let _ = tx.send(answer);
+                    continue;
+                }
+                match kind.as_str() {
+                    "get_toolkit_context" => {
+                        let answer = match context(&s, &m) {
+                            Ok(v) => v,
+                            Err(e) => context_error(&m, &e),
+                        };
+                        let _ = tx.send(answer.to_string());
+                    }
+                    "task_request" => {
+                        if tasks.len() >= MAX_IN_FLIGHT {
+                            let f = Failure::new("too_many_requests", format!("More than {MAX_IN_FLIGHT} requests are in flight on this connection"));
+                            let _ = tx.send(task_response(&m, None, Err(f)).to_string());
+                            continue;
+                        }
+                        let (s, tx, llm_key_hash) = (s.clone(), tx.clone(), llm_key_hash.clone());
+                        tasks.spawn(async move {
+                            let answer = task(&s, &llm_key_hash, &m).await;
+                            let _ = tx.send(answer.to_string());
+                        });
+                    }
+                    "ping" => {
+                        let _ = tx.send(json!({"type": "pong", "request_id": m.get("request_id")}).to_string());
+                    }
+                    "" => { let _ = tx.send(error_frame(Some(&m), "invalid_message", "The message has no \"type\"")); }
+                    other => {
+                        let message = format!("Unknown message type {other:?}: use auth, get_toolkit_context or task_request");
+                        let _ = tx.send(error_frame(Some(&m), "unknown_message_type", &message));
+                    }
+                }
+            }
+        }
+    }
+    tasks.abort_all();
+    tracing::debug!("LLM client disconnected");
+}

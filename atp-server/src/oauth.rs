@@ -1,0 +1,542 @@
+//! OAuth2 (authorization code with PKCE): starting a user's connection to a
+//! platform, the callback that exchanges the code, the tokens endpoint,
+//! refreshes, and the token a tool call gets.
+
+use std::{sync::Arc, time::Duration};
+
+use atp_registry::Secret;
+use axum::{
+    body::Body,
+    extract::{Path, RawQuery, State, rejection::PathRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use hyper::Method;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    config::OAuthPlatform,
+    error::{ApiError, json_response},
+    keys::{Role, api_key_header, key_hash, now_secs, random_token, rfc3339, uuid4},
+    llm::Failure,
+    read_object,
+    store::{self, OAuthConnection, PendingFlow},
+    str_field,
+};
+
+type AppState = State<Arc<crate::State>>;
+
+/// How long a started flow may take.
+const FLOW_LIFETIME: i64 = 3600;
+/// A token this close to its expiry is refreshed first.
+const EXPIRY_MARGIN: i64 = 30;
+/// The longest wait for the provider's token endpoint.
+const PROVIDER_TIMEOUT: Duration = Duration::from_secs(30);
+const CALLBACK_PATH: &str = "/api/v1/atp/llm-client/oauth/callback/";
+
+fn llm_key(
+    s: &crate::State,
+    headers: &HeaderMap,
+    body: Option<&Map<String, Value>>,
+) -> Result<String, ApiError> {
+    let key = api_key_header(headers).or_else(|| body.and_then(|b| str_field(b, "api_key")));
+    match key {
+        Some(k) if s.keys.check(Role::Llm, k) => Ok(key_hash(k)),
+        _ => Err(ApiError::unauthorized()),
+    }
+}
+
+fn platform(s: &crate::State, id: Result<String, ()>) -> Result<OAuthPlatform, ApiError> {
+    id.ok()
+        .and_then(|id| s.platform(&id))
+        .ok_or_else(|| ApiError::not_found("platform_not_found", "OAuth platform not found"))
+}
+
+fn with_query(base: &str, pairs: &[(&str, &str)]) -> String {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        q.append_pair(k, v);
+    }
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}{}", q.finish())
+}
+
+/// `POST …/llm-client/oauth/confirmation/{platform_id}/` with
+/// `{"external_user_id", "developer_redirect_url"?}`: starts a flow and
+/// answers the `authorization_url` to send the user to.
+pub(crate) async fn confirmation(
+    State(s): AppState,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> Response {
+    let result = async {
+        if api_key_header(&headers).is_some() {
+            llm_key(&s, &headers, None)?;
+        }
+        let m = read_object(body, s.config.max_message_size).await?;
+        let llm_key_hash = llm_key(&s, &headers, Some(&m))?;
+        let platform = platform(&s, id.map(|Path(p)| p).map_err(|_| ()))?;
+        let user = match str_field(&m, "external_user_id") {
+            Some(u) if u.len() <= 256 => u.to_owned(),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    "external_user_id must be a string of 1-256 bytes",
+                ));
+            }
+        };
+        let redirect_url = match m.get("developer_redirect_url") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(u)) if u.is_empty() => None,
+            Some(Value::String(u)) if u.starts_with("http://") || u.starts_with("https://") => {
+                Some(u.clone())
+            }
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    "developer_redirect_url must be an http:// or https:// URL",
+                ));
+            }
+        };
+        let no_rng = |_| ApiError::internal("no randomness available");
+        let state = random_token(32).map_err(no_rng)?;
+        let verifier = random_token(32).map_err(no_rng)?;
+        let challenge = data_encoding::BASE64URL_NOPAD.encode(&Sha256::digest(verifier.as_bytes()));
+        let flow = PendingFlow {
+            platform_id: platform.id.clone(),
+            external_user_id: user.clone(),
+            llm_key_hash,
+            code_verifier: Secret::new(verifier),
+            redirect_url,
+            created_at: now_secs(),
+        };
+        let stored_state = state.clone();
+        s.store
+            .call(move |c| store::insert_flow(c, &stored_state, &flow))
+            .await
+            .map_err(|e| {
+                tracing::error!("could not store an OAuth flow: {e}");
+                ApiError::internal("The OAuth flow could not be stored")
+            })?;
+        let redirect_uri = format!("{}{CALLBACK_PATH}", s.public_url().trim_end_matches('/'));
+        let scope = platform.scopes.join(" ");
+        let mut pairs: Vec<(&str, &str)> = vec![
+            ("response_type", "code"),
+            ("client_id", &platform.client_id),
+            ("redirect_uri", &redirect_uri),
+            ("state", &state),
+            ("code_challenge", &challenge),
+            ("code_challenge_method", "S256"),
+        ];
+        if !scope.is_empty() {
+            pairs.push(("scope", &scope));
+        }
+        for (k, v) in &platform.extra_authorize_params {
+            pairs.push((k, v));
+        }
+        let authorization_url = with_query(&platform.authorize_url, &pairs);
+        tracing::info!(platform = %platform.id, "OAuth flow started");
+        Ok(json!({
+            "authorization_url": authorization_url,
+            "confirmation_url": authorization_url,
+            "platform_id": platform.id,
+            "provider": platform.provider(),
+            "provider_name": platform.name.clone().unwrap_or_else(|| platform.provider().to_owned()),
+            "provider_logo": null,
+            "developer_app_name": null,
+            "scopes": platform.scopes,
+            "auth_mode": "OAuth2",
+            "external_user_id": user,
+            "redirect_uri": redirect_uri,
+            "expires_in": FLOW_LIFETIME,
+            "powered_by": "atp-server",
+        }))
+    }
+    .await;
+    match result {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// What a token endpoint answered.
+struct TokenSet {
+    access_token: Secret,
+    refresh_token: Option<Secret>,
+    token_type: Option<String>,
+    scope: Option<String>,
+    expires_in: Option<i64>,
+}
+
+/// Calls the platform's token endpoint with `form` (plus the client
+/// credentials). Errors name what the provider said, never a secret.
+async fn token_request(
+    s: &crate::State,
+    platform: &OAuthPlatform,
+    form: &[(&str, &str)],
+) -> Result<TokenSet, String> {
+    let body = {
+        let mut body = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in form {
+            body.append_pair(k, v);
+        }
+        body.append_pair("client_id", &platform.client_id);
+        body.append_pair("client_secret", platform.client_secret.expose());
+        body.finish()
+    };
+    let answer = s
+        .outbound
+        .send(
+            Method::POST,
+            &platform.token_url,
+            &[("accept", "application/json")],
+            Some(("application/x-www-form-urlencoded", Bytes::from(body))),
+            PROVIDER_TIMEOUT,
+        )
+        .await
+        .map_err(|e| format!("the token endpoint could not be reached: {e}"))?;
+    let fields: Map<String, Value> = match serde_json::from_slice::<Value>(&answer.body) {
+        Ok(Value::Object(m)) => m,
+        _ => form_urlencoded::parse(&answer.body)
+            .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+            .collect(),
+    };
+    let text = |k: &str| fields.get(k).and_then(Value::as_str).map(str::to_owned);
+    if !(200..300).contains(&answer.status) || fields.contains_key("error") {
+        let what = text("error_description")
+            .or_else(|| text("error"))
+            .unwrap_or_else(|| "no reason given".into());
+        return Err(format!(
+            "the token endpoint refused (HTTP {}): {what}",
+            answer.status
+        ));
+    }
+    let access_token = text("access_token")
+        .filter(|t| !t.is_empty())
+        .ok_or("the token endpoint answered without an access_token")?;
+    let expires_in = match fields.get("expires_in") {
+        Some(Value::Number(n)) => n.as_i64(),
+        Some(Value::String(t)) => t.parse().ok(),
+        _ => None,
+    };
+    Ok(TokenSet {
+        access_token: Secret::new(access_token),
+        refresh_token: text("refresh_token")
+            .filter(|t| !t.is_empty())
+            .map(Secret::new),
+        token_type: text("token_type"),
+        scope: text("scope"),
+        expires_in,
+    })
+}
+
+/// `GET …/llm-client/oauth/callback/?code&state`: where the provider sends
+/// the user back; exchanges the code and stores the connection.
+pub(crate) async fn callback(State(s): AppState, RawQuery(query): RawQuery) -> Response {
+    let q: Map<String, Value> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+        .collect();
+    let Some(state) = str_field(&q, "state").map(str::to_owned) else {
+        return ApiError::bad_request("invalid_state", "The callback has no state").into_response();
+    };
+    let flow = match s.store.call(move |c| store::take_flow(c, &state)).await {
+        Ok(Some(f)) if f.created_at >= now_secs() - FLOW_LIFETIME => f,
+        Ok(_) => {
+            return ApiError::bad_request(
+                "invalid_state",
+                "Unknown, expired or already used OAuth state; start the flow again",
+            )
+            .into_response();
+        }
+        Err(e) => {
+            tracing::error!("could not read an OAuth flow: {e}");
+            return ApiError::internal("The OAuth flow could not be read").into_response();
+        }
+    };
+    let finish = |outcome: Result<String, (StatusCode, &'static str, String)>| -> Response {
+        match (&flow.redirect_url, outcome) {
+            (Some(url), Ok(integration_id)) => redirect(&with_query(
+                url,
+                &[
+                    ("status", "success"),
+                    ("platform_id", &flow.platform_id),
+                    ("external_user_id", &flow.external_user_id),
+                    ("integration_id", &integration_id),
+                ],
+            )),
+            (Some(url), Err((_, code, message))) => redirect(&with_query(
+                url,
+                &[
+                    ("status", "error"),
+                    ("platform_id", &flow.platform_id),
+                    ("external_user_id", &flow.external_user_id),
+                    ("error", code),
+                    ("error_description", &message),
+                ],
+            )),
+            (None, Ok(integration_id)) => json_response(
+                StatusCode::OK,
+                &json!({
+                    "status": "connected",
+                    "platform_id": flow.platform_id,
+                    "external_user_id": flow.external_user_id,
+                    "integration_id": integration_id,
+                    "message": "Connected. You can close this window.",
+                }),
+            ),
+            (None, Err((status, code, message))) => {
+                ApiError::new(status, code, message).into_response()
+            }
+        }
+    };
+    let Some(platform) = s.platform(&flow.platform_id) else {
+        return finish(Err((
+            StatusCode::NOT_FOUND,
+            "platform_not_found",
+            "OAuth platform not found".into(),
+        )));
+    };
+    if let Some(error) = str_field(&q, "error") {
+        let what = str_field(&q, "error_description").unwrap_or(error);
+        return finish(Err((
+            StatusCode::BAD_REQUEST,
+            "oauth_denied",
+            format!("The provider did not authorize the connection: {what}"),
+        )));
+    }
+    let Some(code) = str_field(&q, "code") else {
+        return finish(Err((
+            StatusCode::BAD_REQUEST,
+            "invalid_callback",
+            "The callback has no code".into(),
+        )));
+    };
+    let redirect_uri = format!("{}{CALLBACK_PATH}", s.public_url().trim_end_matches('/'));
+    let tokens = match token_request(
+        &s,
+        &platform,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", &redirect_uri),
+            ("code_verifier", flow.code_verifier.expose()),
+        ],
+    )
+    .await
+    {
+        Ok(t) => t,
+        Err(why) => {
+            tracing::warn!(platform = %platform.id, "OAuth code exchange failed: {why}");
+            return finish(Err((StatusCode::BAD_GATEWAY, "oauth_exchange_failed", why)));
+        }
+    };
+    let (llm, pid, user) = (
+        flow.llm_key_hash.clone(),
+        flow.platform_id.clone(),
+        flow.external_user_id.clone(),
+    );
+    let existing = s
+        .store
+        .call(move |c| store::get_connection(c, &llm, &pid, &user))
+        .await;
+    let integration_id = match existing {
+        Ok(Some(c)) => c.integration_id,
+        _ => uuid4(),
+    };
+    let conn = OAuthConnection {
+        llm_key_hash: flow.llm_key_hash.clone(),
+        platform_id: flow.platform_id.clone(),
+        external_user_id: flow.external_user_id.clone(),
+        integration_id: integration_id.clone(),
+        access_token: tokens.access_token,
+        refresh_token: tokens.refresh_token,
+        token_type: tokens.token_type,
+        scope: tokens.scope.or_else(|| Some(platform.scopes.join(" "))),
+        expires_at: tokens.expires_in.map(|e| now_secs() + e),
+    };
+    if let Err(e) = s
+        .store
+        .call(move |c| store::save_connection(c, &conn))
+        .await
+    {
+        tracing::error!("could not store an OAuth connection: {e}");
+        return finish(Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "The connection could not be stored".into(),
+        )));
+    }
+    tracing::info!(platform = %platform.id, "OAuth connection made");
+    finish(Ok(integration_id))
+}
+
+fn redirect(url: &str) -> Response {
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::SEE_OTHER;
+    if let Ok(v) = HeaderValue::from_str(url) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+/// The connection, refreshed first if its token has expired (or is about
+/// to) and it has a refresh token.
+async fn fresh(
+    s: &crate::State,
+    platform: &OAuthPlatform,
+    conn: OAuthConnection,
+) -> Result<OAuthConnection, String> {
+    let expired = |c: &OAuthConnection| {
+        c.expires_at
+            .is_some_and(|t| t <= now_secs() + EXPIRY_MARGIN)
+    };
+    if !expired(&conn) || conn.refresh_token.is_none() {
+        return Ok(conn);
+    }
+    let _one_refresh_at_a_time = s.refresh_lock.lock().await;
+    let (llm, pid, user) = (
+        conn.llm_key_hash.clone(),
+        conn.platform_id.clone(),
+        conn.external_user_id.clone(),
+    );
+    let current = s
+        .store
+        .call(move |c| store::get_connection(c, &llm, &pid, &user))
+        .await
+        .map_err(|e| e.to_string())?
+        .unwrap_or(conn);
+    if !expired(&current) {
+        return Ok(current);
+    }
+    let Some(refresh_token) = current.refresh_token.clone() else {
+        return Ok(current);
+    };
+    let tokens = token_request(
+        s,
+        platform,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token.expose()),
+        ],
+    )
+    .await?;
+    let updated = OAuthConnection {
+        access_token: tokens.access_token,
+        refresh_token: tokens.refresh_token.or(Some(refresh_token)),
+        token_type: tokens.token_type.or(current.token_type.clone()),
+        scope: tokens.scope.or(current.scope.clone()),
+        expires_at: tokens.expires_in.map(|e| now_secs() + e),
+        ..current
+    };
+    let saved = updated.clone();
+    s.store
+        .call(move |c| store::save_connection(c, &saved))
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(platform = %platform.id, "OAuth token refreshed");
+    Ok(updated)
+}
+
+/// `GET …/llm-client/oauth/tokens/{platform_id}/{external_user_id}/`: 404
+/// until the user has connected, then the tokens (refreshed if needed).
+pub(crate) async fn tokens(
+    State(s): AppState,
+    headers: HeaderMap,
+    ids: Result<Path<(String, String)>, PathRejection>,
+) -> Response {
+    let result = async {
+        let llm_key_hash = llm_key(&s, &headers, None)?;
+        let (platform_id, user) = match ids {
+            Ok(Path(ids)) => ids,
+            Err(_) => return Err(ApiError::not_found("not_found", "Not found")),
+        };
+        let platform = platform(&s, Ok(platform_id.clone()))?;
+        let (pid, u) = (platform_id.clone(), user.clone());
+        let conn = s
+            .store
+            .call(move |c| store::get_connection(c, &llm_key_hash, &pid, &u))
+            .await
+            .map_err(|e| {
+                tracing::error!("could not read an OAuth connection: {e}");
+                ApiError::internal("The connection could not be read")
+            })?
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    "not_connected",
+                    format!("User {user} has not connected {platform_id} yet"),
+                )
+            })?;
+        let conn = fresh(&s, &platform, conn).await.map_err(|why| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "oauth_refresh_failed",
+                format!("The token has expired and could not be refreshed: {why}"),
+            )
+        })?;
+        Ok(json!({
+            "status": "connected",
+            "integration_id": conn.integration_id,
+            "platform_id": conn.platform_id,
+            "provider": platform.provider(),
+            "external_user_id": conn.external_user_id,
+            "external_user_email": null,
+            "access_token": conn.access_token.expose(),
+            "refresh_token": conn.refresh_token.as_ref().map(Secret::expose),
+            "token_type": conn.token_type,
+            "expires_at": conn.expires_at.map(rfc3339),
+            "expires_in": conn.expires_at.map(|t| (t - now_secs()).max(0)),
+            "scope": conn.scope,
+        }))
+    }
+    .await;
+    match result {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The access token of `user`'s connection to a platform serving
+/// `provider` (refreshed if needed), if the user has connected one.
+pub(crate) async fn token_for(
+    s: &crate::State,
+    llm_key_hash: &str,
+    provider: &str,
+    user: &str,
+) -> Result<Option<Secret>, Failure> {
+    let platforms: Vec<OAuthPlatform> = s
+        .platforms
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .values()
+        .filter(|p| p.provider() == provider)
+        .cloned()
+        .collect();
+    for platform in platforms {
+        let (llm, pid, u) = (
+            llm_key_hash.to_owned(),
+            platform.id.clone(),
+            user.to_owned(),
+        );
+        let conn = s
+            .store
+            .call(move |c| store::get_connection(c, &llm, &pid, &u))
+            .await
+            .map_err(|e| {
+                tracing::error!("could not read an OAuth connection: {e}");
+                Failure::new("internal_error", "The user's connection could not be read")
+            })?;
+        if let Some(conn) = conn {
+            let conn = fresh(s, &platform, conn).await.map_err(|why| {
+                Failure::new(
+                    "oauth_refresh_failed",
+                    format!("The user's token has expired and could not be refreshed: {why}"),
+                )
+            })?;
+            return Ok(Some(conn.access_token));
+        }
+    }
+    Ok(None)
+}

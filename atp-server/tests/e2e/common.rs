@@ -1,0 +1,263 @@
+//! Shared helpers: a server on a loopback port, a plain HTTP client, the
+//! demo toolkit, and Rust peers (toolkit runtime, LLM client).
+
+use std::{net::SocketAddr, time::Duration};
+
+use atp_registry::{
+    Call, Tool, ToolError, ToolKitClient,
+    llm::{LlmClient, LlmProtocol},
+    runtime::{RuntimeOptions, Transport},
+};
+use atp_server::{AtpServer, Config, DbLocation};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{HeaderMap, Method, Request};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+pub const TK_KEY: &str = "tk-secret-key";
+pub const LLM_KEY: &str = "llm-secret-key";
+/// The bound of every wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A config with one toolkit key and one LLM key, in memory.
+pub fn keyed_config() -> Config {
+    Config {
+        db: DbLocation::Memory,
+        toolkit_api_keys: vec![TK_KEY.into()],
+        llm_api_keys: vec![LLM_KEY.into()],
+        ..Config::default()
+    }
+}
+
+/// A server serving on a loopback port until dropped or stopped.
+pub struct TestServer {
+    pub server: AtpServer,
+    pub addr: SocketAddr,
+    pub base: String,
+    join: Option<JoinHandle<Result<(), atp_server::ServerError>>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = AtpServer::open(config).expect("open");
+        let s = server.clone();
+        let join = tokio::spawn(async move { s.serve(listener).await });
+        Self {
+            server,
+            addr,
+            base: format!("http://{addr}"),
+            join: Some(join),
+        }
+    }
+
+    /// Shuts the server down and waits until it has stopped.
+    pub async fn stop(mut self) {
+        self.server.shutdown();
+        if let Some(join) = self.join.take() {
+            tokio::time::timeout(WAIT, join)
+                .await
+                .expect("the server stops in time")
+                .expect("no panic")
+                .expect("served without error");
+        }
+    }
+
+    pub async fn wait_served(&self, app: &str) {
+        assert!(
+            self.server.wait_until_served(app, WAIT).await,
+            "toolkit {app} never connected"
+        );
+    }
+
+    pub fn llm(&self, protocol: LlmProtocol) -> LlmClient {
+        LlmClient::new(LLM_KEY)
+            .with_base_url(&self.base)
+            .with_protocol(protocol)
+            .with_timeout(WAIT)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.server.shutdown();
+    }
+}
+
+/// A plain HTTP/1.1 call: status, headers and body text.
+pub async fn http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, HeaderMap, String) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = Request::builder()
+        .method(Method::from_bytes(method.as_bytes()).expect("method"))
+        .uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))
+        .expect("request");
+    let resp = tokio::time::timeout(WAIT, client.request(req))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+/// A JSON call: status and JSON body.
+pub async fn http_json(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let text = body.map(Value::to_string);
+    let (status, _, body) = http(method, url, headers, text.as_deref()).await;
+    let value =
+        serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON (HTTP {status}): {body}"));
+    (status, value)
+}
+
+/// The demo toolkit: `hello_world`, `get_weather`, `echo`, `whoami` (needs
+/// an OAuth token from `localprov`), `slow`, `fails`.
+pub fn demo_toolkit(key: &str, app: &str, base: &str) -> ToolKitClient {
+    let client = ToolKitClient::new(key, app).with_base_url(base);
+    client
+        .register_tool(
+            Tool::new("hello_world")
+                .description("Returns a greeting.")
+                .params(["name"])
+                .required_params(["name"]),
+            |call: Call| async move {
+                let name = call.str("name").unwrap_or("World").to_owned();
+                Ok::<_, ToolError>(json!({"message": format!("Hello, {name}!")}))
+            },
+        )
+        .expect("valid");
+    client
+        .register_tool(
+            Tool::new("get_weather")
+                .description("The weather in a city.")
+                .params(["city"])
+                .required_params(["city"]),
+            |call: Call| async move {
+                Ok::<_, ToolError>(json!({"city": call.param("city"), "forecast": "sunny"}))
+            },
+        )
+        .expect("valid");
+    let app_name = app.to_owned();
+    client
+        .register_tool(
+            Tool::new("echo")
+                .description("Echoes the input text.")
+                .params(["text"])
+                .required_params(["text"]),
+            move |call: Call| {
+                let app = app_name.clone();
+                async move { Ok::<_, ToolError>(json!({"echo": call.param("text"), "app": app})) }
+            },
+        )
+        .expect("valid");
+    client
+        .register_tool(
+            Tool::new("whoami")
+                .description("Shows the auth token it got.")
+                .auth_provider("localprov")
+                .auth_type("OAuth2")
+                .auth_with("access_token"),
+            |call: Call| async move {
+                Ok::<_, ToolError>(
+                    json!({"token": call.auth_token().map(|t| t.expose().to_owned())}),
+                )
+            },
+        )
+        .expect("valid");
+    client
+        .register_tool(
+            Tool::new("slow")
+                .description("Sleeps for ms milliseconds.")
+                .params(["ms"])
+                .param_schema("ms", json!({"type": "integer"})),
+            |call: Call| async move {
+                let ms = call.param("ms").and_then(Value::as_u64).unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok::<_, ToolError>(json!({"slept": ms}))
+            },
+        )
+        .expect("valid");
+    client
+        .register_tool(
+            Tool::new("fails").description("Always fails."),
+            |_call: Call| async move { Err::<Value, _>(ToolError::new("this tool always fails")) },
+        )
+        .expect("valid");
+    client
+}
+
+/// Starts a toolkit's runtime (WebSocket or inbox) in the background.
+///
+/// `ToolKitClient::start`'s future is not `Send` (atp-registry's runtime
+/// holds a `watch::Ref` across an await in a `select!`), so it runs on its
+/// own runtime in a blocking-pool thread.
+pub fn serve_toolkit(client: &ToolKitClient, transport: Transport) -> JoinHandle<()> {
+    let client = client.clone().with_runtime_options(
+        RuntimeOptions::default()
+            .transport(transport)
+            .handle_ctrl_c(false)
+            .backoff(Duration::from_millis(50), Duration::from_millis(500))
+            .grace_period(Duration::from_secs(1))
+            .request_timeout(Duration::from_secs(10)),
+    );
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = client.start_blocking() {
+            eprintln!("toolkit runtime ended: {e}");
+        }
+    })
+}
+
+/// Reads a provider sample (a realistic API response with two tool calls).
+pub fn sample(file: &str) -> Value {
+    let path = format!("{}/tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("JSON")
+}
+
+/// The text of a tool-result message in any provider's format.
+pub fn outputs(messages: &[Value]) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in messages {
+        if let Some(o) = m.get("output").and_then(Value::as_str) {
+            out.push(o.to_owned());
+        } else if let Some(blocks) = m.get("content").and_then(Value::as_array) {
+            for b in blocks {
+                out.push(b["content"].as_str().unwrap_or_default().to_owned());
+            }
+        } else if let Some(c) = m.get("content").and_then(Value::as_str) {
+            out.push(c.to_owned());
+        }
+    }
+    out
+}
+
+/// Runs a test body with a bound.
+pub async fn bounded<F: std::future::Future<Output = ()>>(limit: Duration, f: F) {
+    tokio::time::timeout(limit, f)
+        .await
+        .expect("the test finished in time");
+}
