@@ -1,7 +1,7 @@
 //! The LLM side (ATP-SPEC §6): `get_toolkit_context` and `task_request`,
 //! over the LLM-client WebSocket and over `POST …/llm-client/process/`.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use atp_registry::{CallError, Provider, Secret};
 use axum::{
@@ -421,6 +421,13 @@ fn error_frame(m: Option<&Map<String, Value>>, code: &str, message: &str) -> Str
     .to_string()
 }
 
+/// What the LLM socket loop does after a frame.
+enum Next {
+    Continue,
+    /// Send this frame, then close with this code and reason.
+    Refuse(String, u16, &'static str),
+}
+
 async fn serve_socket(s: Arc<crate::State>, key: Secret, socket: WebSocket) {
     let llm_key_hash = key_hash(key.expose());
     let (mut sink, mut stream) = socket.split();
@@ -428,11 +435,16 @@ async fn serve_socket(s: Arc<crate::State>, key: Secret, socket: WebSocket) {
     let mut tasks = JoinSet::new();
     let mut authenticated = false;
     let mut shutdown = s.shutdown.subscribe();
+    let interval = s.config.ping_interval;
+    let mut ping = tokio::time::interval(interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    let mut last_seen = Instant::now();
     tracing::debug!("LLM client connected");
     loop {
         tokio::select! {
             _ = crate::stopped(&mut shutdown) => {
-                let _ = sink.send(Message::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;
+                let _ = sink.send(close(1001, "server shutting down")).await;
                 break;
             }
             Some(out) = rx.recv() => {
@@ -442,6 +454,7 @@ async fn serve_socket(s: Arc<crate::State>, key: Secret, socket: WebSocket) {
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             frame = stream.next() => {
+                last_seen = Instant::now();
                 let text = match frame {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
                     Some(Ok(Message::Text(t))) => t,
@@ -451,68 +464,126 @@ async fn serve_socket(s: Arc<crate::State>, key: Secret, socket: WebSocket) {
                     }
                     Some(Ok(_)) => continue,
                 };
-                let Ok(Value::Object(m)) = serde_json::from_str::<Value>(text.as_str()) else {
-                    let _ = tx.send(error_frame(None, "invalid_message", "messages must be JSON objects"));
-                    continue;
-                };
-                let kind = m.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
-                if kind == "auth" {
-                    let ok = str_field(&m, "api_key").is_some_and(|k| {
-                        key.matches(k.as_bytes()) && s.keys.check(crate::keys::Role::Llm, k)
-                    });
-                    if ok {
-                        authenticated = true;
-                        let _ = tx.send(json!({"type": "auth_response", "success": true}).to_string());
-                    } else {
-                        let refusal = json!({"type": "auth_response", "success": false, "error": "Invalid API key"});
-                        let _ = sink.send(Message::Text(refusal.to_string().into())).await;
-                        let _ = sink.send(Message::Close(Some(CloseFrame { code: 1008, reason: "invalid API key".into() }))).await;
-                        break;
-                    }
-                    continue;
+                let ctx = Conn { s: &s, key: &key, llm_key_hash: &llm_key_hash, tx: &tx };
+                if let Next::Refuse(frame, code, reason) =
+                    ctx.message(text.as_str(), &mut authenticated, &mut tasks)
+                {
+                    let _ = sink.send(Message::Text(frame.into())).await;
+                    let _ = sink.send(close(code, reason)).await;
+                    break;
                 }
-                if !authenticated {
-                    let message = "Authenticate first: send {\"type\": \"auth\", \"api_key\": KEY}";
-                    let answer = match kind.as_str() {
-                        "task_request" => task_response(&m, None, Err(Failure::new("not_authenticated", message))).to_string(),
-                        "get_toolkit_context" => context_error(&m, &ApiError::unauthorized_with("not_authenticated", message)).to_string(),
-                        _ => error_frame(Some(&m), "not_authenticated", message),
-                    };
-                    let _ = tx.send(answer);
-                    continue;
+            }
+            _ = ping.tick() => {
+                if last_seen.elapsed() >= interval * 2 {
+                    let _ = sink.send(close(1011, "no answer to pings")).await;
+                    break;
                 }
-                match kind.as_str() {
-                    "get_toolkit_context" => {
-                        let answer = match context(&s, &m) {
-                            Ok(v) => v,
-                            Err(e) => context_error(&m, &e),
-                        };
-                        let _ = tx.send(answer.to_string());
-                    }
-                    "task_request" => {
-                        if tasks.len() >= MAX_IN_FLIGHT {
-                            let f = Failure::new("too_many_requests", format!("More than {MAX_IN_FLIGHT} requests are in flight on this connection"));
-                            let _ = tx.send(task_response(&m, None, Err(f)).to_string());
-                            continue;
-                        }
-                        let (s, tx, llm_key_hash) = (s.clone(), tx.clone(), llm_key_hash.clone());
-                        tasks.spawn(async move {
-                            let answer = task(&s, &llm_key_hash, &m).await;
-                            let _ = tx.send(answer.to_string());
-                        });
-                    }
-                    "ping" => {
-                        let _ = tx.send(json!({"type": "pong", "request_id": m.get("request_id")}).to_string());
-                    }
-                    "" => { let _ = tx.send(error_frame(Some(&m), "invalid_message", "The message has no \"type\"")); }
-                    other => {
-                        let message = format!("Unknown message type {other:?}: use auth, get_toolkit_context or task_request");
-                        let _ = tx.send(error_frame(Some(&m), "unknown_message_type", &message));
-                    }
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    break;
                 }
             }
         }
     }
     tasks.abort_all();
     tracing::debug!("LLM client disconnected");
+}
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// One LLM socket, as its messages see it.
+struct Conn<'a> {
+    s: &'a Arc<crate::State>,
+    key: &'a Secret,
+    llm_key_hash: &'a str,
+    tx: &'a mpsc::UnboundedSender<String>,
+}
+
+impl Conn<'_> {
+    /// Handles one text frame: answers go out through `tx` (task requests
+    /// run concurrently in `tasks`).
+    fn message(&self, text: &str, authenticated: &mut bool, tasks: &mut JoinSet<()>) -> Next {
+        let send = |frame: String| {
+            let _ = self.tx.send(frame);
+        };
+        let Ok(Value::Object(m)) = serde_json::from_str::<Value>(text) else {
+            send(error_frame(
+                None,
+                "invalid_message",
+                "messages must be JSON objects",
+            ));
+            return Next::Continue;
+        };
+        let kind = m.get("type").and_then(Value::as_str).unwrap_or_default();
+        if kind == "auth" {
+            let ok = str_field(&m, "api_key")
+                .is_some_and(|k| self.key.matches(k.as_bytes()) && self.s.keys.check(Role::Llm, k));
+            if !ok {
+                let refusal =
+                    json!({"type": "auth_response", "success": false, "error": "Invalid API key"});
+                return Next::Refuse(refusal.to_string(), 1008, "invalid API key");
+            }
+            *authenticated = true;
+            send(json!({"type": "auth_response", "success": true}).to_string());
+            return Next::Continue;
+        }
+        if !*authenticated {
+            let message = "Authenticate first: send {\"type\": \"auth\", \"api_key\": KEY}";
+            send(match kind {
+                "task_request" => {
+                    task_response(&m, None, Err(Failure::new("not_authenticated", message)))
+                        .to_string()
+                }
+                "get_toolkit_context" => context_error(
+                    &m,
+                    &ApiError::unauthorized_with("not_authenticated", message),
+                )
+                .to_string(),
+                _ => error_frame(Some(&m), "not_authenticated", message),
+            });
+            return Next::Continue;
+        }
+        match kind {
+            "get_toolkit_context" => send(match context(self.s, &m) {
+                Ok(v) => v.to_string(),
+                Err(e) => context_error(&m, &e).to_string(),
+            }),
+            "task_request" if tasks.len() >= MAX_IN_FLIGHT => {
+                let f = Failure::new(
+                    "too_many_requests",
+                    format!("More than {MAX_IN_FLIGHT} requests are in flight on this connection"),
+                );
+                send(task_response(&m, None, Err(f)).to_string());
+            }
+            "task_request" => {
+                let (s, tx, llm_key_hash) = (
+                    self.s.clone(),
+                    self.tx.clone(),
+                    self.llm_key_hash.to_owned(),
+                );
+                tasks.spawn(async move {
+                    let answer = task(&s, &llm_key_hash, &m).await;
+                    let _ = tx.send(answer.to_string());
+                });
+            }
+            "ping" => send(json!({"type": "pong", "request_id": m.get("request_id")}).to_string()),
+            "" => send(error_frame(
+                Some(&m),
+                "invalid_message",
+                "The message has no \"type\"",
+            )),
+            other => send(error_frame(
+                Some(&m),
+                "unknown_message_type",
+                &format!(
+                    "Unknown message type {other:?}: use auth, get_toolkit_context or task_request"
+                ),
+            )),
+        }
+        Next::Continue
+    }
 }

@@ -150,9 +150,10 @@ impl Write for Captured {
     }
 }
 
-/// Everything runs on this test's one thread, so a thread-local subscriber
-/// sees the server's, the toolkit's and the client's logs.
-#[tokio::test(flavor = "current_thread")]
+/// The subscriber is the process-wide one (set by this test only), so it
+/// sees every log line from every thread — of this test and of the others
+/// running beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_logs() {
     let captured = Captured::default();
     let writer = captured.clone();
@@ -161,7 +162,7 @@ async fn secrets_never_reach_the_logs() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    tracing::subscriber::set_global_default(subscriber).expect("only this test sets it");
     const TK: &str = "tk-SECRET-4f1d";
     const LLM: &str = "llm-SECRET-9a7c";
     const TOKEN: &str = "token-SECRET-31b5";
@@ -215,7 +216,7 @@ async fn secrets_never_reach_the_logs() {
         logs.contains("tool registered") && logs.contains("toolkit connected"),
         "{logs}"
     );
-    for secret in [TK, LLM, TOKEN] {
+    for secret in [TK, LLM, TOKEN, TK_KEY, LLM_KEY, "csecret", "refresh-1"] {
         assert!(!logs.contains(secret), "{secret} is in the logs:\n{logs}");
     }
 }

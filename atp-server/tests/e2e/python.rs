@@ -82,8 +82,13 @@ fn python_sdk() -> bool {
     ok
 }
 
-fn script(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("atp-server-py-{}", std::process::id()));
+/// The scratch directory of one test (removed when it passes).
+fn scratch(test: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("atp-server-py-{}-{test}", std::process::id()))
+}
+
+fn script(test: &str, name: &str, text: &str) -> PathBuf {
+    let dir = scratch(test);
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write script");
@@ -91,8 +96,8 @@ fn script(name: &str, text: &str) -> PathBuf {
 }
 
 /// Starts the Python toolkit; its log goes to a file named in failures.
-fn python_toolkit(base: &str, app: &str, protocol: &str) -> (Child, PathBuf) {
-    let path = script("toolkit.py", TOOLKIT_PY);
+fn python_toolkit(test: &str, base: &str, app: &str, protocol: &str) -> (Child, PathBuf) {
+    let path = script(test, "toolkit.py", TOOLKIT_PY);
     let log = path.with_file_name(format!("toolkit-{app}.log"));
     let child = Command::new("python3")
         .arg(&path)
@@ -108,8 +113,8 @@ fn python_toolkit(base: &str, app: &str, protocol: &str) -> (Child, PathBuf) {
 }
 
 /// Runs the Python LLM client against `app`; returns what it printed.
-async fn python_llm(base: &str, app: &str, protocol: &str) -> Value {
-    let path = script("llm.py", LLM_PY);
+async fn python_llm(test: &str, base: &str, app: &str, protocol: &str) -> Value {
+    let path = script(test, "llm.py", LLM_PY);
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         Command::new("python3")
@@ -170,7 +175,7 @@ async fn python_toolkit_and_llm_client_interoperate() {
     }
     bounded(Duration::from_secs(240), async {
         let server = TestServer::start(keyed_config()).await;
-        let (mut py_toolkit, log) = python_toolkit(&server.base, "pyapp", "ws");
+        let (mut py_toolkit, log) = python_toolkit("interop", &server.base, "pyapp", "ws");
         assert!(
             server.server.wait_until_served("pyapp", Duration::from_secs(30)).await,
             "the Python toolkit never connected; its log: {}",
@@ -207,7 +212,7 @@ async fn python_toolkit_and_llm_client_interoperate() {
         server.wait_served("rustapp").await;
         for app in ["pyapp", "rustapp"] {
             for protocol in ["ws", "http"] {
-                let out = python_llm(&server.base, app, protocol).await;
+                let out = python_llm("interop", &server.base, app, protocol).await;
                 check_python_llm_output(&out, app);
             }
         }
@@ -217,6 +222,7 @@ async fn python_toolkit_and_llm_client_interoperate() {
         server.stop().await;
     })
     .await;
+    let _ = std::fs::remove_dir_all(scratch("interop"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,7 +237,7 @@ async fn python_toolkit_over_the_inbox() {
             ..keyed_config()
         })
         .await;
-        let (mut py_toolkit, log) = python_toolkit(&server.base, "pyinbox", "http");
+        let (mut py_toolkit, log) = python_toolkit("inbox", &server.base, "pyinbox", "http");
         assert!(
             server.server.wait_until_served("pyinbox", Duration::from_secs(30)).await,
             "the Python inbox toolkit never polled; its log: {}",
@@ -257,4 +263,5 @@ async fn python_toolkit_over_the_inbox() {
         server.stop().await;
     })
     .await;
+    let _ = std::fs::remove_dir_all(scratch("inbox"));
 }
