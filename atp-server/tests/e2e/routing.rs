@@ -354,7 +354,11 @@ async fn a_restart_keeps_the_registrations() {
 #[tokio::test]
 async fn verify_hash_answers() {
     bounded(Duration::from_secs(30), async {
-        let server = TestServer::start(keyed_config()).await;
+        let server = TestServer::start(Config {
+            toolkit_api_keys: vec![TK_KEY.into(), "tk-other".into()],
+            ..keyed_config()
+        })
+        .await;
         let url = |p: &str| format!("{}/api/v1/{p}", server.base);
         let tool = json!({
             "function_id": "hello_world", "api_key": TK_KEY, "app_name": "py-app",
@@ -404,6 +408,19 @@ async fn verify_hash_answers() {
         other["api_key"] = json!("another-key");
         let (status, _) = http_json("POST", &url("register_tool"), &[], Some(&other)).await;
         assert_eq!(status, 401);
+        other["api_key"] = json!("tk-other");
+        let (status, answer) = http_json("POST", &url("register_tool"), &[], Some(&other)).await;
+        assert_eq!((status, answer["code"].as_str()), (409, Some("app_name_taken")));
+        // Strict schemas on request.
+        let (_, answer) = http_json(
+            "POST",
+            &format!("{}/api/v1/atp/llm-client/process", server.base),
+            &[("authorization", &format!("ApiKey {LLM_KEY}"))],
+            Some(&json!({"type": "get_toolkit_context", "toolkit_id": "py-app", "provider": "openai", "strict": true})),
+        )
+        .await;
+        let t = &answer["payload"]["tools"][0];
+        assert_eq!((t["strict"].as_bool(), t["parameters"]["additionalProperties"].as_bool()), (Some(true), Some(false)));
         server.stop().await;
     })
     .await;
