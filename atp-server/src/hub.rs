@@ -337,6 +337,11 @@ impl Hub {
     pub async fn poll_inbox(&self, key_hash: &str, wait: Duration) -> Option<Value> {
         let notify = {
             let mut inner = self.lock();
+            // Forget the inboxes of keys that stopped polling long ago.
+            let presence = self.inbox_presence;
+            inner.inboxes.retain(|_, i| {
+                i.waiting > 0 || !i.queue.is_empty() || i.last_seen.elapsed() <= presence * 2
+            });
             let inbox = inner
                 .inboxes
                 .entry(key_hash.to_owned())

@@ -229,6 +229,18 @@ impl AtpServer {
                 *public = Some(format!("http://{addr}"));
             }
         }
+        let has_platforms = !self
+            .state
+            .platforms
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty();
+        if has_platforms && self.state.config.public_url.is_none() && addr.ip().is_unspecified() {
+            tracing::warn!(
+                %addr,
+                "OAuth callbacks will point at this unspecified address: set public_url"
+            );
+        }
         if self.state.config.dev {
             tracing::warn!(
                 %addr,

@@ -151,7 +151,7 @@ async fn a_registered_toolkit_that_is_not_connected_fails_at_once() {
             ),
         )
         .await;
-        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!(status, 200);
         assert_eq!(v["type"], "task_response");
         assert_eq!(v["request_id"], "r1");
@@ -236,7 +236,7 @@ async fn many_toolkits_and_clients_at_once_get_their_own_answers() {
             tokio::spawn(async move {
                 llm.call_tool(
                     "kit-0",
-                    &json!({"type": "tool_use", "id": "s", "name": "slow", "input": {"ms": 3000}}),
+                    &json!({"type": "tool_use", "id": "s", "name": "slow", "input": {"ms": 10000}}),
                     "anthropic",
                     "",
                 )
@@ -247,7 +247,7 @@ async fn many_toolkits_and_clients_at_once_get_their_own_answers() {
         llm.call_tool("kit-0", &echo_call("e", "quick"), "anthropic", "")
             .await
             .expect("call");
-        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(started.elapsed() < Duration::from_secs(5));
         assert!(!slow.is_finished());
         slow.abort();
         for (kit, runtime) in toolkits {
