@@ -614,3 +614,54 @@ fn server_error(answer: &Value) -> Option<LlmError> {
         message: error_text(answer),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn futures_can_be_spawned() {
+        let llm = LlmClient::new("k");
+        let calls = json!([]);
+        assert_send(&llm.get_toolkit_context("t", "openai", ""));
+        assert_send(&llm.call_tool("t", &calls, "openai", ""));
+        assert_send(&llm.wait_for_connection("p", "u", Duration::ZERO, Duration::ZERO));
+    }
+
+    #[test]
+    fn debug_hides_the_key_and_base_urls_are_normalised() {
+        let llm = LlmClient::new("llm-secret")
+            .with_base_url("https://api.chat-atp.com/ws/v1/atp/llm-client/");
+        let dbg = format!("{llm:?}");
+        assert!(!dbg.contains("llm-secret"), "{dbg}");
+        assert_eq!(llm.inner.base_url, "https://api.chat-atp.com");
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_a_typed_error() {
+        let llm = LlmClient::new("k").with_base_url("ftp://nowhere");
+        assert_eq!(
+            llm.get_toolkit_context("t", "cohere", "").await,
+            Err(LlmError::UnknownProvider("cohere".into()))
+        );
+        assert_eq!(
+            llm.get_user_tokens("p", "u").await,
+            Err(LlmError::InvalidBaseUrl)
+        );
+        // Nothing listens on port 9 of loopback: a clear connect error.
+        let llm = LlmClient::new("k")
+            .with_base_url("http://127.0.0.1:9")
+            .with_protocol(LlmProtocol::Http);
+        assert!(matches!(
+            llm.get_toolkit_context("t", "openai", "").await,
+            Err(LlmError::Connect(_))
+        ));
+        let llm = LlmClient::new("k").with_base_url("http://127.0.0.1:9");
+        assert!(matches!(
+            llm.get_toolkit_context("t", "openai", "").await,
+            Err(LlmError::Connect(_))
+        ));
+    }
+}

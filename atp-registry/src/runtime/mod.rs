@@ -247,7 +247,7 @@ impl ToolKitClient {
         let opts = self.config.runtime.clone();
         if opts.handle_ctrl_c {
             let control = self.control.clone();
-            let mut stopped = self.control.stop.subscribe();
+            let mut stop_rx = self.control.stop.subscribe();
             tokio::spawn(async move {
                 tokio::select! {
                     r = tokio::signal::ctrl_c() => {
@@ -256,7 +256,7 @@ impl ToolKitClient {
                             control.stop.send_replace(true);
                         }
                     }
-                    _ = stopped.wait_for(|s| *s) => {}
+                    _ = stopped(&mut stop_rx) => {}
                 }
             });
         }
@@ -289,7 +289,7 @@ impl ToolKitClient {
                     );
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                        _ = stopped(&mut stop) => return Ok(()),
                     }
                 }
             }
@@ -329,7 +329,7 @@ impl ToolKitClient {
     ) -> Ended {
         let announced = tokio::select! {
             r = announce::announce(self, http, base, opts.request_timeout) => r,
-            _ = stop.wait_for(|s| *s) => return Ended::Stopped,
+            _ = stopped(stop) => return Ended::Stopped,
         };
         match announced {
             Ok(()) => {}
@@ -343,7 +343,7 @@ impl ToolKitClient {
                 tracing::info!(url = %net::redact_url(ws_url), "connecting to the ATP server");
                 let connected = tokio::select! {
                     r = tokio::time::timeout(opts.request_timeout, tokio_tungstenite::connect_async(ws_url)) => r,
-                    _ = stop.wait_for(|s| *s) => return Ended::Stopped,
+                    _ = stopped(stop) => return Ended::Stopped,
                 };
                 let Ok(connected) = connected else {
                     return Ended::Lost("the WebSocket handshake timed out".into());
@@ -389,7 +389,7 @@ impl ToolKitClient {
         loop {
             tokio::select! {
                 biased;
-                _ = stop.wait_for(|s| *s) => break,
+                _ = stopped(stop) => break,
                 Some(out) = rx.recv() => {
                     if let Err(e) = sink.send(Message::text(out)).await {
                         return Ended::Lost(e.to_string());
@@ -526,7 +526,7 @@ impl ToolKitClient {
             };
             let polled = tokio::select! {
                 r = http.json(Method::GET, &inbox, &[], None, opts.request_timeout) => r,
-                _ = stop.wait_for(|s| *s) => break Ended::Stopped,
+                _ = stopped(stop) => break Ended::Stopped,
             };
             let wait = match polled {
                 Ok((401 | 403, _)) => return Ended::Unauthorized(401),
@@ -570,7 +570,7 @@ impl ToolKitClient {
             if !wait.is_zero() {
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = stop.wait_for(|s| *s) => break Ended::Stopped,
+                    _ = stopped(stop) => break Ended::Stopped,
                 }
             }
         };
@@ -586,6 +586,13 @@ impl ToolKitClient {
     }
 }
 
+/// Resolves once the stop flag is set. (Awaiting `wait_for` inside a
+/// `select!` directly would hold its non-`Send` guard in the select's
+/// output and make `start()` a non-`Send` future.)
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 async fn post_inbox_reply(http: &net::HttpClient, url: &str, reply: &str, timeout: Duration) {
     // The inbox takes `{"request_id", "response"}`.
     let parsed: Value = serde_json::from_str(reply).unwrap_or(Value::Null);
@@ -597,5 +604,43 @@ async fn post_inbox_reply(http: &net::HttpClient, url: &str, reply: &str, timeou
         Ok((200..=299, _)) => {}
         Ok((status, _)) => tracing::warn!(status, "the inbox refused a tool response"),
         Err(e) => tracing::warn!("could not post a tool response to the inbox: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn start_can_be_spawned() {
+        let client = ToolKitClient::new("k", "a");
+        let fut = client.start();
+        assert_send(&fut);
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let opts = RuntimeOptions::default()
+            .backoff(Duration::from_millis(100), Duration::from_millis(800));
+        let mut b = Backoff::new(&opts);
+        let delays: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
+        for (d, step) in delays.iter().zip([100, 200, 400, 800, 800, 800]) {
+            let step = Duration::from_millis(step);
+            assert!(*d >= step / 2 && *d <= step, "{d:?} for a step of {step:?}");
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn start_refuses_a_bad_base_url() {
+        let client = ToolKitClient::new("k", "a").with_base_url("ftp://x");
+        assert!(matches!(
+            client.start().await,
+            Err(RuntimeError::InvalidBaseUrl)
+        ));
+        assert!(!client.is_running());
     }
 }
