@@ -29,6 +29,14 @@ pub async fn get_contacts(call: Call) -> Result<Value, ToolError> {
     Ok(json!({"contacts": [], "token_length": token.expose().len()}))
 }
 
+/// A stand-in weather service (no network): the forecast for a city.
+pub async fn get_weather(call: Call) -> Result<Value, ToolError> {
+    let city = call
+        .str("city")
+        .ok_or_else(|| ToolError::new("city must be a string"))?;
+    Ok(json!({"city": city, "forecast": "sunny", "temperature_c": 21}))
+}
+
 /// The arguments of `add`.
 #[derive(serde::Deserialize, atp_registry::schemars::JsonSchema)]
 #[schemars(crate = "atp_registry::schemars")]
@@ -41,7 +49,7 @@ pub struct AddArgs {
 
 /// Builds the demo toolkit.
 pub fn demo_client() -> Result<ToolKitClient, RegisterError> {
-    let client = ToolKitClient::new("YOUR_ATP_TOOLKIT_API_KEY", "Demo");
+    let client = ToolKitClient::new("YOUR_ATP_TOOLKIT_API_KEY", APP_NAME);
     client.register_tool(
         Tool::new("hello_world")
             .description("Returns a greeting.")
@@ -66,6 +74,13 @@ pub fn demo_client() -> Result<ToolKitClient, RegisterError> {
         },
     )?;
     client.register_tool(
+        Tool::new("get_weather")
+            .description("Returns today's forecast for a city.")
+            .params(["city"])
+            .required_params(["city"]),
+        get_weather,
+    )?;
+    client.register_tool(
         Tool::new("get_contacts")
             .description("Fetches contacts from HubSpot.")
             .auth_provider("hubspot")
@@ -75,6 +90,9 @@ pub fn demo_client() -> Result<ToolKitClient, RegisterError> {
     )?;
     Ok(client)
 }
+
+/// The app name of the demo toolkit: its `toolkit_id` on an ATP server.
+pub const APP_NAME: &str = "Demo";
 
 /// Registers the demo toolkit in the global registry.
 pub fn register_demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -119,4 +137,91 @@ pub fn print_try(framework: &str, addr: SocketAddr) {
         "  curl -X POST {base}/{TOOLKIT}/add/ -H 'Content-Type: application/json' -d '{{\"a\": 2, \"b\": 3}}'"
     );
     println!("  curl -X POST {base}/{TOOLKIT}/get_contacts/ -H 'Authorization: Bearer MY_TOKEN'");
+}
+
+/// The ATP server the client examples use: `$ATP_BASE_URL`, or else an
+/// `atp-server` started in this process (dev mode, in memory) on a free
+/// loopback port — so that the examples run offline with one command.
+///
+/// Returns the base URL, and the server when it runs in this process.
+pub async fn atp_server()
+-> Result<(String, Option<atp_server::AtpServer>), Box<dyn std::error::Error>> {
+    if let Ok(url) = std::env::var("ATP_BASE_URL") {
+        return Ok((url, None));
+    }
+    let server = atp_server::AtpServer::open(
+        atp_server::Config::dev().with_db(atp_server::DbLocation::Memory),
+    )?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let serving = server.clone();
+    tokio::spawn(async move {
+        if let Err(e) = serving.serve(listener).await {
+            eprintln!("atp-server stopped: {e}");
+        }
+    });
+    println!("started an in-process atp-server on {base} (set ATP_BASE_URL to use another)");
+    Ok((base, Some(server)))
+}
+
+/// The whole agent loop for one provider, offline: the demo toolkit
+/// connects to the ATP server over the WebSocket runtime; the LLM side
+/// fetches the toolkit's context in `provider`'s format; a recorded model
+/// output (`recorded`, what the provider's API returned) stands in for the
+/// model; `call_tool` runs its tool calls and returns the messages to
+/// append to the conversation.
+pub async fn llm_demo(provider: &str, recorded: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use atp_registry::llm::LlmClient;
+
+    init_logging_quiet();
+    let (base, local) = atp_server().await?;
+    let toolkit = demo_client()?.with_base_url(&base);
+    let runtime = {
+        let toolkit = toolkit.clone();
+        tokio::spawn(async move { toolkit.start().await })
+    };
+
+    // The toolkit announces its tools and connects in the background.
+    if let Some(server) = &local
+        && !server
+            .wait_until_served(APP_NAME, std::time::Duration::from_secs(10))
+            .await
+    {
+        return Err("the demo toolkit did not connect within 10 s".into());
+    }
+
+    let atp = LlmClient::new("YOUR_ATP_LLM_CLIENT_API_KEY").with_base_url(&base);
+    let prompt = "Greet Ada Lovelace, then tell me the weather in Paris.";
+    let context = atp.get_toolkit_context(APP_NAME, provider, prompt).await?;
+    println!(
+        "\n1. tools for the model ({provider} format):\n{}",
+        serde_json::to_string_pretty(&context["tools"])?
+    );
+
+    let model_output: Value = serde_json::from_str(recorded)?;
+    println!(
+        "\n2. the model's answer (recorded): {} tool call(s)",
+        atp_registry::llm::parse_tool_calls(provider.parse()?, &model_output).len()
+    );
+
+    let messages = atp
+        .call_tool(APP_NAME, &model_output, provider, prompt)
+        .await?;
+    println!(
+        "\n3. messages to append to the conversation:\n{}",
+        serde_json::to_string_pretty(&messages)?
+    );
+
+    toolkit.stop();
+    runtime.await??;
+    Ok(())
+}
+
+fn init_logging_quiet() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
