@@ -8,3 +8,4 @@ mod keys;
 mod oauth;
 mod python;
 mod routing;
+mod runtime;
