@@ -1,3 +1,5 @@
+#![doc = include_str!("../README.md")]
+//!
 //! The demo toolkit the examples serve: the seed's `hello_world` and
 //! `echo`, a typed `add`, and `get_contacts`, which needs an OAuth token.
 
