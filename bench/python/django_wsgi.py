@@ -1,0 +1,9 @@
+"""The WSGI application for gunicorn: gunicorn django_wsgi:application"""
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_settings")
+
+from django.core.wsgi import get_wsgi_application  # noqa: E402
+
+application = get_wsgi_application()
