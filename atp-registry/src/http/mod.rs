@@ -363,7 +363,10 @@ impl PendingCall {
                 Err(message) => return Response::error(ErrorCode::InvalidBody, &message),
             }
         };
-        let token = match params.remove(AUTH_TOKEN_PARAM) {
+        // A scan of the keys is cheaper than hashing for the few params a
+        // call has, and most calls have no `auth_token`.
+        let has_token = params.keys().any(|k| k == AUTH_TOKEN_PARAM);
+        let token = match has_token.then(|| params.remove(AUTH_TOKEN_PARAM)).flatten() {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.is_empty() => None,
             Some(Value::String(s)) => Some(Secret::new(s)),
@@ -396,6 +399,10 @@ fn media(content_type: Option<&[u8]>) -> Media {
     let Some(raw) = content_type else {
         return Media::Json;
     };
+    // The common case, without parsing.
+    if raw.eq_ignore_ascii_case(b"application/json") {
+        return Media::Json;
+    }
     let Ok(raw) = std::str::from_utf8(raw) else {
         return Media::Unsupported;
     };
@@ -456,13 +463,17 @@ impl<'de> Deserialize<'de> for UniqueObject {
             fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<UniqueObject, A::Error> {
                 let mut map = Map::new();
                 while let Some(key) = access.next_key::<String>()? {
-                    if map.contains_key(&key) {
-                        return Err(serde::de::Error::custom(format_args!(
-                            "duplicate key {key:?}"
-                        )));
+                    match map.entry(key) {
+                        serde_json::map::Entry::Occupied(taken) => {
+                            return Err(serde::de::Error::custom(format_args!(
+                                "duplicate key {:?}",
+                                taken.key()
+                            )));
+                        }
+                        serde_json::map::Entry::Vacant(slot) => {
+                            slot.insert(access.next_value::<Value>()?);
+                        }
                     }
-                    let value: Value = access.next_value()?;
-                    map.insert(key, value);
                 }
                 Ok(UniqueObject(map))
             }
@@ -535,6 +546,10 @@ enum Route<'p> {
 }
 
 fn decode_segment(seg: &str) -> Option<Cow<'_, str>> {
+    // Without a `%` there is nothing to decode (and `seg` is UTF-8 already).
+    if !seg.as_bytes().contains(&b'%') {
+        return Some(Cow::Borrowed(seg));
+    }
     percent_decode(seg.as_bytes()).decode_utf8().ok()
 }
 
@@ -617,10 +632,9 @@ impl Engine {
             return Route::NotFound;
         };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
-        let mut segs = rest.split('/');
-        match (segs.next(), segs.next(), segs.next()) {
-            (Some(k), None, None) if !k.is_empty() => Route::Toolkit(k),
-            (Some(k), Some(t), None) if !k.is_empty() && !t.is_empty() => Route::Tool(k, t),
+        match rest.split_once('/') {
+            None if !rest.is_empty() => Route::Toolkit(rest),
+            Some((k, t)) if !k.is_empty() && !t.is_empty() && !t.contains('/') => Route::Tool(k, t),
             _ => Route::NotFound,
         }
     }
