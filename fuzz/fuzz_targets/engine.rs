@@ -1,0 +1,9 @@
+//! Fuzz target `engine`: see `atp_reliability::fuzz::engine` for what it drives
+//! and what must hold.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    atp_reliability::fuzz::engine(data);
+});

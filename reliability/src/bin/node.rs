@@ -1,0 +1,142 @@
+//! `atp-reliability-node`: one ATP process for the fault and soak tests to
+//! start, measure and kill. Prints `listening on http://ADDR` (or `started`
+//! for a toolkit) on its first stdout line, then serves until killed.
+
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use atp_conformance::server::Framework;
+use atp_registry::Engine;
+use atp_reliability::node::{test_runtime_options, test_toolkit};
+use atp_server::{AtpServer, Config, DbLocation};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "atp-reliability-node")]
+struct Cli {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Debug, Subcommand)]
+enum What {
+    /// An adapter serving the conformance fixture.
+    Adapter {
+        /// axum, actix or rocket.
+        #[arg(long)]
+        framework: Framework,
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addr: SocketAddr,
+    },
+    /// An `atp-server`.
+    Server {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addr: SocketAddr,
+        /// The SQLite file, or `:memory:`.
+        #[arg(long)]
+        db: String,
+        /// A toolkit API key.
+        #[arg(long)]
+        toolkit_key: String,
+        /// An LLM-client API key.
+        #[arg(long)]
+        llm_key: String,
+        /// How long a call waits for its toolkit.
+        #[arg(long, default_value_t = 10_000)]
+        task_timeout_ms: u64,
+    },
+    /// A toolkit runtime (`echo`, `slow`, `fails`) connected to a server.
+    Toolkit {
+        /// The server's base URL.
+        #[arg(long)]
+        base: String,
+        /// The toolkit API key.
+        #[arg(long)]
+        key: String,
+        /// The app name.
+        #[arg(long)]
+        app: String,
+    },
+}
+
+fn quiet_fixture_panics() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str));
+        if text == Some("secret panic detail") {
+            return;
+        }
+        previous(info);
+    }));
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.what {
+        What::Adapter { framework, addr } => {
+            quiet_fixture_panics();
+            let engine = Engine::with_registry(atp_conformance::fixture());
+            match atp_conformance::server::spawn(framework, engine, addr) {
+                Ok(addr) => {
+                    println!("listening on http://{addr}");
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        What::Server {
+            addr,
+            db,
+            toolkit_key,
+            llm_key,
+            task_timeout_ms,
+        } => tokio::runtime::Runtime::new()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(async {
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let local = listener.local_addr().map_err(|e| e.to_string())?;
+                    let server = AtpServer::open(Config {
+                        db: DbLocation::parse(&db),
+                        toolkit_api_keys: vec![toolkit_key.into()],
+                        llm_api_keys: vec![llm_key.into()],
+                        task_timeout: Duration::from_millis(task_timeout_ms),
+                        ..Config::default()
+                    })
+                    .map_err(|e| e.to_string())?;
+                    println!("listening on http://{local}");
+                    server.serve(listener).await.map_err(|e| e.to_string())
+                })
+            }),
+        What::Toolkit { base, key, app } => {
+            let client =
+                test_toolkit(&key, &app, &base).with_runtime_options(test_runtime_options());
+            println!("started");
+            client.start_blocking().map_err(|e| e.to_string())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("atp-reliability-node: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
