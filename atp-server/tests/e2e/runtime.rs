@@ -314,3 +314,66 @@ async fn a_second_start_is_refused_and_a_wrong_key_ends_start() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_noticed_and_replaced() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::{Router, extract::ws::WebSocketUpgrade, routing::any, routing::post};
+
+    bounded(Duration::from_secs(30), async {
+        // A server that takes the WebSocket and then never says a word:
+        // no pongs, no close — the connection is dead but not closed.
+        let connections = Arc::new(AtomicUsize::new(0));
+        let second = Arc::new(Notify::new());
+        let (count, notify) = (connections.clone(), second.clone());
+        let app = Router::new()
+            .route(
+                "/api/v1/toolkit/verify_hash",
+                post(|| async {
+                    (
+                        [("content-type", "application/json")],
+                        r#"{"up_to_date": true}"#,
+                    )
+                }),
+            )
+            .route(
+                "/ws/v1/atp/toolkit-client/{key}/",
+                any(move |ws: WebSocketUpgrade| {
+                    let (count, notify) = (count.clone(), notify.clone());
+                    async move {
+                        ws.on_upgrade(move |socket| async move {
+                            if count.fetch_add(1, Ordering::SeqCst) >= 1 {
+                                notify.notify_one();
+                            }
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            drop(socket);
+                        })
+                    }
+                }),
+            );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let tk = toolkit("silent", &base, Arc::default()).with_runtime_options(
+            options()
+                .ping_interval(Duration::from_millis(100))
+                .grace_period(Duration::ZERO),
+        );
+        let runtime = spawn(&tk);
+        // Two silent ping intervals later the runtime gives the connection
+        // up and opens a new one.
+        tokio::time::timeout(WAIT, second.notified())
+            .await
+            .expect("a second connection");
+        assert!(connections.load(Ordering::SeqCst) >= 2);
+        tk.stop();
+        tokio::time::timeout(WAIT, runtime)
+            .await
+            .expect("stops")
+            .expect("no panic")
+            .expect("clean stop");
+    })
+    .await;
+}
