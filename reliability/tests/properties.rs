@@ -172,7 +172,7 @@ proptest! {
                 prop_assert_eq!(body["code"].as_str(), Some(code), "{}", body);
                 let message = body["error"].as_str().unwrap_or_default();
                 for name in &named {
-                    prop_assert!(message.contains(&format!("{name}")), "{} is not named in {}", name, message);
+                    prop_assert!(message.contains(name.as_str()), "{} is not named in {}", name, message);
                 }
             }
             None => prop_assert_eq!(&body["result"], &Value::Object(params.clone())),
