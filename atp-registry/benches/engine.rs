@@ -160,17 +160,17 @@ fn lookup(c: &mut Criterion) {
                 .register_tool(hello_tool("hello_world"), hello_world)
                 .expect("valid tool");
             registry
-                .register_client(format!("kit_{i}"), client)
+                .register_client(format!("kit_{i:06}"), client)
                 .expect("valid toolkit");
         }
         // The same toolkit every time, as a server answering one client.
-        let name = format!("kit_{}", n / 2);
+        let name = format!("kit_{:06}", n / 2);
         g.bench_with_input(BenchmarkId::new("get_client", n), &name, |b, name| {
             b.iter(|| registry.get_client(black_box(name)))
         });
         // A different toolkit each time, over up to 4,096 of them.
         let names: Vec<String> = (0..n.min(4096))
-            .map(|i| format!("kit_{}", i * (n / n.min(4096))))
+            .map(|i| format!("kit_{:06}", i * (n / n.min(4096))))
             .collect();
         g.bench_with_input(
             BenchmarkId::new("get_client_rotating", n),

@@ -6,6 +6,8 @@
 //!   the same run.
 //! - `atp-bench memory`: RSS of each server idle and under load, and the
 //!   registry's bytes per registered tool and per toolkit.
+//! - `atp-bench micro`: the tables of `cargo bench -p atp-registry`.
+//! - `atp-bench load`: the load generator alone, against a running server.
 //!
 //! Servers run as separate processes (this binary's hidden `serve`
 //! subcommand, or Python), pinned to CPU 0; the load generator runs in
@@ -13,6 +15,7 @@
 
 mod http1;
 mod load;
+mod micro;
 mod procfs;
 mod report;
 mod servers;
@@ -55,6 +58,9 @@ enum Cmd {
     Http(HttpArgs),
     /// RSS of each server idle and under load; registry bytes per tool.
     Memory(MemoryArgs),
+    /// The tables of the criterion benchmarks (`cargo bench -p
+    /// atp-registry` first), with the engine overhead and lookup ratios.
+    Micro(MicroArgs),
     /// Puts the benchmark load on a server that is already running (for
     /// profiling it, or for servers the other commands do not start).
     Load(ExternalLoadArgs),
@@ -81,8 +87,8 @@ struct LoadArgs {
     #[arg(long, default_value_t = 2_000_000)]
     max_requests: u64,
     /// Worker threads of each Rust server (default: 1 when the server is
-    /// pinned to one CPU, else the number of CPUs). gunicorn gets
-    /// max(this, 4) threads; uvicorn is single-threaded.
+    /// pinned to one CPU, else the number of CPUs). uvicorn runs one
+    /// process; gunicorn one gthread worker with one thread per connection.
     #[arg(long)]
     workers: Option<usize>,
     /// Frameworks to run (comma-separated).
@@ -118,6 +124,13 @@ struct MemoryArgs {
     /// Also append the tables to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct MicroArgs {
+    /// Criterion's output directory (default: `target/criterion`).
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -190,6 +203,9 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Cmd::Http(args) => http(args),
         Cmd::Memory(args) => memory(args),
+        Cmd::Micro(args) => {
+            micro::tables(&args.dir.unwrap_or_else(micro::default_dir)).map(|t| print!("{t}"))
+        }
         Cmd::Load(args) => external_load(args),
         Cmd::Serve(args) => servers::serve(args.framework, args.mode, args.addr, args.workers)
             .map_err(|e| format!("serve: {e}")),
@@ -212,6 +228,7 @@ struct Setup {
     python: Option<PythonEnv>,
     targets: Vec<Target>,
     workers: usize,
+    connections: usize,
     log_dir: tempdir::Dir,
 }
 
@@ -280,6 +297,7 @@ impl Setup {
             python,
             targets,
             workers,
+            connections: args.connections,
             log_dir: tempdir::Dir::new("logs").map_err(|e| e.to_string())?,
         })
     }
@@ -290,6 +308,7 @@ impl Setup {
             &self.pinning,
             self.python.as_ref(),
             self.workers,
+            self.connections,
             self.log_dir.path(),
         )
     }
@@ -319,7 +338,7 @@ impl Setup {
         h.push_str(&format!(
             "- Rust servers: {} worker thread(s); Python: uvicorn 1 process, gunicorn 1 worker (gthread, {} threads)\n",
             self.workers,
-            self.workers.max(4)
+            self.connections
         ));
         if let Some(py) = &self.python {
             for (name, state) in [("FastAPI", &py.fastapi), ("Django", &py.django)] {

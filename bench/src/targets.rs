@@ -190,6 +190,7 @@ impl ServerProcess {
         pinning: &Pinning,
         python: Option<&PythonEnv>,
         workers: usize,
+        gunicorn_threads: usize,
         log_dir: &Path,
     ) -> Result<ServerProcess, String> {
         let port = free_port().map_err(|e| format!("no free port: {e}"))?;
@@ -257,7 +258,7 @@ impl ServerProcess {
                         "--worker-class",
                         "gthread",
                         "--threads",
-                        &workers.max(4).to_string(),
+                        &gunicorn_threads.max(1).to_string(),
                         "--log-level",
                         "warning",
                     ]);
