@@ -452,25 +452,7 @@ impl RegisteredTool {
         if self.tool.requires_auth() && auth_token.is_none_or(Secret::is_empty) {
             return Err(CallError::AuthRequired);
         }
-        let missing: Vec<String> = self
-            .tool
-            .required_params
-            .iter()
-            .filter(|r| params.get(r.as_str()).is_none_or(Value::is_null))
-            .cloned()
-            .collect();
-        let unknown: Vec<String> = params
-            .keys()
-            .filter(|k| !self.tool.params.iter().any(|p| p == *k))
-            .cloned()
-            .collect();
-        if !missing.is_empty() {
-            return Err(CallError::MissingParams { missing, unknown });
-        }
-        if !unknown.is_empty() {
-            return Err(CallError::UnknownParams(unknown));
-        }
-        Ok(())
+        check_params(&self.tool.params, &self.tool.required_params, params)
     }
 
     /// Checks, then runs the handler with `toolkit`'s timeout.
@@ -541,6 +523,50 @@ impl RegisteredTool {
             }
         }
     }
+}
+
+/// The params rule of ATP-SPEC §3 step 10, for any tool described by its
+/// `params` and `required_params` (also one a remote toolkit announced):
+/// a required param absent or `null` is `missing_params` (naming the
+/// unknown ones too, if any), then a param not declared is
+/// `unknown_params`.
+///
+/// ```
+/// use atp_registry::{CallError, check_params};
+/// use serde_json::json;
+///
+/// let params = ["a".to_owned(), "b".to_owned()];
+/// let required = ["a".to_owned()];
+/// let given = |v: serde_json::Value| v.as_object().cloned().unwrap();
+/// assert_eq!(check_params(&params, &required, &given(json!({"a": 1}))), Ok(()));
+/// assert!(matches!(check_params(&params, &required, &given(json!({"a": null}))), Err(CallError::MissingParams { .. })));
+/// assert_eq!(
+///     check_params(&params, &required, &given(json!({"a": 1, "c": 2}))),
+///     Err(CallError::UnknownParams(vec!["c".into()]))
+/// );
+/// ```
+pub fn check_params(
+    params: &[String],
+    required_params: &[String],
+    given: &Map<String, Value>,
+) -> Result<(), CallError> {
+    let missing: Vec<String> = required_params
+        .iter()
+        .filter(|r| given.get(r.as_str()).is_none_or(Value::is_null))
+        .cloned()
+        .collect();
+    let unknown: Vec<String> = given
+        .keys()
+        .filter(|k| !params.iter().any(|p| p == *k))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        return Err(CallError::MissingParams { missing, unknown });
+    }
+    if !unknown.is_empty() {
+        return Err(CallError::UnknownParams(unknown));
+    }
+    Ok(())
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> &str {

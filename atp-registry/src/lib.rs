@@ -14,7 +14,9 @@ mod schema;
 mod secret;
 mod tool;
 
-pub use client::{DEFAULT_BASE_URL, DEFAULT_BODY_LIMIT, RegisteredTool, ToolKitClient};
+pub use client::{
+    DEFAULT_BASE_URL, DEFAULT_BODY_LIMIT, RegisteredTool, ToolKitClient, check_params,
+};
 pub use error::{CallError, ErrorCode, RegisterError, RegistryError};
 pub use http::Engine;
 pub use registry::{Registry, get_client, list_clients, register_client};

@@ -245,24 +245,7 @@ async fn run_task(
             message,
         ));
     }
-    let missing: Vec<String> = tool
-        .meta
-        .required_params
-        .iter()
-        .filter(|r| params.get(r.as_str()).is_none_or(Value::is_null))
-        .cloned()
-        .collect();
-    let unknown: Vec<String> = params
-        .keys()
-        .filter(|k| !tool.meta.params.contains(k))
-        .cloned()
-        .collect();
-    if !missing.is_empty() {
-        return Err(CallError::MissingParams { missing, unknown }.into());
-    }
-    if !unknown.is_empty() {
-        return Err(CallError::UnknownParams(unknown).into());
-    }
+    atp_registry::check_params(&tool.meta.params, &tool.meta.required_params, &params)?;
 
     let request = ToolRequest {
         tool_name: tool.name.clone(),
