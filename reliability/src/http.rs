@@ -6,8 +6,11 @@
 use std::{io, net::SocketAddr, time::Duration};
 
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::TcpStream,
+    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
 };
 
 /// The largest response head read.
@@ -62,17 +65,17 @@ pub fn request(method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]
     out
 }
 
-/// One connection.
+/// One connection (or its read half, after [`Conn::split`]).
 #[derive(Debug)]
-pub struct Conn {
-    stream: BufReader<TcpStream>,
+pub struct Conn<S = TcpStream> {
+    stream: BufReader<S>,
 }
 
 fn bad(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
-impl Conn {
+impl Conn<TcpStream> {
     /// Connects.
     pub async fn connect(addr: SocketAddr) -> io::Result<Self> {
         let stream = TcpStream::connect(addr).await?;
@@ -82,6 +85,24 @@ impl Conn {
         })
     }
 
+    /// The socket.
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        self.stream.get_mut()
+    }
+
+    /// The read half (answers are read from it) and the write half.
+    pub fn split(self) -> (Conn<OwnedReadHalf>, OwnedWriteHalf) {
+        let (r, w) = self.stream.into_inner().into_split();
+        (
+            Conn {
+                stream: BufReader::new(r),
+            },
+            w,
+        )
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// Writes raw bytes.
     pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stream.get_mut().write_all(bytes).await
@@ -101,6 +122,14 @@ impl Conn {
         Ok(())
     }
 
+    /// Sends a request and reads its answer.
+    pub async fn exchange(&mut self, bytes: &[u8], head: bool) -> io::Result<RawResponse> {
+        self.send(bytes).await?;
+        self.read_response(head).await
+    }
+}
+
+impl<S: AsyncRead + Unpin> Conn<S> {
     /// Reads one answer (to a `HEAD` when `head` is true: no body).
     pub async fn read_response(&mut self, head: bool) -> io::Result<RawResponse> {
         loop {
@@ -109,12 +138,6 @@ impl Conn {
                 return Ok(r);
             }
         }
-    }
-
-    /// Sends a request and reads its answer.
-    pub async fn exchange(&mut self, bytes: &[u8], head: bool) -> io::Result<RawResponse> {
-        self.send(bytes).await?;
-        self.read_response(head).await
     }
 
     async fn read_line(&mut self, budget: &mut usize) -> io::Result<String> {

@@ -414,7 +414,7 @@ pub fn server_mix() -> Vec<(&'static str, ProbeFn)> {
             Probe::new(
                 request("POST", PROCESS, &[("Authorization", "ApiKey wrong")], b"{}"),
                 401,
-                None,
+                Some("unauthorized"),
             )
         }),
         p("bad_json", |_| {

@@ -142,12 +142,30 @@ impl<'a> RequestHead<'a> {
     /// Builds a head from the method, raw path and query, and a function
     /// that returns a header's value by its lowercase name (one of
     /// [`HEADERS`]).
+    ///
+    /// A header whose value is not UTF-8 is taken as absent: Rocket drops
+    /// such headers before any handler runs, so every adapter must, or they
+    /// would disagree (a `Content-Type` of `application/\xFF` would be 415
+    /// in one and read as JSON in another).
+    ///
+    /// ```
+    /// use atp_registry::http::RequestHead;
+    ///
+    /// let head = RequestHead::new("POST", "/atp/kit/tool/", None, |name| match name {
+    ///     "content-type" => Some(&b"application/\xFF"[..]),
+    ///     "authorization" => Some(&b"Bearer t"[..]),
+    ///     _ => None,
+    /// });
+    /// assert_eq!(head.content_type, None);
+    /// assert_eq!(head.authorization, Some(&b"Bearer t"[..]));
+    /// ```
     pub fn new(
         method: &'a str,
         path: &'a str,
         query: Option<&'a str>,
         header: impl Fn(&'static str) -> Option<&'a [u8]>,
     ) -> Self {
+        let header = |name| header(name).filter(|v| std::str::from_utf8(v).is_ok());
         Self {
             method,
             path,

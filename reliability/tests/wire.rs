@@ -1,0 +1,462 @@
+//! Bad input over the wire, against every adapter and `atp-server`:
+//! truncated requests, invalid UTF-8, huge headers, a body over the limit
+//! sent slowly, deeply nested JSON, and thousands of idle connections
+//! (slowloris) while real requests must still be served. After each abuse
+//! the server must still answer a valid request correctly.
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use atp_reliability::http::{Conn, RawResponse, request};
+use common::{Target, WAIT, open_files_limit, target};
+use tokio::io::AsyncWriteExt;
+
+/// What came back on a connection.
+#[derive(Debug)]
+enum Outcome {
+    Answered(RawResponse),
+    Closed,
+    Hung,
+}
+
+async fn outcome(conn: &mut Conn) -> Outcome {
+    match tokio::time::timeout(WAIT, conn.read_response(false)).await {
+        Err(_) => Outcome::Hung,
+        Ok(Ok(r)) => Outcome::Answered(r),
+        Ok(Err(_)) => Outcome::Closed,
+    }
+}
+
+/// Sends `bytes` on a fresh connection (write errors are the server
+/// closing: fine), half-closes when `close` is set, and reads the outcome.
+async fn abuse(t: &Target, bytes: &[u8], close: bool) -> Outcome {
+    let mut conn = Conn::connect(t.addr).await.expect("connect");
+    if conn.send(bytes).await.is_err() {
+        return Outcome::Closed;
+    }
+    if close {
+        let _ = conn_shutdown(&mut conn).await;
+    }
+    outcome(&mut conn).await
+}
+
+async fn conn_shutdown(conn: &mut Conn) -> std::io::Result<()> {
+    conn.stream_mut().shutdown().await
+}
+
+/// An answer under ATP's contract: its status and JSON `code`.
+fn coded(t: &Target, what: &str, o: &Outcome, status: u16, code: &str) {
+    match o {
+        Outcome::Answered(r) => assert_eq!(
+            (r.status, r.code().as_deref()),
+            (status, Some(code)),
+            "{}: {what}: {r:?}",
+            t.name
+        ),
+        other => panic!("{}: {what}: {other:?}", t.name),
+    }
+}
+
+/// Outside the contract (the HTTP server's own refusal): any 4xx answer
+/// or a closed connection, but never a hang or a success.
+fn refused(t: &Target, what: &str, o: &Outcome) {
+    match o {
+        Outcome::Answered(r) => {
+            assert!((400..500).contains(&r.status), "{}: {what}: {r:?}", t.name)
+        }
+        Outcome::Closed => {}
+        Outcome::Hung => panic!("{}: {what}: no answer and no close in {WAIT:?}", t.name),
+    }
+}
+
+async fn truncated(t: Target) {
+    let path = t.post_path();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("nothing", Vec::new()),
+        ("a cut request line", b"GET /atp/ HTT".to_vec()),
+        (
+            "a cut header",
+            format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Len").into_bytes(),
+        ),
+        (
+            "10 of 100 declared body bytes",
+            format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"text\": ")
+                .into_bytes(),
+        ),
+        (
+            "a cut chunk",
+            format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{{\"te")
+                .into_bytes(),
+        ),
+        (
+            "a bad chunk size",
+            format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n{{}}\r\n0\r\n\r\n")
+                .into_bytes(),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let o = abuse(&t, &bytes, true).await;
+        refused(&t, what, &o);
+        t.still_serves().await;
+    }
+}
+
+async fn invalid_utf8(t: Target) {
+    let o = abuse(&t, b"GET /atp/\xff\xfe/ HTTP/1.1\r\nHost: x\r\n\r\n", false).await;
+    if let Outcome::Answered(r) = &o
+        && r.status == 404
+    {
+        assert!(r.code().is_some(), "{}: {r:?}", t.name);
+    } else {
+        refused(&t, "raw bytes in the path", &o);
+    }
+    let o = abuse(
+        &t,
+        b"GET /atp/x HTTP/1.1\r\nHost: x\r\nX-\xff: 1\r\n\r\n",
+        false,
+    )
+    .await;
+    refused(&t, "a header name that is not UTF-8", &o);
+    let mut body = t.post(b"{\"text\": \"\xff\xfe\"}");
+    let o = abuse(&t, &body, false).await;
+    coded(&t, "a JSON body that is not UTF-8", &o, 400, "invalid_body");
+    if t.server {
+        let o = abuse(&t, &request("GET", "/%FF/", &[], b""), false).await;
+        coded(&t, "%FF in the path", &o, 404, "not_found");
+        body = request(
+            "POST",
+            t.post_path(),
+            &[("Authorization", "ApiKey \u{fffd}")],
+            b"{}",
+        );
+        body = replace(&body, "\u{fffd}".as_bytes(), b"\xff");
+        let o = abuse(&t, &body, false).await;
+        coded(&t, "an API key that is not UTF-8", &o, 401, "unauthorized");
+    } else {
+        let o = abuse(&t, &request("GET", "/atp/%FF/", &[], b""), false).await;
+        coded(&t, "%FF in the path", &o, 404, "toolkit_not_found");
+        let secure = replace(
+            &request(
+                "POST",
+                "/atp/conformance/secure/",
+                &[("Authorization", "Bearer \u{fffd}")],
+                b"",
+            ),
+            "\u{fffd}".as_bytes(),
+            b"\xff\xfe",
+        );
+        let o = abuse(&t, &secure, false).await;
+        coded(
+            &t,
+            "a bearer token that is not UTF-8",
+            &o,
+            401,
+            "auth_required",
+        );
+        let media = replace(
+            &request(
+                "POST",
+                t.post_path(),
+                &[("Content-Type", "application/\u{fffd}")],
+                b"{}",
+            ),
+            "\u{fffd}".as_bytes(),
+            b"\xff",
+        );
+        // Rocket drops a header that is not UTF-8 before any handler runs,
+        // so every adapter takes it as absent: the body is read as JSON.
+        let o = abuse(&t, &media, false).await;
+        coded(
+            &t,
+            "a content type that is not UTF-8",
+            &o,
+            400,
+            "missing_params",
+        );
+        let form = request(
+            "POST",
+            t.post_path(),
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            b"text=%FF%FE",
+        );
+        let o = abuse(&t, &form, false).await;
+        coded(
+            &t,
+            "a form field that is not UTF-8",
+            &o,
+            400,
+            "invalid_body",
+        );
+    }
+    t.still_serves().await;
+}
+
+fn replace(haystack: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
+    let at = haystack
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("the needle is there");
+    [&haystack[..at], with, &haystack[at + needle.len()..]].concat()
+}
+
+async fn huge_headers(t: Target) {
+    let one = |size: usize| {
+        format!(
+            "GET /atp/ HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(size)
+        )
+        .into_bytes()
+    };
+    let many = {
+        let mut s = String::from("GET /atp/ HTTP/1.1\r\nHost: x\r\n");
+        for i in 0..5_000 {
+            s.push_str(&format!("X-H{i}: v\r\n"));
+        }
+        s.push_str("\r\n");
+        s.into_bytes()
+    };
+    for (what, bytes) in [
+        ("a 64 KiB header", one(64 * 1024)),
+        ("a 1 MiB header", one(1024 * 1024)),
+        ("5,000 headers", many),
+    ] {
+        let started = Instant::now();
+        let o = abuse(&t, &bytes, false).await;
+        match &o {
+            // Accepted: then it is an ordinary answer.
+            Outcome::Answered(r) if r.status == 200 => {
+                assert!(r.json().is_some(), "{}: {what}: {r:?}", t.name)
+            }
+            other => refused(&t, what, other),
+        }
+        eprintln!(
+            "{}: {what}: {} in {:?}",
+            t.name,
+            match &o {
+                Outcome::Answered(r) => format!("HTTP {}", r.status),
+                Outcome::Closed => "closed".into(),
+                Outcome::Hung => "hung".into(),
+            },
+            started.elapsed()
+        );
+        t.still_serves().await;
+    }
+}
+
+/// A body of twice the limit sent slowly, with a declared length or
+/// chunked: the 413 must come before the body is all sent.
+async fn oversized_slowly(t: Target) {
+    let limit = t.limit();
+    let total = 2 * limit;
+    let piece = limit / 8;
+    for chunked in [false, true] {
+        let mut conn = Conn::connect(t.addr).await.expect("connect");
+        let mut head = format!("POST {} HTTP/1.1\r\nHost: x\r\n", t.post_path());
+        for (k, v) in t.post_headers() {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if chunked {
+            head.push_str("Transfer-Encoding: chunked\r\n\r\n");
+        } else {
+            head.push_str(&format!("Content-Length: {total}\r\n\r\n"));
+        }
+        conn.send(head.as_bytes()).await.expect("send the head");
+        let (mut reader, mut writer) = conn.split();
+        let sent = Arc::new(AtomicUsize::new(0));
+        let counter = sent.clone();
+        let write = tokio::spawn(async move {
+            let data = vec![b' '; piece];
+            let mut done = 0;
+            while done < total {
+                let framed = if chunked {
+                    [format!("{piece:x}\r\n").as_bytes(), &data, b"\r\n"].concat()
+                } else {
+                    data.clone()
+                };
+                if writer.write_all(&framed).await.is_err() {
+                    return;
+                }
+                done += piece;
+                counter.store(done, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = writer.write_all(b"0\r\n\r\n").await;
+        });
+        let r = tokio::time::timeout(WAIT, reader.read_response(false))
+            .await
+            .unwrap_or_else(|_| panic!("{}: no answer to an oversized body", t.name))
+            .unwrap_or_else(|e| panic!("{}: the connection failed: {e}", t.name));
+        let at = sent.load(Ordering::SeqCst);
+        assert_eq!(
+            (r.status, r.code().as_deref()),
+            (413, Some("payload_too_large")),
+            "{} (chunked: {chunked}): {r:?}",
+            t.name
+        );
+        assert!(
+            at < total,
+            "{} (chunked: {chunked}): the 413 came only after the whole body",
+            t.name
+        );
+        write.abort();
+        eprintln!(
+            "{} (chunked: {chunked}): 413 after {at} of {total} bytes",
+            t.name
+        );
+        t.still_serves().await;
+    }
+}
+
+async fn deep_json(t: Target) {
+    // As deep as fits in the body limit.
+    let depth = (t.limit() / 2 - 64).min(200_000);
+    for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
+        let body = format!(
+            "{{\"text\": {}1{}}}",
+            open.repeat(depth),
+            close.repeat(depth)
+        );
+        assert!(body.len() <= t.limit() * 3, "a test body of a sane size");
+        let body = if body.len() > t.limit() {
+            format!(
+                "{{\"text\": {}1{}}}",
+                open.repeat(depth / 3),
+                close.repeat(depth / 3)
+            )
+        } else {
+            body
+        };
+        let o = abuse(&t, &t.post(body.as_bytes()), false).await;
+        coded(
+            &t,
+            &format!("JSON nested {depth} deep"),
+            &o,
+            400,
+            "invalid_body",
+        );
+        t.still_serves().await;
+    }
+}
+
+/// Only one slowloris test at a time in this process (each holds thousands
+/// of file descriptors).
+static SLOWLORIS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How many idle connections a slowloris test holds: 2,000, or fewer when
+/// the open-file limit is low (each costs two descriptors here: the
+/// client's and, in-process, the server's).
+fn idle_count() -> usize {
+    let limit = open_files_limit().unwrap_or(1024) as usize;
+    2_000.min(limit.saturating_sub(400) / 2)
+}
+
+#[allow(dead_code)]
+async fn slowloris(t: Target) {
+    let _one = SLOWLORIS.lock().await;
+    let n = idle_count();
+    let path = t.post_path();
+    let kinds: [Vec<u8>; 3] = [
+        Vec::new(),
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n").into_bytes(),
+        format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"text\"").into_bytes(),
+    ];
+    let started = Instant::now();
+    let mut idle = Vec::with_capacity(n);
+    let mut refused_connects = 0;
+    for batch in 0..n.div_ceil(100) {
+        let mut set = tokio::task::JoinSet::new();
+        for i in batch * 100..((batch + 1) * 100).min(n) {
+            let bytes = kinds[i % 3].clone();
+            let addr = t.addr;
+            set.spawn(async move {
+                let mut c = Conn::connect(addr).await?;
+                c.send(&bytes).await?;
+                Ok::<_, std::io::Error>(c)
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            match r.expect("no panic") {
+                Ok(c) => idle.push(c),
+                Err(_) => refused_connects += 1,
+            }
+        }
+    }
+    let opened = started.elapsed();
+    // Real requests, one after another and then 20 at once, while the idle
+    // connections are held.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..30 {
+        slowest = slowest.max(t.still_serves().await);
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        set.spawn(async move { t.still_serves().await });
+    }
+    while let Some(d) = set.join_next().await {
+        slowest = slowest.max(d.expect("served"));
+    }
+    assert!(
+        slowest < Duration::from_secs(5),
+        "{}: a real request took {slowest:?} beside {n} idle connections",
+        t.name
+    );
+    // How many idle connections the server has closed by now.
+    let mut closed = 0;
+    for c in idle.iter_mut().take(200) {
+        if c.closed_within(Duration::from_millis(1)).await {
+            closed += 1;
+        }
+    }
+    eprintln!(
+        "{}: {} idle connections opened in {opened:?} ({refused_connects} refused); 50 real requests served, slowest {slowest:?}; {closed} of the first 200 idle ones already closed by the server",
+        t.name,
+        idle.len()
+    );
+    assert!(idle.len() + refused_connects == n);
+    drop(idle);
+    t.still_serves().await;
+}
+
+macro_rules! per_target {
+    ($($name:ident),*) => {$(
+        mod $name {
+            use super::*;
+
+            #[tokio::test]
+            async fn truncated_requests() {
+                truncated(target(stringify!($name))).await;
+            }
+
+            #[tokio::test]
+            async fn invalid_utf8_everywhere() {
+                invalid_utf8(target(stringify!($name))).await;
+            }
+
+            #[tokio::test]
+            async fn huge_headers_are_refused_or_served() {
+                huge_headers(target(stringify!($name))).await;
+            }
+
+            #[tokio::test]
+            async fn a_body_over_the_limit_sent_slowly_is_refused_early() {
+                oversized_slowly(target(stringify!($name))).await;
+            }
+
+            #[tokio::test]
+            async fn deeply_nested_json_is_invalid_body() {
+                deep_json(target(stringify!($name))).await;
+            }
+
+            // SLOWLORIS_TEST
+        }
+    )*};
+}
+
+per_target!(axum, actix, rocket, server);
