@@ -17,6 +17,9 @@ use atp_server::{AtpServer, Config, DbLocation};
 
 /// The toolkit key of the test `atp-server`.
 pub const TK_KEY: &str = "wire-toolkit-key";
+/// Another toolkit key it takes: the server routes an app's calls to any
+/// socket of the app's key, so tests that run side by side use their own.
+pub const TK_KEY_2: &str = "wire-toolkit-key-2";
 /// The LLM key of the test `atp-server`.
 pub const LLM_KEY: &str = "wire-llm-key";
 /// The test `atp-server`'s message limit.
@@ -55,10 +58,11 @@ fn adapter(framework: Framework, cell: &'static OnceLock<SocketAddr>) -> SocketA
     })
 }
 
-/// The atp-server of this test binary, on a thread of its own.
-pub fn server_addr() -> SocketAddr {
-    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
-    *ADDR.get_or_init(|| {
+/// The atp-server of this test binary, on a thread of its own: its
+/// handle and address.
+pub fn server() -> &'static (AtpServer, SocketAddr) {
+    static SERVER: OnceLock<(AtpServer, SocketAddr)> = OnceLock::new();
+    SERVER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -72,18 +76,24 @@ pub fn server_addr() -> SocketAddr {
                     .expect("bind");
                 let server = AtpServer::open(Config {
                     db: DbLocation::Memory,
-                    toolkit_api_keys: vec![TK_KEY.into()],
+                    toolkit_api_keys: vec![TK_KEY.into(), TK_KEY_2.into()],
                     llm_api_keys: vec![LLM_KEY.into()],
                     max_message_size: SERVER_LIMIT,
                     ..Config::default()
                 })
                 .expect("open");
-                tx.send(listener.local_addr().expect("addr")).expect("send");
+                tx.send((server.clone(), listener.local_addr().expect("addr")))
+                    .expect("send");
                 let _ = server.serve(listener).await;
             });
         });
         rx.recv().expect("the server starts")
     })
+}
+
+/// The address of [`server`].
+pub fn server_addr() -> SocketAddr {
+    server().1
 }
 
 /// The target named `name`: `axum`, `actix`, `rocket` or `server`.
