@@ -14,6 +14,7 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
+    sync::mpsc,
 };
 
 /// How long a child may take to say it is listening.
@@ -23,6 +24,7 @@ pub const STARTUP: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Node {
     child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
     /// The address it listens on (`None` for a toolkit).
     pub addr: Option<SocketAddr>,
 }
@@ -49,8 +51,14 @@ impl Node {
                 io::Error::new(io::ErrorKind::TimedOut, "the child did not start in time")
             })??
             .ok_or_else(|| io::Error::other("the child ended before it started"))?;
-        // Keep draining stdout so that the child never blocks on it.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Keep draining stdout so that the child never blocks on it; the
+        // lines are kept for `next_line`.
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
         let addr = match first.strip_prefix("listening on http://") {
             Some(a) => Some(
                 a.trim()
@@ -60,7 +68,20 @@ impl Node {
             None if first.trim() == "started" => None,
             None => return Err(io::Error::other(format!("unexpected first line {first:?}"))),
         };
-        Ok(Self { child, addr })
+        Ok(Self {
+            child,
+            lines: rx,
+            addr,
+        })
+    }
+
+    /// The next line the child prints (after its first), waiting at most
+    /// `limit`.
+    pub async fn next_line(&mut self, limit: Duration) -> Option<String> {
+        tokio::time::timeout(limit, self.lines.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The child's process id.
@@ -148,8 +169,20 @@ pub fn toolkit_args(base: &str, key: &str, app: &str) -> Vec<String> {
 /// → `{"echo": text}`, `slow(ms*)` → sleeps `ms` (at most 60 s) without
 /// blocking, then `{"slept": ms}`, and `fails()` → the error `it failed`.
 pub fn test_toolkit(key: &str, app: &str, base: &str) -> atp_registry::ToolKitClient {
+    test_toolkit_with(key, app, base, |_| {})
+}
+
+/// [`test_toolkit`], calling `on_slow(ms)` when a `slow` call starts (so
+/// that a test knows a call is in flight).
+pub fn test_toolkit_with(
+    key: &str,
+    app: &str,
+    base: &str,
+    on_slow: impl Fn(u64) + Send + Sync + 'static,
+) -> atp_registry::ToolKitClient {
     use atp_registry::{Call, Tool};
     use serde_json::{Value, json};
+    let on_slow = std::sync::Arc::new(on_slow);
     let client = atp_registry::ToolKitClient::new(key, app).with_base_url(base);
     let outcomes = [
         client.register_tool(
@@ -158,14 +191,18 @@ pub fn test_toolkit(key: &str, app: &str, base: &str) -> atp_registry::ToolKitCl
         ),
         client.register_tool(
             Tool::new("slow").params(["ms"]).required_params(["ms"]),
-            |call: Call| async move {
-                let ms = call
-                    .param("ms")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0)
-                    .min(60_000);
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                Ok::<_, String>(json!({"slept": ms}))
+            move |call: Call| {
+                let on_slow = on_slow.clone();
+                async move {
+                    let ms = call
+                        .param("ms")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0)
+                        .min(60_000);
+                    on_slow(ms);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Ok::<_, String>(json!({"slept": ms}))
+                }
             },
         ),
         client.register_tool(Tool::new("fails"), |_call: Call| async {

@@ -23,13 +23,13 @@ use tokio::{
 pub struct CutProxy {
     addr: SocketAddr,
     cut: watch::Sender<u64>,
+    accepted: watch::Sender<usize>,
     stats: Arc<Stats>,
     accept: tokio::task::JoinHandle<()>,
 }
 
 #[derive(Debug, Default)]
 struct Stats {
-    accepted: AtomicUsize,
     cuts_done: AtomicUsize,
     downstream_bytes: AtomicU64,
     cut_after_downstream: AtomicU64,
@@ -42,17 +42,21 @@ impl CutProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (cut, _) = watch::channel(0u64);
+        let (accepted, _) = watch::channel(0usize);
         let stats = Arc::new(Stats {
             cut_after_downstream: AtomicU64::new(u64::MAX),
             ..Stats::default()
         });
         let accept = {
             let cut = cut.clone();
+            let accepted = accepted.clone();
             let stats = stats.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
-                    stats.accepted.fetch_add(1, Ordering::SeqCst);
+                    // Subscribed before it counts as accepted: a cut after
+                    // `wait_accepted` reaches this connection.
                     let cut = cut.subscribe();
+                    accepted.send_modify(|n| *n += 1);
                     let stats = stats.clone();
                     tokio::spawn(async move {
                         if let Ok(server) = TcpStream::connect(upstream).await {
@@ -65,6 +69,7 @@ impl CutProxy {
         Ok(Self {
             addr,
             cut,
+            accepted,
             stats,
             accept,
         })
@@ -96,7 +101,16 @@ impl CutProxy {
 
     /// How many connections were accepted.
     pub fn accepted(&self) -> usize {
-        self.stats.accepted.load(Ordering::SeqCst)
+        *self.accepted.borrow()
+    }
+
+    /// Waits (at most `limit`) until `n` connections in all have been
+    /// accepted; returns whether they were.
+    pub async fn wait_accepted(&self, n: usize, limit: std::time::Duration) -> bool {
+        let mut rx = self.accepted.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|v| *v >= n))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// How many connections were cut.
@@ -124,7 +138,6 @@ async fn forward(
     let (mut sr, mut sw) = server.into_split();
     let mut up = vec![0u8; 16 * 1024];
     let mut down = vec![0u8; 16 * 1024];
-    cut.borrow_and_update();
     let (mut up_open, mut down_open) = (true, true);
     while up_open || down_open {
         tokio::select! {

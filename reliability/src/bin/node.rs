@@ -6,7 +6,7 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use atp_conformance::server::Framework;
 use atp_registry::Engine;
-use atp_reliability::node::{test_runtime_options, test_toolkit};
+use atp_reliability::node::{test_runtime_options, test_toolkit_with};
 use atp_server::{AtpServer, Config, DbLocation};
 use clap::{Parser, Subcommand};
 
@@ -126,8 +126,15 @@ fn main() -> ExitCode {
                 })
             }),
         What::Toolkit { base, key, app } => {
-            let client =
-                test_toolkit(&key, &app, &base).with_runtime_options(test_runtime_options());
+            // Each slow call says it started, so a test can kill this
+            // process while the call is in flight.
+            let client = test_toolkit_with(&key, &app, &base, |ms| {
+                use std::io::Write as _;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "slow started {ms}");
+                let _ = out.flush();
+            })
+            .with_runtime_options(test_runtime_options());
             println!("started");
             client.start_blocking().map_err(|e| e.to_string())
         }
