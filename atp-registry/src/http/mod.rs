@@ -120,7 +120,10 @@ impl fmt::Debug for Engine {
 }
 
 /// The parts of an HTTP request the engine reads (everything but the body).
-#[derive(Debug, Clone, Copy)]
+///
+/// Its `Debug` output shows whether `Authorization` and `X-ATP-Key` are
+/// there, never their values.
+#[derive(Clone, Copy)]
 pub struct RequestHead<'a> {
     /// The method, e.g. `"GET"`.
     pub method: &'a str,
@@ -136,6 +139,24 @@ pub struct RequestHead<'a> {
     pub authorization: Option<&'a [u8]>,
     /// The `X-ATP-Key` header.
     pub endpoint_key: Option<&'a [u8]>,
+}
+
+impl fmt::Debug for RequestHead<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |v: Option<&[u8]>| v.map(|_| "***");
+        f.debug_struct("RequestHead")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("query", &self.query)
+            .field(
+                "content_type",
+                &self.content_type.map(String::from_utf8_lossy),
+            )
+            .field("content_length", &self.content_length)
+            .field("authorization", &hidden(self.authorization))
+            .field("endpoint_key", &hidden(self.endpoint_key))
+            .finish()
+    }
 }
 
 impl<'a> RequestHead<'a> {
@@ -158,6 +179,8 @@ impl<'a> RequestHead<'a> {
     /// });
     /// assert_eq!(head.content_type, None);
     /// assert_eq!(head.authorization, Some(&b"Bearer t"[..]));
+    /// // `Debug` hides the values of `Authorization` and `X-ATP-Key`.
+    /// assert!(format!("{head:?}").contains(r#"authorization: Some("***")"#));
     /// ```
     pub fn new(
         method: &'a str,

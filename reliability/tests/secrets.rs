@@ -1,0 +1,485 @@
+//! Secrets: a run with endpoint keys, bearer and body tokens, API keys
+//! (right and wrong), a user's OAuth token and an OAuth client secret,
+//! through the three adapters, `atp-server`, the toolkit runtime and the
+//! LLM client — with every `tracing` line of the process captured at TRACE
+//! (a process-wide subscriber: it sees every thread) — and none of the
+//! secrets may appear in a log line, an answer (status line, headers,
+//! body), an error's text or a `Debug` output.
+
+use std::{
+    io::Write,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use atp_conformance::server::{Framework, spawn};
+use atp_registry::{
+    Call, Engine, Registry, Secret, Tool, ToolKitClient,
+    http::RequestHead,
+    llm::{LlmClient, LlmProtocol},
+};
+use atp_reliability::{
+    http::{self, RawResponse, request},
+    node::test_runtime_options,
+};
+use atp_server::{AtpServer, Config, DbLocation, OAuthPlatform};
+use serde_json::{Value, json};
+
+const ENDPOINT_KEY: &str = "ek-SECRET-7f3a";
+const WRONG_ENDPOINT_KEY: &str = "wrongek-SECRET-0b1d";
+const BEARER: &str = "bearer-SECRET-c91e";
+const BODY_TOKEN: &str = "btok-SECRET-55d2";
+const TK_KEY: &str = "tk-SECRET-a8c4";
+const WRONG_TK_KEY: &str = "tkwrong-SECRET-41f0";
+const LLM_KEY: &str = "llm-SECRET-e2f0";
+const WRONG_LLM_KEY: &str = "llmwrong-SECRET-77aa";
+const USER_TOKEN: &str = "user-SECRET-3c3c";
+const CLIENT_SECRET: &str = "csecret-SECRET-9d9d";
+
+const SECRETS: [&str; 10] = [
+    ENDPOINT_KEY,
+    WRONG_ENDPOINT_KEY,
+    BEARER,
+    BODY_TOKEN,
+    TK_KEY,
+    WRONG_TK_KEY,
+    LLM_KEY,
+    WRONG_LLM_KEY,
+    USER_TOKEN,
+    CLIENT_SECRET,
+];
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every text this run showed anyone: answers, errors, `Debug` outputs.
+#[derive(Default)]
+struct Seen(Vec<(String, String)>);
+
+impl Seen {
+    fn add(&mut self, what: impl Into<String>, text: impl Into<String>) {
+        self.0.push((what.into(), text.into()));
+    }
+
+    fn answer(&mut self, what: &str, r: &RawResponse) {
+        let mut text = format!("HTTP {}\n", r.status);
+        for (k, v) in &r.headers {
+            text.push_str(&format!("{k}: {v}\n"));
+        }
+        text.push_str(&String::from_utf8_lossy(&r.body));
+        self.add(what, text);
+    }
+}
+
+/// A secret in any form a `Debug` of bytes could show it.
+fn forms(secret: &str) -> [String; 2] {
+    [
+        secret.to_owned(),
+        format!("{:?}", secret.as_bytes())
+            .trim_matches(['[', ']'])
+            .to_owned(),
+    ]
+}
+
+fn check(label: &str, text: &str) {
+    for secret in SECRETS {
+        for form in forms(secret) {
+            assert!(!text.contains(&form), "{secret} shows in {label}:\n{text}");
+        }
+    }
+}
+
+fn vault_registry() -> Registry {
+    let registry = Registry::new();
+    let tool = || {
+        Tool::new("secure")
+            .params(["x"])
+            .auth_provider("demo")
+            .auth_type("OAuth2")
+            .auth_with("access_token")
+    };
+    let handler = |call: Call| async move {
+        Ok::<_, String>(json!({"token_length": call.auth_token().map_or(0, |t| t.expose().len())}))
+    };
+    let vault = ToolKitClient::new("vault-api-key", "VaultApp").with_endpoint_key(ENDPOINT_KEY);
+    vault.register_tool(tool(), handler).expect("valid");
+    let open = ToolKitClient::new("open-api-key", "OpenApp");
+    open.register_tool(tool(), handler).expect("valid");
+    registry.register_client("vault", vault).expect("valid");
+    registry.register_client("open", open).expect("valid");
+    registry
+}
+
+async fn adapters(seen: &mut Seen) {
+    let json_ct = ("Content-Type", "application/json");
+    let form_ct = ("Content-Type", "application/x-www-form-urlencoded");
+    let ek = ("X-ATP-Key", ENDPOINT_KEY);
+    let wrong_ek = ("X-ATP-Key", WRONG_ENDPOINT_KEY);
+    let bearer = format!("Bearer {BEARER}");
+    let basic = format!("Basic {BEARER}");
+    let probes: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "wrong endpoint key",
+            request("GET", "/atp/vault/", &[wrong_ek], b""),
+            401,
+        ),
+        (
+            "wrong endpoint key on a tool",
+            request(
+                "POST",
+                "/atp/vault/secure/",
+                &[wrong_ek, ("Authorization", &bearer)],
+                b"",
+            ),
+            401,
+        ),
+        (
+            "endpoint key",
+            request("GET", "/atp/vault/secure/", &[ek], b""),
+            200,
+        ),
+        (
+            "bearer",
+            request(
+                "POST",
+                "/atp/vault/secure/",
+                &[ek, ("Authorization", &bearer)],
+                b"",
+            ),
+            200,
+        ),
+        (
+            "basic",
+            request(
+                "POST",
+                "/atp/open/secure/",
+                &[("Authorization", &basic)],
+                b"",
+            ),
+            401,
+        ),
+        (
+            "body token",
+            request(
+                "POST",
+                "/atp/open/secure/",
+                &[json_ct],
+                format!(r#"{{"auth_token": "{BODY_TOKEN}"}}"#).as_bytes(),
+            ),
+            200,
+        ),
+        (
+            "body token, unknown param",
+            request(
+                "POST",
+                "/atp/open/secure/",
+                &[json_ct],
+                format!(r#"{{"auth_token": "{BODY_TOKEN}", "zz": 1}}"#).as_bytes(),
+            ),
+            400,
+        ),
+        (
+            "body token, bad JSON",
+            request(
+                "POST",
+                "/atp/open/secure/",
+                &[json_ct],
+                format!(r#"{{"auth_token": "{BODY_TOKEN}", "#).as_bytes(),
+            ),
+            400,
+        ),
+        (
+            "body token, repeated",
+            request(
+                "POST",
+                "/atp/open/secure/",
+                &[json_ct],
+                format!(r#"{{"auth_token": "{BODY_TOKEN}", "auth_token": "{BODY_TOKEN}"}}"#)
+                    .as_bytes(),
+            ),
+            400,
+        ),
+        (
+            "form token, unknown param",
+            request(
+                "POST",
+                "/atp/open/secure/",
+                &[form_ct],
+                format!("auth_token={BODY_TOKEN}&zz=1").as_bytes(),
+            ),
+            400,
+        ),
+        (
+            "token as a toolkit name",
+            request("GET", &format!("/atp/{BEARER}/"), &[], b""),
+            404,
+        ),
+        (
+            "token over the limit",
+            request(
+                "POST",
+                "/atp/open/secure/",
+                &[json_ct],
+                format!(r#"{{"auth_token": "{}"}}"#, BODY_TOKEN.repeat(70_000)).as_bytes(),
+            ),
+            413,
+        ),
+    ];
+    for framework in Framework::ALL {
+        let addr = spawn(
+            framework,
+            Engine::with_registry(vault_registry()),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        )
+        .expect("the adapter starts");
+        for (what, bytes, status) in &probes {
+            let r = http::once(addr, bytes, false, WAIT)
+                .await
+                .expect("an answer");
+            assert_eq!(r.status, *status, "{framework}: {what}: {r:?}");
+            seen.answer(&format!("{framework}: {what}"), &r);
+        }
+    }
+    // Debug outputs of everything that holds a key or a token.
+    let registry = vault_registry();
+    seen.add("Debug of a Registry", format!("{registry:?}"));
+    seen.add(
+        "Debug of an Engine",
+        format!("{:?}", Engine::with_registry(registry.clone())),
+    );
+    seen.add(
+        "Debug of a ToolKitClient",
+        format!("{:?}", registry.get_client("vault")),
+    );
+    let head = RequestHead::new("POST", "/atp/vault/secure/", None, |name| match name {
+        "authorization" => Some(bearer.as_bytes()),
+        "x-atp-key" => Some(ENDPOINT_KEY.as_bytes()),
+        _ => None,
+    });
+    seen.add("Debug of a RequestHead", format!("{head:?}"));
+    let engine = Engine::with_registry(registry);
+    if let atp_registry::http::Step::ReadBody(pending) = engine.begin(&head) {
+        seen.add("Debug of a PendingCall", format!("{pending:?}"));
+    } else {
+        panic!("a POST to a tool with its key wants a body");
+    }
+    seen.add(
+        "Debug of a Call",
+        format!(
+            "{:?}",
+            Call::new(serde_json::Map::new(), Some(Secret::new(BEARER)))
+        ),
+    );
+}
+
+fn toolkit(base: &str) -> ToolKitClient {
+    let client = ToolKitClient::new(TK_KEY, "secretkit")
+        .with_base_url(base)
+        .with_runtime_options(test_runtime_options());
+    client
+        .register_tool(
+            Tool::new("whoami")
+                .auth_provider("localprov")
+                .auth_type("OAuth2")
+                .auth_with("access_token"),
+            |call: Call| async move {
+                Ok::<_, String>(
+                    json!({"token_length": call.auth_token().map_or(0, |t| t.expose().len())}),
+                )
+            },
+        )
+        .expect("valid");
+    client
+        .register_tool(Tool::new("fails"), |_call: Call| async {
+            Err::<Value, _>("it failed")
+        })
+        .expect("valid");
+    client
+}
+
+async fn server_and_clients(seen: &mut Seen) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let base = format!("http://{addr}");
+    let config = Config {
+        db: DbLocation::Memory,
+        toolkit_api_keys: vec![TK_KEY.into()],
+        llm_api_keys: vec![LLM_KEY.into()],
+        oauth_platforms: vec![OAuthPlatform {
+            id: "localprov".into(),
+            provider: None,
+            name: None,
+            authorize_url: "http://127.0.0.1:9/authorize".into(),
+            token_url: "http://127.0.0.1:9/token".into(),
+            client_id: "cid".into(),
+            client_secret: CLIENT_SECRET.into(),
+            scopes: vec!["read".into()],
+            extra_authorize_params: vec![],
+        }],
+        ..Config::default()
+    };
+    seen.add("Debug of a server Config", format!("{config:?}"));
+    let server = AtpServer::open(config).expect("open");
+    seen.add("Debug of an AtpServer", format!("{server:?}"));
+    let s = server.clone();
+    let serving = tokio::spawn(async move { s.serve(listener).await });
+    let kit = toolkit(&base);
+    seen.add("Debug of a started ToolKitClient", format!("{kit:?}"));
+    let runtime = tokio::spawn({
+        let kit = kit.clone();
+        async move { kit.start().await }
+    });
+    assert!(server.wait_until_served("secretkit", WAIT).await);
+    let user_token = Secret::new(USER_TOKEN);
+    for protocol in [LlmProtocol::WebSocket, LlmProtocol::Http] {
+        let llm = LlmClient::new(LLM_KEY)
+            .with_base_url(&base)
+            .with_protocol(protocol)
+            .with_timeout(WAIT);
+        seen.add("Debug of an LlmClient", format!("{llm:?}"));
+        let calls = json!([
+            {"type": "tool_use", "id": "a", "name": "whoami", "input": {}},
+            {"type": "tool_use", "id": "b", "name": "fails", "input": {}},
+            {"type": "tool_use", "id": "c", "name": "nope", "input": {"auth_token": USER_TOKEN}}
+        ]);
+        let out = llm
+            .call_tool_as(
+                "secretkit",
+                &calls,
+                "anthropic",
+                "",
+                None,
+                Some(&user_token),
+            )
+            .await
+            .expect("answers");
+        assert_eq!(
+            out[0]["content"][0]["content"],
+            format!(r#"{{"token_length":{}}}"#, USER_TOKEN.len())
+        );
+        seen.add(
+            format!("{protocol:?}: call results"),
+            Value::Array(out).to_string(),
+        );
+        let ctx = llm
+            .get_toolkit_context("secretkit", "openai", "")
+            .await
+            .expect("a context");
+        seen.add(format!("{protocol:?}: a context"), ctx.to_string());
+        let started = llm
+            .initiate_oauth_connection("localprov", "user-1", None)
+            .await
+            .expect("a flow");
+        assert!(started.to_string().contains("code_challenge"), "{started}");
+        seen.add(format!("{protocol:?}: an OAuth start"), started.to_string());
+        let wrong = LlmClient::new(WRONG_LLM_KEY)
+            .with_base_url(&base)
+            .with_protocol(protocol)
+            .with_timeout(WAIT);
+        let e = wrong
+            .get_toolkit_context("secretkit", "openai", "")
+            .await
+            .expect_err("refused");
+        seen.add(
+            format!("{protocol:?}: a refusal"),
+            format!("{e} / {e:?} / {wrong:?}"),
+        );
+    }
+    let raw: Vec<(&str, Vec<u8>)> = vec![
+        ("process with a wrong key", request("POST", "/api/v1/atp/llm-client/process/", &[("Authorization", &format!("ApiKey {WRONG_LLM_KEY}"))], b"{}")),
+        ("process with a wrong body key", request("POST", "/api/v1/atp/llm-client/process/", &[("Content-Type", "application/json")], json!({"type": "get_toolkit_context", "toolkit_id": "secretkit", "api_key": WRONG_LLM_KEY}).to_string().as_bytes())),
+        ("register with a wrong key", request("POST", "/api/v1/register_tool/", &[("Content-Type", "application/json")], json!({"function_id": "x", "api_key": WRONG_TK_KEY, "app_name": "x"}).to_string().as_bytes())),
+        ("inbox with a wrong key", request("GET", &format!("/api/v1/toolkit/{WRONG_TK_KEY}/inbox"), &[], b"")),
+        ("toolkit socket with a wrong key", request("GET", &format!("/ws/v1/atp/toolkit-client/{WRONG_TK_KEY}/"), &[], b"")),
+        ("tokens with a wrong key", request("GET", "/api/v1/atp/llm-client/oauth/tokens/localprov/user-1/", &[("Authorization", &format!("ApiKey {WRONG_LLM_KEY}"))], b"")),
+        ("a forged OAuth state", request("GET", &format!("/api/v1/atp/llm-client/oauth/callback?code=c&state={BEARER}"), &[], b"")),
+        ("an OAuth callback without a state", request("GET", "/api/v1/atp/llm-client/oauth/callback?code=c", &[], b"")),
+    ];
+    for (what, bytes) in &raw {
+        let r = http::once(addr, bytes, false, WAIT)
+            .await
+            .expect("an answer");
+        assert!((400..500).contains(&r.status), "{what}: {r:?}");
+        seen.answer(what, &r);
+    }
+    // Forged or missing OAuth states are refused as such.
+    for (what, _) in &raw[6..] {
+        let (_, text) = seen.0.iter().find(|(w, _)| w == what).expect("seen");
+        assert!(text.contains("invalid_state"), "{what}: {text}");
+    }
+    kit.stop();
+    let stopped = tokio::time::timeout(WAIT, runtime)
+        .await
+        .expect("stops")
+        .expect("no panic");
+    seen.add("the runtime's end", format!("{stopped:?}"));
+    let wrong_kit = ToolKitClient::new(WRONG_TK_KEY, "wrongkit")
+        .with_base_url(&base)
+        .with_runtime_options(test_runtime_options());
+    wrong_kit
+        .register_tool(Tool::new("echo"), |_call: Call| async {
+            Ok::<_, String>(json!(1))
+        })
+        .expect("valid");
+    let e = tokio::time::timeout(WAIT, wrong_kit.start())
+        .await
+        .expect("ends")
+        .expect_err("refused");
+    seen.add("a refused toolkit", format!("{e} / {e:?}"));
+    server.shutdown();
+    let _ = tokio::time::timeout(WAIT, serving).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_a_log_line_an_answer_an_error_or_a_debug_output() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::set_global_default(subscriber)
+        .expect("the only subscriber of this process");
+    let mut seen = Seen::default();
+    adapters(&mut seen).await;
+    server_and_clients(&mut seen).await;
+    for (what, text) in &seen.0 {
+        check(what, text);
+    }
+    let logs =
+        String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    // The capture works: the lines these runs must log are there.
+    for line in [
+        "tool registered",
+        "toolkit connected",
+        "connecting to the ATP server",
+    ] {
+        assert!(logs.contains(line), "{line:?} is not in the logs:\n{logs}");
+    }
+    check("the logs", &logs);
+    eprintln!(
+        "{} answers and outputs and {} log lines checked for {} secrets",
+        seen.0.len(),
+        logs.lines().count(),
+        SECRETS.len()
+    );
+}
