@@ -483,3 +483,50 @@ async fn no_secret_reaches_a_log_line_an_answer_an_error_or_a_debug_output() {
         SECRETS.len()
     );
 }
+
+/// Dev mode takes any API key, so it must never listen beyond loopback:
+/// `serve` and `run` refuse every unspecified or non-loopback address (an
+/// IPv4-mapped loopback included), and serve on loopback ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_refuses_every_non_loopback_bind() {
+    let dev = || AtpServer::open(Config::dev().with_db(DbLocation::Memory)).expect("open");
+    for addr in ["0.0.0.0:0", "[::]:0", "[::ffff:127.0.0.1]:0"] {
+        let addr: SocketAddr = addr.parse().expect("an address");
+        let refused = tokio::time::timeout(WAIT, dev().run(addr))
+            .await
+            .expect("returns at once");
+        assert!(
+            matches!(refused, Err(atp_server::ServerError::DevModeNotLoopback(_))),
+            "run on {addr}: {refused:?}"
+        );
+        // Bound by hand (where this machine can), then given to `serve`.
+        if let Ok(listener) = tokio::net::TcpListener::bind(addr).await {
+            let refused = tokio::time::timeout(WAIT, dev().serve(listener))
+                .await
+                .expect("returns at once");
+            assert!(
+                matches!(refused, Err(atp_server::ServerError::DevModeNotLoopback(_))),
+                "serve on {addr}: {refused:?}"
+            );
+        }
+    }
+    for addr in ["127.0.0.1:0", "127.0.0.2:0", "[::1]:0"] {
+        let Ok(listener) = tokio::net::TcpListener::bind(addr).await else {
+            continue;
+        };
+        let local = listener.local_addr().expect("addr");
+        let server = dev();
+        let s = server.clone();
+        let serving = tokio::spawn(async move { s.serve(listener).await });
+        let r = http::once(local, &request("GET", "/health", &[], b""), false, WAIT)
+            .await
+            .expect("dev mode serves on loopback");
+        assert_eq!(r.status, 200, "{addr}: {r:?}");
+        server.shutdown();
+        tokio::time::timeout(WAIT, serving)
+            .await
+            .expect("stops")
+            .expect("no panic")
+            .expect("served without error");
+    }
+}
