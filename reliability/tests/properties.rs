@@ -520,3 +520,85 @@ proptest! {
         }
     }
 }
+
+const KITS: [&str; 3] = ["alpha", "beta.v2", "Gamma-3"];
+
+/// Three toolkits, each with `who` (answers its own app name) and a tool
+/// only it has.
+fn kits_engine() -> &'static Engine {
+    static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let registry = Registry::new();
+        for kit in KITS {
+            let app = format!("app of {kit}");
+            let client = ToolKitClient::new("k", app.clone());
+            let only = format!("only_{}", kit.replace(['.', '-'], "_"));
+            for tool in ["who".to_owned(), only] {
+                let app = app.clone();
+                client
+                    .register_tool(Tool::new(tool), move |_call: Call| {
+                        let app = app.clone();
+                        async move { Ok::<_, String>(json!(app)) }
+                    })
+                    .expect("a valid tool");
+            }
+            registry
+                .register_client(kit, client)
+                .expect("a valid toolkit");
+        }
+        Engine::with_registry(registry)
+    })
+}
+
+/// Percent-encodes the byte at `at` (if any) of a path segment.
+fn encode_one(segment: &str, at: Option<usize>) -> String {
+    match at {
+        Some(i) if i < segment.len() => {
+            let (a, b) = segment.split_at(i);
+            let mut chars = b.chars();
+            let c = chars.next().expect("a char");
+            format!("{a}%{:02X}{}", c as u32, chars.as_str())
+        }
+        _ => segment.to_owned(),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// ATP-SPEC §7: one toolkit's request never reaches another toolkit's
+    /// tool, however its path is spelled.
+    #[test]
+    fn a_request_reaches_only_its_own_toolkit(
+        kit in 0..KITS.len(),
+        tool in proptest::sample::select(vec!["who", "only_alpha", "only_beta_v2", "only_Gamma_3"]),
+        kit_pct in proptest::option::of(0usize..8),
+        tool_pct in proptest::option::of(0usize..12),
+        slash in any::<bool>(),
+        post in any::<bool>(),
+    ) {
+        let name = KITS[kit];
+        let path = format!(
+            "/atp/{}/{}{}",
+            encode_one(name, kit_pct),
+            encode_one(tool, tool_pct),
+            if slash { "/" } else { "" }
+        );
+        let head = RequestHead::new(if post { "POST" } else { "GET" }, &path, None, |_| None);
+        let r = block_on(kits_engine().handle(&head, b""));
+        let body: Value = serde_json::from_slice(r.body()).expect("JSON");
+        let own = tool == "who" || tool == format!("only_{}", name.replace(['.', '-'], "_"));
+        if !own {
+            prop_assert_eq!((r.status(), body["code"].as_str()), (404, Some("tool_not_found")), "{}", path);
+        } else if post {
+            prop_assert_eq!(r.status(), 200, "{}: {}", path, body);
+            prop_assert_eq!(&body["result"], &json!(format!("app of {name}")), "{}", path);
+        } else {
+            prop_assert_eq!(r.status(), 200, "{}: {}", path, body);
+            prop_assert_eq!(&body["function"], &json!(tool), "{}", path);
+        }
+        for other in KITS.iter().filter(|k| **k != name) {
+            prop_assert!(!body.to_string().contains(&format!("app of {other}")), "{}: {}", path, body);
+        }
+    }
+}

@@ -345,6 +345,65 @@ async fn deep_json(t: Target) {
     }
 }
 
+/// Slow and blocking tools (the fixture's `slow` and `blocking`, 800 ms
+/// each, 8 of each at once — more than the servers' worker threads) must
+/// not hold up anyone else: fast requests sent meanwhile answer at once.
+async fn slow_tools_do_not_block_others(t: Target) {
+    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut slow = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let tool = if i % 2 == 0 { "slow" } else { "blocking" };
+        let bytes = request(
+            "POST",
+            &format!("/atp/conformance/{tool}/"),
+            &[("Content-Type", "application/json")],
+            br#"{"ms": 800}"#,
+        );
+        let sent_tx = sent_tx.clone();
+        slow.spawn(async move {
+            let mut conn = Conn::connect(t.addr).await.expect("connect");
+            conn.send(&bytes).await.expect("send");
+            let sent = Instant::now();
+            let _ = sent_tx.send(());
+            let r = tokio::time::timeout(WAIT, conn.read_response(false))
+                .await
+                .expect("a slow call is answered in time")
+                .expect("a slow call is answered");
+            (r, sent.elapsed())
+        });
+    }
+    // Every slow call is sent (and so in the server's hands) before the
+    // fast ones start.
+    for _ in 0..16 {
+        tokio::time::timeout(WAIT, sent_rx.recv())
+            .await
+            .expect("sent in time")
+            .expect("a slow call was sent");
+    }
+    let fast_started = Instant::now();
+    let mut slowest_fast = Duration::ZERO;
+    for _ in 0..20 {
+        slowest_fast = slowest_fast.max(t.still_serves().await);
+    }
+    let fast_done = fast_started.elapsed();
+    let mut fastest_slow = Duration::MAX;
+    while let Some(r) = slow.join_next().await {
+        let (r, took) = r.expect("no panic");
+        assert_eq!(r.status, 200, "{}: {r:?}", t.name);
+        fastest_slow = fastest_slow.min(took);
+    }
+    assert!(
+        fastest_slow >= Duration::from_millis(800),
+        "{}: the slow calls were not slow",
+        t.name
+    );
+    assert!(
+        fast_done < Duration::from_millis(800),
+        "{}: 20 fast requests took {fast_done:?} beside 16 slow ones (slowest {slowest_fast:?})",
+        t.name
+    );
+}
+
 /// Only one slowloris test at a time in this process (each holds thousands
 /// of file descriptors).
 static SLOWLORIS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -460,3 +519,22 @@ macro_rules! per_target {
 }
 
 per_target!(axum, actix, rocket, server);
+
+macro_rules! per_adapter {
+    ($($name:ident),*) => {$(
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn slow_and_blocking_tools_hold_up_no_one() {
+                slow_tools_do_not_block_others(target(stringify!($name))).await;
+            }
+        }
+    )*};
+}
+
+mod slow_tools {
+    use super::*;
+
+    per_adapter!(axum, actix, rocket);
+}
