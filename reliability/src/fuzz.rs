@@ -11,6 +11,7 @@
 //! |---|---|---|
 //! | [`engine`] | [`Engine::handle`] and [`Engine::serve`] on any method, path, query, headers and body | a JSON answer with `Content-Type: application/json`; every error is `{"error", "code"}` with the status of its code; `Allow` exactly on 405; HEAD answers as GET; streaming and buffered bodies answer alike; a locked toolkit reveals nothing without its key; a panic's text is never sent |
 //! | [`runtime_message`] | the toolkit runtime's message handling: [`parse_message`], then the tool call and [`tool_response`] as `start()` does | every tool request with an id gets exactly one `tool_response` with that id; nothing else is answered; a token never shows in `Debug` |
+//! | [`server_http`] | `atp-server`'s whole router (every endpoint: register, inbox, process, OAuth, WebSocket upgrades) on any method, path, headers and body | never a 5xx; every answer is JSON; every error has a `code` |
 //! | [`llm_calls`] | [`parse_tool_calls`] for each provider, [`result_messages`], [`task_outcome`] | one result per call, ids and order kept, outputs are strings, Anthropic results in one user message, an invented Mistral id is 9 characters of `[A-Za-z0-9]` |
 
 use std::{
@@ -30,7 +31,7 @@ use serde_json::{Map, Value, json};
 
 /// The names of the fuzz targets, as in `fuzz/fuzz_targets/` and
 /// `fuzz/corpus/`.
-pub const TARGETS: [&str; 3] = ["engine", "runtime_message", "llm_calls"];
+pub const TARGETS: [&str; 4] = ["engine", "runtime_message", "llm_calls", "server_http"];
 
 /// The open toolkit of the fuzz fixture.
 pub const TOOLKIT: &str = "fz";
@@ -605,10 +606,110 @@ pub fn llm_calls(data: &[u8]) {
     }
 }
 
+/// The toolkit key of the [`server_http`] target's server.
+pub const SERVER_TOOLKIT_KEY: &str = "fz-toolkit-key";
+/// The LLM key of the [`server_http`] target's server.
+pub const SERVER_LLM_KEY: &str = "fz-llm-key";
+
+fn server_router() -> axum::Router {
+    static ROUTER: OnceLock<axum::Router> = OnceLock::new();
+    ROUTER
+        .get_or_init(|| {
+            let server = atp_server::AtpServer::open(atp_server::Config {
+                db: atp_server::DbLocation::Memory,
+                toolkit_api_keys: vec![SERVER_TOOLKIT_KEY.into()],
+                llm_api_keys: vec![SERVER_LLM_KEY.into()],
+                // No long polls and no long waits in a fuzz loop.
+                inbox_wait: Duration::ZERO,
+                task_timeout: Duration::from_millis(10),
+                max_message_size: 4096,
+                ..atp_server::Config::default()
+            })
+            .expect("an in-memory server opens");
+            server.router()
+        })
+        .clone()
+}
+
+/// Fuzz target `server_http`: one request, decoded as for [`engine`]
+/// (`Authorization` and `Content-Type` sent; the body's real length as
+/// `Content-Length`), through `atp-server`'s router. A request the HTTP
+/// layer could not carry (a method or target that is not valid) is skipped.
+pub fn server_http(data: &[u8]) {
+    server_http_sent(data);
+}
+
+/// [`server_http`], telling whether the request was sent (not skipped).
+pub fn server_http_sent(data: &[u8]) -> bool {
+    use tower::ServiceExt;
+    let input = EngineInput::decode(data);
+    let Ok(method) = axum::http::Method::from_bytes(input.method.as_bytes()) else {
+        return false;
+    };
+    let target = match &input.query {
+        Some(q) => format!("{}?{q}", input.path),
+        None => input.path.clone(),
+    };
+    let Ok(uri) = target.parse::<axum::http::Uri>() else {
+        return false;
+    };
+    if uri.path_and_query().is_none() || !target.starts_with('/') {
+        return false;
+    }
+    let mut request = axum::http::Request::builder().method(method).uri(uri);
+    for (name, value) in [
+        ("content-type", &input.headers[0]),
+        ("authorization", &input.headers[2]),
+    ] {
+        if let Some(v) = value
+            && let Ok(v) = axum::http::HeaderValue::from_bytes(v)
+        {
+            request = request.header(name, v);
+        }
+    }
+    let Ok(request) = request.body(axum::body::Body::from(input.body.clone())) else {
+        return false;
+    };
+    let router = server_router();
+    let (status, content_type, body) = block_on(async move {
+        let response = router
+            .oneshot(request)
+            .await
+            .expect("the router is infallible");
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 24)
+            .await
+            .expect("a body");
+        (status, content_type, body)
+    });
+    let text = String::from_utf8_lossy(&body);
+    assert!(status < 500, "HTTP {status}: {text}");
+    assert_eq!(
+        content_type.as_deref(),
+        Some("application/json"),
+        "HTTP {status}: {text}"
+    );
+    let value: Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): HTTP {status}: {text}"));
+    if status >= 400 {
+        assert!(
+            value.get("code").is_some_and(Value::is_string),
+            "HTTP {status}: {text}"
+        );
+    }
+    true
+}
+
 /// Runs `target` on one input.
 pub fn run(target: &str, data: &[u8]) {
     match target {
         "engine" => engine(data),
+        "server_http" => server_http(data),
         "runtime_message" => runtime_message(data),
         "llm_calls" => llm_calls(data),
         other => panic!("unknown fuzz target {other:?}"),

@@ -44,6 +44,19 @@ fn llm_calls_corpus() {
 }
 
 #[test]
+fn server_http_corpus() {
+    // Every seed is a request the HTTP layer carries: none is skipped.
+    for (path, data) in fuzz::load_corpus("server_http") {
+        assert!(
+            fuzz::server_http_sent(&data),
+            "{} was skipped",
+            path.display()
+        );
+    }
+    replay("server_http");
+}
+
+#[test]
 fn every_target_has_a_corpus_and_a_cargo_fuzz_target() {
     for target in TARGETS {
         let file = fuzz::corpus_dir(target).join(format!("../../fuzz_targets/{target}.rs"));
