@@ -4,8 +4,9 @@
 //! answer or a clear error in bounded time, and every acknowledged write is
 //! there after the restart.
 //!
-//! `ATP_FAULT_CYCLES` (default 3) sets how many kill-and-restart cycles the
-//! SQLite test runs.
+//! `ATP_FAULT_CYCLES` (default 3) sets how many rounds each test runs (each
+//! kill test kills once per round for an HTTP and once for a WebSocket
+//! caller).
 
 use std::{
     net::SocketAddr,
@@ -135,7 +136,7 @@ async fn atp_server_killed_mid_call_and_restarted() {
         async move { toolkit.start().await }
     });
     wait_connected(&base, "killkit").await;
-    for protocol in [LlmProtocol::Http, LlmProtocol::WebSocket] {
+    for protocol in protocols() {
         let client = llm(&base, protocol);
         let pending = tokio::spawn({
             let client = client.clone();
@@ -217,7 +218,7 @@ async fn a_toolkit_killed_mid_call() {
         .await
         .expect("the toolkit starts");
     assert!(server.wait_until_served("doomed", WAIT).await);
-    for protocol in [LlmProtocol::Http, LlmProtocol::WebSocket] {
+    for protocol in protocols() {
         let client = llm(&base, protocol);
         let pending = tokio::spawn({
             let client = client.clone();
@@ -273,7 +274,7 @@ async fn a_proxy_cuts_the_llm_client_mid_call() {
     });
     assert!(server.wait_until_served("cutkit", WAIT).await);
     let proxy = CutProxy::start(addr).await.expect("proxy");
-    for protocol in [LlmProtocol::Http, LlmProtocol::WebSocket] {
+    for protocol in protocols() {
         let client = llm(&proxy.url(), protocol);
         echo_works(&client, "cutkit").await;
         let pending = tokio::spawn({
@@ -352,7 +353,7 @@ async fn a_proxy_cuts_the_toolkit_mid_call() {
     });
     assert!(server.wait_until_served("cutside", WAIT).await);
     let client = llm(&format!("http://{addr}"), LlmProtocol::WebSocket);
-    for round in 0..3 {
+    for round in 0..fault_cycles() {
         let pending = tokio::spawn({
             let client = client.clone();
             async move {
@@ -412,36 +413,48 @@ async fn a_proxy_cuts_adapters_mid_request_and_mid_answer() {
         )
         .expect("the adapter starts");
         let proxy = CutProxy::start(addr).await.expect("proxy");
-        // Mid-answer: the client gets an error, not a hang.
-        let get = request("GET", "/atp/conformance/?provider=openai", &[], b"");
-        proxy.cut_after_downstream(Some(200));
-        let mut conn = Conn::connect(proxy.addr()).await.expect("connect");
-        let cut_answer = tokio::time::timeout(WAIT, conn.exchange(&get, false))
-            .await
-            .expect("no hang");
-        assert!(cut_answer.is_err(), "{framework}: {cut_answer:?}");
-        // Mid-request: half a body, then the cut.
-        let before = proxy.accepted();
-        let mut conn = Conn::connect(proxy.addr()).await.expect("connect");
-        conn.send(b"POST /atp/conformance/echo/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"text\"")
+        for _ in 0..fault_cycles() {
+            // Mid-answer: the client gets an error, not a hang.
+            let get = request("GET", "/atp/conformance/?provider=openai", &[], b"");
+            proxy.cut_after_downstream(Some(200));
+            let mut conn = Conn::connect(proxy.addr()).await.expect("connect");
+            let cut_answer = tokio::time::timeout(WAIT, conn.exchange(&get, false))
+                .await
+                .expect("no hang");
+            assert!(cut_answer.is_err(), "{framework}: {cut_answer:?}");
+            // Mid-request: half a body, then the cut.
+            let before = proxy.accepted();
+            let mut conn = Conn::connect(proxy.addr()).await.expect("connect");
+            conn.send(b"POST /atp/conformance/echo/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"text\"")
             .await
             .expect("send");
-        assert!(proxy.wait_accepted(before + 1, WAIT).await);
-        proxy.cut_all();
-        assert!(
-            conn.closed_within(WAIT).await,
-            "{framework}: the cut connection stays open"
-        );
-        // Both ways, the adapter still serves — directly and through the
-        // proxy.
-        for via in [addr, proxy.addr()] {
-            let r = http::once(via, &get, false, WAIT).await.expect("served");
-            assert_eq!(r.status, 200, "{framework}: {r:?}");
+            assert!(proxy.wait_accepted(before + 1, WAIT).await);
+            proxy.cut_all();
+            assert!(
+                conn.closed_within(WAIT).await,
+                "{framework}: the cut connection stays open"
+            );
+            // Both ways, the adapter still serves — directly and through the
+            // proxy.
+            for via in [addr, proxy.addr()] {
+                let r = http::once(via, &get, false, WAIT).await.expect("served");
+                assert_eq!(r.status, 200, "{framework}: {r:?}");
+            }
         }
-        assert!(proxy.cuts() >= 2, "{framework}: {}", proxy.cuts());
+        assert!(
+            proxy.cuts() >= 2 * fault_cycles(),
+            "{framework}: {}",
+            proxy.cuts()
+        );
     }
 }
 
+/// HTTP then WebSocket, [`fault_cycles`] times over.
+fn protocols() -> Vec<LlmProtocol> {
+    [LlmProtocol::Http, LlmProtocol::WebSocket].repeat(fault_cycles())
+}
+
+/// How many rounds each fault test runs: `ATP_FAULT_CYCLES`, 3 by default.
 fn fault_cycles() -> usize {
     std::env::var("ATP_FAULT_CYCLES")
         .ok()
