@@ -15,6 +15,7 @@
 pub mod fuzz;
 pub mod http;
 pub mod node;
+pub mod node_cli;
 pub mod proxy;
 pub mod soak;
 

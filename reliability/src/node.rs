@@ -3,13 +3,7 @@
 //! `atp-reliability-node` binary), so that it can be killed with SIGKILL —
 //! no destructor, no flush, no goodbye — and its memory measured alone.
 
-use std::{
-    io,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::Stdio,
-    time::Duration,
-};
+use std::{io, net::SocketAddr, path::Path, process::Stdio, time::Duration};
 
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -108,19 +102,6 @@ impl Node {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
-}
-
-/// The `atp-reliability-node` binary beside the running executable (the
-/// soak driver's case), or `fallback` (a test's `CARGO_BIN_EXE_…`).
-pub fn binary_beside_me(fallback: Option<&str>) -> PathBuf {
-    if let Some(f) = fallback {
-        return PathBuf::from(f);
-    }
-    let me = std::env::current_exe().unwrap_or_default();
-    me.with_file_name(format!(
-        "atp-reliability-node{}",
-        std::env::consts::EXE_SUFFIX
-    ))
 }
 
 /// The arguments that start an adapter serving the conformance fixture.

@@ -49,8 +49,28 @@ struct Cli {
     ws_clients: usize,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // `soak node …` is a node process (the server under test), started by
+    // the soak itself so that one `cargo run` builds everything it needs.
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("node") {
+        return atp_reliability::node_cli::main(args.skip(1));
+    }
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(soak_main()),
+        Err(e) => {
+            eprintln!("soak: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `current_exe node ARGS…`: this binary as a node process.
+fn node_args(args: Vec<String>) -> Vec<String> {
+    std::iter::once("node".to_owned()).chain(args).collect()
+}
+
+async fn soak_main() -> ExitCode {
     let cli = Cli::parse();
     let opts = SoakOptions {
         requests: cli.requests,
@@ -58,7 +78,13 @@ async fn main() -> ExitCode {
         max_time: Duration::from_secs(cli.max_seconds),
         sample_every: Duration::from_secs(cli.sample_seconds.max(1)),
     };
-    let binary = node::binary_beside_me(None);
+    let binary = match std::env::current_exe() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("soak: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let outcome = match cli.target.as_str() {
         "axum" | "actix" | "rocket" => adapter(&binary, &cli.target, opts).await,
         "server" => server(&binary, opts, cli.ws_clients).await,
@@ -81,7 +107,7 @@ async fn adapter(
     framework: &str,
     opts: SoakOptions,
 ) -> Result<bool, String> {
-    let child = Node::start(binary, &node::adapter_args(framework))
+    let child = Node::start(binary, &node_args(node::adapter_args(framework)))
         .await
         .map_err(|e| format!("starting {}: {e}", binary.display()))?;
     let report = soak::run(child.addr(), soak::adapter_mix(), opts, child.pid()).await;
@@ -102,13 +128,13 @@ async fn server(
     let db = dir.join("soak.sqlite3");
     let child = Node::start(
         binary,
-        &node::server_args(
+        &node_args(node::server_args(
             "127.0.0.1:0",
             &db,
             soak::SERVER_TOOLKIT_KEY,
             soak::SERVER_LLM_KEY,
             10_000,
-        ),
+        )),
     )
     .await
     .map_err(|e| format!("starting {}: {e}", binary.display()))?;
