@@ -121,11 +121,17 @@ pub struct LoadResult {
     pub latencies_us: Vec<u32>,
     /// The server's CPU time during the measurement.
     pub server_cpu: Option<Duration>,
+    /// The same, split into user space and kernel.
+    pub server_cpu_split: Option<procfs::CpuTimes>,
     /// The server's largest resident memory seen during the measurement.
     pub server_peak_rss: Option<u64>,
     /// This process's (the load generator's) CPU time during the
     /// measurement.
     pub client_cpu: Duration,
+    /// CPU time the rest of the machine used during the measurement (all
+    /// busy time minus the server's and the load generator's): other
+    /// processes, and time the hypervisor took.
+    pub other_cpu: Option<Duration>,
 }
 
 impl LoadResult {
@@ -148,6 +154,27 @@ impl LoadResult {
     pub fn cpu_us_per_request(&self) -> Option<f64> {
         let cpu = self.server_cpu?;
         (self.ok > 0).then(|| cpu.as_secs_f64() * 1e6 / self.ok as f64)
+    }
+
+    /// The server's user-space and kernel CPU time per successful request,
+    /// in microseconds.
+    pub fn cpu_split_us_per_request(&self) -> Option<(f64, f64)> {
+        let split = self.server_cpu_split?;
+        let n = self.ok as f64;
+        (self.ok > 0).then(|| {
+            (
+                split.user.as_secs_f64() * 1e6 / n,
+                split.system.as_secs_f64() * 1e6 / n,
+            )
+        })
+    }
+
+    /// What the rest of the machine used during the measurement, in % of
+    /// one CPU.
+    pub fn interference_percent(&self) -> Option<f64> {
+        let secs = self.elapsed.as_secs_f64();
+        (secs > 0.0).then_some(())?;
+        Some(self.other_cpu?.as_secs_f64() / secs * 100.0)
     }
 
     /// The load generator's CPU time per successful request, in
@@ -298,8 +325,9 @@ async fn run_async(load: Load) -> LoadResult {
         .collect();
 
     tokio::time::sleep_until(measure_start.into()).await;
-    let cpu_before = server_pid.map(procfs::tree_cpu_time);
+    let cpu_before = server_pid.map(procfs::tree_cpu_times);
     let client_before = procfs::self_cpu_time();
+    let machine_before = procfs::machine_busy_time();
     // Sample the server's memory while the workers run.
     let mut peak_rss = server_pid.map(procfs::tree_rss);
     let mut all = futures_join(workers);
@@ -313,8 +341,12 @@ async fn run_async(load: Load) -> LoadResult {
             }
         }
     };
-    let cpu_after = server_pid.map(procfs::tree_cpu_time);
+    let cpu_after = server_pid.map(procfs::tree_cpu_times);
     let client_cpu = procfs::self_cpu_time().saturating_sub(client_before);
+    let machine = procfs::machine_busy_time().saturating_sub(machine_before);
+    let server_cpu_split = cpu_before.zip(cpu_after).map(|(b, a)| a.since(b));
+    let server_cpu = server_cpu_split.map(procfs::CpuTimes::total);
+    let other_cpu = server_cpu.map(|s| machine.saturating_sub(s).saturating_sub(client_cpu));
 
     let mut result = LoadResult {
         ok: 0,
@@ -323,9 +355,11 @@ async fn run_async(load: Load) -> LoadResult {
         reconnects: 0,
         elapsed: Duration::ZERO,
         latencies_us: Vec::new(),
-        server_cpu: cpu_before.zip(cpu_after).map(|(b, a)| a.saturating_sub(b)),
+        server_cpu,
+        server_cpu_split,
         server_peak_rss: peak_rss,
         client_cpu,
+        other_cpu,
     };
     let mut last = measure_start;
     for out in outs {

@@ -106,8 +106,10 @@ struct LoadArgs {
 struct HttpArgs {
     #[command(flatten)]
     load: LoadArgs,
-    /// Runs per server; the tables show the median.
-    #[arg(long, default_value_t = 3)]
+    /// Runs per server, interleaved; the tables show the median of the
+    /// runs during which the rest of the machine used at most 10 % of a CPU
+    /// (of all runs when none was that quiet).
+    #[arg(long, default_value_t = 5)]
     repeat: usize,
     /// Also append the tables to this file.
     #[arg(long)]
@@ -413,12 +415,14 @@ fn external_load(args: ExternalLoadArgs) -> Result<(), String> {
 fn describe(r: &LoadResult) -> String {
     let us = |v: Option<f64>| v.map_or_else(|| "–".into(), |c| format!("{c:.2}"));
     format!(
-        "{:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, server CPU {} µs/req, load generator {} µs/req{}",
+        "{:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, server CPU {} µs/req, load generator {} µs/req, others {}% of a CPU{}",
         r.rps(),
         r.percentile_ms(50.0),
         r.percentile_ms(99.0),
         us(r.cpu_us_per_request()),
         us(r.client_cpu_us_per_request()),
+        r.interference_percent()
+            .map_or_else(|| "–".into(), |p| format!("{p:.0}")),
         if r.errors + r.bad_status > 0 {
             format!(", {} FAILED", r.errors + r.bad_status)
         } else {
@@ -435,7 +439,10 @@ fn http(args: HttpArgs) -> Result<(), String> {
     let mut text = setup.header(
         "HTTP: adapters, bare handlers, Python",
         &args.load,
-        &format!("; {repeat} runs per server, median shown"),
+        &format!(
+            "; {repeat} runs per server, interleaved; median of the runs with others' CPU ≤ {} %",
+            report::MAX_INTERFERENCE
+        ),
     );
     print!("{text}");
     let mut results: BTreeMap<String, Vec<LoadResult>> = BTreeMap::new();

@@ -55,20 +55,81 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
     tree
 }
 
-/// User plus system CPU time of one process (all its threads).
-fn cpu_time_of(pid: u32) -> Option<Duration> {
+fn ticks_to_duration(ticks: u64) -> Duration {
+    let hz = clock_ticks();
+    Duration::from_secs(ticks / hz) + Duration::from_nanos((ticks % hz) * 1_000_000_000 / hz)
+}
+
+/// User and system CPU time of one process (all its threads).
+fn cpu_times_of(pid: u32) -> Option<CpuTimes> {
     let fields = stat_fields(pid)?;
     // utime and stime are fields 14 and 15 of the whole line.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    let ticks = utime + stime;
-    let hz = clock_ticks();
-    Some(Duration::from_secs(ticks / hz) + Duration::from_nanos((ticks % hz) * 1_000_000_000 / hz))
+    Some(CpuTimes {
+        user: ticks_to_duration(utime),
+        system: ticks_to_duration(stime),
+    })
 }
 
-/// CPU time (user + system) of `pid` and its descendants.
-pub fn tree_cpu_time(pid: u32) -> Duration {
-    process_tree(pid).into_iter().filter_map(cpu_time_of).sum()
+fn cpu_time_of(pid: u32) -> Option<Duration> {
+    cpu_times_of(pid).map(|t| t.user + t.system)
+}
+
+/// CPU time in user space and in the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTimes {
+    /// User space.
+    pub user: Duration,
+    /// The kernel (system calls, and here mostly the loopback TCP stack).
+    pub system: Duration,
+}
+
+impl CpuTimes {
+    /// `self - earlier`, per field.
+    pub fn since(self, earlier: CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+        }
+    }
+
+    /// User plus system.
+    pub fn total(self) -> Duration {
+        self.user + self.system
+    }
+}
+
+/// CPU times of `pid` and its descendants.
+pub fn tree_cpu_times(pid: u32) -> CpuTimes {
+    process_tree(pid)
+        .into_iter()
+        .filter_map(cpu_times_of)
+        .fold(CpuTimes::default(), |a, b| CpuTimes {
+            user: a.user + b.user,
+            system: a.system + b.system,
+        })
+}
+
+/// CPU time all CPUs spent busy (user, nice, system, irq, softirq, and
+/// steal: time the hypervisor gave to someone else), from `/proc/stat`.
+pub fn machine_busy_time() -> Duration {
+    let text = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|v| v.parse::<u64>().ok())
+                .enumerate()
+                // user nice system idle iowait irq softirq steal
+                .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 5 | 6 | 7))
+                .map(|(_, v)| v)
+                .sum()
+        })
+        .unwrap_or(0);
+    ticks_to_duration(ticks)
 }
 
 /// This process's CPU time (user + system).

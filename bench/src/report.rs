@@ -33,25 +33,64 @@ pub struct Summary {
     pub p99_ms: f64,
     /// Server CPU time per request, µs.
     pub cpu_us: Option<f64>,
+    /// Of which in user space, µs.
+    pub user_us: Option<f64>,
+    /// Of which in the kernel, µs.
+    pub sys_us: Option<f64>,
     /// Server peak RSS under load, bytes.
     pub rss: Option<f64>,
     /// Failed requests over all runs (errors and non-2xx).
     pub failures: u64,
+    /// What the rest of the machine used, % of one CPU (median of the
+    /// runs used).
+    pub interference: Option<f64>,
+    /// Runs the medians are of.
+    pub used: usize,
+    /// Runs made.
+    pub total: usize,
 }
 
+/// Runs during which the rest of the machine used more than this (% of
+/// one CPU) are left out of the medians when quieter runs exist.
+pub const MAX_INTERFERENCE: f64 = 10.0;
+
 impl Summary {
-    /// The medians of `runs`.
-    pub fn of(runs: &[LoadResult]) -> Option<Summary> {
+    /// The medians of the quiet runs of `runs` (all of them when none was
+    /// quiet).
+    pub fn of(all: &[LoadResult]) -> Option<Summary> {
+        let quiet: Vec<&LoadResult> = all
+            .iter()
+            .filter(|r| {
+                r.interference_percent()
+                    .is_none_or(|p| p <= MAX_INTERFERENCE)
+            })
+            .collect();
+        let runs: Vec<&LoadResult> = if quiet.is_empty() {
+            all.iter().collect()
+        } else {
+            quiet
+        };
         Some(Summary {
-            rps: median(runs.iter().map(LoadResult::rps))?,
+            rps: median(runs.iter().map(|r| r.rps()))?,
             p50_ms: median(runs.iter().map(|r| r.percentile_ms(50.0)))?,
             p99_ms: median(runs.iter().map(|r| r.percentile_ms(99.0)))?,
-            cpu_us: median(runs.iter().filter_map(LoadResult::cpu_us_per_request)),
+            cpu_us: median(runs.iter().filter_map(|r| r.cpu_us_per_request())),
+            user_us: median(
+                runs.iter()
+                    .filter_map(|r| r.cpu_split_us_per_request().map(|s| s.0)),
+            ),
+            sys_us: median(
+                runs.iter()
+                    .filter_map(|r| r.cpu_split_us_per_request().map(|s| s.1)),
+            ),
             rss: median(
                 runs.iter()
                     .filter_map(|r| r.server_peak_rss.map(|b| b as f64)),
             ),
-            failures: runs.iter().map(|r| r.errors + r.bad_status).sum(),
+            failures: all.iter().map(|r| r.errors + r.bad_status).sum(),
+            interference: median(runs.iter().filter_map(|r| r.interference_percent())),
+            used: runs.len(),
+            total: all.len(),
         })
     }
 }
@@ -80,19 +119,27 @@ pub fn http_tables(order: &[Target], results: &BTreeMap<String, Vec<LoadResult>>
 
     let _ = writeln!(
         out,
-        "| server | req/s | p50 ms | p99 ms | server CPU µs/req | peak RSS MiB | failed |"
+        "| server | req/s | p50 ms | p99 ms | server CPU µs/req | user | kernel | peak RSS MiB | failed | others' CPU % | runs used |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for (t, s) in &summaries {
         let _ = writeln!(
             out,
-            "| {t} | {:.0} | {:.3} | {:.3} | {} | {} | {} |",
+            "| {t} | {:.0} | {:.3} | {:.3} | {} | {} | {} | {} | {} | {} | {}/{} |",
             s.rps,
             s.p50_ms,
             s.p99_ms,
             opt(s.cpu_us, 2),
+            opt(s.user_us, 2),
+            opt(s.sys_us, 2),
             s.rss.map_or_else(|| "–".into(), mib),
-            s.failures
+            s.failures,
+            opt(s.interference, 0),
+            s.used,
+            s.total
         );
     }
 
@@ -142,20 +189,22 @@ pub fn http_tables(order: &[Target], results: &BTreeMap<String, Vec<LoadResult>>
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "| Rust adapter | req/s Rust / Python (≥ 15) | CPU µs/req Python / Rust |"
+            "| Rust adapter | req/s Rust / Python (≥ 15) | CPU µs/req Python / Rust | user-space CPU µs/req Python / Rust |"
         );
-        let _ = writeln!(out, "|---|---:|---:|");
+        let _ = writeln!(out, "|---|---:|---:|---:|");
         for fw in Framework::ALL {
             let Some(r) = find(Target::Rust(fw, Mode::Atp)) else {
                 continue;
             };
             let ratio = r.rps / p.rps;
             let cpu = p.cpu_us.zip(r.cpu_us).map(|(p, r)| p / r);
+            let user = p.user_us.zip(r.user_us).map(|(p, r)| p / r);
             let _ = writeln!(
                 out,
-                "| atp-{fw} | {ratio:.1} ({}) | {} |",
+                "| atp-{fw} | {ratio:.1} ({}) | {} | {} |",
                 verdict(ratio >= 15.0),
-                opt(cpu, 1)
+                opt(cpu, 1),
+                opt(user, 1)
             );
         }
     }
