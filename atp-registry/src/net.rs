@@ -22,9 +22,13 @@ pub enum NetError {
     /// The URL could not be parsed.
     #[error("invalid URL: {0}")]
     InvalidUrl(String),
-    /// The connection failed or broke.
+    /// The connection could not be made.
     #[error("connection failed: {0}")]
     Connect(String),
+    /// The connection broke after the request was on its way, before the
+    /// whole answer came.
+    #[error("the connection broke before the answer came: {0}")]
+    Lost(String),
     /// No answer in time.
     #[error("no answer within {} ms", .0.as_millis())]
     Timeout(Duration),
@@ -82,16 +86,18 @@ impl HttpClient {
             .body(Full::new(payload))
             .map_err(|e| NetError::InvalidUrl(e.to_string()))?;
         let call = async {
-            let resp = self
-                .inner
-                .request(req)
-                .await
-                .map_err(|e| NetError::Connect(e.to_string()))?;
+            let resp = self.inner.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    NetError::Connect(e.to_string())
+                } else {
+                    NetError::Lost(e.to_string())
+                }
+            })?;
             let status = resp.status().as_u16();
             let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
                 .collect()
                 .await
-                .map_err(|e| NetError::Connect(e.to_string()))?
+                .map_err(|e| NetError::Lost(e.to_string()))?
                 .to_bytes();
             if bytes.iter().all(u8::is_ascii_whitespace) {
                 return Ok((status, Value::Null));

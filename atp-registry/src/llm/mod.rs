@@ -80,6 +80,7 @@ impl From<NetError> for LlmError {
     fn from(e: NetError) -> Self {
         match e {
             NetError::Timeout(d) => LlmError::Timeout(d),
+            NetError::Lost(_) => LlmError::ConnectionLost,
             NetError::NotJson { status } => {
                 LlmError::InvalidResponse(format!("HTTP {status}, not JSON"))
             }
