@@ -125,6 +125,9 @@ pub struct Config {
     pub ping_interval: Duration,
     /// The largest request body or WebSocket message (16 MiB by default).
     pub max_message_size: usize,
+    /// How long a connection may take to send a whole request head (30 s
+    /// by default); a slower or silent one is closed (slowloris).
+    pub header_read_timeout: Duration,
     /// The URL the server is reached at, for the OAuth callback
     /// (`http://{addr}` by default).
     pub public_url: Option<String>,
@@ -145,6 +148,7 @@ impl Default for Config {
             inbox_presence: Duration::from_secs(90),
             ping_interval: Duration::from_secs(30),
             max_message_size: 16 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(30),
             public_url: None,
             oauth_platforms: Vec::new(),
         }
@@ -167,6 +171,7 @@ struct FileConfig {
     inbox_presence_secs: Option<f64>,
     ping_interval_secs: Option<f64>,
     max_message_size: Option<usize>,
+    header_read_timeout_secs: Option<f64>,
     public_url: Option<String>,
     #[serde(default)]
     oauth_platforms: Vec<OAuthPlatform>,
@@ -238,6 +243,9 @@ impl Config {
         }
         if let Some(v) = file.ping_interval_secs {
             c.ping_interval = secs("ping_interval_secs", v)?;
+        }
+        if let Some(v) = file.header_read_timeout_secs {
+            c.header_read_timeout = secs("header_read_timeout_secs", v)?;
         }
         if let Some(v) = file.max_message_size {
             c.max_message_size = v.max(1024);

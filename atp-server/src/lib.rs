@@ -4,6 +4,7 @@ mod config;
 mod error;
 mod hub;
 mod keys;
+mod listen;
 mod llm;
 mod oauth;
 mod outbound;
@@ -248,12 +249,13 @@ impl AtpServer {
             );
         }
         tracing::info!(%addr, "atp-server listening");
-        let mut stop = self.state.shutdown.subscribe();
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await?;
+        listen::serve(
+            listener,
+            self.router(),
+            self.state.shutdown.subscribe(),
+            self.state.config.header_read_timeout,
+        )
+        .await?;
         tracing::info!("atp-server stopped");
         Ok(())
     }

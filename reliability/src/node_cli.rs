@@ -46,6 +46,9 @@ enum What {
         /// How long a call waits for its toolkit.
         #[arg(long, default_value_t = 10_000)]
         task_timeout_ms: u64,
+        /// How long a connection may take to send a request head.
+        #[arg(long, default_value_t = 30_000)]
+        header_read_timeout_ms: u64,
     },
     /// A toolkit runtime (`echo`, `slow`, `fails`) connected to a server.
     Toolkit {
@@ -124,6 +127,7 @@ pub fn main(args: impl IntoIterator<Item = String>) -> ExitCode {
             toolkit_key,
             llm_key,
             task_timeout_ms,
+            header_read_timeout_ms,
         } => tokio::runtime::Runtime::new()
             .map_err(|e| e.to_string())
             .and_then(|rt| {
@@ -137,6 +141,7 @@ pub fn main(args: impl IntoIterator<Item = String>) -> ExitCode {
                         toolkit_api_keys: vec![toolkit_key.into()],
                         llm_api_keys: vec![llm_key.into()],
                         task_timeout: Duration::from_millis(task_timeout_ms),
+                        header_read_timeout: Duration::from_millis(header_read_timeout_ms),
                         ..Config::default()
                     })
                     .map_err(|e| e.to_string())?;

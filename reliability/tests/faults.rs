@@ -573,3 +573,53 @@ async fn sqlite_killed_during_writes_loses_nothing_acknowledged() {
     eprintln!("{in_doubt} writes were in flight (unacknowledged) at the kills");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Slowloris at the open-file limit: `atp-server` may open 128 files, 200
+/// connections sit idle (nothing sent, or half a request head) — more than
+/// it can accept. A real request must still be served: the server closes
+/// the idle ones when its header read timeout (1 s here) passes, and so
+/// gets to it. (Before the timeout existed the server never closed them
+/// and the real request waited as long as the idle ones stayed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_at_the_open_file_limit_is_outlasted() {
+    let mut args = vec![
+        "-c".to_owned(),
+        "ulimit -n 128 && exec \"$0\" \"$@\"".to_owned(),
+        node_bin().display().to_string(),
+    ];
+    args.extend(node::server_args(
+        "127.0.0.1:0",
+        Path::new(":memory:"),
+        TK,
+        LLM,
+        60_000,
+    ));
+    args.extend(["--header-read-timeout-ms".to_owned(), "1000".to_owned()]);
+    let server = Node::start(Path::new("sh"), &args)
+        .await
+        .expect("the server starts");
+    let addr = server.addr();
+    let mut idle = Vec::new();
+    for i in 0..200 {
+        let mut c = Conn::connect(addr)
+            .await
+            .expect("connect (the backlog takes it)");
+        if i % 2 == 1 {
+            c.send(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .expect("send");
+        }
+        idle.push(c);
+    }
+    let started = Instant::now();
+    let r = http::once(addr, &request("GET", "/health", &[], b""), false, WAIT)
+        .await
+        .expect("the real request is served while the idle connections stay open");
+    assert_eq!(r.status, 200, "{r:?}");
+    eprintln!(
+        "a real request beside 200 idle connections (open-file limit 128) was served after {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+    drop(server);
+}

@@ -404,6 +404,48 @@ async fn slow_tools_do_not_block_others(t: Target) {
     );
 }
 
+/// `atp-server` closes a connection that sends no whole request head
+/// within its header read timeout (2 s here): silent ones, half-sent heads,
+/// and kept-alive ones that went quiet.
+async fn server_closes_silent_connections(t: Target) {
+    let mut conns = Vec::new();
+    for i in 0..12 {
+        let mut c = Conn::connect(t.addr).await.expect("connect");
+        match i % 3 {
+            0 => {}
+            1 => c
+                .send(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .expect("send"),
+            _ => {
+                let r = c
+                    .exchange(&request("GET", "/health", &[], b""), false)
+                    .await
+                    .expect("an answer");
+                assert_eq!(r.status, 200);
+            }
+        }
+        conns.push(c);
+    }
+    let started = Instant::now();
+    for (i, c) in conns.iter_mut().enumerate() {
+        assert!(
+            c.closed_within(WAIT).await,
+            "connection {i} was never closed"
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= common::SERVER_HEADER_TIMEOUT / 2,
+        "closed after {took:?}: too soon for the timeout"
+    );
+    eprintln!(
+        "{}: 12 silent connections closed {took:?} after they went quiet",
+        t.name
+    );
+    t.still_serves().await;
+}
+
 /// Only one slowloris test at a time in this process (each holds thousands
 /// of file descriptors).
 static SLOWLORIS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -531,6 +573,15 @@ macro_rules! per_adapter {
             }
         }
     )*};
+}
+
+mod silent {
+    use super::*;
+
+    #[tokio::test]
+    async fn server_closes_connections_that_send_no_head_in_time() {
+        server_closes_silent_connections(target("server")).await;
+    }
 }
 
 mod slow_tools {

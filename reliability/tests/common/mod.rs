@@ -24,6 +24,8 @@ pub const TK_KEY_2: &str = "wire-toolkit-key-2";
 pub const LLM_KEY: &str = "wire-llm-key";
 /// The test `atp-server`'s message limit.
 pub const SERVER_LIMIT: usize = 64 * 1024;
+/// The test `atp-server`'s header read timeout.
+pub const SERVER_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// The adapters' body limit (the fixture's, the default).
 pub const ADAPTER_LIMIT: usize = atp_conformance::fixture::BODY_LIMIT;
 /// The bound of every wait.
@@ -79,6 +81,7 @@ pub fn server() -> &'static (AtpServer, SocketAddr) {
                     toolkit_api_keys: vec![TK_KEY.into(), TK_KEY_2.into()],
                     llm_api_keys: vec![LLM_KEY.into()],
                     max_message_size: SERVER_LIMIT,
+                    header_read_timeout: SERVER_HEADER_TIMEOUT,
                     ..Config::default()
                 })
                 .expect("open");
