@@ -23,6 +23,7 @@ use tokio::{
 pub struct CutProxy {
     addr: SocketAddr,
     cut: watch::Sender<u64>,
+    freeze: watch::Sender<u64>,
     accepted: watch::Sender<usize>,
     stats: Arc<Stats>,
     accept: tokio::task::JoinHandle<()>,
@@ -42,6 +43,7 @@ impl CutProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (cut, _) = watch::channel(0u64);
+        let (freeze, _) = watch::channel(0u64);
         let (accepted, _) = watch::channel(0usize);
         let stats = Arc::new(Stats {
             cut_after_downstream: AtomicU64::new(u64::MAX),
@@ -49,6 +51,7 @@ impl CutProxy {
         });
         let accept = {
             let cut = cut.clone();
+            let freeze = freeze.clone();
             let accepted = accepted.clone();
             let stats = stats.clone();
             tokio::spawn(async move {
@@ -56,11 +59,12 @@ impl CutProxy {
                     // Subscribed before it counts as accepted: a cut after
                     // `wait_accepted` reaches this connection.
                     let cut = cut.subscribe();
+                    let freeze = freeze.subscribe();
                     accepted.send_modify(|n| *n += 1);
                     let stats = stats.clone();
                     tokio::spawn(async move {
                         if let Ok(server) = TcpStream::connect(upstream).await {
-                            forward(client, server, cut, &stats).await;
+                            forward(client, server, cut, freeze, &stats).await;
                         }
                     });
                 }
@@ -69,6 +73,7 @@ impl CutProxy {
         Ok(Self {
             addr,
             cut,
+            freeze,
             accepted,
             stats,
             accept,
@@ -88,6 +93,13 @@ impl CutProxy {
     /// Cuts every connection open now (new ones are forwarded again).
     pub fn cut_all(&self) {
         self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Freezes every connection open now: from now on they carry nothing,
+    /// either way, and stay open (a black-holed route: neither side hears
+    /// anything, not even a close). New connections are forwarded.
+    pub fn freeze_all(&self) {
+        self.freeze.send_modify(|n| *n += 1);
     }
 
     /// Cuts the connection that carries the `bytes`-th byte from a server
@@ -130,6 +142,7 @@ async fn forward(
     client: TcpStream,
     server: TcpStream,
     mut cut: watch::Receiver<u64>,
+    mut freeze: watch::Receiver<u64>,
     stats: &Stats,
 ) {
     let _ = client.set_nodelay(true);
@@ -143,6 +156,11 @@ async fn forward(
         tokio::select! {
             _ = cut.changed() => {
                 stats.cuts_done.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            _ = freeze.changed() => {
+                // Hold both sockets, carry nothing, until cut (or dropped).
+                let _ = cut.changed().await;
                 return;
             }
             r = cr.read(&mut up), if up_open => match r {

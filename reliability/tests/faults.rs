@@ -623,3 +623,70 @@ async fn slowloris_at_the_open_file_limit_is_outlasted() {
     drop(idle);
     drop(server);
 }
+
+/// A black-holed route (the proxy stops carrying anything and closes
+/// nothing): a WebSocket `LlmClient` notices through its pings, fails the
+/// call waiting on it, and connects anew for the next call — instead of
+/// sending every later call down the dead connection until each times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_llm_connection_is_noticed_and_replaced() {
+    let (server, addr) = memory_server().await;
+    let base = format!("http://{addr}");
+    let (toolkit, started) = toolkit("holekit", &base);
+    let runtime = tokio::spawn({
+        let toolkit = toolkit.clone();
+        async move { toolkit.start().await }
+    });
+    assert!(server.wait_until_served("holekit", WAIT).await);
+    let proxy = CutProxy::start(addr).await.expect("proxy");
+    let client = LlmClient::new(LLM)
+        .with_base_url(proxy.url())
+        .with_protocol(LlmProtocol::WebSocket)
+        .with_timeout(Duration::from_secs(10))
+        .with_ping_interval(Duration::from_millis(200));
+    for round in 0..fault_cycles() {
+        echo_works(&client, "holekit").await;
+        let pending = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .call_tool(
+                        "holekit",
+                        &call("slow", json!({"ms": 30_000})),
+                        "anthropic",
+                        "",
+                    )
+                    .await
+            }
+        });
+        in_flight(&started).await;
+        let frozen = Instant::now();
+        proxy.freeze_all();
+        let outcome = tokio::time::timeout(WAIT, pending)
+            .await
+            .expect("the caller is answered")
+            .expect("no panic");
+        assert!(
+            matches!(outcome, Err(LlmError::ConnectionLost)),
+            "round {round}: {outcome:?}"
+        );
+        // Two ping intervals and a bit, well before the call's own timeout.
+        assert!(
+            frozen.elapsed() < Duration::from_secs(3),
+            "round {round}: noticed after {:?}",
+            frozen.elapsed()
+        );
+        eprintln!(
+            "round {round}: a black-holed connection noticed after {:?}",
+            frozen.elapsed()
+        );
+    }
+    echo_works(&client, "holekit").await;
+    toolkit.stop();
+    tokio::time::timeout(WAIT, runtime)
+        .await
+        .expect("stops")
+        .expect("no panic")
+        .expect("a clean stop");
+    server.shutdown();
+}

@@ -458,7 +458,6 @@ fn idle_count() -> usize {
     2_000.min(limit.saturating_sub(400) / 2)
 }
 
-#[allow(dead_code)]
 async fn slowloris(t: Target) {
     let _one = SLOWLORIS.lock().await;
     let n = idle_count();
@@ -555,7 +554,11 @@ macro_rules! per_target {
                 deep_json(target(stringify!($name))).await;
             }
 
-            // SLOWLORIS_TEST
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn slowloris_does_not_starve_real_requests() {
+                slowloris(target(stringify!($name))).await;
+            }
         }
     )*};
 }

@@ -89,6 +89,9 @@ impl From<NetError> for LlmError {
     }
 }
 
+/// How often [`LlmClient`] pings its WebSocket by default.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+
 /// The ATP server the seed's client talks to by default.
 pub const DEFAULT_LLM_BASE_URL: &str = "https://api.chat-atp.com";
 
@@ -119,6 +122,7 @@ struct Inner {
     protocol: LlmProtocol,
     timeout: Duration,
     connect_timeout: Duration,
+    ping_interval: Duration,
     http: HttpClient,
     ws: tokio::sync::Mutex<Option<Connection>>,
     next_id: AtomicU64,
@@ -165,6 +169,7 @@ impl LlmClient {
                 protocol,
                 timeout,
                 connect_timeout: Duration::from_secs(10),
+                ping_interval: DEFAULT_PING_INTERVAL,
                 http: HttpClient::new(),
                 ws: tokio::sync::Mutex::new(None),
                 next_id: AtomicU64::new(0),
@@ -177,7 +182,23 @@ impl LlmClient {
         let mut protocol = self.inner.protocol;
         let mut timeout = self.inner.timeout;
         f(&mut base, &mut protocol, &mut timeout);
-        Self::build(self.inner.api_key.clone(), base, protocol, timeout)
+        let mut rebuilt = Self::build(self.inner.api_key.clone(), base, protocol, timeout);
+        if let Some(inner) = Arc::get_mut(&mut rebuilt.inner) {
+            inner.ping_interval = self.inner.ping_interval;
+        }
+        rebuilt
+    }
+
+    /// How often the WebSocket is pinged (30 s by default). A connection
+    /// on which nothing has come for two intervals — no answer, no ping, no
+    /// pong — is taken as dead: the requests waiting on it fail with
+    /// [`LlmError::ConnectionLost`] and the next call connects anew.
+    pub fn with_ping_interval(self, every: Duration) -> Self {
+        let mut rebuilt = self.rebuild(|_, _, _| {});
+        if let Some(inner) = Arc::get_mut(&mut rebuilt.inner) {
+            inner.ping_interval = every.max(Duration::from_millis(10));
+        }
+        rebuilt
     }
 
     /// Sets the ATP server (e.g. `http://127.0.0.1:8080` for a local
@@ -538,22 +559,37 @@ impl LlmClient {
         let pending: Pending = Arc::default();
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (task_pending, task_alive) = (pending.clone(), alive.clone());
+        let interval = self.inner.ping_interval;
         tokio::spawn(async move {
             let (mut sink, mut stream) = ws.split();
-            let mut ping = tokio::time::interval(Duration::from_secs(30));
+            let mut ping = tokio::time::interval(interval);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ping.tick().await;
+            // A connection that went silent (a dead peer, a black-holed
+            // route) is noticed here: the server answers pings and pings
+            // too, so nothing for two intervals means nobody is there.
+            let mut last_seen = std::time::Instant::now();
             loop {
                 tokio::select! {
                     out = rx.recv() => match out {
                         Some(text) => if sink.send(Message::text(text)).await.is_err() { break },
                         None => { let _ = sink.close().await; break }
                     },
-                    frame = stream.next() => match frame {
-                        Some(Ok(Message::Text(t))) => route(&task_pending, t.as_str()),
-                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
-                        Some(Ok(_)) => {}
+                    frame = stream.next() => {
+                        last_seen = std::time::Instant::now();
+                        match frame {
+                            Some(Ok(Message::Text(t))) => route(&task_pending, t.as_str()),
+                            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                            Some(Ok(_)) => {}
+                        }
                     },
-                    _ = ping.tick() => if sink.send(Message::Ping(Default::default())).await.is_err() { break },
+                    _ = ping.tick() => {
+                        if last_seen.elapsed() >= interval * 2 {
+                            tracing::warn!("no answer to pings from the ATP server: the connection is taken as dead");
+                            break;
+                        }
+                        if sink.send(Message::Ping(Default::default())).await.is_err() { break }
+                    },
                 }
             }
             task_alive.store(false, Ordering::SeqCst);
