@@ -690,3 +690,93 @@ async fn a_black_holed_llm_connection_is_noticed_and_replaced() {
         .expect("a clean stop");
     server.shutdown();
 }
+
+/// The same black hole between a toolkit and `atp-server`: the server
+/// notices through its pings and answers the waiting caller; the runtime
+/// notices through its own and reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_toolkit_connection_is_noticed_by_both_sides() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = AtpServer::open(Config {
+        db: DbLocation::Memory,
+        toolkit_api_keys: vec![TK.into()],
+        llm_api_keys: vec![LLM.into()],
+        task_timeout: Duration::from_secs(60),
+        ping_interval: Duration::from_millis(200),
+        ..Config::default()
+    })
+    .expect("open");
+    let s = server.clone();
+    tokio::spawn(async move { s.serve(listener).await });
+    let proxy = CutProxy::start(addr).await.expect("proxy");
+    let started = Arc::new(Notify::new());
+    let notify = started.clone();
+    let toolkit = test_toolkit_with(TK, "holeside", &proxy.url(), move |_| notify.notify_one())
+        .with_runtime_options(
+            test_runtime_options()
+                .ping_interval(Duration::from_millis(200))
+                // Its re-announcement may first pick a pooled HTTP connection
+                // the freeze caught: that call waits this long.
+                .request_timeout(Duration::from_secs(1)),
+        );
+    let runtime = tokio::spawn({
+        let toolkit = toolkit.clone();
+        async move { toolkit.start().await }
+    });
+    assert!(server.wait_until_served("holeside", WAIT).await);
+    let client = llm(&format!("http://{addr}"), LlmProtocol::WebSocket);
+    for round in 0..fault_cycles() {
+        let pending = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .call_tool(
+                        "holeside",
+                        &call("slow", json!({"ms": 30_000})),
+                        "anthropic",
+                        "",
+                    )
+                    .await
+            }
+        });
+        in_flight(&started).await;
+        let accepted = proxy.accepted();
+        let frozen = Instant::now();
+        proxy.freeze_all();
+        let out = tokio::time::timeout(WAIT, pending)
+            .await
+            .expect("the caller is answered")
+            .expect("no panic")
+            .expect("an error result");
+        assert_eq!(
+            out[0]["content"][0]["is_error"], true,
+            "round {round}: {out:?}"
+        );
+        assert!(
+            frozen.elapsed() < Duration::from_secs(3),
+            "round {round}: the caller waited {:?}",
+            frozen.elapsed()
+        );
+        eprintln!(
+            "round {round}: the caller got {:?} {:?} after the freeze",
+            out[0]["content"][0]["content"],
+            frozen.elapsed()
+        );
+        assert!(
+            proxy.wait_accepted(accepted + 1, WAIT).await,
+            "round {round}: the runtime never reconnected"
+        );
+        assert!(server.wait_until_served("holeside", WAIT).await);
+        echo_works(&client, "holeside").await;
+    }
+    toolkit.stop();
+    tokio::time::timeout(WAIT, runtime)
+        .await
+        .expect("stops")
+        .expect("no panic")
+        .expect("a clean stop");
+    server.shutdown();
+}
