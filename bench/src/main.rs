@@ -459,6 +459,10 @@ fn http(args: HttpArgs) -> Result<(), String> {
         }
     }
     let tables = report::http_tables(&setup.targets, &results);
+    // Again at the end, where it is seen.
+    if let Some(py) = &setup.python {
+        py.warn_missing();
+    }
     let tail = format!("\n{tables}\n- load average after: {}\n", loadavg());
     print!("{tail}");
     if let Some(path) = &args.markdown {
