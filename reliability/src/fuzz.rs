@@ -523,6 +523,28 @@ fn build_value(bytes: &mut impl Iterator<Item = u8>, depth: u8) -> Value {
     }
 }
 
+/// Every string in a JSON value (keys and values).
+fn strings_in(v: &Value) -> std::collections::HashSet<&str> {
+    let mut out = std::collections::HashSet::new();
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::String(s) => {
+                out.insert(s.as_str());
+            }
+            Value::Array(items) => stack.extend(items),
+            Value::Object(m) => {
+                for (k, v) in m {
+                    out.insert(k.as_str());
+                    stack.push(v);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 fn ids_of(messages: &[Value]) -> Vec<String> {
     let mut ids = Vec::new();
     for m in messages {
@@ -590,7 +612,7 @@ pub fn llm_calls(data: &[u8]) {
             assert!(outputs.iter().all(|o| o.is_string()), "{m}");
         }
         for c in &calls {
-            if c.format == CallFormat::Mistral && !value.to_string().contains(&c.id) {
+            if c.format == CallFormat::Mistral && !strings_in(&value).contains(c.id.as_str()) {
                 // An id this client invented follows Mistral's rule.
                 assert!(
                     c.id.len() == 9 && c.id.bytes().all(|b| b.is_ascii_alphanumeric()),
