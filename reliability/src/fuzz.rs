@@ -358,7 +358,12 @@ pub fn engine(data: &[u8]) {
             size,
         },
     ));
-    assert_eq!(whole, streamed, "buffered and streamed bodies disagree");
+    // A tool timeout (5 ms) depends on the machine's load — a blocking
+    // tool's thread may start late — so a 504 on one side only is not a
+    // disagreement of the two paths.
+    if whole.status() != 504 && streamed.status() != 504 {
+        assert_eq!(whole, streamed, "buffered and streamed bodies disagree");
+    }
     if input.method == "HEAD" {
         let get = block_on(engine.handle(&input.head_with_method("GET"), &input.body));
         assert_eq!(

@@ -9,7 +9,7 @@
 //! cargo test -p atp-reliability                      # the fast ones (also in `cargo test --workspace`)
 //! cargo run --release -p atp-reliability --bin soak -- --target axum --requests 1000000
 //! cargo run --release -p atp-reliability --bin fuzz-random -- --target engine --seconds 60
-//! cd fuzz && cargo +nightly fuzz run engine -- -max_total_time=600
+//! cd fuzz && cargo +nightly fuzz run -O engine -- -max_total_time=600
 //! ```
 
 pub mod fuzz;
