@@ -407,7 +407,10 @@ impl PendingCall {
         // A scan of the keys is cheaper than hashing for the few params a
         // call has, and most calls have no `auth_token`.
         let has_token = params.keys().any(|k| k == AUTH_TOKEN_PARAM);
-        let token = match has_token.then(|| params.shift_remove(AUTH_TOKEN_PARAM)).flatten() {
+        let token = match has_token
+            .then(|| params.shift_remove(AUTH_TOKEN_PARAM))
+            .flatten()
+        {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.is_empty() => None,
             Some(Value::String(s)) => Some(Secret::new(s)),
