@@ -895,7 +895,8 @@ pub fn mutate(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>], max_len: u
     input.truncate(max_len);
 }
 
-/// The seed corpus of `target`, file by file (sorted by name).
+/// The committed seed corpus of `target` (the `seed-*` files; what a
+/// fuzzer adds beside them is not in git), file by file, sorted by name.
 pub fn load_corpus(target: &str) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     let mut files: Vec<_> = std::fs::read_dir(corpus_dir(target))
         .map(|entries| {
@@ -903,6 +904,11 @@ pub fn load_corpus(target: &str) -> Vec<(std::path::PathBuf, Vec<u8>)> {
                 .filter_map(Result::ok)
                 .map(|e| e.path())
                 .filter(|p| p.is_file())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("seed-"))
+                })
                 .filter_map(|p| std::fs::read(&p).ok().map(|d| (p, d)))
                 .collect()
         })
