@@ -345,10 +345,12 @@ async fn deep_json(t: Target) {
     }
 }
 
-/// Slow and blocking tools (the fixture's `slow` and `blocking`, 800 ms
+/// Slow and blocking tools (the fixture's `slow` and `blocking`, 900 ms
 /// each, 8 of each at once — more than the servers' worker threads) must
 /// not hold up anyone else: fast requests sent meanwhile answer at once.
 async fn slow_tools_do_not_block_others(t: Target) {
+    // Not beside a slowloris test: their load would blur the timings.
+    let _one = SLOWLORIS.lock().await;
     let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut slow = tokio::task::JoinSet::new();
     for i in 0..16 {
@@ -357,7 +359,7 @@ async fn slow_tools_do_not_block_others(t: Target) {
             "POST",
             &format!("/atp/conformance/{tool}/"),
             &[("Content-Type", "application/json")],
-            br#"{"ms": 800}"#,
+            br#"{"ms": 900}"#,
         );
         let sent_tx = sent_tx.clone();
         slow.spawn(async move {
@@ -393,13 +395,14 @@ async fn slow_tools_do_not_block_others(t: Target) {
         fastest_slow = fastest_slow.min(took);
     }
     assert!(
-        fastest_slow >= Duration::from_millis(800),
+        fastest_slow >= Duration::from_millis(900),
         "{}: the slow calls were not slow",
         t.name
     );
+    // Queued behind a slow call, a fast one would wait for it (900 ms).
     assert!(
-        fast_done < Duration::from_millis(800),
-        "{}: 20 fast requests took {fast_done:?} beside 16 slow ones (slowest {slowest_fast:?})",
+        slowest_fast < Duration::from_millis(450),
+        "{}: a fast request took {slowest_fast:?} beside 16 slow ones (all 20: {fast_done:?})",
         t.name
     );
 }
