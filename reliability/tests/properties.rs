@@ -602,3 +602,88 @@ proptest! {
         }
     }
 }
+
+fn name_like() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => "[A-Za-z0-9_-]{1,64}",
+        1 => "[A-Za-z0-9_-]{65,70}",
+        1 => "[A-Za-z0-9_. /%é-]{0,10}",
+        1 => Just(String::new()),
+    ]
+}
+
+fn valid_tool_name(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// ATP-SPEC §2: a registration is accepted exactly when its name, params
+    /// and required params follow the rules — never a panic — and an
+    /// accepted tool is served as registered; the same name twice is refused.
+    #[test]
+    fn registration_follows_the_rules(
+        name in name_like(),
+        params in proptest::collection::vec(prop_oneof![4 => "[a-z]{1,3}", 1 => Just("auth_token".to_owned()), 1 => Just(String::new())], 0..5),
+        required in proptest::collection::vec("[a-z]{1,3}", 0..4),
+    ) {
+        let client = ToolKitClient::new("k", "App");
+        let tool = Tool::new(name.clone()).params(params.clone()).required_params(required.clone());
+        let outcome = client.register_tool(tool, |call: Call| async move {
+            Ok::<_, String>(Value::Object(call.params().clone()))
+        });
+        let unique = |v: &[String]| v.iter().collect::<BTreeSet<_>>().len() == v.len();
+        let valid = valid_tool_name(&name)
+            && !params.iter().any(|p| p.is_empty() || p == "auth_token")
+            && unique(&params)
+            && unique(&required)
+            && required.iter().all(|r| params.contains(r));
+        prop_assert_eq!(outcome.is_ok(), valid, "{:?}", outcome);
+        if valid {
+            let again = client.register_tool(Tool::new(name.clone()), |_call: Call| async { Ok::<_, String>(json!(1)) });
+            prop_assert!(matches!(again, Err(atp_registry::RegisterError::DuplicateTool(_))));
+            let registry = Registry::new();
+            registry.register_client("kit", client).expect("a valid toolkit");
+            let engine = Engine::with_registry(registry);
+            let path = format!("/atp/kit/{name}/");
+            let head = RequestHead::new("GET", &path, None, |_| None);
+            let r = block_on(engine.handle(&head, b""));
+            let context: Value = serde_json::from_slice(r.body()).expect("JSON");
+            prop_assert_eq!(r.status(), 200);
+            prop_assert_eq!(&context["params"], &json!(params));
+            prop_assert_eq!(&context["required_params"], &json!(required));
+            let args: Map<String, Value> = required.iter().map(|r| (r.clone(), json!("v"))).collect();
+            let (status, body) = {
+                let head = RequestHead::new("POST", &path, None, |n| (n == "content-type").then_some(&b"application/json"[..]));
+                let r = block_on(engine.handle(&head, Value::Object(args.clone()).to_string().as_bytes()));
+                (r.status(), serde_json::from_slice::<Value>(r.body()).expect("JSON"))
+            };
+            prop_assert_eq!(status, 200, "{}", body);
+            prop_assert_eq!(&body["result"], &Value::Object(args));
+        }
+    }
+
+    /// Toolkit names: accepted exactly when 1–128 characters of
+    /// `A-Z a-z 0-9 _ - .`, and then found under their (percent-encoded)
+    /// name.
+    #[test]
+    fn toolkit_names_follow_the_rules(name in prop_oneof![3 => "[A-Za-z0-9_.-]{1,128}", 1 => "[A-Za-z0-9_.-]{129,131}", 1 => "[A-Za-z0-9 /%é]{0,8}"]) {
+        let registry = Registry::new();
+        let outcome = registry.register_client(&name, ToolKitClient::new("k", "App"));
+        let valid = (1..=128).contains(&name.len())
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        prop_assert_eq!(outcome.is_ok(), valid, "{:?}", outcome);
+        if valid {
+            let encoded: String = name.bytes().map(|b| format!("%{b:02X}")).collect();
+            for segment in [name.clone(), encoded] {
+                let path = format!("/atp/{segment}/");
+                let head = RequestHead::new("GET", &path, None, |_| None);
+                let r = block_on(Engine::with_registry(registry.clone()).handle(&head, b""));
+                prop_assert_eq!(r.status(), 200, "{}", path);
+            }
+        }
+    }
+}

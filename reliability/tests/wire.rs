@@ -595,3 +595,65 @@ mod slow_tools {
 
     per_adapter!(axum, actix, rocket);
 }
+
+/// Toolkit names made of dots (`.`, `..`, `...` are valid names) — which an
+/// HTTP stack might take for path navigation — answer alike in every
+/// adapter, spelled plainly or percent-encoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_toolkit_names_answer_alike_in_every_adapter() {
+    use atp_conformance::server::{Framework, spawn};
+    let registry = atp_registry::Registry::new();
+    for name in [".", "..", "...", ".a"] {
+        let client = atp_registry::ToolKitClient::new("k", format!("app {name}"));
+        client
+            .register_tool(
+                atp_registry::Tool::new("t"),
+                |_call: atp_registry::Call| async { Ok::<_, String>(serde_json::json!(1)) },
+            )
+            .expect("valid");
+        registry
+            .register_client(name, client)
+            .expect("a valid toolkit name");
+    }
+    let mut answers: Vec<(String, Vec<(u16, Option<String>)>)> = Vec::new();
+    for framework in Framework::ALL {
+        let addr = spawn(
+            framework,
+            atp_registry::Engine::with_registry(registry.clone()),
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        )
+        .expect("the adapter starts");
+        let mut seen = Vec::new();
+        for target in [
+            "/atp/./",
+            "/atp/../",
+            "/atp/.../",
+            "/atp/.a/",
+            "/atp/%2E/",
+            "/atp/%2E%2E/",
+            "/atp/./t/",
+            "/atp/../t/",
+            "/atp/%2E%2E/t/",
+            "/atp/.../t/",
+            "/atp/x/../",
+            "/atp/x/../t/",
+        ] {
+            let r =
+                atp_reliability::http::once(addr, &request("GET", target, &[], b""), false, WAIT)
+                    .await;
+            let summary = match r {
+                Ok(r) => (r.status, r.json().map(|v| v.to_string())),
+                Err(e) => (0, Some(format!("no answer: {e}"))),
+            };
+            seen.push(summary);
+        }
+        answers.push((framework.to_string(), seen));
+    }
+    for (framework, seen) in &answers[1..] {
+        assert_eq!(
+            seen, &answers[0].1,
+            "{framework} disagrees with {}",
+            answers[0].0
+        );
+    }
+}
