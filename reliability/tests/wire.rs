@@ -615,7 +615,9 @@ async fn dot_toolkit_names_answer_alike_in_every_adapter() {
             .register_client(name, client)
             .expect("a valid toolkit name");
     }
-    let mut answers: Vec<(String, Vec<(u16, Option<String>)>)> = Vec::new();
+    // Per adapter: (status, JSON body) per target.
+    type Seen = Vec<(u16, Option<String>)>;
+    let mut answers: Vec<(String, Seen)> = Vec::new();
     for framework in Framework::ALL {
         let addr = spawn(
             framework,
