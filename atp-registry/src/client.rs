@@ -172,7 +172,7 @@ impl ToolKitClient {
     where
         F: Fn(Call) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
-        T: Serialize,
+        T: Serialize + 'static,
         E: fmt::Display,
     {
         let schema = untyped_schema(&tool);
@@ -189,7 +189,7 @@ impl ToolKitClient {
     ) -> Result<(), RegisterError>
     where
         F: Fn(Call) -> Result<T, E> + Send + Sync + 'static,
-        T: Serialize,
+        T: Serialize + 'static,
         E: fmt::Display,
     {
         let schema = untyped_schema(&tool);
@@ -224,7 +224,7 @@ impl ToolKitClient {
         A: DeserializeOwned + schemars::JsonSchema,
         F: Fn(A, Option<AuthToken>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
-        T: Serialize,
+        T: Serialize + 'static,
         E: fmt::Display,
     {
         let typed = typed_schema::<A>()?;

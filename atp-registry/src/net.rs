@@ -130,6 +130,55 @@ pub(crate) fn redact_url(url: &str) -> String {
     out
 }
 
+/// The read buffer of each WebSocket. tungstenite's default (128 KiB) is
+/// allocated per connection and zero-filled before every read; ATP messages
+/// are small, and a larger frame still grows the buffer to its length.
+const WS_READ_BUFFER: usize = 8 * 1024;
+
+/// How many queued messages go out with one flush (one write).
+const WS_BATCH: usize = 64;
+
+/// The WebSocket configuration of the toolkit runtime and the `LlmClient`.
+pub(crate) fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER)
+}
+
+/// Connects a WebSocket (`TCP_NODELAY`: ATP is request / answer, and every
+/// batch is flushed whole).
+pub(crate) async fn ws_connect(
+    url: &str,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// Sends `first` and the messages already queued behind it (up to
+/// [`WS_BATCH`]) with one flush: under load, one write for many answers.
+pub(crate) async fn send_queued<S>(
+    sink: &mut S,
+    first: String,
+    queue: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+) -> Result<(), S::Error>
+where
+    S: futures_util::Sink<tokio_tungstenite::tungstenite::Message> + Unpin,
+{
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    sink.feed(Message::text(first)).await?;
+    for _ in 0..WS_BATCH {
+        match queue.try_recv() {
+            Ok(next) => sink.feed(Message::text(next)).await?,
+            Err(_) => break,
+        }
+    }
+    sink.flush().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -254,12 +254,20 @@ pub(crate) enum Handler {
     Typed(Arc<dyn Fn(Call) -> Result<BoxFuture<HandlerOutput>, String> + Send + Sync>),
 }
 
-pub(crate) fn into_output<T: Serialize, E: fmt::Display>(r: Result<T, E>) -> HandlerOutput {
-    match r {
-        Ok(value) => serde_json::to_value(value)
-            .map_err(|e| format!("the tool's result could not be serialized: {e}")),
-        Err(e) => Err(e.to_string()),
+pub(crate) fn into_output<T: Serialize + 'static, E: fmt::Display>(
+    r: Result<T, E>,
+) -> HandlerOutput {
+    let value = r.map_err(|e| e.to_string())?;
+    // A handler that already returns JSON (`json!`, a `Value`) hands it
+    // over as it is: `to_value` would rebuild it node by node.
+    let mut slot = Some(value);
+    if let Some(json) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Value>>()
+        && let Some(json) = json.take()
+    {
+        return Ok(json);
     }
+    serde_json::to_value(slot)
+        .map_err(|e| format!("the tool's result could not be serialized: {e}"))
 }
 
 impl Handler {
@@ -267,7 +275,7 @@ impl Handler {
     where
         F: Fn(Call) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
-        T: Serialize,
+        T: Serialize + 'static,
         E: fmt::Display,
     {
         Handler::Async(Arc::new(move |call| {
@@ -279,7 +287,7 @@ impl Handler {
     pub(crate) fn from_blocking<F, T, E>(f: F) -> Self
     where
         F: Fn(Call) -> Result<T, E> + Send + Sync + 'static,
-        T: Serialize,
+        T: Serialize + 'static,
         E: fmt::Display,
     {
         Handler::Blocking(Arc::new(move |call| into_output(f(call))))
@@ -290,7 +298,7 @@ impl Handler {
         A: DeserializeOwned,
         F: Fn(A, Option<AuthToken>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
-        T: Serialize,
+        T: Serialize + 'static,
         E: fmt::Display,
     {
         Handler::Typed(Arc::new(move |call| {

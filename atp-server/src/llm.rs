@@ -389,6 +389,7 @@ pub(crate) async fn socket(
         return not_a_websocket();
     };
     ws.max_message_size(s.config.max_message_size)
+        .read_buffer_size(crate::WS_READ_BUFFER)
         .on_upgrade(move |socket| serve_socket(s, key, socket))
 }
 
@@ -431,7 +432,7 @@ async fn serve_socket(s: Arc<crate::State>, key: Secret, socket: WebSocket) {
                 break;
             }
             Some(out) = rx.recv() => {
-                if sink.send(Message::Text(out.into())).await.is_err() {
+                if crate::send_queued(&mut sink, out, &mut rx).await.is_err() {
                     break;
                 }
             }

@@ -391,6 +391,7 @@ pub(crate) async fn socket(
         return not_a_websocket();
     };
     ws.max_message_size(s.config.max_message_size)
+        .read_buffer_size(crate::WS_READ_BUFFER)
         .on_upgrade(move |socket| serve_socket(s, key_hash, socket))
 }
 
@@ -439,7 +440,7 @@ async fn serve_socket(s: Arc<crate::State>, key_hash: String, socket: WebSocket)
                     break;
                 }
                 Some(text) = out.recv() => {
-                    if sink.send(Message::Text(text.into())).await.is_err() {
+                    if crate::send_queued(&mut sink, text, &mut out).await.is_err() {
                         break;
                     }
                 }

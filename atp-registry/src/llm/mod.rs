@@ -511,20 +511,19 @@ impl LlmClient {
         );
         tracing::debug!(url = %net::redact_url(&url), "connecting to the ATP server");
         let limit = self.inner.connect_timeout;
-        let (mut ws, _) =
-            match tokio::time::timeout(limit, tokio_tungstenite::connect_async(&url)).await {
-                Err(_) => return Err(LlmError::Timeout(limit)),
-                Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp)))
-                    if matches!(resp.status().as_u16(), 401 | 403) =>
-                {
-                    return Err(LlmError::AuthRefused(format!(
-                        "HTTP {}",
-                        resp.status().as_u16()
-                    )));
-                }
-                Ok(Err(e)) => return Err(LlmError::Connect(e.to_string())),
-                Ok(Ok(ws)) => ws,
-            };
+        let mut ws = match tokio::time::timeout(limit, net::ws_connect(&url)).await {
+            Err(_) => return Err(LlmError::Timeout(limit)),
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp)))
+                if matches!(resp.status().as_u16(), 401 | 403) =>
+            {
+                return Err(LlmError::AuthRefused(format!(
+                    "HTTP {}",
+                    resp.status().as_u16()
+                )));
+            }
+            Ok(Err(e)) => return Err(LlmError::Connect(e.to_string())),
+            Ok(Ok(ws)) => ws,
+        };
         let auth = json!({"type": "auth", "api_key": self.inner.api_key.expose()}).to_string();
         ws.send(Message::text(auth))
             .await
@@ -572,7 +571,7 @@ impl LlmClient {
             loop {
                 tokio::select! {
                     out = rx.recv() => match out {
-                        Some(text) => if sink.send(Message::text(text)).await.is_err() { break },
+                        Some(text) => if net::send_queued(&mut sink, text, &mut rx).await.is_err() { break },
                         None => { let _ = sink.close().await; break }
                     },
                     frame = stream.next() => {

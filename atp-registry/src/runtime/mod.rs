@@ -342,14 +342,14 @@ impl ToolKitClient {
             Transport::WebSocket => {
                 tracing::info!(url = %net::redact_url(ws_url), "connecting to the ATP server");
                 let connected = tokio::select! {
-                    r = tokio::time::timeout(opts.request_timeout, tokio_tungstenite::connect_async(ws_url)) => r,
+                    r = tokio::time::timeout(opts.request_timeout, net::ws_connect(ws_url)) => r,
                     _ = stopped(stop) => return Ended::Stopped,
                 };
                 let Ok(connected) = connected else {
                     return Ended::Lost("the WebSocket handshake timed out".into());
                 };
                 match connected {
-                    Ok((ws, _)) => {
+                    Ok(ws) => {
                         backoff.reset();
                         self.serve_socket(ws, opts, stop).await
                     }
@@ -391,7 +391,7 @@ impl ToolKitClient {
                 biased;
                 _ = stopped(stop) => break,
                 Some(out) = rx.recv() => {
-                    if let Err(e) = sink.send(Message::text(out)).await {
+                    if let Err(e) = net::send_queued(&mut sink, out, &mut rx).await {
                         return Ended::Lost(e.to_string());
                     }
                 }
