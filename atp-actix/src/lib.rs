@@ -3,7 +3,7 @@
 use actix_web::{
     HttpRequest, HttpResponse,
     dev::{AppService, HttpServiceFactory},
-    http::StatusCode,
+    http::{StatusCode, header},
     web,
 };
 use atp_registry::http::{BodySource, RequestHead, Response as AtpResponse};
@@ -35,9 +35,15 @@ async fn handle(
     engine: web::Data<Engine>,
 ) -> HttpResponse {
     let uri = request.uri();
-    let head = RequestHead::new(request.method().as_str(), uri.path(), uri.query(), |name| {
-        request.headers().get(name).map(|v| v.as_bytes())
-    });
+    let head = RequestHead::from_headers(
+        request.method().as_str(),
+        uri.path(),
+        uri.query(),
+        request
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes())),
+    );
     convert(engine.serve(&head, Source(payload)).await)
 }
 
@@ -54,8 +60,13 @@ impl BodySource for Source {
 fn convert(r: AtpResponse) -> HttpResponse {
     let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = HttpResponse::build(status);
-    for header in r.headers() {
-        response.insert_header(header);
+    for (name, value) in r.headers() {
+        let name = match name {
+            "content-type" => header::CONTENT_TYPE,
+            "allow" => header::ALLOW,
+            other => header::HeaderName::from_static(other),
+        };
+        response.insert_header((name, header::HeaderValue::from_static(value)));
     }
     response.body(r.into_body())
 }

@@ -5,7 +5,7 @@ use axum::{
     Router,
     body::{Body, Bytes},
     extract::{Request, State},
-    http::{HeaderName, HeaderValue, StatusCode},
+    http::{HeaderName, HeaderValue, StatusCode, header},
     response::Response,
     routing::any,
 };
@@ -44,11 +44,14 @@ impl<S: Clone + Send + Sync + 'static> From<Atp> for Router<S> {
 
 async fn handle(State(engine): State<Engine>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let head = RequestHead::new(
+    let head = RequestHead::from_headers(
         parts.method.as_str(),
         parts.uri.path(),
         parts.uri.query(),
-        |name| parts.headers.get(name).map(HeaderValue::as_bytes),
+        parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes())),
     );
     convert(engine.serve(&head, Source(body)).await)
 }
@@ -74,14 +77,17 @@ impl BodySource for Source {
 
 fn convert(r: AtpResponse) -> Response {
     let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let headers: Vec<_> = r.headers().collect();
+    let headers = r.headers();
     let mut response = Response::new(Body::from(r.into_body()));
     *response.status_mut() = status;
+    let map = response.headers_mut();
     for (name, value) in headers {
-        response.headers_mut().insert(
-            HeaderName::from_static(name),
-            HeaderValue::from_static(value),
-        );
+        let name = match name {
+            "content-type" => header::CONTENT_TYPE,
+            "allow" => header::ALLOW,
+            other => HeaderName::from_static(other),
+        };
+        map.insert(name, HeaderValue::from_static(value));
     }
     response
 }

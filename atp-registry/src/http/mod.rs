@@ -201,6 +201,46 @@ impl<'a> RequestHead<'a> {
             endpoint_key: header(ENDPOINT_KEY_HEADER),
         }
     }
+
+    /// Builds a head from the method, raw path and query, and the request's
+    /// headers as (name, value) pairs in the order received: one pass over
+    /// them instead of a lookup per name. Names are compared ignoring ASCII
+    /// case, the first value of a name is the one read (as a header map's
+    /// `get` does), and the rules of [`RequestHead::new`] apply.
+    ///
+    /// ```
+    /// use atp_registry::http::RequestHead;
+    ///
+    /// let headers = [
+    ///     ("Host", &b"localhost"[..]),
+    ///     ("Content-Type", b"application/json"),
+    ///     ("content-length", b"17"),
+    ///     ("content-type", b"text/plain"),
+    /// ];
+    /// let head = RequestHead::from_headers("POST", "/atp/kit/tool/", None, headers);
+    /// assert_eq!(head.content_type, Some(&b"application/json"[..]));
+    /// assert_eq!(head.content_length, Some(17));
+    /// assert_eq!(head.authorization, None);
+    /// ```
+    pub fn from_headers(
+        method: &'a str,
+        path: &'a str,
+        query: Option<&'a str>,
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Self {
+        let mut found: [Option<&'a [u8]>; HEADERS.len()] = [None; HEADERS.len()];
+        for (name, value) in headers {
+            if let Some(i) = HEADERS.iter().position(|h| h.eq_ignore_ascii_case(name)) {
+                found[i].get_or_insert(value);
+            }
+        }
+        Self::new(method, path, query, |name| {
+            HEADERS
+                .iter()
+                .position(|h| *h == name)
+                .and_then(|i| found[i])
+        })
+    }
 }
 
 /// A request body, read chunk by chunk: what an adapter gives

@@ -645,3 +645,31 @@ fn debug_output_hides_tokens() {
     let dbg = format!("{pending:?} {:?}", registry().get_client("locked"));
     assert!(!dbg.contains("hunter2") && !dbg.contains("sesame"), "{dbg}");
 }
+
+#[test]
+fn from_headers_reads_like_a_lookup_per_name() {
+    let headers: [(&str, &[u8]); 6] = [
+        ("X-ATP-Key", b"k1"),
+        ("authorization", b"Bearer \xFF"),
+        ("Authorization", b"Bearer ok"),
+        ("CONTENT-LENGTH", b" 42 "),
+        ("content-type", b"application/json"),
+        ("x-atp-key", b"k2"),
+    ];
+    let first = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    };
+    let scanned = RequestHead::from_headers("POST", "/atp/k/t/", Some("a=1"), headers);
+    let looked_up = RequestHead::new("POST", "/atp/k/t/", Some("a=1"), first);
+    for h in [scanned, looked_up] {
+        assert_eq!(h.endpoint_key, Some(&b"k1"[..]));
+        // The first value is not UTF-8: absent, as with `new`.
+        assert_eq!(h.authorization, None);
+        assert_eq!(h.content_length, Some(42));
+        assert_eq!(h.content_type, Some(&b"application/json"[..]));
+        assert_eq!(h.query, Some("a=1"));
+    }
+}
