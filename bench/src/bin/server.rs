@@ -359,7 +359,6 @@ async fn drive(
 
     // Memory per connected toolkit, in the server process alone.
     let server_before = procfs::tree_rss(pid);
-    let clients_before = procfs::self_rss();
     let mut kits = Vec::new();
     for i in 0..args.toolkits {
         let app = format!("mem{i}");
@@ -374,16 +373,13 @@ async fn drive(
         server.wait_served(app)?;
     }
     let server_after = procfs::tree_rss(pid);
-    let clients_after = procfs::self_rss();
-    let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1024.0 / args.toolkits.max(1) as f64;
     println!(
         "\nMemory: {} more toolkits connected. Server RSS {:.1} → {:.1} MiB: {:.1} KiB per \
-         connected toolkit. (The toolkit runtimes' process: {:.1} KiB per toolkit.)",
+         connected toolkit.",
         args.toolkits,
         server_before as f64 / 1048576.0,
         server_after as f64 / 1048576.0,
-        per(server_after, server_before),
-        per(clients_after, clients_before),
+        server_after.saturating_sub(server_before) as f64 / 1024.0 / args.toolkits.max(1) as f64,
     );
     for (_, tk, _) in &kits {
         tk.stop();
