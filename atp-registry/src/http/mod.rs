@@ -78,7 +78,8 @@ pub const ALLOW_TOOL: &str = "GET, HEAD, POST";
 pub const ALLOW_READ: &str = "GET, HEAD";
 
 /// The header names an adapter must pass to [`RequestHead::new`], in
-/// lowercase.
+/// lowercase ([`RequestHead::from_headers`] picks them out of all the
+/// request's headers).
 pub const HEADERS: [&str; 4] = [
     "content-type",
     "content-length",
