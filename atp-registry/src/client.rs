@@ -166,8 +166,9 @@ impl ToolKitClient {
     }
 
     /// Registers a tool with an async handler. The handler gets the
-    /// call's params and auth token and returns any `Serialize` value, or
-    /// an error whose `Display` text is the message callers see.
+    /// call's params and auth token and returns any owned `Serialize`
+    /// value (a `serde_json::Value` is sent as it is), or an error whose
+    /// `Display` text is the message callers see.
     pub fn register_tool<F, Fut, T, E>(&self, tool: Tool, handler: F) -> Result<(), RegisterError>
     where
         F: Fn(Call) -> Fut + Send + Sync + 'static,
