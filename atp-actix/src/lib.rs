@@ -61,12 +61,10 @@ fn convert(r: AtpResponse) -> HttpResponse {
     let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = HttpResponse::build(status);
     for (name, value) in r.headers() {
-        let name = match name {
-            "content-type" => header::CONTENT_TYPE,
-            "allow" => header::ALLOW,
-            other => header::HeaderName::from_static(other),
-        };
-        response.insert_header((name, header::HeaderValue::from_static(value)));
+        response.insert_header((
+            header::HeaderName::from_static(name),
+            header::HeaderValue::from_static(value),
+        ));
     }
     response.body(r.into_body())
 }

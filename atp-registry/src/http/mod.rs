@@ -189,18 +189,7 @@ impl<'a> RequestHead<'a> {
         query: Option<&'a str>,
         header: impl Fn(&'static str) -> Option<&'a [u8]>,
     ) -> Self {
-        let header = |name| header(name).filter(|v| std::str::from_utf8(v).is_ok());
-        Self {
-            method,
-            path,
-            query,
-            content_type: header("content-type"),
-            content_length: header("content-length")
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|v| v.trim().parse().ok()),
-            authorization: header("authorization"),
-            endpoint_key: header(ENDPOINT_KEY_HEADER),
-        }
+        Self::from_found(method, path, query, HEADERS.map(header))
     }
 
     /// Builds a head from the method, raw path and query, and the request's
@@ -235,12 +224,30 @@ impl<'a> RequestHead<'a> {
                 found[i].get_or_insert(value);
             }
         }
-        Self::new(method, path, query, |name| {
-            HEADERS
-                .iter()
-                .position(|h| *h == name)
-                .and_then(|i| found[i])
-        })
+        Self::from_found(method, path, query, found)
+    }
+
+    /// The head from the values of [`HEADERS`], in that order: a value that
+    /// is not UTF-8 counts as absent.
+    fn from_found(
+        method: &'a str,
+        path: &'a str,
+        query: Option<&'a str>,
+        found: [Option<&'a [u8]>; HEADERS.len()],
+    ) -> Self {
+        let [content_type, content_length, authorization, endpoint_key] =
+            found.map(|v| v.filter(|v| std::str::from_utf8(v).is_ok()));
+        Self {
+            method,
+            path,
+            query,
+            content_type,
+            content_length: content_length
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.trim().parse().ok()),
+            authorization,
+            endpoint_key,
+        }
     }
 }
 
