@@ -5,8 +5,9 @@ mod error;
 pub mod http;
 #[cfg(feature = "llm")]
 pub mod llm;
-#[cfg(feature = "_net")]
-mod net;
+#[cfg(feature = "_http")]
+#[doc(hidden)]
+pub mod net;
 mod registry;
 #[cfg(feature = "runtime")]
 pub mod runtime;

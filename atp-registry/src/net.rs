@@ -1,5 +1,8 @@
-//! A small JSON-over-HTTP client (hyper-util's pooled client with rustls),
-//! for the calls a toolkit makes to its ATP server.
+//! A small HTTP client (hyper-util's pooled client with rustls), for the
+//! calls a toolkit and an `LlmClient` make to their ATP server, and the
+//! calls `atp-server` makes (OAuth token endpoints, toolkit endpoint URLs);
+//! and the WebSocket settings of the runtime and the `LlmClient`. Not a
+//! public API: shared within atp-rs only.
 
 use std::time::Duration;
 
@@ -10,7 +13,6 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use serde_json::Value;
 
 /// The largest answer read from a server.
 const MAX_RESPONSE: usize = 16 * 1024 * 1024;
@@ -42,12 +44,20 @@ pub enum NetError {
 
 /// A pooled HTTP/1.1 client for `http://` and `https://` URLs.
 #[derive(Clone)]
-pub(crate) struct HttpClient {
+pub struct HttpClient {
     inner: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
+impl Default for HttpClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl HttpClient {
-    pub(crate) fn new() -> Self {
+    /// A client with its own connection pool and the webpki root
+    /// certificates.
+    pub fn new() -> Self {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_webpki_roots()
             .https_or_http()
@@ -58,16 +68,18 @@ impl HttpClient {
         }
     }
 
-    /// Sends `body` (if any) as JSON and reads a JSON answer (`null` for an
-    /// empty one). `headers` are sent as given: never log them.
-    pub(crate) async fn json(
+    /// Sends a request with an optional body (its content type and bytes)
+    /// and reads the whole answer (at most 16 MiB): its status and body.
+    /// `headers` are sent as given and may hold secrets: never log them;
+    /// no error message contains them or the URL's query.
+    pub async fn send(
         &self,
         method: Method,
         url: &str,
         headers: &[(&str, &str)],
-        body: Option<&Value>,
+        body: Option<(&str, Bytes)>,
         timeout: Duration,
-    ) -> Result<(u16, Value), NetError> {
+    ) -> Result<(u16, Bytes), NetError> {
         let uri: hyper::Uri = url
             .parse()
             .map_err(|_| NetError::InvalidUrl(redact_url(url)))?;
@@ -76,9 +88,9 @@ impl HttpClient {
             req = req.header(*name, *value);
         }
         let payload = match body {
-            Some(v) => {
-                req = req.header(header::CONTENT_TYPE, "application/json");
-                Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+            Some((content_type, bytes)) => {
+                req = req.header(header::CONTENT_TYPE, content_type);
+                bytes
             }
             None => Bytes::new(),
         };
@@ -88,9 +100,9 @@ impl HttpClient {
         let call = async {
             let resp = self.inner.request(req).await.map_err(|e| {
                 if e.is_connect() {
-                    NetError::Connect(e.to_string())
+                    NetError::Connect(error_chain(&e))
                 } else {
-                    NetError::Lost(e.to_string())
+                    NetError::Lost(error_chain(&e))
                 }
             })?;
             let status = resp.status().as_u16();
@@ -99,16 +111,50 @@ impl HttpClient {
                 .await
                 .map_err(|e| NetError::Lost(e.to_string()))?
                 .to_bytes();
-            if bytes.iter().all(u8::is_ascii_whitespace) {
-                return Ok((status, Value::Null));
-            }
-            let value = serde_json::from_slice(&bytes).map_err(|_| NetError::NotJson { status })?;
-            Ok((status, value))
+            Ok((status, bytes))
         };
         tokio::time::timeout(timeout, call)
             .await
             .unwrap_or(Err(NetError::Timeout(timeout)))
     }
+
+    /// Sends `body` (if any) as JSON and reads a JSON answer (`null` for an
+    /// empty one). `headers` are sent as given: never log them.
+    #[cfg(feature = "_net")]
+    pub(crate) async fn json(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<(u16, serde_json::Value), NetError> {
+        let body = body.map(|v| {
+            (
+                "application/json",
+                Bytes::from(serde_json::to_vec(v).unwrap_or_default()),
+            )
+        });
+        let (status, bytes) = self.send(method, url, headers, body, timeout).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok((status, serde_json::Value::Null));
+        }
+        let value = serde_json::from_slice(&bytes).map_err(|_| NetError::NotJson { status })?;
+        Ok((status, value))
+    }
+}
+
+/// An error and its causes, `: `-separated (hyper's own text alone says
+/// only "client error (Connect)").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// A URL fit for a log line: the path segment after `toolkit-client/`,
@@ -130,20 +176,24 @@ pub(crate) fn redact_url(url: &str) -> String {
     out
 }
 
+#[cfg(feature = "_net")]
 /// The read buffer of each WebSocket. tungstenite's default (128 KiB) is
 /// allocated per connection and zero-filled before every read; ATP messages
 /// are small, and a larger frame still grows the buffer to its length.
 const WS_READ_BUFFER: usize = 8 * 1024;
 
+#[cfg(feature = "_net")]
 /// How many queued messages go out with one flush (one write).
 const WS_BATCH: usize = 64;
 
+#[cfg(feature = "_net")]
 /// The WebSocket configuration of the toolkit runtime and the `LlmClient`.
 pub(crate) fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(WS_READ_BUFFER)
 }
 
+#[cfg(feature = "_net")]
 /// Connects a WebSocket (`TCP_NODELAY`: ATP is request / answer, and every
 /// batch is flushed whole).
 pub(crate) async fn ws_connect(
@@ -157,6 +207,7 @@ pub(crate) async fn ws_connect(
         .map(|(ws, _)| ws)
 }
 
+#[cfg(feature = "_net")]
 /// Sends `first` and the messages already queued behind it (up to
 /// [`WS_BATCH`]) with one flush: under load, one write for many answers.
 pub(crate) async fn send_queued<S>(

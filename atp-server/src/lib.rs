@@ -7,7 +7,6 @@ mod keys;
 mod listen;
 mod llm;
 mod oauth;
-mod outbound;
 mod store;
 mod toolkit;
 
@@ -18,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use atp_registry::net::HttpClient;
 use axum::{
     Router,
     body::Body,
@@ -37,7 +37,6 @@ use crate::{
     error::{ApiError, json_response},
     hub::Hub,
     keys::Keys,
-    outbound::Outbound,
     store::{Store, ToolkitRecord},
 };
 
@@ -49,7 +48,8 @@ pub(crate) struct State {
     toolkits: RwLock<HashMap<String, Arc<ToolkitRecord>>>,
     register_lock: tokio::sync::Mutex<()>,
     hub: Hub,
-    outbound: Outbound,
+    /// Outgoing HTTP: OAuth token endpoints, toolkits' endpoint URLs.
+    outbound: HttpClient,
     platforms: RwLock<HashMap<String, OAuthPlatform>>,
     refresh_lock: tokio::sync::Mutex<()>,
     shutdown: watch::Sender<bool>,
@@ -141,7 +141,7 @@ impl AtpServer {
             ),
             register_lock: tokio::sync::Mutex::new(()),
             hub: Hub::new(shutdown_rx, config.inbox_presence),
-            outbound: Outbound::new(),
+            outbound: HttpClient::new(),
             platforms: RwLock::new(platforms.into_iter().map(|p| (p.id.clone(), p)).collect()),
             refresh_lock: tokio::sync::Mutex::new(()),
             shutdown,

@@ -305,14 +305,13 @@ async fn call_endpoint(
         a = s.outbound.send(Method::POST, &url, &headers, Some(("application/json", body)), s.config.task_timeout) => a,
         _ = crate::stopped(&mut shutdown) => return Err(RouteError::ShuttingDown.into()),
     };
-    let answer = answer.map_err(|e| Failure::from(RouteError::Endpoint(e.to_string())))?;
-    let value: Value = serde_json::from_slice(&answer.body).map_err(|_| {
+    let (status, body) = answer.map_err(|e| Failure::from(RouteError::Endpoint(e.to_string())))?;
+    let value: Value = serde_json::from_slice(&body).map_err(|_| {
         Failure::from(RouteError::Endpoint(format!(
-            "HTTP {} with a body that is not JSON",
-            answer.status
+            "HTTP {status} with a body that is not JSON"
         )))
     })?;
-    match (answer.status, value) {
+    match (status, value) {
         (200, Value::Object(mut o)) if o.contains_key("result") => {
             Ok(o.remove("result").unwrap_or(Value::Null))
         }

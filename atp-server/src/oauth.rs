@@ -187,7 +187,7 @@ async fn token_request(
         body.append_pair("client_secret", platform.client_secret.expose());
         body.finish()
     };
-    let answer = s
+    let (status, body) = s
         .outbound
         .send(
             Method::POST,
@@ -198,20 +198,19 @@ async fn token_request(
         )
         .await
         .map_err(|e| format!("the token endpoint could not be reached: {e}"))?;
-    let fields: Map<String, Value> = match serde_json::from_slice::<Value>(&answer.body) {
+    let fields: Map<String, Value> = match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(m)) => m,
-        _ => form_urlencoded::parse(&answer.body)
+        _ => form_urlencoded::parse(&body)
             .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
             .collect(),
     };
     let text = |k: &str| fields.get(k).and_then(Value::as_str).map(str::to_owned);
-    if !(200..300).contains(&answer.status) || fields.contains_key("error") {
+    if !(200..300).contains(&status) || fields.contains_key("error") {
         let what = text("error_description")
             .or_else(|| text("error"))
             .unwrap_or_else(|| "no reason given".into());
         return Err(format!(
-            "the token endpoint refused (HTTP {}): {what}",
-            answer.status
+            "the token endpoint refused (HTTP {status}): {what}"
         ));
     }
     let access_token = text("access_token")
