@@ -176,26 +176,25 @@ pub(crate) fn redact_url(url: &str) -> String {
     out
 }
 
-#[cfg(feature = "_net")]
-/// The read buffer of each WebSocket. tungstenite's default (128 KiB) is
-/// allocated per connection and zero-filled before every read; ATP messages
-/// are small, and a larger frame still grows the buffer to its length.
-const WS_READ_BUFFER: usize = 8 * 1024;
+/// The read buffer of each WebSocket, in `atp-server`, the toolkit runtime
+/// and the `LlmClient`. tungstenite's default (128 KiB) is allocated per
+/// connection and zero-filled before every read; ATP messages are small,
+/// and a larger frame still grows the buffer to its length.
+pub const WS_READ_BUFFER: usize = 8 * 1024;
 
-#[cfg(feature = "_net")]
 /// How many queued messages go out with one flush (one write).
 const WS_BATCH: usize = 64;
 
-#[cfg(feature = "_net")]
 /// The WebSocket configuration of the toolkit runtime and the `LlmClient`.
+#[cfg(feature = "_net")]
 pub(crate) fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(WS_READ_BUFFER)
 }
 
-#[cfg(feature = "_net")]
 /// Connects a WebSocket (`TCP_NODELAY`: ATP is request / answer, and every
 /// batch is flushed whole).
+#[cfg(feature = "_net")]
 pub(crate) async fn ws_connect(
     url: &str,
 ) -> Result<
@@ -207,23 +206,23 @@ pub(crate) async fn ws_connect(
         .map(|(ws, _)| ws)
 }
 
-#[cfg(feature = "_net")]
-/// Sends `first` and the messages already queued behind it (up to
-/// [`WS_BATCH`]) with one flush: under load, one write for many answers.
-pub(crate) async fn send_queued<S>(
+/// Sends `first` and the messages already queued behind it (up to 64),
+/// each made a frame by `message`, with one flush: under load, one write
+/// for many messages.
+pub async fn send_queued<S, M>(
     sink: &mut S,
     first: String,
     queue: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    message: impl Fn(String) -> M,
 ) -> Result<(), S::Error>
 where
-    S: futures_util::Sink<tokio_tungstenite::tungstenite::Message> + Unpin,
+    S: futures_util::Sink<M> + Unpin,
 {
     use futures_util::SinkExt;
-    use tokio_tungstenite::tungstenite::Message;
-    sink.feed(Message::text(first)).await?;
+    sink.feed(message(first)).await?;
     for _ in 0..WS_BATCH {
         match queue.try_recv() {
-            Ok(next) => sink.feed(Message::text(next)).await?,
+            Ok(next) => sink.feed(message(next)).await?,
             Err(_) => break,
         }
     }

@@ -387,31 +387,3 @@ pub(crate) fn not_a_websocket() -> Response {
     );
     r
 }
-
-/// The read buffer of each WebSocket. tungstenite's default (128 KiB) is
-/// allocated per connection and zero-filled before every read: with many
-/// connected toolkits that is most of their memory. ATP messages are small,
-/// and a larger frame still grows the buffer to its length.
-pub(crate) const WS_READ_BUFFER: usize = 8 * 1024;
-
-/// Sends `first` and the messages already queued behind it (up to 64) with
-/// one flush: under load, one write for many messages.
-pub(crate) async fn send_queued(
-    sink: &mut futures_util::stream::SplitSink<
-        axum::extract::ws::WebSocket,
-        axum::extract::ws::Message,
-    >,
-    first: String,
-    queue: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
-) -> Result<(), axum::Error> {
-    use axum::extract::ws::Message;
-    use futures_util::SinkExt;
-    sink.feed(Message::Text(first.into())).await?;
-    for _ in 0..64 {
-        match queue.try_recv() {
-            Ok(next) => sink.feed(Message::Text(next.into())).await?,
-            Err(_) => break,
-        }
-    }
-    sink.flush().await
-}

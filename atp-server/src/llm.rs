@@ -3,6 +3,7 @@
 
 use std::{sync::Arc, time::Instant};
 
+use atp_registry::net::{WS_READ_BUFFER, send_queued};
 use atp_registry::{CallError, Provider, Secret};
 use axum::{
     body::Body,
@@ -388,7 +389,7 @@ pub(crate) async fn socket(
         return not_a_websocket();
     };
     ws.max_message_size(s.config.max_message_size)
-        .read_buffer_size(crate::WS_READ_BUFFER)
+        .read_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |socket| serve_socket(s, key, socket))
 }
 
@@ -431,7 +432,7 @@ async fn serve_socket(s: Arc<crate::State>, key: Secret, socket: WebSocket) {
                 break;
             }
             Some(out) = rx.recv() => {
-                if crate::send_queued(&mut sink, out, &mut rx).await.is_err() {
+                if send_queued(&mut sink, out, &mut rx, |t| Message::Text(t.into())).await.is_err() {
                     break;
                 }
             }

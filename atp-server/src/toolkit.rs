@@ -6,6 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use atp_registry::net::{WS_READ_BUFFER, send_queued};
 use atp_registry::{Call, Secret, Tool, ToolError, ToolKitClient, is_valid_toolkit_name};
 use axum::{
     body::Body,
@@ -391,7 +392,7 @@ pub(crate) async fn socket(
         return not_a_websocket();
     };
     ws.max_message_size(s.config.max_message_size)
-        .read_buffer_size(crate::WS_READ_BUFFER)
+        .read_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |socket| serve_socket(s, key_hash, socket))
 }
 
@@ -440,7 +441,7 @@ async fn serve_socket(s: Arc<crate::State>, key_hash: String, socket: WebSocket)
                     break;
                 }
                 Some(text) = out.recv() => {
-                    if crate::send_queued(&mut sink, text, &mut out).await.is_err() {
+                    if send_queued(&mut sink, text, &mut out, |t| Message::Text(t.into())).await.is_err() {
                         break;
                     }
                 }

@@ -571,7 +571,7 @@ impl LlmClient {
             loop {
                 tokio::select! {
                     out = rx.recv() => match out {
-                        Some(text) => if net::send_queued(&mut sink, text, &mut rx).await.is_err() { break },
+                        Some(text) => if net::send_queued(&mut sink, text, &mut rx, Message::text).await.is_err() { break },
                         None => { let _ = sink.close().await; break }
                     },
                     frame = stream.next() => {

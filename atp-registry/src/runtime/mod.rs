@@ -391,7 +391,7 @@ impl ToolKitClient {
                 biased;
                 _ = stopped(stop) => break,
                 Some(out) = rx.recv() => {
-                    if let Err(e) = net::send_queued(&mut sink, out, &mut rx).await {
+                    if let Err(e) = net::send_queued(&mut sink, out, &mut rx, Message::text).await {
                         return Ended::Lost(e.to_string());
                     }
                 }
