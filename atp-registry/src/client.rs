@@ -13,7 +13,9 @@ use std::{
 };
 
 use serde::{Serialize, de::DeserializeOwned};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
+
+use crate::ToolSpec;
 
 use crate::{
     error::{CallError, RegisterError},
@@ -258,8 +260,7 @@ impl ToolKitClient {
         let index = tools.list.len();
         tools.by_name.insert(tool.name.clone(), index);
         tools.list.push(Arc::new(RegisteredTool {
-            tool,
-            input_schema,
+            spec: tool.spec_with(input_schema),
             handler,
         }));
         Ok(())
@@ -284,7 +285,7 @@ impl ToolKitClient {
     /// The names of the registered tools, in registration order.
     pub fn tool_names(&self) -> Vec<String> {
         let tools = self.tools.read().unwrap_or_else(PoisonError::into_inner);
-        tools.list.iter().map(|t| t.tool.name.clone()).collect()
+        tools.list.iter().map(|t| t.spec.name.clone()).collect()
     }
 
     /// How many tools are registered.
@@ -338,16 +339,30 @@ impl ToolKitClient {
         params: Value,
         auth_token: Option<AuthToken>,
     ) -> Result<Value, CallError> {
-        let tool = self.tool(name).ok_or(CallError::ToolNotFound)?;
         let params = match params {
             Value::Object(m) => m,
             Value::Null => Map::new(),
             _ => {
+                if self.tool(name).is_none() {
+                    return Err(CallError::ToolNotFound);
+                }
                 return Err(CallError::InvalidParams(
                     "params must be a JSON object".into(),
                 ));
             }
         };
+        self.call_tool_by_name_map(name, params, auth_token).await
+    }
+
+    /// [`call_tool_by_name`](Self::call_tool_by_name) with the params
+    /// already an object.
+    pub(crate) async fn call_tool_by_name_map(
+        &self,
+        name: &str,
+        params: Map<String, Value>,
+        auth_token: Option<AuthToken>,
+    ) -> Result<Value, CallError> {
+        let tool = self.tool(name).ok_or(CallError::ToolNotFound)?;
         tool.call(self, params, auth_token).await
     }
 }
@@ -366,94 +381,82 @@ impl fmt::Debug for ToolKitClient {
     }
 }
 
-/// A tool as registered: its metadata, input schema and handler.
+/// A tool as registered: its description and handler.
 #[derive(Debug)]
 pub struct RegisteredTool {
-    tool: Tool,
-    input_schema: Value,
+    spec: ToolSpec,
     handler: Handler,
 }
 
 impl RegisteredTool {
-    /// The tool's name (the seed's `function_name`).
+    /// The tool's description (name, params, auth metadata, input schema).
+    pub fn spec(&self) -> &ToolSpec {
+        &self.spec
+    }
+
+    /// The tool's name (the Python SDK's `function_name`).
     pub fn name(&self) -> &str {
-        &self.tool.name
+        &self.spec.name
     }
 
     /// The description.
     pub fn description(&self) -> &str {
-        &self.tool.description
+        &self.spec.description
     }
 
     /// All param names, in order.
     pub fn params(&self) -> &[String] {
-        &self.tool.params
+        &self.spec.params
     }
 
     /// The required param names.
     pub fn required_params(&self) -> &[String] {
-        &self.tool.required_params
+        &self.spec.required_params
     }
 
     /// The auth provider, if any.
     pub fn auth_provider(&self) -> Option<&str> {
-        self.tool.auth_provider.as_deref()
+        self.spec.auth_provider.as_deref()
     }
 
     /// The auth type, if any.
     pub fn auth_type(&self) -> Option<&str> {
-        self.tool.auth_type.as_deref()
+        self.spec.auth_type.as_deref()
     }
 
     /// The name of the token parameter, if any.
     pub fn auth_with(&self) -> Option<&str> {
-        self.tool.auth_with.as_deref()
+        self.spec.auth_with.as_deref()
     }
 
     /// Whether calls must carry an auth token.
     pub fn requires_auth(&self) -> bool {
-        self.tool.requires_auth()
+        self.spec.requires_auth()
     }
 
     /// The JSON Schema of the tool's input.
     pub fn input_schema(&self) -> &Value {
-        &self.input_schema
+        &self.spec.input_schema
     }
 
     /// The tool's context, as `GET /atp/{toolkit}/{tool}/` answers it.
     pub fn context(&self) -> Value {
-        json!({
-            "function": self.tool.name,
-            "params": self.tool.params,
-            "required_params": self.tool.required_params,
-            "description": self.tool.description,
-            "auth_provider": self.tool.auth_provider,
-            "auth_type": self.tool.auth_type,
-            "auth_with": self.tool.auth_with,
-            "input_schema": self.input_schema,
-        })
+        self.spec.context()
     }
 
-    /// The tool in `provider`'s format (ATP-SPEC §5).
+    /// The tool in `provider`'s format.
     pub fn provider_schema(&self, provider: Provider, strict: bool) -> Value {
-        provider.tool_schema(
-            &self.tool.name,
-            &self.tool.description,
-            &self.input_schema,
-            strict,
-        )
+        self.spec.provider_schema(provider, strict)
     }
 
-    /// Checks the auth token and the params (ATP-SPEC §3 steps 9 and 10).
+    /// Checks the auth token and the params (steps 9 and 10 of the HTTP
+    /// check order).
     pub fn check(
         &self,
         params: &Map<String, Value>,
         auth_token: Option<&AuthToken>,
     ) -> Result<(), CallError> {
-        if self.tool.requires_auth() && auth_token.is_none_or(Secret::is_empty) {
-            return Err(CallError::AuthRequired);
-        }
-        check_params(&self.tool.params, &self.tool.required_params, params)
+        self.spec.check(params, auth_token)
     }
 
     /// Checks, then runs the handler with `toolkit`'s timeout.
@@ -596,6 +599,7 @@ impl Future for CatchUnwind {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
     use std::{
         sync::atomic::{AtomicUsize, Ordering},
         time::Instant,

@@ -121,6 +121,9 @@ pub enum RegisterError {
     /// A param schema is not a JSON object.
     #[error("the schema of param {0:?} is not a JSON object")]
     InvalidParamSchema(String),
+    /// An announced input schema is not a JSON Schema of type `object`.
+    #[error("input_schema must be a JSON Schema of type object")]
+    InvalidInputSchema,
     /// A typed tool's argument type is not a struct with named fields.
     #[error("the argument type of a typed tool must be a struct with named fields: {0}")]
     TypedArgsNotObject(String),

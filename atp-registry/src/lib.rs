@@ -14,6 +14,7 @@ pub mod runtime;
 mod schema;
 mod secret;
 mod tool;
+pub mod wire;
 
 pub use client::{
     DEFAULT_BASE_URL, DEFAULT_BODY_LIMIT, RegisteredTool, ToolKitClient, check_params,
@@ -24,7 +25,7 @@ pub use registry::{Registry, get_client, list_clients, register_client};
 pub use schema::{Provider, UnknownProvider, strict_schema};
 pub use secret::{AuthToken, Secret};
 pub use tool::{
-    AUTH_TOKEN_PARAM, Call, Tool, ToolError, is_valid_tool_name, is_valid_toolkit_name,
+    AUTH_TOKEN_PARAM, Call, Tool, ToolError, ToolSpec, is_valid_tool_name, is_valid_toolkit_name,
 };
 
 // Re-exported so that typed tools can derive `JsonSchema` without naming

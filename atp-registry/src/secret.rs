@@ -59,6 +59,20 @@ impl PartialEq for Secret {
 
 impl Eq for Secret {}
 
+/// A secret is written to the wire as its plain value (an ATP message
+/// carries the auth token); only serialize it into a message.
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
+    }
+}
+
 impl From<String> for Secret {
     fn from(value: String) -> Self {
         Self::new(value)

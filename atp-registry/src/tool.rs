@@ -128,35 +128,12 @@ impl Tool {
         &self.name
     }
 
-    /// Checks every registration rule of ATP-SPEC §2 that concerns the
-    /// tool alone.
-    pub(crate) fn validate(&self) -> Result<(), RegisterError> {
-        if !is_valid_tool_name(&self.name) {
-            return Err(RegisterError::InvalidToolName(self.name.clone()));
-        }
-        let mut seen = std::collections::HashSet::new();
-        for p in &self.params {
-            if p == AUTH_TOKEN_PARAM {
-                return Err(RegisterError::ReservedParam(p.clone()));
-            }
-            if p.is_empty() {
-                return Err(RegisterError::EmptyParamName);
-            }
-            if !seen.insert(p.as_str()) {
-                return Err(RegisterError::DuplicateParam(p.clone()));
-            }
-        }
-        let mut seen_required = std::collections::HashSet::new();
-        for r in &self.required_params {
-            if !seen.contains(r.as_str()) {
-                return Err(RegisterError::RequiredNotInParams(r.clone()));
-            }
-            if !seen_required.insert(r.as_str()) {
-                return Err(RegisterError::DuplicateRequired(r.clone()));
-            }
-        }
+    /// Checks every registration rule that concerns the tool alone (its
+    /// name, its params, its param schemas).
+    pub fn validate(&self) -> Result<(), RegisterError> {
+        check_rules(&self.name, &self.params, &self.required_params)?;
         for (p, schema) in &self.param_schemas {
-            if !seen.contains(p.as_str()) {
+            if !self.params.contains(p) {
                 return Err(RegisterError::SchemaForUnknownParam(p.clone()));
             }
             if !schema.is_object() {
@@ -166,9 +143,202 @@ impl Tool {
         Ok(())
     }
 
+    /// Whether calls must carry an auth token: the tool has an auth
+    /// provider or an auth type.
+    pub fn requires_auth(&self) -> bool {
+        requires_auth(self.auth_provider.as_deref(), self.auth_type.as_deref())
+    }
+
+    /// The input schema this tool describes: every param
+    /// `{"type": "string"}` unless [`param_schema`](Self::param_schema)
+    /// said otherwise.
+    pub fn input_schema(&self) -> Value {
+        crate::schema::untyped_schema(self)
+    }
+
+    /// The tool's description, checked against the registration rules.
+    pub fn spec(&self) -> Result<ToolSpec, RegisterError> {
+        self.validate()?;
+        Ok(self.spec_with(self.input_schema()))
+    }
+
+    pub(crate) fn spec_with(&self, input_schema: Value) -> ToolSpec {
+        ToolSpec {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            params: self.params.clone(),
+            required_params: self.required_params.clone(),
+            auth_provider: self.auth_provider.clone(),
+            auth_type: self.auth_type.clone(),
+            auth_with: self.auth_with.clone(),
+            input_schema,
+        }
+    }
+}
+
+fn requires_auth(provider: Option<&str>, auth_type: Option<&str>) -> bool {
+    provider.is_some() || auth_type.is_some()
+}
+
+/// The registration rules of a tool's name and params.
+fn check_rules(name: &str, params: &[String], required: &[String]) -> Result<(), RegisterError> {
+    if !is_valid_tool_name(name) {
+        return Err(RegisterError::InvalidToolName(name.to_owned()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for p in params {
+        if p == AUTH_TOKEN_PARAM {
+            return Err(RegisterError::ReservedParam(p.clone()));
+        }
+        if p.is_empty() {
+            return Err(RegisterError::EmptyParamName);
+        }
+        if !seen.insert(p.as_str()) {
+            return Err(RegisterError::DuplicateParam(p.clone()));
+        }
+    }
+    let mut seen_required = std::collections::HashSet::new();
+    for r in required {
+        if !seen.contains(r.as_str()) {
+            return Err(RegisterError::RequiredNotInParams(r.clone()));
+        }
+        if !seen_required.insert(r.as_str()) {
+            return Err(RegisterError::DuplicateRequired(r.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// A tool's description without its handler: its name, params, auth
+/// metadata and input schema. It is what a toolkit announces to an ATP
+/// server and what the server keeps and checks calls against; a
+/// [`RegisteredTool`](crate::RegisteredTool) holds one.
+///
+/// ```
+/// use atp_registry::{ToolSpec, wire::ToolMetadata};
+///
+/// let meta = ToolMetadata {
+///     params: vec!["name".into()],
+///     required_params: vec!["name".into()],
+///     ..Default::default()
+/// };
+/// let spec = ToolSpec::from_metadata("hello_world", meta)?;
+/// assert_eq!(spec.input_schema()["properties"]["name"], serde_json::json!({"type": "string"}));
+/// assert!(ToolSpec::from_metadata("bad name", Default::default()).is_err());
+/// # Ok::<(), atp_registry::RegisterError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ToolSpec {
+    /// The tool's name.
+    pub name: String,
+    /// Its description.
+    pub description: String,
+    /// All param names, in order.
+    pub params: Vec<String>,
+    /// The required ones.
+    pub required_params: Vec<String>,
+    /// The auth provider, if any.
+    pub auth_provider: Option<String>,
+    /// The auth type, if any.
+    pub auth_type: Option<String>,
+    /// The token's param name, if any.
+    pub auth_with: Option<String>,
+    /// The JSON Schema of the tool's input.
+    pub input_schema: Value,
+}
+
+impl ToolSpec {
+    /// A tool as a toolkit announced it: the name and params checked
+    /// against the registration rules; the input schema as given (it must
+    /// be an object schema), else every param described as a string.
+    pub fn from_metadata(
+        name: &str,
+        meta: crate::wire::ToolMetadata,
+    ) -> Result<Self, RegisterError> {
+        let mut tool = Tool::new(name)
+            .description(meta.description.unwrap_or_default())
+            .params(meta.params)
+            .required_params(meta.required_params);
+        tool.auth_provider = meta.auth_provider;
+        tool.auth_type = meta.auth_type;
+        tool.auth_with = meta.auth_with;
+        tool.validate()?;
+        let input_schema = match meta.input_schema {
+            None | Some(Value::Null) => tool.input_schema(),
+            Some(schema) => schema,
+        };
+        let spec = tool.spec_with(input_schema);
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks the registration rules: the name, the params, and an input
+    /// schema of type `object`.
+    pub fn validate(&self) -> Result<(), RegisterError> {
+        check_rules(&self.name, &self.params, &self.required_params)?;
+        match &self.input_schema {
+            Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("object") => Ok(()),
+            _ => Err(RegisterError::InvalidInputSchema),
+        }
+    }
+
+    /// The JSON Schema of the tool's input.
+    pub fn input_schema(&self) -> &Value {
+        &self.input_schema
+    }
+
     /// Whether calls must carry an auth token.
     pub fn requires_auth(&self) -> bool {
-        self.auth_provider.is_some() || self.auth_type.is_some()
+        requires_auth(self.auth_provider.as_deref(), self.auth_type.as_deref())
+    }
+
+    /// What a toolkit announces of the tool (`register_tool`'s `metadata`).
+    pub fn metadata(&self) -> crate::wire::ToolMetadata {
+        crate::wire::ToolMetadata {
+            params: self.params.clone(),
+            required_params: self.required_params.clone(),
+            description: Some(self.description.clone()),
+            auth_provider: self.auth_provider.clone(),
+            auth_type: self.auth_type.clone(),
+            auth_with: self.auth_with.clone(),
+            input_schema: Some(self.input_schema.clone()),
+            sample_response: Value::String(String::new()),
+            source_code: Value::String(String::new()),
+            endpoint_url: None,
+        }
+    }
+
+    /// The tool's context, as `GET /atp/{toolkit}/{tool}/` answers it.
+    pub fn context(&self) -> Value {
+        serde_json::json!({
+            "function": self.name,
+            "params": self.params,
+            "required_params": self.required_params,
+            "description": self.description,
+            "auth_provider": self.auth_provider,
+            "auth_type": self.auth_type,
+            "auth_with": self.auth_with,
+            "input_schema": self.input_schema,
+        })
+    }
+
+    /// The tool in `provider`'s format.
+    pub fn provider_schema(&self, provider: crate::Provider, strict: bool) -> Value {
+        provider.tool_schema(&self.name, &self.description, &self.input_schema, strict)
+    }
+
+    /// Checks a call's auth token and params: a token when the tool needs
+    /// one (`auth_required`), then the params (`missing_params`,
+    /// `unknown_params`).
+    pub fn check(
+        &self,
+        params: &Map<String, Value>,
+        auth_token: Option<&AuthToken>,
+    ) -> Result<(), crate::CallError> {
+        if self.requires_auth() && auth_token.is_none_or(crate::Secret::is_empty) {
+            return Err(crate::CallError::AuthRequired);
+        }
+        crate::check_params(&self.params, &self.required_params, params)
     }
 }
 

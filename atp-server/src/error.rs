@@ -79,7 +79,12 @@ impl IntoResponse for ApiError {
 
 /// A JSON answer with this status.
 pub(crate) fn json_response(status: StatusCode, body: &Value) -> Response {
-    let mut response = Response::new(Body::from(body.to_string()));
+    json_text_response(status, body.to_string())
+}
+
+/// A JSON answer whose text is already written (a wire message).
+pub(crate) fn json_text_response(status: StatusCode, body: String) -> Response {
+    let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -12,8 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use atp_registry::Secret;
-use serde_json::{Map, Value, json};
+use atp_registry::{
+    Secret,
+    wire::{self, RequestId, ServerToToolkit},
+};
+use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::keys::uuid4;
@@ -31,11 +34,15 @@ pub(crate) enum RouteError {
     ShuttingDown,
     #[error("The toolkit's endpoint failed: {0}")]
     Endpoint(String),
+    /// The toolkit answered with a failure (its code, or `tool_error`).
+    #[error("{message}")]
+    Failed { code: String, message: String },
 }
 
 impl RouteError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> &str {
         match self {
+            RouteError::Failed { code, .. } => code,
             RouteError::NotConnected(_) => "toolkit_not_connected",
             RouteError::Disconnected => "toolkit_disconnected",
             RouteError::Timeout(_) => "toolkit_timeout",
@@ -53,20 +60,23 @@ pub(crate) struct ToolRequest {
 }
 
 impl ToolRequest {
-    /// The bare request (an inbox entry).
-    fn body(&self, request_id: &str) -> Value {
-        json!({
-            "request_id": request_id,
-            "tool_name": self.tool_name,
-            "params": self.params,
-            "auth_token": self.auth_token.as_ref().map(Secret::expose),
-        })
+    /// The request on the wire, with the hub's id.
+    fn on_wire(&self, request_id: &str) -> wire::ToolRequest {
+        wire::ToolRequest {
+            request_id: RequestId::Str(request_id.to_owned()),
+            tool_name: self.tool_name.clone(),
+            params: self.params.clone(),
+            auth_token: self.auth_token.clone(),
+        }
     }
 }
 
+/// What a toolkit answered: the result, or its failure (code and message).
+pub(crate) type Answer = Result<Value, (Option<String>, String)>;
+
 struct Socket {
     id: u64,
-    tx: mpsc::UnboundedSender<String>,
+    tx: mpsc::Sender<String>,
 }
 
 struct Inbox {
@@ -90,15 +100,15 @@ impl Inbox {
 enum Via {
     Socket(u64),
     Inbox {
-        /// The entry, until a poll takes it.
-        body: Option<Value>,
+        /// The entry (its JSON text), until a poll takes it.
+        body: Option<String>,
     },
 }
 
 struct Pending {
     key_hash: String,
     via: Via,
-    tx: oneshot::Sender<Result<Value, RouteError>>,
+    tx: oneshot::Sender<Result<Answer, RouteError>>,
 }
 
 #[derive(Default)]
@@ -191,7 +201,8 @@ impl Hub {
     }
 
     /// Sends a request over the key's newest WebSocket, or queues it in its
-    /// inbox, and waits for the answer (at most `timeout`).
+    /// inbox, and waits for the answer (at most `timeout`, the wait for
+    /// room in a slow toolkit's outbox included).
     pub async fn dispatch(
         &self,
         app: &str,
@@ -201,7 +212,7 @@ impl Hub {
     ) -> Result<Value, RouteError> {
         let request_id = uuid4();
         let (tx, rx) = oneshot::channel();
-        {
+        let socket_tx = {
             let mut inner = self.lock();
             let socket = inner
                 .sockets
@@ -209,13 +220,6 @@ impl Hub {
                 .and_then(|s| s.last())
                 .map(|s| (s.id, s.tx.clone()));
             if let Some((id, socket_tx)) = socket {
-                let message = json!({
-                    "message_type": "atp_tool_request",
-                    "payload": request.body(&request_id),
-                });
-                if socket_tx.send(message.to_string()).is_err() {
-                    return Err(RouteError::Disconnected);
-                }
                 inner.pending.insert(
                     request_id.clone(),
                     Pending {
@@ -224,6 +228,7 @@ impl Hub {
                         tx,
                     },
                 );
+                Some(socket_tx)
             } else {
                 let inbox = match inner.inboxes.get_mut(key_hash) {
                     Some(i) if i.waiting > 0 || i.last_seen.elapsed() <= self.inbox_presence => i,
@@ -231,26 +236,45 @@ impl Hub {
                 };
                 inbox.queue.push_back(request_id.clone());
                 inbox.notify.notify_one();
+                let body = wire::to_json(&request.on_wire(&request_id));
                 inner.pending.insert(
                     request_id.clone(),
                     Pending {
                         key_hash: key_hash.to_owned(),
-                        via: Via::Inbox {
-                            body: Some(request.body(&request_id)),
-                        },
+                        via: Via::Inbox { body: Some(body) },
                         tx,
                     },
                 );
+                None
             }
-        }
-        tracing::debug!(app, tool = %request.tool_name, %request_id, "tool request sent");
+        };
         let _guard = PendingGuard {
             hub: self,
             request_id: &request_id,
         };
+        tracing::debug!(app, tool = %request.tool_name, %request_id, "tool request sent");
         let mut shutdown = self.shutdown.clone();
+        let answer = async {
+            if let Some(socket_tx) = socket_tx {
+                let frame = ServerToToolkit::ToolRequest(request.on_wire(&request_id)).to_json();
+                // A toolkit that reads too slowly fills its outbox: the
+                // request waits for room, within the same timeout.
+                if socket_tx.send(frame).await.is_err() {
+                    return Err(RouteError::Disconnected);
+                }
+            }
+            match rx.await {
+                Ok(Ok(Ok(value))) => Ok(value),
+                Ok(Ok(Err((code, message)))) => Err(RouteError::Failed {
+                    code: code.unwrap_or_else(|| "tool_error".into()),
+                    message,
+                }),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(RouteError::Disconnected),
+            }
+        };
         tokio::select! {
-            answer = rx => answer.unwrap_or(Err(RouteError::Disconnected)),
+            answer = answer => answer,
             _ = tokio::time::sleep(timeout) => {
                 tracing::warn!(app, tool = %request.tool_name, %request_id, "the toolkit did not answer in time");
                 Err(RouteError::Timeout(timeout))
@@ -261,8 +285,12 @@ impl Hub {
 
     /// Registers a toolkit WebSocket; tool requests for the key go to the
     /// newest one. Messages to send come out of the receiver.
-    pub fn add_socket(&self, key_hash: &str) -> (u64, mpsc::UnboundedReceiver<String>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub fn add_socket(
+        &self,
+        key_hash: &str,
+    ) -> (u64, mpsc::Sender<String>, mpsc::Receiver<String>) {
+        let (tx, rx) = atp_registry::net::session::outbox();
+        let socket_tx = tx.clone();
         let id = {
             let mut inner = self.lock();
             inner.next_socket += 1;
@@ -275,7 +303,7 @@ impl Hub {
             id
         };
         self.bump();
-        (id, rx)
+        (id, socket_tx, rx)
     }
 
     /// Forgets a WebSocket; the requests waiting on it fail at once.
@@ -304,7 +332,7 @@ impl Hub {
 
     /// An answer that came over WebSocket `id`; ignored unless the request
     /// was sent there.
-    pub fn socket_answer(&self, id: u64, request_id: &str, result: Value) -> bool {
+    pub fn socket_answer(&self, id: u64, request_id: &str, result: Answer) -> bool {
         let pending = {
             let mut inner = self.lock();
             match inner.pending.get(request_id) {
@@ -319,7 +347,7 @@ impl Hub {
 
     /// An answer posted to the inbox of `key_hash`; ignored unless the
     /// request was delivered through that inbox.
-    pub fn inbox_answer(&self, key_hash: &str, request_id: &str, result: Value) -> bool {
+    pub fn inbox_answer(&self, key_hash: &str, request_id: &str, result: Answer) -> bool {
         let pending = {
             let mut inner = self.lock();
             match inner.pending.get(request_id) {
@@ -334,7 +362,7 @@ impl Hub {
 
     /// Takes the next request from the key's inbox, waiting up to `wait`
     /// for one. `None` when there is none (or the server is stopping).
-    pub async fn poll_inbox(&self, key_hash: &str, wait: Duration) -> Option<Value> {
+    pub async fn poll_inbox(&self, key_hash: &str, wait: Duration) -> Option<String> {
         let notify = {
             let mut inner = self.lock();
             // Forget the inboxes of keys that stopped polling long ago.
@@ -373,7 +401,7 @@ impl Hub {
         }
     }
 
-    fn take_inbox_entry(&self, key_hash: &str) -> Option<Value> {
+    fn take_inbox_entry(&self, key_hash: &str) -> Option<String> {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let inbox = inner.inboxes.get_mut(key_hash)?;
@@ -435,6 +463,8 @@ impl Drop for PollGuard<'_> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn req() -> ToolRequest {
@@ -454,7 +484,7 @@ mod tests {
                 .await,
             Err(RouteError::NotConnected("app".into()))
         );
-        let (id, mut out) = hub.add_socket("k");
+        let (id, _tx, mut out) = hub.add_socket("k");
         let h = hub.clone();
         let call =
             tokio::spawn(
@@ -465,8 +495,11 @@ mod tests {
             .as_str()
             .expect("id")
             .to_owned();
-        assert!(!hub.socket_answer(id + 1, &rid, json!(1)), "another socket");
-        assert!(hub.socket_answer(id, &rid, json!({"ok": true})));
+        assert!(
+            !hub.socket_answer(id + 1, &rid, Ok(json!(1))),
+            "another socket"
+        );
+        assert!(hub.socket_answer(id, &rid, Ok(json!({"ok": true}))));
         assert_eq!(call.await.expect("join"), Ok(json!({"ok": true})));
         let h = hub.clone();
         let call =
@@ -493,9 +526,10 @@ mod tests {
             .poll_inbox("k", Duration::from_secs(5))
             .await
             .expect("entry");
+        let entry: Value = serde_json::from_str(&entry).expect("json");
         let rid = entry["request_id"].as_str().expect("id").to_owned();
-        assert!(!hub.inbox_answer("other", &rid, json!(1)));
-        assert!(hub.inbox_answer("k", &rid, json!(2)));
+        assert!(!hub.inbox_answer("other", &rid, Ok(json!(1))));
+        assert!(hub.inbox_answer("k", &rid, Ok(json!(2))));
         assert_eq!(call.await.expect("join"), Ok(json!(2)));
         let t = hub
             .dispatch("app", "k", &req(), Duration::from_millis(20))

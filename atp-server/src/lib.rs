@@ -364,6 +364,51 @@ pub(crate) async fn read_object(body: Body, limit: usize) -> Result<Map<String, 
     }
 }
 
+/// The frames of axum's WebSockets, for the session driver.
+pub(crate) struct AxumFrames;
+
+impl atp_registry::net::session::Frames for AxumFrames {
+    type Message = axum::extract::ws::Message;
+    type Text = axum::extract::ws::Utf8Bytes;
+
+    fn text(text: String) -> Self::Message {
+        Self::Message::Text(text.into())
+    }
+
+    fn ping() -> Self::Message {
+        Self::Message::Ping(Default::default())
+    }
+
+    fn close(code: u16, reason: &'static str) -> Self::Message {
+        Self::Message::Close(Some(axum::extract::ws::CloseFrame {
+            code,
+            reason: reason.into(),
+        }))
+    }
+
+    fn read(message: Self::Message) -> atp_registry::net::session::Frame<Self::Text> {
+        use atp_registry::net::session::Frame;
+        match message {
+            Self::Message::Text(t) => Frame::Text(t),
+            Self::Message::Binary(_) => Frame::Binary,
+            Self::Message::Close(c) => {
+                Frame::Close(c.map(|c| c.reason.to_string()).unwrap_or_default())
+            }
+            _ => Frame::Control,
+        }
+    }
+}
+
+/// How the server's WebSockets run: its ping interval; on shutdown, no
+/// grace (waiting callers are answered by the hub) and "going away".
+pub(crate) fn session_options(config: &Config) -> atp_registry::net::session::SessionOptions {
+    atp_registry::net::session::SessionOptions {
+        ping_interval: config.ping_interval,
+        grace_period: Duration::ZERO,
+        stop_close: (1001, "server shutting down"),
+    }
+}
+
 /// Completes when `shutdown` turns true (or its sender is gone).
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;

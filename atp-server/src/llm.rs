@@ -1,30 +1,37 @@
-//! The LLM side (ATP-SPEC §6): `get_toolkit_context` and `task_request`,
-//! over the LLM-client WebSocket and over `POST …/llm-client/process/`.
+//! The LLM side: `get_toolkit_context` and `task_request`, over the
+//! LLM-client WebSocket and over `POST …/llm-client/process/`.
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
-use atp_registry::net::{WS_READ_BUFFER, send_queued};
-use atp_registry::{CallError, Provider, Secret};
+use atp_registry::{
+    CallError, Provider, Secret,
+    net::{
+        WS_READ_BUFFER,
+        session::{self, Flow, Handler},
+    },
+    wire::{
+        ContextPayload, ContextRequest, ContextResponse, ErrorFrame, LlmToServer, RequestId,
+        ServerToLlm, TaskRequest, TaskResponse, WireError,
+    },
+};
 use axum::{
     body::Body,
     extract::{
         Path, State,
         rejection::PathRejection,
-        ws::{
-            CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
-        },
+        ws::{WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection},
     },
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use hyper::Method;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
-    error::{ApiError, json_response},
+    error::{ApiError, json_text_response},
     hub::{Route, RouteError, ToolRequest},
     keys::{Role, api_key_header, key_hash},
     not_a_websocket, oauth, read_object,
@@ -59,171 +66,109 @@ impl From<CallError> for Failure {
 
 impl From<RouteError> for Failure {
     fn from(e: RouteError) -> Self {
-        Self::new(e.code(), e.to_string())
+        match e {
+            RouteError::Failed { code, message } => Self { code, message },
+            other => Self::new(other.code(), other.to_string()),
+        }
     }
 }
 
-/// A `toolkit_context` answer, or the error of a `get_toolkit_context`.
-pub(crate) fn context(s: &crate::State, m: &Map<String, Value>) -> Result<Value, ApiError> {
-    let Some(toolkit_id) = str_field(m, "toolkit_id") else {
-        return Err(ApiError::bad_request(
-            "invalid_message",
-            "toolkit_id is missing",
-        ));
-    };
-    let provider_name = match m.get("provider") {
-        None | Some(Value::Null) => "openai",
-        Some(Value::String(p)) => p.as_str(),
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "unknown_provider",
-                "provider must be a string",
-            ));
-        }
-    };
+/// The answer to a `get_toolkit_context`, or why there is none.
+pub(crate) fn context(s: &crate::State, req: &ContextRequest) -> Result<ContextResponse, ApiError> {
+    let provider_name = req.provider.as_deref().unwrap_or("openai");
     let provider: Provider =
         provider_name
             .parse()
             .map_err(|e: atp_registry::UnknownProvider| {
                 ApiError::bad_request("unknown_provider", e.to_string())
             })?;
-    let strict = matches!(m.get("strict"), Some(Value::Bool(true)))
-        || m.get("strict").and_then(Value::as_str) == Some("true");
     let kit = s
-        .toolkit(toolkit_id)
+        .toolkit(&req.toolkit_id)
         .ok_or_else(|| ApiError::not_found("toolkit_not_found", "Toolkit not found"))?;
     let tools: Vec<Value> = kit
         .tools
         .iter()
-        .map(|t| provider.tool_schema(&t.name, &t.meta.description, &t.meta.input_schema, strict))
+        .map(|t| t.spec.provider_schema(provider, req.strict))
         .collect();
-    Ok(json!({
-        "type": "toolkit_context",
-        "request_id": m.get("request_id").cloned().unwrap_or(Value::Null),
-        "status": "success",
-        "payload": {
-            "toolkit_id": kit.app_name,
-            "toolkit_name": kit.app_name,
-            "caption": format!("{} tool(s) of {}", tools.len(), kit.app_name),
-            "provider": provider_name,
-            "strict": strict,
-            "toolkit_connected": s.hub.is_served(&kit.key_hash) || kit.endpoint_url.is_some(),
-            "tools": tools,
-            "user_prompt": m.get("user_prompt").cloned().unwrap_or(Value::Null),
+    Ok(ContextResponse::ok(
+        req.request_id.clone(),
+        ContextPayload {
+            toolkit_id: kit.app_name.clone(),
+            toolkit_name: kit.app_name.clone(),
+            caption: format!("{} tool(s) of {}", tools.len(), kit.app_name),
+            provider: provider_name.to_owned(),
+            strict: req.strict,
+            toolkit_connected: s.hub.is_served(&kit.key_hash) || kit.endpoint_url.is_some(),
+            tools,
+            user_prompt: req.user_prompt.clone(),
+            extra: Map::new(),
         },
-    }))
+    ))
 }
 
-fn context_error(m: &Map<String, Value>, e: &ApiError) -> Value {
-    json!({
-        "type": "toolkit_context",
-        "request_id": m.get("request_id").cloned().unwrap_or(Value::Null),
-        "status": "error",
-        "message": e.message,
-        "error": e.message,
-        "code": e.code,
-    })
+fn context_error(request_id: Option<RequestId>, e: &ApiError) -> ContextResponse {
+    ContextResponse::error(request_id, e.code, &e.message)
 }
 
-/// The `task_response` to a result or a failure: the result is at
-/// `payload.result` (the seed's place) and at `result.tool.result` (where
-/// the published Python `LLMClient` reads it); a failure's result is
-/// `{"error": MESSAGE}` in both places, with `error` and `code` beside.
-pub(crate) fn task_response(
-    m: &Map<String, Value>,
-    function: Option<&str>,
-    outcome: Result<Value, Failure>,
-) -> Value {
-    let payload = m.get("payload").and_then(Value::as_object);
-    let tool_call_id = payload
-        .and_then(|p| p.get("tool_call_id"))
-        .cloned()
-        .unwrap_or(Value::Null);
-    let (status, result, failure) = match outcome {
-        Ok(v) => ("success", v, None),
-        Err(f) => ("failed", json!({"error": f.message}), Some(f)),
-    };
-    let mut answer = json!({
-        "type": "task_response",
-        "request_id": m.get("request_id").cloned().unwrap_or(Value::Null),
-        "status": status,
-        "payload": {"result": result, "function": function, "tool_call_id": tool_call_id},
-        "result": {"tool": {"name": function, "result": result}},
-    });
-    if let Some(f) = failure {
-        answer["error"] = Value::String(f.message);
-        answer["code"] = Value::String(f.code);
-    }
-    answer
+fn task_failed(request_id: Option<RequestId>, f: &Failure) -> TaskResponse {
+    TaskResponse::failed(request_id, None, Value::Null, &f.code, &f.message)
 }
 
 /// Runs one `task_request` and builds its `task_response` (always exactly
 /// one, whatever went wrong).
-pub(crate) async fn task(s: &crate::State, llm_key_hash: &str, m: &Map<String, Value>) -> Value {
-    let function = m
-        .get("payload")
-        .and_then(|p| p.get("function"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let outcome = run_task(s, llm_key_hash, m).await;
-    if let Err(f) = &outcome {
-        tracing::debug!(code = %f.code, "task failed: {}", f.message);
+pub(crate) async fn task(s: &crate::State, llm_key_hash: &str, req: TaskRequest) -> TaskResponse {
+    let outcome = run_task(s, llm_key_hash, &req).await;
+    let TaskRequest {
+        request_id,
+        payload,
+        ..
+    } = req;
+    match outcome {
+        Ok(result) => TaskResponse::ok(
+            request_id,
+            Some(payload.function),
+            payload.tool_call_id,
+            result,
+        ),
+        Err(f) => {
+            tracing::debug!(code = %f.code, "task failed: {}", f.message);
+            TaskResponse::failed(
+                request_id,
+                Some(payload.function),
+                payload.tool_call_id,
+                &f.code,
+                &f.message,
+            )
+        }
     }
-    task_response(m, function.as_deref(), outcome)
 }
 
 async fn run_task(
     s: &crate::State,
     llm_key_hash: &str,
-    m: &Map<String, Value>,
+    req: &TaskRequest,
 ) -> Result<Value, Failure> {
-    let Some(toolkit_id) = str_field(m, "toolkit_id") else {
-        return Err(Failure::new("invalid_message", "toolkit_id is missing"));
-    };
-    let Some(payload) = m.get("payload").and_then(Value::as_object) else {
-        return Err(Failure::new(
-            "invalid_message",
-            "payload must be an object with function and parameters",
-        ));
-    };
-    let Some(function) = str_field(payload, "function") else {
-        return Err(Failure::new(
-            "invalid_message",
-            "payload.function is missing",
-        ));
-    };
-    let params = match payload.get("parameters").or_else(|| payload.get("params")) {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(p)) => p.clone(),
-        Some(Value::String(text)) if text.trim().is_empty() => Map::new(),
-        Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(p)) => p,
-            _ => {
-                return Err(
-                    CallError::InvalidParams("parameters must be a JSON object".into()).into(),
-                );
-            }
-        },
-        Some(_) => {
-            return Err(CallError::InvalidParams("parameters must be a JSON object".into()).into());
-        }
-    };
+    let params = req
+        .payload
+        .arguments()
+        .map_err(|why| Failure::from(CallError::InvalidParams(why)))?;
     let kit = s
-        .toolkit(toolkit_id)
+        .toolkit(&req.toolkit_id)
         .ok_or_else(|| Failure::new("toolkit_not_found", "Toolkit not found"))?;
+    let function = req.payload.function.as_str();
     let tool = kit
         .tools
         .iter()
-        .find(|t| t.name == function)
+        .find(|t| t.spec.name == function)
         .ok_or(CallError::ToolNotFound)?;
 
-    let explicit = str_field(payload, "auth_token")
-        .or_else(|| str_field(m, "auth_token"))
-        .map(Secret::new);
-    let user = str_field(m, "external_user_id").or_else(|| str_field(payload, "external_user_id"));
     let mut not_connected = None;
-    let auth_token = match (explicit, user, tool.meta.auth_provider.as_deref()) {
-        (Some(t), _, _) => Some(t),
+    let auth_token = match (
+        req.auth_token(),
+        req.external_user_id(),
+        tool.spec.auth_provider.as_deref(),
+    ) {
+        (Some(t), _, _) => Some(t.clone()),
         (None, Some(user), Some(provider)) => {
             let token = oauth::token_for(s, llm_key_hash, provider, user).await?;
             if token.is_none() {
@@ -233,23 +178,24 @@ async fn run_task(
         }
         _ => None,
     };
-
-    if tool.meta.requires_auth() && auth_token.is_none() {
-        let mut message = CallError::AuthRequired.to_string();
-        if let Some((user, provider)) = not_connected {
-            message.push_str(&format!(
-                ": user {user} has not connected {provider} (start the OAuth flow with initiate_oauth_connection)"
+    match tool.spec.check(&params, auth_token.as_ref()) {
+        Err(CallError::AuthRequired) => {
+            let mut message = CallError::AuthRequired.to_string();
+            if let Some((user, provider)) = not_connected {
+                message.push_str(&format!(
+                    ": user {user} has not connected {provider} (start the OAuth flow with initiate_oauth_connection)"
+                ));
+            }
+            return Err(Failure::new(
+                CallError::AuthRequired.code().as_str(),
+                message,
             ));
         }
-        return Err(Failure::new(
-            CallError::AuthRequired.code().as_str(),
-            message,
-        ));
+        other => other?,
     }
-    atp_registry::check_params(&tool.meta.params, &tool.meta.required_params, &params)?;
 
     let request = ToolRequest {
-        tool_name: tool.name.clone(),
+        tool_name: tool.spec.name.clone(),
         params,
         auth_token,
     };
@@ -267,14 +213,6 @@ async fn run_task(
                 .await?
         }
     };
-    // A toolkit reports a failure as `{"error": MESSAGE}`.
-    if let Some(Value::String(message)) = result
-        .as_object()
-        .filter(|o| o.len() == 1)
-        .and_then(|o| o.get("error"))
-    {
-        return Err(Failure::new("tool_error", message.clone()));
-    }
     Ok(result)
 }
 
@@ -342,6 +280,10 @@ fn llm_key(
     s.keys.check(Role::Llm, key).then(|| key_hash(key))
 }
 
+fn answer(status: StatusCode, message: &ServerToLlm) -> Response {
+    json_text_response(status, message.to_json())
+}
+
 /// `POST /api/v1/atp/llm-client/process/`.
 pub(crate) async fn process(
     State(s): State<Arc<crate::State>>,
@@ -358,18 +300,54 @@ pub(crate) async fn process(
     let Some(llm_key_hash) = llm_key(&s, &headers, Some(&m)) else {
         return ApiError::unauthorized().into_response();
     };
-    match m.get("type").and_then(Value::as_str) {
-        Some("get_toolkit_context") => match context(&s, &m) {
-            Ok(v) => json_response(StatusCode::OK, &v),
-            Err(e) => json_response(e.status, &context_error(&m, &e)),
+    match LlmToServer::from_object(m) {
+        Ok(LlmToServer::GetToolkitContext(req)) => match context(&s, &req) {
+            Ok(c) => answer(StatusCode::OK, &ServerToLlm::ToolkitContext(c)),
+            Err(e) => answer(
+                e.status,
+                &ServerToLlm::ToolkitContext(context_error(req.request_id, &e)),
+            ),
         },
-        Some("task_request") => json_response(StatusCode::OK, &task(&s, &llm_key_hash, &m).await),
-        Some(other) => ApiError::bad_request(
+        Ok(LlmToServer::TaskRequest(req)) => answer(
+            StatusCode::OK,
+            &ServerToLlm::TaskResponse(task(&s, &llm_key_hash, req).await),
+        ),
+        Ok(_) => ApiError::bad_request(
+            "unknown_message_type",
+            "Use get_toolkit_context or task_request",
+        )
+        .into_response(),
+        Err(WireError::Invalid {
+            kind: "task_request",
+            request_id,
+            reason,
+        }) => answer(
+            StatusCode::OK,
+            &ServerToLlm::TaskResponse(task_failed(
+                request_id,
+                &Failure::new("invalid_message", reason),
+            )),
+        ),
+        Err(WireError::Invalid {
+            kind: "get_toolkit_context",
+            request_id,
+            reason,
+        }) => {
+            let e = ApiError::bad_request("invalid_message", reason);
+            answer(
+                e.status,
+                &ServerToLlm::ToolkitContext(context_error(request_id, &e)),
+            )
+        }
+        Err(WireError::UnknownType { kind: other, .. }) => ApiError::bad_request(
             "unknown_message_type",
             format!("Unknown message type {other:?}: use get_toolkit_context or task_request"),
         )
         .into_response(),
-        None => {
+        Err(e @ WireError::Invalid { .. }) => {
+            ApiError::bad_request("invalid_message", e.to_string()).into_response()
+        }
+        Err(_) => {
             ApiError::bad_request("invalid_message", "The message has no \"type\"").into_response()
         }
     }
@@ -393,181 +371,183 @@ pub(crate) async fn socket(
         .on_upgrade(move |socket| serve_socket(s, key, socket))
 }
 
-fn error_frame(m: Option<&Map<String, Value>>, code: &str, message: &str) -> String {
-    json!({
-        "type": "error",
-        "request_id": m.and_then(|m| m.get("request_id")).cloned().unwrap_or(Value::Null),
-        "status": "error",
-        "error": message,
-        "message": message,
-        "code": code,
-    })
-    .to_string()
-}
-
-/// What the LLM socket loop does after a frame.
-enum Next {
-    Continue,
-    /// Send this frame, then close with this code and reason.
-    Refuse(String, u16, &'static str),
+fn error_frame(request_id: Option<RequestId>, code: &str, message: &str) -> String {
+    ServerToLlm::Error(ErrorFrame::new(request_id, code, message)).to_json()
 }
 
 async fn serve_socket(s: Arc<crate::State>, key: Secret, socket: WebSocket) {
-    let llm_key_hash = key_hash(key.expose());
-    let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    let mut tasks = JoinSet::new();
-    let mut authenticated = false;
+    let (sink, stream) = socket.split();
+    let (tx, rx) = session::outbox();
     let mut shutdown = s.shutdown.subscribe();
-    let interval = s.config.ping_interval;
-    let mut ping = tokio::time::interval(interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    let mut last_seen = Instant::now();
+    let opts = crate::session_options(&s.config);
     tracing::debug!("LLM client connected");
-    loop {
-        tokio::select! {
-            _ = crate::stopped(&mut shutdown) => {
-                let _ = sink.send(close(1001, "server shutting down")).await;
-                break;
-            }
-            Some(out) = rx.recv() => {
-                if send_queued(&mut sink, out, &mut rx, |t| Message::Text(t.into())).await.is_err() {
-                    break;
-                }
-            }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            frame = stream.next() => {
-                last_seen = Instant::now();
-                let text = match frame {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Binary(_))) => {
-                        let _ = tx.send(error_frame(None, "invalid_message", "binary frames are not supported; send JSON text"));
-                        continue;
-                    }
-                    Some(Ok(_)) => continue,
-                };
-                let ctx = Conn { s: &s, key: &key, llm_key_hash: &llm_key_hash, tx: &tx };
-                if let Next::Refuse(frame, code, reason) =
-                    ctx.message(text.as_str(), &mut authenticated, &mut tasks)
-                {
-                    let _ = sink.send(Message::Text(frame.into())).await;
-                    let _ = sink.send(close(code, reason)).await;
-                    break;
-                }
-            }
-            _ = ping.tick() => {
-                if last_seen.elapsed() >= interval * 2 {
-                    let _ = sink.send(close(1011, "no answer to pings")).await;
-                    break;
-                }
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    tasks.abort_all();
+    let mut conn = LlmSocket {
+        llm_key_hash: key_hash(key.expose()),
+        s: s.clone(),
+        key,
+        tx,
+        tasks: JoinSet::new(),
+        authenticated: false,
+    };
+    session::run::<crate::AxumFrames, _, _, _, _>(
+        sink,
+        stream,
+        rx,
+        &mut conn,
+        &opts,
+        None,
+        async move { crate::stopped(&mut shutdown).await },
+    )
+    .await;
+    // Dropping the handler aborts its tasks in flight.
+    drop(conn);
     tracing::debug!("LLM client disconnected");
 }
 
-fn close(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: reason.into(),
-    }))
-}
-
 /// One LLM socket, as its messages see it.
-struct Conn<'a> {
-    s: &'a Arc<crate::State>,
-    key: &'a Secret,
-    llm_key_hash: &'a str,
-    tx: &'a mpsc::UnboundedSender<String>,
+struct LlmSocket {
+    s: Arc<crate::State>,
+    key: Secret,
+    llm_key_hash: String,
+    tx: mpsc::Sender<String>,
+    tasks: JoinSet<()>,
+    authenticated: bool,
 }
 
-impl Conn<'_> {
-    /// Handles one text frame: answers go out through `tx` (task requests
-    /// run concurrently in `tasks`).
-    fn message(&self, text: &str, authenticated: &mut bool, tasks: &mut JoinSet<()>) -> Next {
-        let send = |frame: String| {
-            let _ = self.tx.send(frame);
+impl Handler for LlmSocket {
+    fn on_text(&mut self, text: &str) -> Flow {
+        while self.tasks.try_join_next().is_some() {}
+        let message = match LlmToServer::parse(text) {
+            Ok(m) => m,
+            Err(e) => return Flow::Reply(parse_error(e)),
         };
-        let Ok(Value::Object(m)) = serde_json::from_str::<Value>(text) else {
-            send(error_frame(
-                None,
-                "invalid_message",
-                "messages must be JSON objects",
-            ));
-            return Next::Continue;
-        };
-        let kind = m.get("type").and_then(Value::as_str).unwrap_or_default();
-        if kind == "auth" {
-            let ok = str_field(&m, "api_key")
-                .is_some_and(|k| self.key.matches(k.as_bytes()) && self.s.keys.check(Role::Llm, k));
-            if !ok {
-                let refusal =
-                    json!({"type": "auth_response", "success": false, "error": "Invalid API key"});
-                return Next::Refuse(refusal.to_string(), 1008, "invalid API key");
-            }
-            *authenticated = true;
-            send(json!({"type": "auth_response", "success": true}).to_string());
-            return Next::Continue;
-        }
-        if !*authenticated {
-            let message = "Authenticate first: send {\"type\": \"auth\", \"api_key\": KEY}";
-            send(match kind {
-                "task_request" => {
-                    task_response(&m, None, Err(Failure::new("not_authenticated", message)))
-                        .to_string()
-                }
-                "get_toolkit_context" => context_error(
-                    &m,
-                    &ApiError::unauthorized_with("not_authenticated", message),
-                )
-                .to_string(),
-                _ => error_frame(Some(&m), "not_authenticated", message),
+        if let LlmToServer::Auth { api_key } = &message {
+            let ok = api_key.as_ref().is_some_and(|k| {
+                self.key.matches(k.expose().as_bytes()) && self.s.keys.check(Role::Llm, k.expose())
             });
-            return Next::Continue;
+            if !ok {
+                let refusal = ServerToLlm::AuthResponse {
+                    success: false,
+                    error: Some("Invalid API key".into()),
+                };
+                return Flow::Close(Some(refusal.to_json()), 1008, "invalid API key");
+            }
+            self.authenticated = true;
+            return Flow::Reply(
+                ServerToLlm::AuthResponse {
+                    success: true,
+                    error: None,
+                }
+                .to_json(),
+            );
         }
-        match kind {
-            "get_toolkit_context" => send(match context(self.s, &m) {
-                Ok(v) => v.to_string(),
-                Err(e) => context_error(&m, &e).to_string(),
-            }),
-            "task_request" if tasks.len() >= MAX_IN_FLIGHT => {
+        if !self.authenticated {
+            let message_text = "Authenticate first: send {\"type\": \"auth\", \"api_key\": KEY}";
+            return Flow::Reply(match message {
+                LlmToServer::TaskRequest(req) => ServerToLlm::TaskResponse(task_failed(
+                    req.request_id,
+                    &Failure::new("not_authenticated", message_text),
+                ))
+                .to_json(),
+                LlmToServer::GetToolkitContext(req) => ServerToLlm::ToolkitContext(context_error(
+                    req.request_id,
+                    &ApiError::unauthorized_with("not_authenticated", message_text),
+                ))
+                .to_json(),
+                other => error_frame(request_id_of(&other), "not_authenticated", message_text),
+            });
+        }
+        match message {
+            LlmToServer::GetToolkitContext(req) => Flow::Reply(
+                ServerToLlm::ToolkitContext(match context(&self.s, &req) {
+                    Ok(c) => c,
+                    Err(e) => context_error(req.request_id, &e),
+                })
+                .to_json(),
+            ),
+            LlmToServer::TaskRequest(req) if self.tasks.len() >= MAX_IN_FLIGHT => {
                 let f = Failure::new(
                     "too_many_requests",
                     format!("More than {MAX_IN_FLIGHT} requests are in flight on this connection"),
                 );
-                send(task_response(&m, None, Err(f)).to_string());
+                Flow::Reply(ServerToLlm::TaskResponse(task_failed(req.request_id, &f)).to_json())
             }
-            "task_request" => {
-                let (s, tx, llm_key_hash) = (
-                    self.s.clone(),
-                    self.tx.clone(),
-                    self.llm_key_hash.to_owned(),
-                );
-                tasks.spawn(async move {
-                    let answer = task(&s, &llm_key_hash, &m).await;
-                    let _ = tx.send(answer.to_string());
+            LlmToServer::TaskRequest(req) => {
+                let (s, tx, llm_key_hash) =
+                    (self.s.clone(), self.tx.clone(), self.llm_key_hash.clone());
+                self.tasks.spawn(async move {
+                    let answer = ServerToLlm::TaskResponse(task(&s, &llm_key_hash, req).await);
+                    let _ = tx.send(answer.to_json()).await;
                 });
+                Flow::Continue
             }
-            "ping" => send(json!({"type": "pong", "request_id": m.get("request_id")}).to_string()),
-            "" => send(error_frame(
-                Some(&m),
-                "invalid_message",
-                "The message has no \"type\"",
-            )),
-            other => send(error_frame(
-                Some(&m),
+            LlmToServer::Ping { request_id } => {
+                Flow::Reply(ServerToLlm::Pong { request_id }.to_json())
+            }
+            other => Flow::Reply(error_frame(
+                request_id_of(&other),
                 "unknown_message_type",
-                &format!(
-                    "Unknown message type {other:?}: use auth, get_toolkit_context or task_request"
-                ),
+                "This server does not serve apps yet: use auth, get_toolkit_context or task_request",
             )),
         }
-        Next::Continue
+    }
+
+    fn on_binary(&mut self) -> Flow {
+        Flow::Reply(error_frame(
+            None,
+            "invalid_message",
+            "binary frames are not supported; send JSON text",
+        ))
+    }
+}
+
+fn request_id_of(m: &LlmToServer) -> Option<RequestId> {
+    match m {
+        LlmToServer::GetToolkitContext(r) => r.request_id.clone(),
+        LlmToServer::TaskRequest(r) => r.request_id.clone(),
+        LlmToServer::AppRequest(r) => r.request_id.clone(),
+        LlmToServer::AppAction(r) => r.request_id.clone(),
+        LlmToServer::AppTerminate(r) => r.request_id.clone(),
+        LlmToServer::Ping { request_id } => request_id.clone(),
+        _ => None,
+    }
+}
+
+/// The answer to a message that could not be read.
+fn parse_error(e: WireError) -> String {
+    match e {
+        WireError::NotAnObject => {
+            error_frame(None, "invalid_message", "messages must be JSON objects")
+        }
+        WireError::NoType => error_frame(None, "invalid_message", "The message has no \"type\""),
+        WireError::UnknownType {
+            kind: other,
+            request_id,
+        } => error_frame(
+            request_id,
+            "unknown_message_type",
+            &format!(
+                "Unknown message type {other:?}: use auth, get_toolkit_context or task_request"
+            ),
+        ),
+        WireError::Invalid {
+            kind: "task_request",
+            request_id,
+            reason,
+        } => ServerToLlm::TaskResponse(task_failed(
+            request_id,
+            &Failure::new("invalid_message", reason),
+        ))
+        .to_json(),
+        WireError::Invalid {
+            kind: "get_toolkit_context",
+            request_id,
+            reason,
+        } => ServerToLlm::ToolkitContext(context_error(
+            request_id,
+            &ApiError::bad_request("invalid_message", reason),
+        ))
+        .to_json(),
+        e => error_frame(e.request_id().cloned(), "invalid_message", &e.to_string()),
     }
 }

@@ -3,10 +3,8 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use atp_registry::Secret;
+use atp_registry::{Secret, ToolSpec, wire::ToolMetadata};
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::{
     config::{DbLocation, OAuthPlatform},
@@ -71,30 +69,12 @@ pub(crate) enum StoreError {
     Task,
 }
 
-/// What a toolkit announced about one tool.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub(crate) struct ToolMeta {
-    pub params: Vec<String>,
-    pub required_params: Vec<String>,
-    pub description: String,
-    pub auth_provider: Option<String>,
-    pub auth_type: Option<String>,
-    pub auth_with: Option<String>,
-    pub input_schema: Value,
-}
-
-impl ToolMeta {
-    pub fn requires_auth(&self) -> bool {
-        self.auth_provider.is_some() || self.auth_type.is_some()
-    }
-}
-
-/// A registered tool.
+/// A registered tool: what its toolkit announced, checked by the core's
+/// registration rules.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ToolRecord {
-    pub name: String,
     pub code_hash: String,
-    pub meta: ToolMeta,
+    pub spec: ToolSpec,
 }
 
 /// A registered toolkit (keyed by its `app_name`).
@@ -220,12 +200,11 @@ pub(crate) fn load_toolkits(c: &mut Connection) -> Result<Vec<ToolkitRecord>, ru
         })?;
         for row in rows {
             let (name, code_hash, metadata) = row?;
-            match serde_json::from_str::<ToolMeta>(&metadata) {
-                Ok(meta) => kit.tools.push(ToolRecord {
-                    name,
-                    code_hash,
-                    meta,
-                }),
+            let spec = serde_json::from_str::<ToolMetadata>(&metadata)
+                .map_err(|e| e.to_string())
+                .and_then(|meta| ToolSpec::from_metadata(&name, meta).map_err(|e| e.to_string()));
+            match spec {
+                Ok(spec) => kit.tools.push(ToolRecord { code_hash, spec }),
                 Err(e) => {
                     tracing::warn!(app = %kit.app_name, tool = %name, "skipping a stored tool whose metadata can not be read: {e}")
                 }
@@ -243,7 +222,7 @@ pub(crate) fn save_tool(
     position: usize,
 ) -> Result<(), rusqlite::Error> {
     let now = now_secs();
-    let metadata = serde_json::to_string(&tool.meta).unwrap_or_else(|_| "{}".into());
+    let metadata = atp_registry::wire::to_json(&tool.spec.metadata());
     let tx = c.transaction()?;
     tx.execute(
         "INSERT INTO toolkits (app_name, key_hash, endpoint_url, endpoint_key, toolkit_hash, language, updated_at)
@@ -266,7 +245,7 @@ pub(crate) fn save_tool(
          ON CONFLICT(app_name, name) DO UPDATE SET code_hash = ?4, metadata = ?5, updated_at = ?6",
         params![
             kit.app_name,
-            tool.name,
+            tool.spec.name,
             position as i64,
             tool.code_hash,
             metadata,
@@ -428,9 +407,9 @@ mod tests {
             tools: Vec::new(),
         };
         let tool = ToolRecord {
-            name: "echo".into(),
             code_hash: "c".into(),
-            meta: ToolMeta {
+            spec: ToolSpec {
+                name: "echo".into(),
                 params: vec!["text".into()],
                 required_params: vec!["text".into()],
                 description: "Echoes.".into(),

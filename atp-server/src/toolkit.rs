@@ -3,31 +3,38 @@
 
 use std::{
     sync::{Arc, PoisonError},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use atp_registry::net::{WS_READ_BUFFER, send_queued};
-use atp_registry::{Call, Secret, Tool, ToolError, ToolKitClient, is_valid_toolkit_name};
+use atp_registry::{
+    Secret, ToolSpec, is_valid_toolkit_name,
+    net::{
+        WS_READ_BUFFER,
+        session::{self, Flow, Handler},
+    },
+    wire::{
+        InboxReply, RegisterTool, Registered, ServerToToolkit, ToolkitToServer, UpToDate,
+        VerifyHash, VerifyToolHash, WireError,
+    },
+};
 use axum::{
     body::Body,
     extract::{
         Path, RawQuery, State,
         rejection::PathRejection,
-        ws::{
-            CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
-        },
+        ws::{WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection},
     },
     http::StatusCode,
     response::{IntoResponse, Response},
 };
-use futures_util::{SinkExt, StreamExt};
-use serde_json::{Map, Value, json};
+use futures_util::StreamExt;
+use serde_json::{Map, Value};
 
 use crate::{
     error::{ApiError, json_response},
     keys::{Role, key_hash, random_token},
     not_a_websocket, read_object,
-    store::{self, ToolMeta, ToolRecord, ToolkitRecord},
+    store::{self, ToolRecord, ToolkitRecord},
     str_field,
 };
 
@@ -59,90 +66,6 @@ fn path_key(
     }
 }
 
-fn string_list(v: Option<&Value>, name: &str) -> Result<Vec<String>, ApiError> {
-    match v {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|i| {
-                i.as_str().map(str::to_owned).ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_tool",
-                        format!("{name} must be a list of strings"),
-                    )
-                })
-            })
-            .collect(),
-        Some(_) => Err(ApiError::bad_request(
-            "invalid_tool",
-            format!("{name} must be a list of strings"),
-        )),
-    }
-}
-
-fn opt_string(m: &Map<String, Value>, name: &str) -> Result<Option<String>, ApiError> {
-    match m.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(ApiError::bad_request(
-            "invalid_tool",
-            format!("{name} must be a string or null"),
-        )),
-    }
-}
-
-/// Reads a tool's announced metadata, with every registration rule of
-/// ATP-SPEC §2 (the core's own checks, run on a throwaway toolkit).
-fn tool_meta(name: &str, meta: &Map<String, Value>) -> Result<ToolMeta, ApiError> {
-    let params = string_list(meta.get("params"), "params")?;
-    let required_params = string_list(meta.get("required_params"), "required_params")?;
-    let description = opt_string(meta, "description")?.unwrap_or_default();
-    let auth_provider = opt_string(meta, "auth_provider")?;
-    let auth_type = opt_string(meta, "auth_type")?;
-    let auth_with = opt_string(meta, "auth_with")?;
-    let mut tool = Tool::new(name)
-        .description(description.clone())
-        .params(params.clone())
-        .required_params(required_params.clone());
-    if let Some(p) = &auth_provider {
-        tool = tool.auth_provider(p.clone());
-    }
-    if let Some(t) = &auth_type {
-        tool = tool.auth_type(t.clone());
-    }
-    let probe = ToolKitClient::new("", "probe");
-    probe
-        .register_tool(tool, |_call: Call| async {
-            Ok::<_, ToolError>(Value::Null)
-        })
-        .map_err(|e| ApiError::bad_request("invalid_tool", e.to_string()))?;
-    let input_schema = match meta.get("input_schema") {
-        None | Some(Value::Null) => probe
-            .tool(name)
-            .map(|t| t.input_schema().clone())
-            .ok_or_else(|| ApiError::internal("the tool could not be described"))?,
-        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("object") => {
-            Value::Object(o.clone())
-        }
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_tool",
-                "input_schema must be a JSON Schema of type object",
-            ));
-        }
-    };
-    Ok(ToolMeta {
-        params,
-        required_params,
-        description,
-        auth_provider,
-        auth_type,
-        auth_with,
-        input_schema,
-    })
-}
-
 /// `POST /api/v1/register_tool`: stores one tool of a toolkit.
 pub(crate) async fn register_tool(State(s): AppState, body: Body) -> Response {
     reply(register(&s, body).await)
@@ -151,8 +74,10 @@ pub(crate) async fn register_tool(State(s): AppState, body: Body) -> Response {
 async fn register(s: &crate::State, body: Body) -> Result<Value, ApiError> {
     let m = read_object(body, s.config.max_message_size).await?;
     let key_hash = body_key(s, &m)?;
-    let app_name = match str_field(&m, "app_name") {
-        Some(a) if is_valid_toolkit_name(a) => a.to_owned(),
+    let r: RegisterTool = serde_json::from_value(Value::Object(m))
+        .map_err(|e| ApiError::bad_request("invalid_tool", e.to_string()))?;
+    let app_name = match r.app_name {
+        Some(a) if is_valid_toolkit_name(&a) => a,
         _ => {
             return Err(ApiError::bad_request(
                 "invalid_app_name",
@@ -160,41 +85,31 @@ async fn register(s: &crate::State, body: Body) -> Result<Value, ApiError> {
             ));
         }
     };
-    let Some(name) = str_field(&m, "function_id").map(str::to_owned) else {
+    let Some(name) = r.function_id else {
         return Err(ApiError::bad_request(
             "invalid_tool",
             "function_id (the tool's name) is missing",
         ));
     };
-    let meta = match m.get("metadata") {
-        Some(Value::Object(meta)) => meta,
-        None | Some(Value::Null) => &Map::new(),
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_tool",
-                "metadata must be a JSON object",
-            ));
-        }
-    };
-    let meta_tool = tool_meta(&name, meta)?;
-    let endpoint_url = match m.get("endpoint_url").or_else(|| meta.get("endpoint_url")) {
+    let endpoint_url = match r.endpoint_url.or(r.metadata.endpoint_url.clone()) {
         None => None,
-        Some(Value::Null) => Some(None),
-        Some(Value::String(u)) if u.starts_with("http://") || u.starts_with("https://") => {
+        Some(None) => Some(None),
+        Some(Some(u)) if u.starts_with("http://") || u.starts_with("https://") => {
             Some(Some(u.trim_end_matches('/').to_owned()))
         }
-        Some(_) => {
+        Some(Some(_)) => {
             return Err(ApiError::bad_request(
                 "invalid_endpoint_url",
                 "endpoint_url must be an http:// or https:// URL",
             ));
         }
     };
-    let endpoint_key = opt_string(&m, "endpoint_key")?.map(Secret::new);
+    let spec = ToolSpec::from_metadata(&name, r.metadata)
+        .map_err(|e| ApiError::bad_request("invalid_tool", e.to_string()))?;
+    let endpoint_key = r.endpoint_key;
     let tool = ToolRecord {
-        name: name.clone(),
-        code_hash: str_field(&m, "code_hash").unwrap_or_default().to_owned(),
-        meta: meta_tool,
+        code_hash: r.code_hash.unwrap_or_default(),
+        spec,
     };
 
     let _one_at_a_time = s.register_lock.lock().await;
@@ -229,11 +144,11 @@ async fn register(s: &crate::State, body: Body) -> Result<Value, ApiError> {
         kit.endpoint_url = url;
         kit.endpoint_key = endpoint_key;
     }
-    kit.toolkit_hash = str_field(&m, "toolkit_hash").map(str::to_owned);
-    if let Some(lang) = str_field(&m, "programming_language") {
-        kit.language = lang.to_owned();
+    kit.toolkit_hash = r.toolkit_hash;
+    if let Some(lang) = r.programming_language {
+        kit.language = lang;
     }
-    let position = match kit.tools.iter().position(|t| t.name == name) {
+    let position = match kit.tools.iter().position(|t| t.spec.name == name) {
         Some(i) => {
             kit.tools[i] = tool.clone();
             i
@@ -259,12 +174,22 @@ async fn register(s: &crate::State, body: Body) -> Result<Value, ApiError> {
     tracing::info!(app = %app_name, tool = %name, "tool registered");
     let exchange_token =
         random_token(24).map_err(|_| ApiError::internal("no randomness available"))?;
-    Ok(json!({
-        "status": "registered",
-        "app_name": app_name,
-        "function_id": name,
-        "exchange_token": exchange_token,
-    }))
+    to_value(&Registered {
+        status: "registered".into(),
+        app_name,
+        function_id: name,
+        exchange_token: Secret::new(exchange_token),
+    })
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, ApiError> {
+    serde_json::to_value(v).map_err(|_| ApiError::internal("the answer could not be written"))
+}
+
+/// Reads a body of type `T` (a JSON object whose fields are checked).
+fn typed<T: serde::de::DeserializeOwned>(m: Map<String, Value>) -> Result<T, ApiError> {
+    serde_json::from_value(Value::Object(m))
+        .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))
 }
 
 /// `POST /api/v1/toolkit/verify_hash`: whether the stored toolkit is the
@@ -274,13 +199,14 @@ pub(crate) async fn verify_hash(State(s): AppState, body: Body) -> Response {
         async {
             let m = read_object(body, s.config.max_message_size).await?;
             let key_hash = body_key(&s, &m)?;
-            let up_to_date = match (str_field(&m, "app_name"), str_field(&m, "toolkit_hash")) {
-                (Some(app), Some(hash)) => s.toolkit(app).is_some_and(|k| {
-                    k.key_hash == key_hash && k.toolkit_hash.as_deref() == Some(hash)
+            let v: VerifyHash = typed(m)?;
+            let up_to_date = match (v.app_name, v.toolkit_hash) {
+                (Some(app), Some(hash)) => s.toolkit(&app).is_some_and(|k| {
+                    k.key_hash == key_hash && k.toolkit_hash.as_deref() == Some(hash.as_str())
                 }),
                 _ => false,
             };
-            Ok(json!({"up_to_date": up_to_date}))
+            to_value(&UpToDate { up_to_date })
         }
         .await,
     )
@@ -293,20 +219,20 @@ pub(crate) async fn verify_tool_hash(State(s): AppState, body: Body) -> Response
         async {
             let m = read_object(body, s.config.max_message_size).await?;
             let key_hash = body_key(&s, &m)?;
-            let (Some(name), Some(hash)) = (str_field(&m, "tool_name"), str_field(&m, "tool_hash"))
-            else {
-                return Ok(json!({"up_to_date": false}));
+            let v: VerifyToolHash = typed(m)?;
+            let (Some(name), Some(hash)) = (v.tool_name, v.tool_hash) else {
+                return to_value(&UpToDate { up_to_date: false });
             };
-            let app = str_field(&m, "app_name");
+            let app = v.app_name;
             let kits = s.toolkits.read().unwrap_or_else(PoisonError::into_inner);
             let up_to_date = kits.values().any(|k| {
                 k.key_hash == key_hash
-                    && app.is_none_or(|a| a == k.app_name)
+                    && app.as_ref().is_none_or(|a| *a == k.app_name)
                     && k.tools
                         .iter()
-                        .any(|t| t.name == name && t.code_hash == hash)
+                        .any(|t| t.spec.name == name && t.code_hash == hash)
             });
-            Ok(json!({"up_to_date": up_to_date}))
+            to_value(&UpToDate { up_to_date })
         }
         .await,
     )
@@ -336,7 +262,7 @@ pub(crate) async fn inbox(
         }
     }
     let entry = s.hub.poll_inbox(&key_hash, wait).await;
-    json_response(StatusCode::OK, &entry.unwrap_or_else(|| json!({})))
+    crate::error::json_text_response(StatusCode::OK, entry.unwrap_or_else(|| "{}".to_owned()))
 }
 
 /// `POST /api/v1/toolkit/{api_key}/inbox/respond`: the answer to a request
@@ -350,23 +276,10 @@ pub(crate) async fn inbox_respond(
         async {
             let key_hash = path_key(&s, key)?;
             let m = read_object(body, s.config.max_message_size).await?;
-            let request_id = match m.get("request_id") {
-                Some(Value::String(id)) => id.clone(),
-                Some(Value::Number(n)) => n.to_string(),
-                _ => {
-                    return Err(ApiError::bad_request(
-                        "invalid_body",
-                        "request_id is missing",
-                    ));
-                }
-            };
-            let result = m
-                .get("response")
-                .or_else(|| m.get("result"))
-                .cloned()
-                .unwrap_or(Value::Null);
-            if s.hub.inbox_answer(&key_hash, &request_id, result) {
-                Ok(json!({"status": "ok"}))
+            let reply: InboxReply = typed(m)?;
+            let request_id = reply.request_id.to_string();
+            if s.hub.inbox_answer(&key_hash, &request_id, reply.outcome()) {
+                Ok(serde_json::json!({"status": "ok"}))
             } else {
                 Err(ApiError::not_found(
                     "request_not_found",
@@ -396,19 +309,15 @@ pub(crate) async fn socket(
         .on_upgrade(move |socket| serve_socket(s, key_hash, socket))
 }
 
-fn error_message(message: &str) -> String {
-    json!({"message_type": "error", "payload": {"message": message}}).to_string()
-}
-
-fn close(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: reason.into(),
-    }))
+fn error_frame(message: &str) -> String {
+    ServerToToolkit::Error {
+        message: message.to_owned(),
+    }
+    .to_json()
 }
 
 async fn serve_socket(s: Arc<crate::State>, key_hash: String, socket: WebSocket) {
-    let (id, mut out) = s.hub.add_socket(&key_hash);
+    let (id, _tx, out) = s.hub.add_socket(&key_hash);
     let apps: Vec<String> = s
         .toolkits
         .read()
@@ -418,94 +327,77 @@ async fn serve_socket(s: Arc<crate::State>, key_hash: String, socket: WebSocket)
         .map(|k| k.app_name.clone())
         .collect();
     tracing::info!(socket = id, apps = ?apps, "toolkit connected");
-    let (mut sink, mut stream) = socket.split();
-    let hello = json!({
-        "message_type": "atp_client_connected",
-        "payload": {"message": format!("Connected to atp-server; serving toolkits: {}", if apps.is_empty() { "(none registered yet)".to_owned() } else { apps.join(", ") })},
-    });
-    let interval = s.config.ping_interval;
-    let mut ping = tokio::time::interval(interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    let mut last_seen = Instant::now();
-    let mut shutdown = s.shutdown.subscribe();
-    if sink
-        .send(Message::Text(hello.to_string().into()))
-        .await
-        .is_ok()
-    {
-        loop {
-            tokio::select! {
-                _ = crate::stopped(&mut shutdown) => {
-                    let _ = sink.send(close(1001, "server shutting down")).await;
-                    break;
-                }
-                Some(text) = out.recv() => {
-                    if send_queued(&mut sink, text, &mut out, |t| Message::Text(t.into())).await.is_err() {
-                        break;
-                    }
-                }
-                frame = stream.next() => {
-                    last_seen = Instant::now();
-                    match frame {
-                        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
-                        Some(Ok(Message::Text(text))) => {
-                            if let Some(answer) = toolkit_message(&s, id, text.as_str())
-                                && sink.send(Message::Text(answer.into())).await.is_err()
-                            {
-                                break;
-                            }
-                        }
-                        Some(Ok(Message::Binary(_))) => {
-                            let _ = sink.send(Message::Text(error_message("binary frames are not supported; send JSON text").into())).await;
-                        }
-                        Some(Ok(_)) => {}
-                    }
-                }
-                _ = ping.tick() => {
-                    if last_seen.elapsed() >= interval * 2 {
-                        tracing::warn!(socket = id, "toolkit did not answer pings; closing");
-                        let _ = sink.send(close(1011, "no answer to pings")).await;
-                        break;
-                    }
-                    if sink.send(Message::Ping(Default::default())).await.is_err() {
-                        break;
-                    }
-                }
+    let (sink, stream) = socket.split();
+    let hello = ServerToToolkit::Connected {
+        message: format!(
+            "Connected to atp-server; serving toolkits: {}",
+            if apps.is_empty() {
+                "(none registered yet)".to_owned()
+            } else {
+                apps.join(", ")
             }
-        }
+        ),
+    };
+    let mut shutdown = s.shutdown.subscribe();
+    let opts = crate::session_options(&s.config);
+    let mut handler = ToolkitSocket { s: &s, socket: id };
+    let ended = session::run::<crate::AxumFrames, _, _, _, _>(
+        sink,
+        stream,
+        out,
+        &mut handler,
+        &opts,
+        Some(hello.to_json()),
+        async move { crate::stopped(&mut shutdown).await },
+    )
+    .await;
+    if ended == session::Ended::Dead {
+        tracing::warn!(
+            socket = id,
+            "toolkit did not answer pings (or did not read); closed"
+        );
     }
     s.hub.remove_socket(&key_hash, id);
     tracing::info!(socket = id, "toolkit disconnected");
 }
 
-/// Handles one text frame from a toolkit; returns a frame to send back.
-fn toolkit_message(s: &crate::State, socket: u64, text: &str) -> Option<String> {
-    let Ok(Value::Object(m)) = serde_json::from_str::<Value>(text) else {
-        return Some(error_message("messages must be JSON objects"));
-    };
-    let kind = m
-        .get("type")
-        .or_else(|| m.get("message_type"))
-        .and_then(Value::as_str);
-    match kind {
-        Some("tool_response") => {
-            let request_id = match m.get("request_id") {
-                Some(Value::String(id)) => id.clone(),
-                Some(Value::Number(n)) => n.to_string(),
-                _ => return Some(error_message("tool_response without a request_id")),
-            };
-            let result = m.get("result").cloned().unwrap_or(Value::Null);
-            if !s.hub.socket_answer(socket, &request_id, result) {
-                tracing::debug!(socket, %request_id, "answer to a request that is not waiting (expired or unknown)");
+/// A toolkit's WebSocket, as its frames see it.
+struct ToolkitSocket<'a> {
+    s: &'a crate::State,
+    socket: u64,
+}
+
+impl Handler for ToolkitSocket<'_> {
+    fn on_text(&mut self, text: &str) -> Flow {
+        let socket = self.socket;
+        match ToolkitToServer::parse(text) {
+            Ok(ToolkitToServer::ToolResponse(r)) => {
+                let Some(request_id) = r.request_id.as_ref().map(ToString::to_string) else {
+                    return Flow::Reply(error_frame("tool_response without a request_id"));
+                };
+                if !self.s.hub.socket_answer(socket, &request_id, r.outcome()) {
+                    tracing::debug!(socket, %request_id, "answer to a request that is not waiting (expired or unknown)");
+                }
+                Flow::Continue
             }
-            None
+            Ok(ToolkitToServer::Ping) => Flow::Reply(ServerToToolkit::Pong.to_json()),
+            Ok(other) => {
+                tracing::debug!(socket, ?other, "ignoring a toolkit message");
+                Flow::Continue
+            }
+            Err(WireError::UnknownType { kind, .. }) => {
+                tracing::debug!(socket, kind, "ignoring a toolkit message");
+                Flow::Continue
+            }
+            Err(e @ WireError::Invalid { .. }) => Flow::Reply(error_frame(&e.to_string())),
+            Err(WireError::NoType) => Flow::Reply(error_frame("a message needs a \"type\"")),
+            Err(e) => Flow::Reply(error_frame(&e.to_string())),
         }
-        Some("ping") => Some(json!({"message_type": "pong"}).to_string()),
-        Some(other) => {
-            tracing::debug!(socket, kind = other, "ignoring a toolkit message");
-            None
-        }
-        None => Some(error_message("a message needs a \"type\"")),
+    }
+
+    fn on_binary(&mut self) -> Flow {
+        Flow::Reply(error_frame(
+            "binary frames are not supported; send JSON text",
+        ))
     }
 }

@@ -10,7 +10,7 @@
 //! | target | what it drives | what must hold |
 //! |---|---|---|
 //! | [`engine`] | [`Engine::handle`] and [`Engine::serve`] on any method, path, query, headers and body | a JSON answer with `Content-Type: application/json`; every error is `{"error", "code"}` with the status of its code; `Allow` exactly on 405; HEAD answers as GET; streaming and buffered bodies answer alike; a locked toolkit reveals nothing without its key; a panic's text is never sent |
-//! | [`runtime_message`] | the toolkit runtime's message handling: [`parse_message`], then the tool call and [`tool_response`] as `start()` does | every tool request with an id gets exactly one `tool_response` with that id; nothing else is answered; a token never shows in `Debug` |
+//! | [`runtime_message`] | the toolkit runtime's own dispatch (`ToolKitClient::reply_to_frame`: the decision `start()` makes for each frame, the tool run inline) | every tool request with an id gets exactly one `tool_response` with that id; an app request it can't serve gets an `app_response` error; nothing else is answered; a token never shows in `Debug` |
 //! | [`server_http`] | `atp-server`'s whole router (every endpoint: register, inbox, process, OAuth, WebSocket upgrades) on any method, path, headers and body | never a 5xx; every answer is JSON; every error has a `code` |
 //! | [`llm_calls`] | [`parse_tool_calls`] for each provider, [`result_messages`], [`task_outcome`] | one result per call, ids and order kept, outputs are strings, Anthropic results in one user message, an invented Mistral id is 9 characters of `[A-Za-z0-9]` |
 
@@ -24,8 +24,8 @@ use atp_registry::{
     Call, Engine, Provider, Registry, Tool, ToolKitClient,
     http::{ALLOW_READ, ALLOW_TOOL, BodySource, RequestHead, Response},
     llm::{CallFormat, CallOutcome, parse_tool_calls, result_messages, task_outcome},
-    runtime::{Incoming, parse_message, tool_response},
     schemars,
+    wire::{ServerToLlm, ServerToToolkit},
 };
 use serde_json::{Map, Value, json};
 
@@ -398,23 +398,12 @@ fn oracle_request_id(text: &str) -> Option<Value> {
     }
 }
 
-/// The answer the toolkit runtime sends to one text frame, if any: what
-/// `ToolKitClient::start` does with it (its `dispatch` and `answer`, with
-/// the same public pieces).
+/// The answer the toolkit runtime sends to one text frame, if any: the
+/// runtime's own dispatch (`ToolKitClient::reply_to_frame`, the decision
+/// `start()` makes for every frame, with the request run inline).
 pub async fn runtime_reply(client: &ToolKitClient, text: &str) -> Option<Value> {
-    match parse_message(text) {
-        Incoming::ToolRequest(req) => {
-            let id = req.request_id.clone();
-            let outcome = client
-                .call_tool_by_name(&req.tool_name, req.params, req.auth_token)
-                .await
-                .map_err(|e| e.to_string());
-            Some(tool_response(&id, outcome))
-        }
-        Incoming::Malformed { request_id, reason } => request_id
-            .map(|id| tool_response(&id, Err(format!("Malformed tool request: {reason}")))),
-        Incoming::Connected(_) | Incoming::Other(_) => None,
-    }
+    let reply = client.reply_to_frame(text).await?;
+    Some(serde_json::from_str(&reply.to_json()).expect("an answer is JSON"))
 }
 
 /// Fuzz target `runtime_message`: one WebSocket text frame (the input as
@@ -424,8 +413,8 @@ pub fn runtime_message(data: &[u8]) {
     quiet_fixture_panics();
     let text = String::from_utf8_lossy(data);
     let client = fixture().get_client(TOOLKIT).expect("the fixture toolkit");
-    let parsed = parse_message(&text);
-    if let Incoming::ToolRequest(req) = &parsed
+    let parsed = ServerToToolkit::parse(&text);
+    if let Ok(ServerToToolkit::ToolRequest(req)) = &parsed
         && let Some(token) = &req.auth_token
         && token.expose().len() >= 4
         && text.matches(token.expose()).count() == 1
@@ -450,6 +439,14 @@ pub fn runtime_message(data: &[u8]) {
             );
         }
         (Some(id), None) => panic!("the tool request {id} got no answer"),
+        (None, Some(reply)) if reply["type"] == "app_response" => {
+            // An app session this toolkit can't serve is refused, to the
+            // session's id.
+            let msg: Value = serde_json::from_str(&text).expect("an app request is JSON");
+            assert_eq!(msg["message_type"], "atp_app_request", "{reply}");
+            assert_eq!(reply["request_id"], msg["payload"]["request_id"], "{reply}");
+            assert_eq!(reply["is_error"], true, "{reply}");
+        }
         (None, Some(reply)) => {
             // A tool request without a usable id is answered with a null id
             // (so the server can log it); nothing else is answered.
@@ -627,9 +624,13 @@ pub fn llm_calls(data: &[u8]) {
             }
         }
     }
-    let outcome = task_outcome(&value);
-    if !outcome.is_error {
-        assert!(serde_json::from_str::<Value>(&outcome.content).is_ok());
+    if let Value::Object(m) = value
+        && let Ok(answer) = ServerToLlm::from_object(m)
+    {
+        let outcome = task_outcome(&answer);
+        if !outcome.is_error {
+            assert!(serde_json::from_str::<Value>(&outcome.content).is_ok());
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use atp_registry::{
     Call, Engine, Provider, Registry, Tool, ToolKitClient,
     http::RequestHead,
-    llm::{CallFormat, CallOutcome, parse_tool_calls, result_messages, task_outcome},
+    llm::{CallFormat, CallOutcome, parse_tool_calls, result_messages},
     schemars,
 };
 use atp_reliability::fuzz::block_on;
@@ -470,6 +470,10 @@ proptest! {
     /// `task_outcome` reads a result from each shape a server answers in.
     #[test]
     fn task_outcomes_read_every_shape(v in small_value(), message in "[a-z ]{1,20}") {
+        let task_outcome = |answer: &Value| {
+            let answer = atp_registry::wire::ServerToLlm::parse(&answer.to_string()).expect("a message");
+            atp_registry::llm::task_outcome(&answer)
+        };
         let error_object = v.as_object().is_some_and(|o| o.len() == 1 && o.get("error").is_some_and(Value::is_string));
         prop_assume!(!error_object);
         for answer in [

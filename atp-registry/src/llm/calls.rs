@@ -3,7 +3,10 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::schema::Provider;
+use crate::{
+    schema::Provider,
+    wire::{ServerToLlm, TaskOutcome},
+};
 
 /// The shape a tool call came in, which decides the shape of its result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,43 +274,18 @@ pub fn result_messages(calls: &[ToolCall], outcomes: &[CallOutcome]) -> Vec<Valu
     messages
 }
 
-/// Reads a `task_response` (ATP-SPEC §6): the seed's `payload.result`, the
-/// Python client's top-level `result` (the tool's output at
-/// `result.tool.result` when present), `{"status": "error", "message"}`,
-/// and a result `{"error": message}` from the toolkit.
-pub fn task_outcome(response: &Value) -> CallOutcome {
-    if response.get("status").and_then(Value::as_str) == Some("error") {
-        let message = response
-            .get("message")
-            .and_then(Value::as_str)
-            .unwrap_or("Unknown error");
-        return CallOutcome::error(message);
+/// What an answer to a `task_request` says: the result, or the failure's
+/// message (read as [`TaskResponse::outcome`](crate::wire::TaskResponse::outcome)
+/// does, from every shape servers write); an `error` frame is a failure.
+pub fn task_outcome(answer: &ServerToLlm) -> CallOutcome {
+    match answer {
+        ServerToLlm::TaskResponse(t) => match t.outcome() {
+            TaskOutcome::Ok(result) => CallOutcome::ok(&result),
+            TaskOutcome::Failed { message, .. } => CallOutcome::error(message),
+        },
+        ServerToLlm::Error(e) => CallOutcome::error(e.text()),
+        _ => CallOutcome::error("The ATP server answered with another message type"),
     }
-    if response.get("type").and_then(Value::as_str) == Some("error") {
-        let message = response
-            .get("error")
-            .or_else(|| response.get("message"))
-            .and_then(Value::as_str)
-            .unwrap_or("Unknown error");
-        return CallOutcome::error(message);
-    }
-    let result = response
-        .get("payload")
-        .and_then(|p| p.get("result"))
-        .or_else(|| response.get("result"))
-        .unwrap_or(&Value::Null);
-    let result = result
-        .get("tool")
-        .and_then(|t| t.get("result"))
-        .unwrap_or(result);
-    if let Some(Value::String(message)) = result
-        .as_object()
-        .filter(|o| o.len() == 1)
-        .and_then(|o| o.get("error"))
-    {
-        return CallOutcome::error(message.clone());
-    }
-    CallOutcome::ok(result)
 }
 
 #[cfg(test)]

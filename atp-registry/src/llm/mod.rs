@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, future::join_all};
 use hyper::Method;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
@@ -26,9 +27,16 @@ pub use calls::{
 };
 
 use crate::{
-    net::{self, HttpClient, NetError},
+    net::{
+        self, HttpClient, NetError,
+        session::{self, Flow, Handler, SessionOptions, Tungstenite},
+    },
     schema::Provider,
     secret::Secret,
+    wire::{
+        ContextRequest, ContextResponse, LlmToServer, RequestId, ServerToLlm, TaskOutcome,
+        TaskPayload, TaskRequest,
+    },
 };
 
 /// How the client talks to the ATP server.
@@ -139,12 +147,12 @@ impl fmt::Debug for LlmClient {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>;
+type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<ServerToLlm>>>>;
 
 /// A live, authenticated WebSocket: requests go out through `tx`, answers
 /// come back to `pending` by request id.
 struct Connection {
-    tx: mpsc::UnboundedSender<String>,
+    tx: mpsc::Sender<String>,
     pending: Pending,
     alive: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -231,13 +239,13 @@ impl LlmClient {
         }
     }
 
-    fn request_id(&self, kind: &str) -> String {
+    fn request_id(&self, kind: &str) -> RequestId {
         let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        format!("{kind}_{nanos:x}_{n}")
+        RequestId::Str(format!("{kind}_{nanos:x}_{n}"))
     }
 
     /// Fetches a toolkit's context: its `payload`, with `tools` in
@@ -253,22 +261,36 @@ impl LlmClient {
             .parse::<Provider>()
             .map_err(|_| LlmError::UnknownProvider(provider.to_owned()))?;
         let request_id = self.request_id("context");
-        let message = json!({
-            "type": "get_toolkit_context",
-            "toolkit_id": toolkit_id,
-            "request_id": request_id,
-            "provider": provider,
-            "user_prompt": user_prompt,
+        let message = LlmToServer::GetToolkitContext(ContextRequest {
+            toolkit_id: toolkit_id.to_owned(),
+            request_id: Some(request_id.clone()),
+            provider: Some(provider.to_owned()),
+            user_prompt: Value::String(user_prompt.to_owned()),
+            strict: false,
         });
-        let answer = self.exchange(&request_id, message).await?;
-        if let Some(error) = server_error(&answer) {
-            return Err(error);
-        }
-        match answer.get("payload") {
-            Some(p @ Value::Object(_)) => Ok(p.clone()),
-            _ => Err(LlmError::InvalidResponse(
-                "toolkit_context without a payload".into(),
-            )),
+        match self.exchange(&request_id, &message).await? {
+            ServerToLlm::ToolkitContext(ContextResponse {
+                payload: Some(payload),
+                status,
+                ..
+            }) if status.as_deref() != Some("error") => {
+                serde_json::to_value(payload).map_err(|e| LlmError::InvalidResponse(e.to_string()))
+            }
+            ServerToLlm::ToolkitContext(c) => Err(LlmError::Server {
+                status: None,
+                message: c
+                    .error
+                    .or(c.message)
+                    .unwrap_or_else(|| "toolkit_context without a payload".into()),
+            }),
+            ServerToLlm::Error(e) => Err(LlmError::Server {
+                status: None,
+                message: e.text().to_owned(),
+            }),
+            other => Err(LlmError::InvalidResponse(format!(
+                "a {} answer to get_toolkit_context",
+                kind_name(&other)
+            ))),
         }
     }
 
@@ -314,23 +336,23 @@ impl LlmClient {
                 Err(why) => return Ok(CallOutcome::error(why.clone())),
             };
             let request_id = self.request_id("task");
-            let mut message = json!({
-                "type": "task_request",
-                "toolkit_id": toolkit_id,
-                "request_id": request_id,
-                "payload": {
-                    "function": call.name,
-                    "parameters": arguments,
-                    "auth_token": auth_token.map(Secret::expose),
-                    "tool_call_id": call.id,
+            let message = LlmToServer::TaskRequest(TaskRequest {
+                toolkit_id: toolkit_id.to_owned(),
+                request_id: Some(request_id.clone()),
+                payload: TaskPayload {
+                    function: call.name.clone(),
+                    parameters: Value::Object(arguments),
+                    auth_token: auth_token.cloned(),
+                    tool_call_id: Value::String(call.id.clone()),
+                    external_user_id: None,
                 },
-                "provider": provider,
-                "user_prompt": user_prompt,
+                provider: Some(provider.to_owned()),
+                user_prompt: Value::String(user_prompt.to_owned()),
+                external_user_id: external_user_id.map(str::to_owned),
+                auth_token: None,
+                stream: false,
             });
-            if let Some(user) = external_user_id {
-                message["external_user_id"] = json!(user);
-            }
-            let answer = self.exchange(&request_id, message).await?;
+            let answer = self.exchange(&request_id, &message).await?;
             Ok::<_, LlmError>(task_outcome(&answer))
         });
         let outcomes = join_all(runs)
@@ -440,39 +462,82 @@ impl LlmClient {
     }
 
     /// Sends one request and waits for its answer, over the protocol chosen.
-    async fn exchange(&self, request_id: &str, message: Value) -> Result<Value, LlmError> {
+    async fn exchange(
+        &self,
+        request_id: &RequestId,
+        message: &LlmToServer,
+    ) -> Result<ServerToLlm, LlmError> {
         match self.inner.protocol {
             LlmProtocol::Http => {
                 let url = format!("{}/api/v1/atp/llm-client/process/", self.http_base()?);
-                match self.http_json(Method::POST, &url, Some(&message)).await? {
-                    (200..=299, answer) => Ok(answer),
-                    (401 | 403, answer) => Err(LlmError::AuthRefused(error_text(&answer))),
-                    (status, answer) => Err(http_error(status, &answer)),
+                let auth = format!("ApiKey {}", self.inner.api_key.expose());
+                let body = Bytes::from(message.to_json());
+                let (status, bytes) = self
+                    .inner
+                    .http
+                    .send(
+                        Method::POST,
+                        &url,
+                        &[("authorization", auth.as_str())],
+                        Some(("application/json", body)),
+                        self.inner.timeout,
+                    )
+                    .await?;
+                let answer = std::str::from_utf8(&bytes)
+                    .map_err(|_| LlmError::InvalidResponse(format!("HTTP {status}, not UTF-8")))
+                    .and_then(|text| {
+                        ServerToLlm::parse(text)
+                            .map_err(|e| LlmError::InvalidResponse(format!("HTTP {status}: {e}")))
+                    });
+                match (status, answer) {
+                    (200..=299, answer) => answer,
+                    (401 | 403, answer) => Err(LlmError::AuthRefused(
+                        answer
+                            .map(|a| error_of(&a))
+                            .unwrap_or_else(|_| format!("HTTP {status}")),
+                    )),
+                    (status, answer) => Err(LlmError::Server {
+                        status: Some(status),
+                        message: match answer {
+                            Ok(a) => error_of(&a),
+                            Err(_) => {
+                                error_text(&serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+                            }
+                        },
+                    }),
                 }
             }
             LlmProtocol::WebSocket => {
                 let (tx, pending, alive) = self.connection().await?;
+                let key = request_id.to_string();
                 let (answer_tx, answer_rx) = oneshot::channel();
                 pending
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .insert(request_id.to_owned(), answer_tx);
-                if !alive.load(Ordering::SeqCst) || tx.send(message.to_string()).is_err() {
+                    .insert(key.clone(), answer_tx);
+                let forget = || {
                     pending
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .remove(request_id);
-                    return Err(LlmError::ConnectionLost);
-                }
-                match tokio::time::timeout(self.inner.timeout, answer_rx).await {
+                        .remove(&key);
+                };
+                let limit = self.inner.timeout;
+                let waited = tokio::time::timeout(limit, async {
+                    if !alive.load(Ordering::SeqCst) || tx.send(message.to_json()).await.is_err() {
+                        return Err(LlmError::ConnectionLost);
+                    }
+                    answer_rx.await.map_err(|_| LlmError::ConnectionLost)
+                })
+                .await;
+                match waited {
                     Ok(Ok(answer)) => Ok(answer),
-                    Ok(Err(_)) => Err(LlmError::ConnectionLost),
+                    Ok(Err(e)) => {
+                        forget();
+                        Err(e)
+                    }
                     Err(_) => {
-                        pending
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .remove(request_id);
-                        Err(LlmError::Timeout(self.inner.timeout))
+                        forget();
+                        Err(LlmError::Timeout(limit))
                     }
                 }
             }
@@ -484,7 +549,7 @@ impl LlmClient {
         &self,
     ) -> Result<
         (
-            mpsc::UnboundedSender<String>,
+            mpsc::Sender<String>,
             Pending,
             Arc<std::sync::atomic::AtomicBool>,
         ),
@@ -524,20 +589,25 @@ impl LlmClient {
             Ok(Err(e)) => return Err(LlmError::Connect(e.to_string())),
             Ok(Ok(ws)) => ws,
         };
-        let auth = json!({"type": "auth", "api_key": self.inner.api_key.expose()}).to_string();
-        ws.send(Message::text(auth))
+        let auth = LlmToServer::Auth {
+            api_key: Some(self.inner.api_key.clone()),
+        };
+        ws.send(Message::text(auth.to_json()))
             .await
             .map_err(|e| LlmError::Connect(e.to_string()))?;
         let authenticated = tokio::time::timeout(limit, async {
             while let Some(frame) = ws.next().await {
                 match frame {
                     Ok(Message::Text(t)) => {
-                        let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
-                        if v.get("type").and_then(Value::as_str) == Some("auth_response") {
-                            return if v.get("success").and_then(Value::as_bool) == Some(true) {
+                        if let Ok(ServerToLlm::AuthResponse { success, error }) =
+                            ServerToLlm::parse(t.as_str())
+                        {
+                            return if success {
                                 Ok(())
                             } else {
-                                Err(LlmError::AuthRefused(error_text(&v)))
+                                Err(LlmError::AuthRefused(
+                                    error.unwrap_or_else(|| "Invalid API key".into()),
+                                ))
                             };
                         }
                     }
@@ -554,42 +624,37 @@ impl LlmClient {
         .await
         .map_err(|_| LlmError::Timeout(limit))?;
         authenticated?;
-        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let (tx, rx) = session::outbox();
         let pending: Pending = Arc::default();
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (task_pending, task_alive) = (pending.clone(), alive.clone());
-        let interval = self.inner.ping_interval;
+        let opts = SessionOptions {
+            ping_interval: self.inner.ping_interval,
+            grace_period: Duration::ZERO,
+            stop_close: (1000, "client closing"),
+        };
         tokio::spawn(async move {
-            let (mut sink, mut stream) = ws.split();
-            let mut ping = tokio::time::interval(interval);
-            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ping.tick().await;
-            // A connection that went silent (a dead peer, a black-holed
-            // route) is noticed here: the server answers pings and pings
-            // too, so nothing for two intervals means nobody is there.
-            let mut last_seen = std::time::Instant::now();
-            loop {
-                tokio::select! {
-                    out = rx.recv() => match out {
-                        Some(text) => if net::send_queued(&mut sink, text, &mut rx, Message::text).await.is_err() { break },
-                        None => { let _ = sink.close().await; break }
-                    },
-                    frame = stream.next() => {
-                        last_seen = std::time::Instant::now();
-                        match frame {
-                            Some(Ok(Message::Text(t))) => route(&task_pending, t.as_str()),
-                            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
-                            Some(Ok(_)) => {}
-                        }
-                    },
-                    _ = ping.tick() => {
-                        if last_seen.elapsed() >= interval * 2 {
-                            tracing::warn!("no answer to pings from the ATP server: the connection is taken as dead");
-                            break;
-                        }
-                        if sink.send(Message::Ping(Default::default())).await.is_err() { break }
-                    },
-                }
+            let (sink, stream) = ws.split();
+            let mut router = Router {
+                pending: task_pending.clone(),
+            };
+            // The session ends when the peer goes silent (the server
+            // answers pings and pings too), fails, closes, or when the
+            // client is dropped (its outbox closes).
+            let ended = session::run::<Tungstenite, _, _, _, _>(
+                sink,
+                stream,
+                rx,
+                &mut router,
+                &opts,
+                None,
+                std::future::pending(),
+            )
+            .await;
+            if ended == session::Ended::Dead {
+                tracing::warn!(
+                    "no answer to pings from the ATP server: the connection is taken as dead"
+                );
             }
             task_alive.store(false, Ordering::SeqCst);
             // Dropping the senders fails every waiting request at once.
@@ -602,22 +667,73 @@ impl LlmClient {
     }
 }
 
+/// Routes the answers of one WebSocket to the requests waiting for them.
+struct Router {
+    pending: Pending,
+}
+
+impl Handler for Router {
+    fn on_text(&mut self, text: &str) -> Flow {
+        route(&self.pending, text);
+        Flow::Continue
+    }
+}
+
 /// Hands an answer to the request waiting for it.
 fn route(pending: &Pending, text: &str) {
-    let Ok(answer) = serde_json::from_str::<Value>(text) else {
-        tracing::warn!("ignoring a message from the ATP server that is not JSON");
-        return;
+    let answer = match ServerToLlm::parse(text) {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::warn!("ignoring a message from the ATP server: {e}");
+            return;
+        }
     };
-    let Some(id) = answer.get("request_id").and_then(Value::as_str) else {
+    let Some(id) = answer.request_id().map(RequestId::to_string) else {
         tracing::debug!("ignoring a message without a request_id");
         return;
     };
+    if matches!(answer, ServerToLlm::TaskProgress(_)) {
+        return;
+    }
     let waiter = pending
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .remove(id);
+        .remove(&id);
     if let Some(waiter) = waiter {
         let _ = waiter.send(answer);
+    }
+}
+
+/// The name of a message's type, for errors.
+fn kind_name(m: &ServerToLlm) -> &'static str {
+    match m {
+        ServerToLlm::AuthResponse { .. } => "auth_response",
+        ServerToLlm::ToolkitContext(_) => "toolkit_context",
+        ServerToLlm::TaskResponse(_) => "task_response",
+        ServerToLlm::TaskProgress(_) => "task_progress",
+        ServerToLlm::AppResponse(_) => "app_response",
+        ServerToLlm::Error(_) => "error",
+        ServerToLlm::Pong { .. } => "pong",
+    }
+}
+
+/// The error message of an answer.
+fn error_of(answer: &ServerToLlm) -> String {
+    match answer {
+        ServerToLlm::Error(e) => e.text().to_owned(),
+        ServerToLlm::AuthResponse { error, .. } => {
+            error.clone().unwrap_or_else(|| "Invalid API key".into())
+        }
+        ServerToLlm::ToolkitContext(c) => c
+            .error
+            .clone()
+            .or_else(|| c.message.clone())
+            .unwrap_or_else(|| "Unknown error".into()),
+        ServerToLlm::TaskResponse(t) => match t.outcome() {
+            TaskOutcome::Failed { message, .. } => message,
+            TaskOutcome::Ok(_) => "Unknown error".into(),
+        },
+        _ => "Unknown error".into(),
     }
 }
 
@@ -638,17 +754,6 @@ fn http_error(status: u16, answer: &Value) -> LlmError {
         status: Some(status),
         message: error_text(answer),
     }
-}
-
-/// An error answer to a request (`{"type": "error"}` or
-/// `{"status": "error"}`).
-fn server_error(answer: &Value) -> Option<LlmError> {
-    let is_error = answer.get("type").and_then(Value::as_str) == Some("error")
-        || answer.get("status").and_then(Value::as_str) == Some("error");
-    is_error.then(|| LlmError::Server {
-        status: None,
-        message: error_text(answer),
-    })
 }
 
 #[cfg(test)]

@@ -3,12 +3,17 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::Method;
-use serde_json::{Value, json};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::client::{RegisteredTool, ToolKitClient};
-use crate::net::{HttpClient, NetError};
+use crate::{
+    client::{RegisteredTool, ToolKitClient},
+    net::{HttpClient, NetError},
+    wire::{self, RegisterTool, UpToDate, VerifyHash, VerifyToolHash},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AnnounceError {
@@ -22,27 +27,12 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The metadata a server stores for a tool (also what its hash covers).
-pub(crate) fn metadata(tool: &RegisteredTool) -> Value {
-    json!({
-        "params": tool.params(),
-        "required_params": tool.required_params(),
-        "description": tool.description(),
-        "auth_provider": tool.auth_provider(),
-        "auth_type": tool.auth_type(),
-        "auth_with": tool.auth_with(),
-        "input_schema": tool.input_schema(),
-        "sample_response": "",
-        "source_code": "",
-    })
-}
-
-/// SHA-256 of a tool's name and metadata, in hex.
+/// SHA-256 of a tool's name and metadata (as announced), in hex.
 pub(crate) fn tool_hash(tool: &RegisteredTool) -> String {
     let mut h = Sha256::new();
     h.update(tool.name().as_bytes());
     h.update([0]);
-    h.update(metadata(tool).to_string().as_bytes());
+    h.update(wire::to_json(&tool.spec().metadata()).as_bytes());
     hex(&h.finalize())
 }
 
@@ -59,8 +49,28 @@ pub(crate) fn toolkit_hash(hashes: &[(String, String)]) -> String {
     hex(&h.finalize())
 }
 
-fn up_to_date(answer: &Value) -> bool {
-    answer.get("up_to_date").and_then(Value::as_bool) == Some(true)
+/// POSTs a JSON body and reads the status and, when the status is 200,
+/// the typed answer (`None` if it is not one).
+async fn post<B: Serialize, A: DeserializeOwned>(
+    http: &HttpClient,
+    url: &str,
+    body: &B,
+    timeout: Duration,
+) -> Result<(u16, Option<A>), NetError> {
+    let body = Bytes::from(wire::to_json(body));
+    let (status, answer) = http
+        .send(
+            Method::POST,
+            url,
+            &[],
+            Some(("application/json", body)),
+            timeout,
+        )
+        .await?;
+    let answer = (status == 200)
+        .then(|| serde_json::from_slice(&answer).ok())
+        .flatten();
+    Ok((status, answer))
 }
 
 pub(crate) async fn announce(
@@ -73,20 +83,21 @@ pub(crate) async fn announce(
     if tools.is_empty() {
         return Ok(());
     }
-    let api_key = client.api_key().expose();
+    let api_key = Some(client.api_key().clone());
     let hashes: Vec<(String, String)> = tools
         .iter()
         .map(|t| (t.name().to_owned(), tool_hash(t)))
         .collect();
     let all = toolkit_hash(&hashes);
-    let body = json!({"api_key": api_key, "app_name": client.app_name(), "toolkit_hash": all});
+    let body = VerifyHash {
+        api_key: api_key.clone(),
+        app_name: Some(client.app_name().to_owned()),
+        toolkit_hash: Some(all.clone()),
+    };
     let url = format!("{base}/api/v1/toolkit/verify_hash");
-    match http
-        .json(Method::POST, &url, &[], Some(&body), timeout)
-        .await?
-    {
-        (401 | 403, _) => return Err(AnnounceError::Unauthorized(401)),
-        (200, answer) if up_to_date(&answer) => {
+    match post::<_, UpToDate>(http, &url, &body, timeout).await? {
+        (status @ (401 | 403), _) => return Err(AnnounceError::Unauthorized(status)),
+        (_, Some(UpToDate { up_to_date: true })) => {
             tracing::info!(
                 app = client.app_name(),
                 "toolkit is up to date on the server"
@@ -96,33 +107,35 @@ pub(crate) async fn announce(
         _ => {}
     }
     for (tool, (name, hash)) in tools.iter().zip(&hashes) {
-        let body = json!({"api_key": api_key, "tool_hash": hash, "tool_name": name});
+        let body = VerifyToolHash {
+            api_key: api_key.clone(),
+            tool_hash: Some(hash.clone()),
+            tool_name: Some(name.clone()),
+            app_name: Some(client.app_name().to_owned()),
+        };
         let url = format!("{base}/api/v1/toolkit/verify_tool_hash");
-        if let (200, answer) = http
-            .json(Method::POST, &url, &[], Some(&body), timeout)
-            .await?
-            && up_to_date(&answer)
+        if let (_, Some(UpToDate { up_to_date: true })) =
+            post::<_, UpToDate>(http, &url, &body, timeout).await?
         {
             continue;
         }
-        let body = json!({
-            "function_id": name,
-            "api_key": api_key,
-            "app_name": client.app_name(),
-            "programming_language": "Rust",
-            "code_hash": hash,
-            "toolkit_hash": all,
-            "metadata": metadata(tool),
-        });
+        let body = RegisterTool {
+            function_id: Some(name.clone()),
+            api_key: api_key.clone(),
+            app_name: Some(client.app_name().to_owned()),
+            programming_language: Some("Rust".into()),
+            code_hash: Some(hash.clone()),
+            toolkit_hash: Some(all.clone()),
+            metadata: tool.spec().metadata(),
+            endpoint_url: None,
+            endpoint_key: None,
+        };
         let url = format!("{base}/api/v1/register_tool");
-        match http
-            .json(Method::POST, &url, &[], Some(&body), timeout)
-            .await?
-        {
+        match post::<_, Value>(http, &url, &body, timeout).await? {
             (200..=299, _) => {
                 tracing::info!(app = client.app_name(), tool = %name, "tool registered")
             }
-            (401 | 403, _) => return Err(AnnounceError::Unauthorized(401)),
+            (status @ (401 | 403), _) => return Err(AnnounceError::Unauthorized(status)),
             (status, _) => {
                 tracing::warn!(app = client.app_name(), tool = %name, status, "the server refused the tool")
             }

@@ -3,29 +3,36 @@
 //! inbox), as the seed's `start()` does (ATP-SPEC §4).
 
 mod announce;
-mod protocol;
 
 use std::{
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use hyper::Method;
-use serde_json::{Value, json};
 use tokio::{
-    sync::{Semaphore, mpsc, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
     task::JoinSet,
 };
-use tokio_tungstenite::tungstenite::{self, Message, protocol::CloseFrame};
+use tokio_tungstenite::tungstenite;
 
 pub use crate::net::NetError;
-pub use protocol::{Incoming, ToolRequest, parse_message, tool_response};
 
-use crate::{client::ToolKitClient, net};
+use crate::{
+    client::ToolKitClient,
+    net::{
+        self,
+        session::{self, Flow, Handler, SessionOptions, Tungstenite},
+    },
+    wire::{
+        self, InboxReply, ServerToToolkit, ToolRequest, ToolResponse, ToolkitAppResponse,
+        ToolkitToServer, WireError,
+    },
+};
 
 /// How the toolkit reaches its ATP server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,129 +384,120 @@ impl ToolKitClient {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let (mut sink, mut stream) = ws.split();
-        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-        let permits = Arc::new(Semaphore::new(opts.max_concurrency));
-        let mut tasks = JoinSet::new();
-        let mut permit = None;
-        let mut ping = tokio::time::interval(opts.ping_interval);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ping.tick().await;
-        let mut last_seen = Instant::now();
-        loop {
-            tokio::select! {
-                biased;
-                _ = stopped(stop) => break,
-                Some(out) = rx.recv() => {
-                    if let Err(e) = net::send_queued(&mut sink, out, &mut rx, Message::text).await {
-                        return Ended::Lost(e.to_string());
-                    }
-                }
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                p = permits.clone().acquire_owned(), if permit.is_none() => permit = p.ok(),
-                frame = stream.next(), if permit.is_some() => {
-                    last_seen = Instant::now();
-                    match frame {
-                        None => return Ended::Lost("the server closed the connection".into()),
-                        Some(Err(e)) => return Ended::Lost(e.to_string()),
-                        Some(Ok(Message::Text(text))) => {
-                            if let Some(reply) = self.dispatch(text.as_str(), &mut permit, &mut tasks, &tx) {
-                                let _ = tx.send(reply);
-                            }
-                        }
-                        Some(Ok(Message::Close(frame))) => {
-                            let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
-                            return Ended::Lost(format!("the server closed the connection ({why})"));
-                        }
-                        Some(Ok(Message::Binary(_))) => tracing::warn!("ignoring a binary frame from the ATP server"),
-                        Some(Ok(_)) => {}
-                    }
-                }
-                _ = ping.tick() => {
-                    if last_seen.elapsed() >= opts.ping_interval * 2 {
-                        return Ended::Lost("no answer to pings".into());
-                    }
-                    if let Err(e) = sink.send(Message::Ping(Default::default())).await {
-                        return Ended::Lost(e.to_string());
-                    }
-                }
+        let (sink, stream) = ws.split();
+        let (tx, rx) = session::outbox();
+        let mut handler = SocketHandler {
+            client: self.clone(),
+            permits: Arc::new(Semaphore::new(opts.max_concurrency)),
+            permit: None,
+            tasks: JoinSet::new(),
+            tx,
+        };
+        let session_opts = SessionOptions {
+            ping_interval: opts.ping_interval,
+            grace_period: opts.grace_period,
+            stop_close: (1000, "toolkit stopping"),
+        };
+        let ended = session::run::<Tungstenite, _, _, _, _>(
+            sink,
+            stream,
+            rx,
+            &mut handler,
+            &session_opts,
+            None,
+            stopped(stop),
+        )
+        .await;
+        match ended {
+            session::Ended::Stopped => Ended::Stopped,
+            session::Ended::Closed(why) => {
+                Ended::Lost(format!("the server closed the connection ({why})"))
+            }
+            session::Ended::Dead => Ended::Lost("no answer to pings".into()),
+            session::Ended::Failed(e) => Ended::Lost(e),
+            session::Ended::Refused | session::Ended::OutboxClosed => {
+                Ended::Lost("the connection was closed".into())
             }
         }
-        // Stopping: take no new request, let the ones in flight finish.
-        let deadline = tokio::time::sleep(opts.grace_period);
-        tokio::pin!(deadline);
-        while !tasks.is_empty() {
-            tokio::select! {
-                Some(_) = tasks.join_next() => {}
-                Some(out) = rx.recv() => { let _ = sink.send(Message::text(out)).await; }
-                _ = &mut deadline => {
-                    tracing::warn!(left = tasks.len(), "grace period over: abandoning tool calls in flight");
-                    break;
-                }
-            }
-        }
-        while let Ok(out) = rx.try_recv() {
-            let _ = sink.send(Message::text(out)).await;
-        }
-        let _ = sink
-            .send(Message::Close(Some(CloseFrame {
-                code: tungstenite::protocol::frame::coding::CloseCode::Normal,
-                reason: "toolkit stopping".into(),
-            })))
-            .await;
-        let _ = sink.close().await;
-        Ended::Stopped
     }
 
-    /// Handles one text message: a tool request is spawned (consuming the
-    /// permit) and answered through `tx`; a malformed one is answered at
-    /// once (the returned reply); anything else is logged.
-    fn dispatch(
-        &self,
-        text: &str,
-        permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
-        tasks: &mut JoinSet<()>,
-        tx: &mpsc::UnboundedSender<String>,
-    ) -> Option<String> {
-        match parse_message(text) {
-            Incoming::Connected(message) => {
+    /// What a frame from the server asks of the runtime: the one decision
+    /// both transports (and the fuzz target) share.
+    fn classify(&self, text: &str) -> Dispatch {
+        match ServerToToolkit::parse(text) {
+            Ok(ServerToToolkit::ToolRequest(req)) => Dispatch::Run(req),
+            Ok(ServerToToolkit::Connected { message }) => {
                 tracing::info!(
                     app = self.app_name(),
                     "connected to the ATP server: {message}"
                 );
-                None
+                Dispatch::Nothing
             }
-            Incoming::ToolRequest(req) => {
-                let held = permit.take();
-                let client = self.clone();
-                let tx = tx.clone();
-                tasks.spawn(async move {
-                    let reply = client.answer(req).await;
-                    drop(held);
-                    let _ = tx.send(reply);
-                });
-                None
+            Ok(ServerToToolkit::AppRequest(req)) => {
+                Dispatch::Reply(ToolkitToServer::AppResponse(ToolkitAppResponse {
+                    request_id: req.request_id,
+                    result: wire::error_result(format!(
+                        "{} is not an app of this toolkit",
+                        req.tool_name
+                    )),
+                    is_error: Some(true),
+                    terminated: Some(true),
+                }))
             }
-            Incoming::Malformed { request_id, reason } => {
-                tracing::warn!("malformed message from the ATP server: {reason}");
-                request_id.map(|id| {
-                    tool_response(&id, Err(format!("Malformed tool request: {reason}"))).to_string()
-                })
+            Ok(ServerToToolkit::Error { message }) => {
+                tracing::warn!(
+                    app = self.app_name(),
+                    "the ATP server reports an error: {message}"
+                );
+                Dispatch::Nothing
             }
-            Incoming::Other(kind) => {
-                tracing::debug!(kind, "ignoring a message");
-                None
+            Ok(other) => {
+                tracing::debug!(?other, "ignoring a message");
+                Dispatch::Nothing
+            }
+            Err(
+                e @ WireError::Invalid {
+                    kind: "atp_tool_request",
+                    ..
+                },
+            ) => {
+                tracing::warn!("malformed message from the ATP server: {e}");
+                Dispatch::Reply(ToolkitToServer::ToolResponse(ToolResponse::error(
+                    e.request_id().cloned(),
+                    "invalid_message",
+                    format!("Malformed tool request: {e}"),
+                )))
+            }
+            Err(e) => {
+                tracing::debug!("ignoring a message: {e}");
+                Dispatch::Nothing
             }
         }
     }
 
-    /// Runs one request and builds its `tool_response`.
-    pub(crate) async fn answer(&self, req: ToolRequest) -> String {
-        let outcome = self
-            .call_tool_by_name(&req.tool_name, req.params, req.auth_token)
+    /// Runs one request: its `tool_response`, with the error flag and the
+    /// error's code on a failure.
+    pub(crate) async fn answer(&self, req: ToolRequest) -> ToolResponse {
+        let id = Some(req.request_id);
+        match self
+            .call_tool_by_name_map(&req.tool_name, req.params, req.auth_token)
             .await
-            .map_err(|e| e.to_string());
-        tool_response(&req.request_id, outcome).to_string()
+        {
+            Ok(result) => ToolResponse::ok(id, result),
+            Err(e) => ToolResponse::error(id, e.code().as_str(), e.to_string()),
+        }
+    }
+
+    /// The answer the runtime sends to one text frame from the server, if
+    /// any — what [`start`](Self::start) does with it, run inline. For
+    /// tests and fuzzing.
+    #[doc(hidden)]
+    pub async fn reply_to_frame(&self, text: &str) -> Option<ToolkitToServer> {
+        match self.classify(text) {
+            Dispatch::Run(req) => Some(ToolkitToServer::ToolResponse(self.answer(req).await)),
+            Dispatch::Reply(r) => Some(r),
+            Dispatch::Nothing => None,
+        }
     }
 
     async fn serve_inbox(
@@ -512,7 +510,7 @@ impl ToolKitClient {
         backoff: &mut Backoff,
     ) -> Ended {
         let inbox = format!("{base}/api/v1/toolkit/{}/inbox", self.api_key().expose());
-        let respond = format!("{inbox}/respond");
+        let respond: Arc<str> = format!("{inbox}/respond").into();
         let permits = Arc::new(Semaphore::new(opts.max_concurrency));
         let mut tasks = JoinSet::new();
         tracing::info!(url = %net::redact_url(&inbox), "polling the ATP server's inbox");
@@ -525,47 +523,46 @@ impl ToolKitClient {
                 break Ended::Stopped;
             };
             let polled = tokio::select! {
-                r = http.json(Method::GET, &inbox, &[], None, opts.request_timeout) => r,
+                r = http.send(Method::GET, &inbox, &[], None, opts.request_timeout) => r,
                 _ = stopped(stop) => break Ended::Stopped,
             };
             let wait = match polled {
-                Ok((401 | 403, _)) => return Ended::Unauthorized(401),
-                Ok((200, Value::Object(m))) if !m.is_empty() => {
-                    backoff.reset();
-                    let msg = Value::Object(m).to_string();
-                    match parse_message(&msg) {
-                        Incoming::ToolRequest(req) => {
-                            let client = self.clone();
-                            let http = http.clone();
-                            let respond = respond.clone();
+                Ok((status @ (401 | 403), _)) => break Ended::Unauthorized(status),
+                Ok((200, body)) => {
+                    let entry = std::str::from_utf8(&body)
+                        .ok()
+                        .filter(|t| !t.trim().is_empty());
+                    let dispatch = match entry {
+                        Some(text) => self.classify(text),
+                        None => Dispatch::Nothing,
+                    };
+                    match dispatch {
+                        Dispatch::Nothing => poll_interval,
+                        Dispatch::Run(req) => {
+                            backoff.reset();
+                            let (client, http, respond) =
+                                (self.clone(), http.clone(), respond.clone());
                             let timeout = opts.request_timeout;
                             tasks.spawn(async move {
                                 let reply = client.answer(req).await;
                                 drop(permit);
-                                post_inbox_reply(&http, &respond, &reply, timeout).await;
+                                post_inbox_reply(&http, &respond, reply, timeout).await;
                             });
+                            Duration::ZERO
                         }
-                        Incoming::Malformed {
-                            request_id: Some(id),
-                            reason,
-                        } => {
-                            let reply = tool_response(
-                                &id,
-                                Err(format!("Malformed tool request: {reason}")),
-                            )
-                            .to_string();
-                            post_inbox_reply(http, &respond, &reply, opts.request_timeout).await;
+                        Dispatch::Reply(ToolkitToServer::ToolResponse(reply)) => {
+                            post_inbox_reply(http, &respond, reply, opts.request_timeout).await;
+                            Duration::ZERO
                         }
-                        _ => {}
+                        // The inbox carries tool requests only.
+                        Dispatch::Reply(_) => Duration::ZERO,
                     }
-                    Duration::ZERO
                 }
-                Ok((200, _)) => poll_interval,
                 Ok((status, _)) => {
                     tracing::warn!(status, "inbox poll refused");
                     backoff.next_delay()
                 }
-                Err(e) => return Ended::Lost(e.to_string()),
+                Err(e) => break Ended::Lost(e.to_string()),
             };
             if !wait.is_zero() {
                 tokio::select! {
@@ -574,15 +571,74 @@ impl ToolKitClient {
                 }
             }
         };
+        // However the loop ended, the calls in flight finish (bounded) and
+        // their answers are posted.
         let deadline = tokio::time::sleep(opts.grace_period);
         tokio::pin!(deadline);
         while !tasks.is_empty() {
             tokio::select! {
                 Some(_) = tasks.join_next() => {}
-                _ = &mut deadline => break,
+                _ = &mut deadline => {
+                    tracing::warn!(left = tasks.len(), "grace period over: abandoning tool calls in flight");
+                    break;
+                }
             }
         }
         ended
+    }
+}
+
+/// What to do with a frame from the server.
+enum Dispatch {
+    /// Run this request and answer it.
+    Run(ToolRequest),
+    /// Answer at once.
+    Reply(ToolkitToServer),
+    /// Nothing to answer.
+    Nothing,
+}
+
+/// The runtime's side of its WebSocket session.
+struct SocketHandler {
+    client: ToolKitClient,
+    permits: Arc<Semaphore>,
+    permit: Option<OwnedSemaphorePermit>,
+    tasks: JoinSet<()>,
+    tx: mpsc::Sender<String>,
+}
+
+impl Handler for SocketHandler {
+    async fn ready(&mut self) {
+        if self.permit.is_none() {
+            self.permit = self.permits.clone().acquire_owned().await.ok();
+        }
+    }
+
+    fn on_text(&mut self, text: &str) -> Flow {
+        while self.tasks.try_join_next().is_some() {}
+        match self.client.classify(text) {
+            Dispatch::Run(req) => {
+                let held = self.permit.take();
+                let (client, tx) = (self.client.clone(), self.tx.clone());
+                self.tasks.spawn(async move {
+                    let reply = client.answer(req).await;
+                    drop(held);
+                    let _ = tx.send(reply.to_json()).await;
+                });
+                Flow::Continue
+            }
+            Dispatch::Reply(reply) => Flow::Reply(reply.to_json()),
+            Dispatch::Nothing => Flow::Continue,
+        }
+    }
+
+    fn on_binary(&mut self) -> Flow {
+        tracing::warn!("ignoring a binary frame from the ATP server");
+        Flow::Continue
+    }
+
+    async fn drained(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
     }
 }
 
@@ -593,12 +649,21 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-async fn post_inbox_reply(http: &net::HttpClient, url: &str, reply: &str, timeout: Duration) {
-    // The inbox takes `{"request_id", "response"}`.
-    let parsed: Value = serde_json::from_str(reply).unwrap_or(Value::Null);
-    let body = json!({"request_id": parsed["request_id"], "response": parsed["result"]});
+async fn post_inbox_reply(
+    http: &net::HttpClient,
+    url: &str,
+    reply: ToolResponse,
+    timeout: Duration,
+) {
+    let body = bytes::Bytes::from(crate::wire::to_json(&InboxReply::from(reply)));
     match http
-        .json(Method::POST, url, &[], Some(&body), timeout)
+        .send(
+            Method::POST,
+            url,
+            &[],
+            Some(("application/json", body)),
+            timeout,
+        )
         .await
     {
         Ok((200..=299, _)) => {}

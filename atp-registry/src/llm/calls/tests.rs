@@ -161,6 +161,10 @@ fn result_shapes_per_provider() {
     );
 }
 
+fn task_outcome(v: &Value) -> CallOutcome {
+    super::task_outcome(&crate::wire::ServerToLlm::parse(&v.to_string()).expect("a message"))
+}
+
 #[test]
 fn task_responses_in_every_shape() {
     assert_eq!(

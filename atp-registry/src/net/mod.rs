@@ -4,6 +4,8 @@
 //! and the WebSocket settings of the runtime and the `LlmClient`. Not a
 //! public API: shared within atp-rs only.
 
+pub mod session;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -182,9 +184,6 @@ pub(crate) fn redact_url(url: &str) -> String {
 /// and a larger frame still grows the buffer to its length.
 pub const WS_READ_BUFFER: usize = 8 * 1024;
 
-/// How many queued messages go out with one flush (one write).
-const WS_BATCH: usize = 64;
-
 /// The WebSocket configuration of the toolkit runtime and the `LlmClient`.
 #[cfg(feature = "_net")]
 pub(crate) fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
@@ -204,29 +203,6 @@ pub(crate) async fn ws_connect(
     tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true)
         .await
         .map(|(ws, _)| ws)
-}
-
-/// Sends `first` and the messages already queued behind it (up to 64),
-/// each made a frame by `message`, with one flush: under load, one write
-/// for many messages.
-pub async fn send_queued<S, M>(
-    sink: &mut S,
-    first: String,
-    queue: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
-    message: impl Fn(String) -> M,
-) -> Result<(), S::Error>
-where
-    S: futures_util::Sink<M> + Unpin,
-{
-    use futures_util::SinkExt;
-    sink.feed(message(first)).await?;
-    for _ in 0..WS_BATCH {
-        match queue.try_recv() {
-            Ok(next) => sink.feed(message(next)).await?,
-            Err(_) => break,
-        }
-    }
-    sink.flush().await
 }
 
 #[cfg(test)]
