@@ -440,7 +440,7 @@ impl RegisteredTool {
     }
 
     /// The tool's context, as `GET /atp/{toolkit}/{tool}/` answers it.
-    pub fn context(&self) -> Value {
+    pub fn context(&self) -> crate::wire::ToolContext {
         self.spec.context()
     }
 

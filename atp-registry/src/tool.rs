@@ -309,17 +309,17 @@ impl ToolSpec {
     }
 
     /// The tool's context, as `GET /atp/{toolkit}/{tool}/` answers it.
-    pub fn context(&self) -> Value {
-        serde_json::json!({
-            "function": self.name,
-            "params": self.params,
-            "required_params": self.required_params,
-            "description": self.description,
-            "auth_provider": self.auth_provider,
-            "auth_type": self.auth_type,
-            "auth_with": self.auth_with,
-            "input_schema": self.input_schema,
-        })
+    pub fn context(&self) -> crate::wire::ToolContext {
+        crate::wire::ToolContext {
+            function: self.name.clone(),
+            params: self.params.clone(),
+            required_params: self.required_params.clone(),
+            description: self.description.clone(),
+            auth_provider: self.auth_provider.clone(),
+            auth_type: self.auth_type.clone(),
+            auth_with: self.auth_with.clone(),
+            input_schema: self.input_schema.clone(),
+        }
     }
 
     /// The tool in `provider`'s format.

@@ -3,12 +3,12 @@
 
 use std::net::SocketAddr;
 
+use atp_registry::wire::ErrorBody;
 use axum::{
     body::Body,
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde_json::{Value, json};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -72,14 +72,17 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         json_response(
             self.status,
-            &json!({"error": self.message, "code": self.code}),
+            &ErrorBody {
+                error: self.message.as_str(),
+                code: self.code,
+            },
         )
     }
 }
 
 /// A JSON answer with this status.
-pub(crate) fn json_response(status: StatusCode, body: &Value) -> Response {
-    json_text_response(status, body.to_string())
+pub(crate) fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
+    json_text_response(status, atp_registry::wire::to_json(body))
 }
 
 /// A JSON answer whose text is already written (a wire message).

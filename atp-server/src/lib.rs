@@ -27,7 +27,7 @@ use axum::{
     routing::{MethodRouter, get, post},
 };
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use tokio::{net::TcpListener, sync::watch};
 
 pub use config::{Config, DEFAULT_ADDR, DEFAULT_DB, DbLocation, OAuthPlatform};
@@ -317,7 +317,7 @@ impl AtpServer {
 }
 
 async fn health() -> Response {
-    json_response(StatusCode::OK, &json!({"status": "ok"}))
+    json_response(StatusCode::OK, &atp_registry::wire::Status::ok())
 }
 
 async fn not_found() -> Response {

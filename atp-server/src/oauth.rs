@@ -5,6 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use atp_registry::Secret;
+use atp_registry::wire::{OAuthAuthorization, OAuthConfirmation, OAuthConnected, OAuthTokens};
 use axum::{
     body::Body,
     extract::{Path, RawQuery, State, rejection::PathRejection},
@@ -13,7 +14,7 @@ use axum::{
 };
 use bytes::Bytes;
 use hyper::Method;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -79,28 +80,36 @@ pub(crate) async fn confirmation(
         let m = read_object(body, s.config.max_message_size).await?;
         let llm_key_hash = llm_key(&s, &headers, Some(&m))?;
         let platform = platform(&s, id.map(|Path(p)| p).map_err(|_| ()))?;
-        let user = match str_field(&m, "external_user_id") {
-            Some(u) if u.len() <= 256 => u.to_owned(),
-            _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_body",
-                    "external_user_id must be a string of 1-256 bytes",
-                ));
-            }
+        let bad_user = || {
+            ApiError::bad_request(
+                "invalid_body",
+                "external_user_id must be a string of 1-256 bytes",
+            )
         };
-        let redirect_url = match m.get("developer_redirect_url") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(u)) if u.is_empty() => None,
-            Some(Value::String(u)) if u.starts_with("http://") || u.starts_with("https://") => {
-                Some(u.clone())
-            }
-            Some(_) => {
-                return Err(ApiError::bad_request(
-                    "invalid_body",
-                    "developer_redirect_url must be an http:// or https:// URL",
-                ));
-            }
-        };
+        if str_field(&m, "external_user_id").is_none() {
+            return Err(bad_user());
+        }
+        let OAuthConfirmation {
+            external_user_id: user,
+            developer_redirect_url: redirect_url,
+        } = serde_json::from_value(Value::Object(m)).map_err(|_| {
+            ApiError::bad_request(
+                "invalid_body",
+                "developer_redirect_url must be an http:// or https:// URL",
+            )
+        })?;
+        if user.len() > 256 {
+            return Err(bad_user());
+        }
+        if redirect_url
+            .as_ref()
+            .is_some_and(|u| !u.starts_with("http://") && !u.starts_with("https://"))
+        {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "developer_redirect_url must be an http:// or https:// URL",
+            ));
+        }
         let no_rng = |_| ApiError::internal("no randomness available");
         let state = random_token(32).map_err(no_rng)?;
         let verifier = random_token(32).map_err(no_rng)?;
@@ -139,21 +148,24 @@ pub(crate) async fn confirmation(
         }
         let authorization_url = with_query(&platform.authorize_url, &pairs);
         tracing::info!(platform = %platform.id, "OAuth flow started");
-        Ok(json!({
-            "authorization_url": authorization_url,
-            "confirmation_url": authorization_url,
-            "platform_id": platform.id,
-            "provider": platform.provider(),
-            "provider_name": platform.name.clone().unwrap_or_else(|| platform.provider().to_owned()),
-            "provider_logo": null,
-            "developer_app_name": null,
-            "scopes": platform.scopes,
-            "auth_mode": "OAuth2",
-            "external_user_id": user,
-            "redirect_uri": redirect_uri,
-            "expires_in": FLOW_LIFETIME,
-            "powered_by": "atp-server",
-        }))
+        Ok(OAuthAuthorization {
+            confirmation_url: authorization_url.clone(),
+            authorization_url,
+            platform_id: platform.id.clone(),
+            provider: platform.provider().to_owned(),
+            provider_name: platform
+                .name
+                .clone()
+                .unwrap_or_else(|| platform.provider().to_owned()),
+            provider_logo: None,
+            developer_app_name: None,
+            scopes: platform.scopes.clone(),
+            auth_mode: "OAuth2".into(),
+            external_user_id: user,
+            redirect_uri,
+            expires_in: FLOW_LIFETIME,
+            powered_by: "atp-server".into(),
+        })
     }
     .await;
     match result {
@@ -278,13 +290,13 @@ pub(crate) async fn callback(State(s): AppState, RawQuery(query): RawQuery) -> R
             )),
             (None, Ok(integration_id)) => json_response(
                 StatusCode::OK,
-                &json!({
-                    "status": "connected",
-                    "platform_id": flow.platform_id,
-                    "external_user_id": flow.external_user_id,
-                    "integration_id": integration_id,
-                    "message": "Connected. You can close this window.",
-                }),
+                &OAuthConnected {
+                    status: "connected".into(),
+                    platform_id: flow.platform_id.clone(),
+                    external_user_id: flow.external_user_id.clone(),
+                    integration_id,
+                    message: "Connected. You can close this window.".into(),
+                },
             ),
             (None, Err((status, code, message))) => {
                 ApiError::new(status, code, message).into_response()
@@ -475,20 +487,20 @@ pub(crate) async fn tokens(
                 format!("The token has expired and could not be refreshed: {why}"),
             )
         })?;
-        Ok(json!({
-            "status": "connected",
-            "integration_id": conn.integration_id,
-            "platform_id": conn.platform_id,
-            "provider": platform.provider(),
-            "external_user_id": conn.external_user_id,
-            "external_user_email": null,
-            "access_token": conn.access_token.expose(),
-            "refresh_token": conn.refresh_token.as_ref().map(Secret::expose),
-            "token_type": conn.token_type,
-            "expires_at": conn.expires_at.map(rfc3339),
-            "expires_in": conn.expires_at.map(|t| (t - now_secs()).max(0)),
-            "scope": conn.scope,
-        }))
+        Ok(OAuthTokens {
+            status: "connected".into(),
+            integration_id: conn.integration_id,
+            platform_id: conn.platform_id,
+            provider: platform.provider().to_owned(),
+            external_user_id: conn.external_user_id,
+            external_user_email: None,
+            access_token: conn.access_token,
+            refresh_token: conn.refresh_token,
+            token_type: conn.token_type,
+            expires_at: conn.expires_at.map(rfc3339),
+            expires_in: conn.expires_at.map(|t| (t - now_secs()).max(0)),
+            scope: conn.scope,
+        })
     }
     .await;
     match result {

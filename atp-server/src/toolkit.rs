@@ -279,7 +279,7 @@ pub(crate) async fn inbox_respond(
             let reply: InboxReply = typed(m)?;
             let request_id = reply.request_id.to_string();
             if s.hub.inbox_answer(&key_hash, &request_id, reply.outcome()) {
-                Ok(serde_json::json!({"status": "ok"}))
+                to_value(&atp_registry::wire::Status::ok())
             } else {
                 Err(ApiError::not_found(
                     "request_not_found",

@@ -21,6 +21,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use atp_registry::wire::{
+    self, ContextRequest, LlmToServer, RegisterTool, RequestId, TaskPayload, TaskRequest,
+    ToolMetadata,
+};
 use serde_json::{Value, json};
 
 use crate::http::{Conn, RawResponse, request};
@@ -336,7 +340,7 @@ pub const SERVER_APP: &str = "soakkit";
 
 const PROCESS: &str = "/api/v1/atp/llm-client/process/";
 
-fn process(body: &Value) -> Vec<u8> {
+fn process(message: &LlmToServer) -> Vec<u8> {
     request(
         "POST",
         PROCESS,
@@ -344,15 +348,36 @@ fn process(body: &Value) -> Vec<u8> {
             ("Content-Type", "application/json"),
             ("Authorization", &format!("ApiKey {SERVER_LLM_KEY}")),
         ],
-        body.to_string().as_bytes(),
+        message.to_json().as_bytes(),
     )
 }
 
 fn task(i: u64, toolkit: &str, function: &str, parameters: Value) -> Vec<u8> {
-    process(&json!({
-        "type": "task_request", "toolkit_id": toolkit, "request_id": format!("q{i}"),
-        "payload": {"function": function, "parameters": parameters, "auth_token": null, "tool_call_id": format!("c{i}")},
-        "provider": "anthropic", "user_prompt": "",
+    process(&LlmToServer::TaskRequest(TaskRequest {
+        toolkit_id: toolkit.into(),
+        request_id: Some(RequestId::Str(format!("q{i}"))),
+        payload: TaskPayload {
+            function: function.into(),
+            parameters,
+            auth_token: None,
+            tool_call_id: Value::String(format!("c{i}")),
+            external_user_id: None,
+        },
+        provider: Some("anthropic".into()),
+        user_prompt: Value::String(String::new()),
+        external_user_id: None,
+        auth_token: None,
+        stream: false,
+    }))
+}
+
+fn context(toolkit: &str, request_id: Option<String>) -> Vec<u8> {
+    process(&LlmToServer::GetToolkitContext(ContextRequest {
+        toolkit_id: toolkit.into(),
+        request_id: request_id.map(RequestId::Str),
+        provider: Some("openai".into()),
+        user_prompt: Value::String(String::new()),
+        strict: false,
     }))
 }
 
@@ -394,21 +419,11 @@ pub fn server_mix() -> Vec<(&'static str, ProbeFn)> {
             .containing(r#""status":"failed""#)
         }),
         p("context", |i| {
-            Probe::new(
-                process(&json!({"type": "get_toolkit_context", "toolkit_id": SERVER_APP, "request_id": format!("g{i}"), "provider": "openai", "user_prompt": ""})),
-                200,
-                None,
-            )
-            .containing(format!(r#""request_id":"g{i}""#))
+            Probe::new(context(SERVER_APP, Some(format!("g{i}"))), 200, None)
+                .containing(format!(r#""request_id":"g{i}""#))
         }),
         p("context_unknown", |_| {
-            Probe::new(
-                process(
-                    &json!({"type": "get_toolkit_context", "toolkit_id": "no_such_kit", "provider": "openai"}),
-                ),
-                404,
-                Some("toolkit_not_found"),
-            )
+            Probe::new(context("no_such_kit", None), 404, Some("toolkit_not_found"))
         }),
         p("wrong_key", |_| {
             Probe::new(
@@ -446,12 +461,22 @@ pub fn server_mix() -> Vec<(&'static str, ProbeFn)> {
             Probe::new(
                 json_post(
                     "/api/v1/register_tool/",
-                    &json!({
-                        "function_id": "echo", "api_key": SERVER_TOOLKIT_KEY, "app_name": SERVER_APP,
-                        "code_hash": "soak",
-                        "metadata": {"params": ["text"], "required_params": ["text"], "description": "Echoes."}
-                    })
-                    .to_string(),
+                    &wire::to_json(&RegisterTool {
+                        function_id: Some("echo".into()),
+                        api_key: Some(SERVER_TOOLKIT_KEY.into()),
+                        app_name: Some(SERVER_APP.into()),
+                        programming_language: None,
+                        code_hash: Some("soak".into()),
+                        toolkit_hash: None,
+                        metadata: ToolMetadata {
+                            params: vec!["text".into()],
+                            required_params: vec!["text".into()],
+                            description: Some("Echoes.".into()),
+                            ..Default::default()
+                        },
+                        endpoint_url: None,
+                        endpoint_key: None,
+                    }),
                 ),
                 200,
                 None,

@@ -14,8 +14,9 @@ use serde::{
     Deserialize, Deserializer, Serialize,
     de::{MapAccess, Visitor},
 };
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
+use crate::wire::{ErrorBody, ToolResult, ToolkitList, ToolkitSummary, ToolkitTools};
 use crate::{
     client::{RegisteredTool, ToolKitClient},
     error::ErrorCode,
@@ -315,11 +316,6 @@ impl Response {
 
     /// The error answer `{"error": message, "code": code}`.
     pub fn error(code: ErrorCode, message: &str) -> Self {
-        #[derive(Serialize)]
-        struct ErrorBody<'a> {
-            error: &'a str,
-            code: &'static str,
-        }
         Self::json(
             code.status(),
             &ErrorBody {
@@ -468,15 +464,10 @@ impl PendingCall {
         };
         let token = token.or(self.header_token);
         match self.tool.call(&self.client, params, token).await {
-            Ok(result) => Response::json(200, &ResultBody { result: &result }),
+            Ok(result) => Response::json(200, &ToolResult { result: &result }),
             Err(e) => Response::error(e.code(), &e.to_string()),
         }
     }
-}
-
-#[derive(Serialize)]
-struct ResultBody<'a> {
-    result: &'a Value,
 }
 
 /// How the body is encoded, from its `Content-Type`.
@@ -847,14 +838,18 @@ impl Engine {
     }
 
     fn list_toolkits(&self) -> Response {
-        let toolkits: Vec<Value> = self
+        let toolkits = self
             .registry
             .list_clients()
             .into_iter()
             .filter(|(_, c)| c.endpoint_key().is_none())
-            .map(|(name, c)| json!({"toolkit": name, "app_name": c.app_name(), "tools": c.tool_count()}))
+            .map(|(name, c)| ToolkitSummary {
+                app_name: c.app_name().to_owned(),
+                tools: c.tool_count(),
+                toolkit: name,
+            })
             .collect();
-        Response::json(200, &json!({ "toolkits": toolkits }))
+        Response::json(200, &ToolkitList { toolkits })
     }
 }
 
@@ -862,14 +857,19 @@ fn toolkit_context(raw_name: &str, client: &ToolKitClient, query: Option<&str>) 
     let name = decode_segment(raw_name).unwrap_or(Cow::Borrowed(raw_name));
     match query_param(query, "provider") {
         None => {
-            let tools: Vec<Value> = client
+            let tools: Vec<_> = client
                 .registered_tools()
                 .iter()
                 .map(|t| t.context())
                 .collect();
             Response::json(
                 200,
-                &json!({"toolkit": name, "app_name": client.app_name(), "tools": tools}),
+                &ToolkitTools {
+                    toolkit: name.into_owned(),
+                    app_name: client.app_name().to_owned(),
+                    provider: None,
+                    tools,
+                },
             )
         }
         Some(sent) => match sent.parse::<Provider>() {
@@ -891,12 +891,12 @@ fn json_toolkit_for(
 ) -> Response {
     Response::json(
         200,
-        &json!({
-            "toolkit": name,
-            "app_name": client.app_name(),
-            "provider": sent,
-            "tools": client.tool_schemas(provider, strict),
-        }),
+        &ToolkitTools {
+            toolkit: name.to_owned(),
+            app_name: client.app_name().to_owned(),
+            provider: Some(sent.to_owned()),
+            tools: client.tool_schemas(provider, strict),
+        },
     )
 }
 

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, future::join_all};
 use hyper::Method;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -34,8 +34,8 @@ use crate::{
     schema::Provider,
     secret::Secret,
     wire::{
-        ContextRequest, ContextResponse, LlmToServer, RequestId, ServerToLlm, TaskOutcome,
-        TaskPayload, TaskRequest,
+        ContextRequest, ContextResponse, LlmToServer, OAuthConfirmation, RequestId, ServerToLlm,
+        TaskOutcome, TaskPayload, TaskRequest,
     },
 };
 
@@ -375,10 +375,11 @@ impl LlmClient {
             self.http_base()?,
             segment(platform_id)
         );
-        let mut body = json!({"external_user_id": external_user_id});
-        if let Some(redirect) = developer_redirect_url {
-            body["developer_redirect_url"] = json!(redirect);
-        }
+        let body = serde_json::to_value(OAuthConfirmation {
+            external_user_id: external_user_id.to_owned(),
+            developer_redirect_url: developer_redirect_url.map(str::to_owned),
+        })
+        .unwrap_or(Value::Null);
         match self.http_json(Method::POST, &url, Some(&body)).await? {
             (200..=299, answer) => Ok(answer),
             (status, answer) => Err(http_error(status, &answer)),

@@ -3,8 +3,10 @@
 //! Every message that crosses a WebSocket or an HTTP body between a
 //! toolkit, an ATP server and an LLM-side client is a type here: the
 //! toolkit side ([`ServerToToolkit`], [`ToolkitToServer`], the inbox), the
-//! LLM side ([`LlmToServer`], [`ServerToLlm`]) and the HTTP bodies of
-//! announcing a toolkit ([`RegisterTool`], [`VerifyHash`], …). The toolkit
+//! LLM side ([`LlmToServer`], [`ServerToLlm`]), the HTTP bodies of
+//! announcing a toolkit ([`RegisterTool`], [`VerifyHash`], …), of the
+//! endpoints every adapter serves ([`ToolkitTools`], [`ToolResult`],
+//! [`ErrorBody`], …) and of OAuth ([`OAuthTokens`], …). The toolkit
 //! runtime, [`LlmClient`](crate::llm::LlmClient), `atp-server` and the fuzz
 //! oracles all read and write messages through these types; the protocol
 //! itself is described in `docs/PROTOCOL.md` of the repository.
@@ -30,6 +32,7 @@
 //! # Ok::<(), atp_registry::wire::WireError>(())
 //! ```
 
+mod endpoints;
 mod http;
 mod llm;
 mod toolkit;
@@ -39,6 +42,10 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value};
 
+pub use endpoints::{
+    ErrorBody, OAuthAuthorization, OAuthConfirmation, OAuthConnected, OAuthTokens, Status,
+    ToolContext, ToolResult, ToolkitList, ToolkitSummary, ToolkitTools,
+};
 pub use http::{
     ExecutionReport, InboxReply, RegisterTool, Registered, ToolMetadata, UpToDate, VerifyHash,
     VerifyToolHash,

@@ -364,3 +364,53 @@ async fn bad_messages_get_clear_answers() {
     })
     .await;
 }
+
+/// A toolkit's `tool_response` says whether it failed with `is_error`
+/// (what a Rust toolkit sends): the server trusts it, so `{"error": …}`
+/// can be data, and passes on the failure's code. Without the flag (the
+/// Python toolkit), a result of exactly `{"error": MESSAGE}` is a failure.
+#[tokio::test]
+async fn the_error_flag_decides_and_the_legacy_rule_stays() {
+    bounded(Duration::from_secs(30), async {
+        let server = TestServer::start(keyed_config()).await;
+        let mut toolkit = raw_toolkit(&server, TK_KEY, "flagged").await;
+        for (answer, status, code, result) in [
+            // Python toolkit: no flag, the legacy rule.
+            (json!({"result": {"error": "boom"}}), "failed", Some("tool_error"), json!({"error": "boom"})),
+            (json!({"result": {"error": "boom", "detail": 1}}), "success", None, json!({"error": "boom", "detail": 1})),
+            // Rust toolkit: the flag decides.
+            (json!({"result": {"error": "data"}, "is_error": false}), "success", None, json!({"error": "data"})),
+            (
+                json!({"result": {"error": "Missing required parameters: text"}, "is_error": true, "code": "missing_params"}),
+                "failed",
+                Some("missing_params"),
+                json!({"error": "Missing required parameters: text"}),
+            ),
+        ] {
+            let base = server.base.clone();
+            let caller = tokio::spawn(async move {
+                let task = json!({"type": "task_request", "toolkit_id": "flagged", "request_id": "f1",
+                                  "payload": {"function": "echo", "parameters": {"text": "x"}}});
+                http_json(
+                    "POST",
+                    &format!("{base}/api/v1/atp/llm-client/process/"),
+                    &[("Authorization", &format!("ApiKey {LLM_KEY}"))],
+                    Some(&task),
+                )
+                .await
+            });
+            let request = next_json(&mut toolkit).await;
+            let mut reply = answer.clone();
+            reply["type"] = json!("tool_response");
+            reply["request_id"] = request["payload"]["request_id"].clone();
+            send(&mut toolkit, &reply).await;
+            let (http_status, a) = caller.await.expect("join");
+            assert_eq!(http_status, 200, "{a}");
+            assert_eq!(a["status"], status, "{answer} -> {a}");
+            assert_eq!(a["code"].as_str(), code, "{answer} -> {a}");
+            assert_eq!(a["payload"]["result"], result, "{answer} -> {a}");
+        }
+        server.stop().await;
+    })
+    .await;
+}

@@ -2,8 +2,9 @@
 //! its `ToolKitClient` serves tools through this server (WebSocket and
 //! inbox), its `LLMClient` calls them (WebSocket and HTTP).
 //!
-//! Skipped, loudly, when `python3 -c 'import atp_sdk'` fails; `.ci/run`
-//! installs the package so that it runs there.
+//! Skipped, loudly, when `python3 -c 'import atp_sdk.clients'` fails —
+//! unless `ATP_REQUIRE_PYTHON=1`, when that fails the tests instead: `.ci/run`
+//! installs the package and sets it, so that CI cannot pass without them.
 
 use std::{io::Write, path::PathBuf, process::Stdio, time::Duration};
 
@@ -63,23 +64,52 @@ out["whoami"] = llm.call_tool(app, [{"type": "function_call", "call_id": "call_3
 print(json.dumps(out), flush=True)
 "#;
 
-/// Whether the published SDK can run here; says so loudly when not.
+/// Set to `1`, a missing Python SDK fails the tests instead of skipping them.
+const REQUIRE: &str = "ATP_REQUIRE_PYTHON";
+
+/// Whether the published SDK can run here; says so loudly when not, and
+/// panics instead when [`REQUIRE`] is `1`.
 fn python_sdk() -> bool {
-    let ok = std::process::Command::new("python3")
+    let required = match std::env::var(REQUIRE) {
+        Ok(v) if v == "1" => true,
+        Ok(v) if !v.is_empty() && v != "0" => {
+            panic!("{REQUIRE}={v:?}: set it to 1 to require the Python SDK, or unset it")
+        }
+        _ => false,
+    };
+    let why = match std::process::Command::new("python3")
         .args(["-c", "import atp_sdk.clients"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        // Written to the real stderr, past the test harness's capture.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: Python interop test: `python3 -c 'import atp_sdk'` failed; \
-             install the published SDK with `python3 -m pip install AgentToolProtocol`"
-        );
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(out) if out.status.success() => return true,
+        Ok(out) => format!("{}: {}", out.status, tail(&out.stderr)),
+        Err(e) => format!("python3 did not start: {e}"),
+    };
+    let what = format!(
+        "Python interop test: `python3 -c 'import atp_sdk.clients'` failed ({why}); \
+         install the published SDK with `python3 -m pip install AgentToolProtocol`"
+    );
+    if required {
+        panic!("{REQUIRE}=1, so not skipped: {what}");
     }
-    ok
+    // Written to the real stderr, past the test harness's capture.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: {what} (with {REQUIRE}=1 this fails instead)"
+    );
+    false
+}
+
+/// The last line of `stderr` (Python's exception), trimmed.
+fn tail(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_owned()
 }
 
 /// The scratch directory of one test (removed when it passes).

@@ -377,3 +377,52 @@ async fn a_silent_connection_is_noticed_and_replaced() {
     })
     .await;
 }
+
+/// A Rust tool may return `{"error": …}` as data: the runtime flags its
+/// answer, and the caller gets a result, not an error; a real failure is
+/// still one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_tool_can_return_an_error_object_as_data() {
+    bounded(Duration::from_secs(30), async {
+        let server = TestServer::start(keyed_config()).await;
+        let client = ToolKitClient::new(TK_KEY, "dataish")
+            .with_base_url(&server.base)
+            .with_runtime_options(options());
+        client
+            .register_tool(Tool::new("lookup"), |_call: Call| async {
+                Ok::<_, ToolError>(json!({"error": "not found, as data"}))
+            })
+            .expect("valid");
+        client
+            .register_tool(Tool::new("fails"), |_call: Call| async {
+                Err::<Value, _>(ToolError::new("a real failure"))
+            })
+            .expect("valid");
+        let runtime = spawn(&client);
+        server.wait_served("dataish").await;
+        let blocks = json!([
+            {"type": "tool_use", "id": "t1", "name": "lookup", "input": {}},
+            {"type": "tool_use", "id": "t2", "name": "fails", "input": {}},
+        ]);
+        for protocol in [LlmProtocol::WebSocket, LlmProtocol::Http] {
+            let messages = server
+                .llm(protocol)
+                .call_tool("dataish", &blocks, "anthropic", "")
+                .await
+                .expect("answered");
+            let content = &messages[0]["content"];
+            assert_eq!(content[0]["content"], r#"{"error":"not found, as data"}"#);
+            assert_eq!(content[0].get("is_error"), None, "{protocol:?}: {content}");
+            assert_eq!(content[1]["content"], "a real failure");
+            assert_eq!(content[1]["is_error"], true, "{protocol:?}: {content}");
+        }
+        client.stop();
+        tokio::time::timeout(WAIT, runtime)
+            .await
+            .expect("stops")
+            .expect("no panic")
+            .expect("clean stop");
+        server.stop().await;
+    })
+    .await;
+}
