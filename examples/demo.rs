@@ -1,6 +1,6 @@
 #![doc = include_str!("../README.md")]
 //!
-//! The demo toolkit the examples serve: the seed's `hello_world` and
+//! The demo toolkit the examples serve: the Python SDK's `hello_world` and
 //! `echo`, a typed `add`, and `get_contacts`, which needs an OAuth token.
 
 use std::net::SocketAddr;
@@ -11,18 +11,18 @@ use serde_json::{Value, json};
 /// The toolkit's name in URLs.
 pub const TOOLKIT: &str = "demo";
 
-/// Returns a greeting (the seed's `hello_world`).
+/// Returns a greeting (the Python SDK's `hello_world`).
 pub async fn hello_world(call: Call) -> Result<Value, ToolError> {
     let name = call.str("name").unwrap_or("World");
     Ok(json!({"message": format!("Hello, {name}!")}))
 }
 
-/// Echoes the input text (the seed's `echo`).
+/// Echoes the input text (the Python SDK's `echo`).
 pub async fn echo(call: Call) -> Result<Value, ToolError> {
     Ok(json!({"echo": call.param("text")}))
 }
 
-/// Stands in for the seed's HubSpot `get_contacts`: it needs the user's
+/// Stands in for the Python SDK's HubSpot `get_contacts`: it needs the user's
 /// OAuth token, and shows only its length (a token is never echoed).
 pub async fn get_contacts(call: Call) -> Result<Value, ToolError> {
     let token = call

@@ -24,14 +24,14 @@ use crate::{
     tool::{BoxFuture, Call, Handler, HandlerOutput, Tool},
 };
 
-/// The ATP server the seed's client talks to by default.
+/// The ATP server the Python SDK's client talks to by default.
 pub const DEFAULT_BASE_URL: &str = "https://api.chat-atp.com";
 
 /// The default body limit of the HTTP endpoints: 1 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 
 /// A toolkit: its API key, app name, ATP server URL, settings and tools —
-/// the seed's `ToolKitClient`.
+/// the Python SDK's `ToolKitClient`.
 ///
 /// It is a cheap handle: clones share the same tools, so a client can be
 /// registered with [`register_client`](crate::register_client) and still
@@ -87,7 +87,7 @@ struct Tools {
 }
 
 impl ToolKitClient {
-    /// A toolkit with the seed's defaults: base URL
+    /// A toolkit with the Python SDK's defaults: base URL
     /// [`DEFAULT_BASE_URL`], no timeout, a 1 MiB body limit, no endpoint key.
     pub fn new(api_key: impl Into<Secret>, app_name: impl Into<String>) -> Self {
         Self {
@@ -107,7 +107,7 @@ impl ToolKitClient {
         }
     }
 
-    /// Sets the ATP server URL (the seed's `base_url`).
+    /// Sets the ATP server URL (the Python SDK's `base_url`).
     pub fn with_base_url(mut self, base_url: impl Into<String>) -> Self {
         Arc::make_mut(&mut self.config).base_url = base_url.into();
         self
@@ -272,7 +272,7 @@ impl ToolKitClient {
         tools.by_name.get(name).map(|&i| tools.list[i].clone())
     }
 
-    /// All registered tools, in registration order (the seed's
+    /// All registered tools, in registration order (the Python SDK's
     /// `registered_tools`).
     pub fn registered_tools(&self) -> Vec<Arc<RegisteredTool>> {
         self.tools
@@ -297,7 +297,7 @@ impl ToolKitClient {
             .len()
     }
 
-    /// Every tool described in `provider`'s format (ATP-SPEC §5), in
+    /// Every tool described in `provider`'s format (docs/PROTOCOL.md §4), in
     /// registration order.
     pub fn tool_schemas(&self, provider: Provider, strict: bool) -> Vec<Value> {
         let tools = self.tools.read().unwrap_or_else(PoisonError::into_inner);
@@ -308,7 +308,7 @@ impl ToolKitClient {
             .collect()
     }
 
-    /// Runs a tool without HTTP, with every check of ATP-SPEC §3: the tool
+    /// Runs a tool without HTTP, with every check of docs/PROTOCOL.md §3: the tool
     /// exists, the auth token if the tool needs one, missing, unknown and
     /// (for typed tools) invalid params, then the handler, isolated from
     /// panics and bounded by the toolkit's timeout.
@@ -529,7 +529,7 @@ impl RegisteredTool {
     }
 }
 
-/// The params rule of ATP-SPEC §3 step 10, for any tool described by its
+/// The params rule of docs/PROTOCOL.md §3 step 10, for any tool described by its
 /// `params` and `required_params` (also one a remote toolkit announced):
 /// a required param absent or `null` is `missing_params` (naming the
 /// unknown ones too, if any), then a param not declared is

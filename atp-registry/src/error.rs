@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-/// The stable error codes of ATP-SPEC §3, with their HTTP status.
+/// The stable error codes of docs/PROTOCOL.md §3, with their HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorCode {
@@ -90,7 +90,7 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
-/// A tool registration that breaks a rule of ATP-SPEC §2.
+/// A tool registration that breaks a rule of docs/PROTOCOL.md §2.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegisterError {
@@ -190,7 +190,7 @@ fn missing_message(missing: &[String], unknown: &[String]) -> String {
 }
 
 impl CallError {
-    /// The stable code of ATP-SPEC §3.
+    /// The stable code of docs/PROTOCOL.md §3.
     pub fn code(&self) -> ErrorCode {
         match self {
             CallError::ToolNotFound => ErrorCode::ToolNotFound,

@@ -1,15 +1,18 @@
 #![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod client;
 mod error;
 pub mod http;
 #[cfg(feature = "llm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "llm")))]
 pub mod llm;
 #[cfg(feature = "_http")]
 #[doc(hidden)]
 pub mod net;
 mod registry;
 #[cfg(feature = "runtime")]
+#[cfg_attr(docsrs, doc(cfg(feature = "runtime")))]
 pub mod runtime;
 mod schema;
 mod secret;

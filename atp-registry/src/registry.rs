@@ -116,7 +116,7 @@ impl fmt::Debug for Registry {
     }
 }
 
-/// Registers `client` under `name` in the global registry (the seed's
+/// Registers `client` under `name` in the global registry (the Python SDK's
 /// `register_client`).
 pub fn register_client(
     name: impl Into<String>,
@@ -125,7 +125,7 @@ pub fn register_client(
     Registry::global().register_client(name, client)
 }
 
-/// The toolkit registered under `name` in the global registry (the seed's
+/// The toolkit registered under `name` in the global registry (the Python SDK's
 /// `get_client`).
 pub fn get_client(name: &str) -> Option<ToolKitClient> {
     Registry::global().get_client(name)

@@ -1,5 +1,5 @@
 //! JSON Schemas of tool inputs, and tool descriptions in each LLM
-//! provider's format (ATP-SPEC §5).
+//! provider's format (docs/PROTOCOL.md §4).
 
 use std::{fmt, str::FromStr};
 

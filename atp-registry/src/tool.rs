@@ -34,7 +34,7 @@ pub fn is_valid_toolkit_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
-/// The description of a tool, built the way the seed's `register_tool`
+/// The description of a tool, built the way the Python SDK's `register_tool`
 /// takes its arguments.
 ///
 /// ```
@@ -62,7 +62,7 @@ pub struct Tool {
 }
 
 impl Tool {
-    /// A tool called `function_name` (the seed's argument name), with no
+    /// A tool called `function_name` (the Python SDK's argument name), with no
     /// params and no auth.
     pub fn new(function_name: impl Into<String>) -> Self {
         Self {
@@ -370,7 +370,7 @@ impl Call {
         self.params.get(name).and_then(Value::as_str)
     }
 
-    /// The call's auth token (the seed's `kwargs['auth_token']`).
+    /// The call's auth token (the Python SDK's `kwargs['auth_token']`).
     pub fn auth_token(&self) -> Option<&AuthToken> {
         self.auth_token.as_ref()
     }

@@ -39,7 +39,7 @@ impl DbLocation {
     }
 }
 
-/// An OAuth2 provider the server can connect users to (ATP-SPEC §6): the
+/// An OAuth2 provider the server can connect users to (docs/PROTOCOL.md §6): the
 /// `platform_id` of `oauth/confirmation/{platform_id}/`.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -84,7 +84,7 @@ impl State {
 }
 
 /// An ATP server: toolkits connect to it, LLM-side clients run tools
-/// through it (ATP-SPEC §4 and §6).
+/// through it (docs/PROTOCOL.md §5 and §6).
 ///
 /// A cheap handle: clones share the same server.
 ///

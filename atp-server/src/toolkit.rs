@@ -1,4 +1,4 @@
-//! The toolkit side (ATP-SPEC §4): `register_tool`, `verify_hash`,
+//! The toolkit side (docs/PROTOCOL.md §5): `register_tool`, `verify_hash`,
 //! `verify_tool_hash`, the toolkit WebSocket and the HTTP inbox.
 
 use std::{

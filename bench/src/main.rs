@@ -1,7 +1,7 @@
 //! `atp-bench`: the benchmarks of atp-rs that need sockets or processes.
 //!
 //! - `atp-bench http`: each ATP adapter against a bare handler in the same
-//!   framework, and the Python reference (the seed's FastAPI endpoints
+//!   framework, and the Python reference (the Python SDK's FastAPI endpoints
 //!   under uvicorn, `django_atp` under gunicorn), under the same load in
 //!   the same run.
 //! - `atp-bench memory`: RSS of each server idle and under load, and the

@@ -5,7 +5,7 @@
 //! (`fuzz/corpus/<target>/`) through the same functions on every
 //! `cargo test`; `fuzz-random` feeds them bounded random inputs. Each one
 //! panics — which a fuzzer reports as a crash — when the code under test
-//! breaks a rule of ATP-SPEC, and returns quietly otherwise.
+//! breaks a rule of the protocol (docs/PROTOCOL.md), and returns quietly otherwise.
 //!
 //! | target | what it drives | what must hold |
 //! |---|---|---|
@@ -182,7 +182,7 @@ pub fn block_on<F: std::future::Future>(fut: F) -> F::Output {
     })
 }
 
-/// Every error code with its status (ATP-SPEC §3).
+/// Every error code with its status (docs/PROTOCOL.md §3).
 pub const CODES: [(&str, u16); 16] = [
     ("toolkit_not_found", 404),
     ("tool_not_found", 404),

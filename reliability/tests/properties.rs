@@ -1,5 +1,5 @@
 //! Property tests: parameter validation (random tools, random params — the
-//! engine's answer is exactly what ATP-SPEC §3 predicts) and the provider
+//! engine's answer is exactly what docs/PROTOCOL.md §3 predicts) and the provider
 //! round trips (random tool calls → each provider's API shape →
 //! `parse_tool_calls` → `result_messages`: ids, order and shapes kept).
 
@@ -570,7 +570,7 @@ fn encode_one(segment: &str, at: Option<usize>) -> String {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
-    /// ATP-SPEC §7: one toolkit's request never reaches another toolkit's
+    /// docs/PROTOCOL.md §1: one toolkit's request never reaches another toolkit's
     /// tool, however its path is spelled.
     #[test]
     fn a_request_reaches_only_its_own_toolkit(
@@ -625,7 +625,7 @@ fn valid_tool_name(n: &str) -> bool {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(400))]
 
-    /// ATP-SPEC §2: a registration is accepted exactly when its name, params
+    /// docs/PROTOCOL.md §2: a registration is accepted exactly when its name, params
     /// and required params follow the rules — never a panic — and an
     /// accepted tool is served as registered; the same name twice is refused.
     #[test]

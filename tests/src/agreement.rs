@@ -1,6 +1,6 @@
 //! Agreement between servers: the same requests sent to several servers
 //! that serve the fixture must get the same answers — status,
-//! `Content-Type`, `Allow`, and bodies equal as JSON (ATP-SPEC §3: "every
+//! `Content-Type`, `Allow`, and bodies equal as JSON (docs/PROTOCOL.md §3: "every
 //! message in every answer comes from the core, so the adapters' bodies are
 //! equal as JSON, not just their codes").
 //!
@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// The requests whose answers are compared: at least one for every row
-/// of ATP-SPEC §3, successes and errors.
+/// of docs/PROTOCOL.md §3, successes and errors.
 pub fn probes() -> Vec<Request> {
     let echo = "/atp/conformance/echo/";
     let json_post = |target: &str, body: &str| {

@@ -1,5 +1,5 @@
 //! The three adapters give the same answers to the same requests
-//! (ATP-SPEC §7: "the adapters disagree with each other on any row of §3"
+//! (docs/PROTOCOL.md §1: "the adapters disagree with each other on any row of §3"
 //! must never happen), bodies compared as JSON.
 
 use atp_conformance::{agreement, serve_fixture, server::Framework};

@@ -1,4 +1,4 @@
-//! The framework-neutral ATP HTTP engine (ATP-SPEC §3).
+//! The framework-neutral ATP HTTP engine (docs/PROTOCOL.md §3).
 //!
 //! An adapter turns its framework's request into a [`RequestHead`] and its
 //! body into a [`BodySource`], calls [`Engine::serve`], and turns the
@@ -430,7 +430,7 @@ impl PendingCall {
         Response::error(ErrorCode::InvalidBody, "Request body could not be read")
     }
 
-    /// Parses the body and runs the tool (ATP-SPEC §3 steps 6 to 11).
+    /// Parses the body and runs the tool (docs/PROTOCOL.md §3 steps 6 to 11).
     pub async fn run(self, body: &[u8]) -> Response {
         if body.len() > self.limit {
             return self.too_large();
@@ -722,7 +722,7 @@ impl Engine {
         }
     }
 
-    /// Answers a request head: at once (every check of ATP-SPEC §3 that
+    /// Answers a request head: at once (every check of docs/PROTOCOL.md §3 that
     /// needs no body, in the spec's order), or with a [`PendingCall`] that
     /// wants the body.
     pub fn begin(&self, req: &RequestHead<'_>) -> Step {

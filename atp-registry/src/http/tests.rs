@@ -1,4 +1,4 @@
-//! One test per rule of ATP-SPEC §3, through the engine without sockets.
+//! One test per rule of docs/PROTOCOL.md §3, through the engine without sockets.
 
 use std::time::Duration;
 

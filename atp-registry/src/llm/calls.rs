@@ -1,5 +1,5 @@
 //! Tool calls as the providers' APIs return them, and tool results as the
-//! providers accept them (ATP-SPEC §6). Pure functions: no I/O.
+//! providers accept them (docs/PROTOCOL.md §6). Pure functions: no I/O.
 
 use serde_json::{Map, Value, json};
 

@@ -1,4 +1,4 @@
-//! [`LlmClient`]: the agent side of ATP (ATP-SPEC §6) — toolkit contexts in
+//! [`LlmClient`]: the agent side of ATP (docs/PROTOCOL.md §6) — toolkit contexts in
 //! each provider's format, the tool calls a model made run through an ATP
 //! server, and the OAuth flow of the tools that need a user's token.
 
@@ -43,7 +43,7 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LlmProtocol {
     /// One WebSocket at `/ws/v1/atp/llm-client/{api_key}/`, shared by
-    /// concurrent requests (the seed's default).
+    /// concurrent requests (the Python SDK's default).
     WebSocket,
     /// `POST /api/v1/atp/llm-client/process/` per request.
     Http,
@@ -100,10 +100,10 @@ impl From<NetError> for LlmError {
 /// How often [`LlmClient`] pings its WebSocket by default.
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 
-/// The ATP server the seed's client talks to by default.
+/// The ATP server the Python SDK's client talks to by default.
 pub const DEFAULT_LLM_BASE_URL: &str = "https://api.chat-atp.com";
 
-/// The agent side of ATP: the seed's `LLMClient`.
+/// The agent side of ATP: the Python SDK's `LLMClient`.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), atp_registry::llm::LlmError> {
@@ -158,7 +158,7 @@ struct Connection {
 }
 
 impl LlmClient {
-    /// A client with the seed's defaults: WebSocket, base URL
+    /// A client with the Python SDK's defaults: WebSocket, base URL
     /// [`DEFAULT_LLM_BASE_URL`], 120 s to wait for a tool call.
     pub fn new(api_key: impl Into<Secret>) -> Self {
         Self::build(
@@ -210,7 +210,7 @@ impl LlmClient {
     }
 
     /// Sets the ATP server (e.g. `http://127.0.0.1:8080` for a local
-    /// `atp-server`). A URL that ends in the seed's
+    /// `atp-server`). A URL that ends in the Python SDK's
     /// `/ws/v1/atp/llm-client/` is accepted too.
     pub fn with_base_url(self, base_url: impl Into<String>) -> Self {
         let mut url = base_url.into().trim_end_matches('/').to_owned();
@@ -249,7 +249,7 @@ impl LlmClient {
     }
 
     /// Fetches a toolkit's context: its `payload`, with `tools` in
-    /// `provider`'s format (ATP-SPEC §5). `toolkit_id` is the toolkit's
+    /// `provider`'s format (docs/PROTOCOL.md §4). `toolkit_id` is the toolkit's
     /// `app_name`.
     pub async fn get_toolkit_context(
         &self,
@@ -759,6 +759,8 @@ fn http_error(status: u16, answer: &Value) -> LlmError {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn assert_send<T: Send>(_: &T) {}

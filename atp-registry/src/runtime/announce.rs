@@ -1,4 +1,4 @@
-//! Announcing a toolkit's tools to its ATP server (ATP-SPEC §4):
+//! Announcing a toolkit's tools to its ATP server (docs/PROTOCOL.md §5):
 //! `verify_hash`, then `verify_tool_hash` and `register_tool` per tool.
 
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The toolkit runtime: [`ToolKitClient::start`] / [`ToolKitClient::stop`]
 //! serve a toolkit to an ATP server over a WebSocket (or the server's HTTP
-//! inbox), as the seed's `start()` does (ATP-SPEC §4).
+//! inbox), as the Python SDK's `start()` does (docs/PROTOCOL.md §5).
 
 mod announce;
 
@@ -218,6 +218,7 @@ impl Backoff {
     }
 }
 
+#[cfg_attr(docsrs, doc(cfg(feature = "runtime")))]
 impl ToolKitClient {
     /// Sets the runtime's options (transport, concurrency, pings,
     /// backoff, grace period).
@@ -304,7 +305,7 @@ impl ToolKitClient {
     }
 
     /// [`start`](Self::start) for a plain `fn main`: builds a tokio runtime
-    /// and blocks until the toolkit stops, as the seed's `start()` keeps
+    /// and blocks until the toolkit stops, as the Python SDK's `start()` keeps
     /// the main thread alive.
     pub fn start_blocking(&self) -> Result<(), RuntimeError> {
         tokio::runtime::Builder::new_multi_thread()

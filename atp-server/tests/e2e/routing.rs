@@ -18,7 +18,7 @@ const PROVIDERS: [(&str, &str); 4] = [
     ("mistral", "mistral_chat_completion_response.json"),
 ];
 
-/// Checks a provider's tool description (ATP-SPEC §5).
+/// Checks a provider's tool description (docs/PROTOCOL.md §4).
 fn assert_provider_shape(provider: &str, tool: &Value) {
     match provider {
         "openai" => {

@@ -1,4 +1,4 @@
-//! The toolkit runtime (`ToolKitClient::start` / `stop`, ATP-SPEC §4)
+//! The toolkit runtime (`ToolKitClient::start` / `stop`, docs/PROTOCOL.md §5)
 //! against the server: concurrency, every error answered, reconnecting by
 //! itself after the server restarts, and a graceful stop with calls in
 //! flight.

@@ -222,7 +222,7 @@ const SCHEMA_TOP_KEYS: &[&str] = &[
     "description",
 ];
 
-/// Checks the rules every input schema follows (ATP-SPEC §3 and §5):
+/// Checks the rules every input schema follows (docs/PROTOCOL.md §3 and §4):
 /// `type: "object"`, `properties`, `required` (a subset of the
 /// properties), nothing else at the top but `additionalProperties`,
 /// `title` and `description`, no `$schema`, `$ref` or `$defs` anywhere.

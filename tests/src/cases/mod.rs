@@ -1,4 +1,4 @@
-//! The cases: one function per behaviour of ATP-SPEC §3, each
+//! The cases: one function per behaviour of docs/PROTOCOL.md §3, each
 //! `pub async fn name(base: &str) -> Result<(), String>`, run against a
 //! server that serves the [fixture](crate::fixture()) at `base`
 //! (`http://HOST:PORT`, the prefix `/atp` below it).
