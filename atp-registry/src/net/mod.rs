@@ -122,7 +122,7 @@ impl HttpClient {
 
     /// Sends `body` (if any) as JSON and reads a JSON answer (`null` for an
     /// empty one). `headers` are sent as given: never log them.
-    #[cfg(feature = "_net")]
+    #[cfg(feature = "llm")]
     pub(crate) async fn json(
         &self,
         method: Method,

@@ -216,6 +216,9 @@ struct Ping {
 }
 
 /// A message from an LLM-side client to the server (`{"type", …}`).
+// A message lives for one exchange; boxing the large variants would cost
+// an allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
