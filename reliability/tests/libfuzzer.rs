@@ -1,5 +1,9 @@
-//! The libFuzzer targets of `fuzz/`, built and run on stable Rust on every
-//! `cargo test`: no nightly, no `cargo fuzz`.
+//! The libFuzzer targets of `fuzz/`, built and run on stable Rust: no
+//! nightly, no `cargo fuzz`. Opt-in, with `ATP_LIBFUZZER=1` (`.ci/run` sets
+//! it): the build alone takes ~5 minutes on a 2-core machine, too long for
+//! every `cargo test`. Without it each test says, loudly, that it was
+//! skipped and how to run it, and passes (`fuzz/`'s committed corpus is
+//! replayed on every `cargo test` by `corpus.rs` all the same).
 //!
 //! The `fuzz/` crate is built as `cargo fuzz build -s none` builds it
 //! (release, `line-tables-only` debug info, SanitizerCoverage through
@@ -17,6 +21,7 @@
 //! A crash input stays in that directory, named in the failure.
 
 use std::{
+    io::Write,
     path::{Path, PathBuf},
     process::{Command, Output},
     sync::OnceLock,
@@ -24,6 +29,9 @@ use std::{
 };
 
 use atp_reliability::fuzz::{self, TARGETS};
+
+/// The variable that turns the libFuzzer build and runs on.
+const ENABLE: &str = "ATP_LIBFUZZER";
 
 /// Seconds each target runs unless `ATP_LIBFUZZER_SECONDS` says otherwise.
 const SECONDS: u64 = 15;
@@ -191,7 +199,36 @@ fn artifacts(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// Whether [`ENABLE`] is `1`; when it is unset (or `0`), says so loudly,
+/// past the test harness's capture, with how to turn it on. Any other
+/// value is a mistake, not a reason to skip quietly.
+fn enabled(target: &str) -> bool {
+    match std::env::var(ENABLE) {
+        Ok(v) if v == "1" => true,
+        Ok(v) if !v.is_empty() && v != "0" => {
+            panic!(
+                "{ENABLE}={v:?}: set it to 1 to build and run the libFuzzer targets, or unset it"
+            )
+        }
+        _ => {
+            // One write, past the test harness's capture, so that the
+            // line stays whole beside the harness's own output.
+            let line = format!(
+                "SKIPPED: libFuzzer target {target}: {ENABLE} is not 1. Run it with \
+                 `{ENABLE}=1 cargo test -p atp-reliability --test libfuzzer -- --nocapture` \
+                 (builds fuzz/ with SanitizerCoverage, ~5 min on 2 cores, then runs each \
+                 target ATP_LIBFUZZER_SECONDS={SECONDS} s); `.ci/run` sets it\n"
+            );
+            let _ = std::io::stderr().write_all(line.as_bytes());
+            false
+        }
+    }
+}
+
 fn run(target: &str) {
+    if !enabled(target) {
+        return;
+    }
     let bins = match built() {
         Ok(bins) => bins,
         Err(why) => panic!("{why}"),
@@ -283,7 +320,7 @@ fn server_http_under_libfuzzer() {
     run("server_http");
 }
 
-/// Every target of `fuzz/` is run above.
+/// Every target of `fuzz/` has its test above (run with `ATP_LIBFUZZER=1`).
 #[test]
 fn every_cargo_fuzz_target_is_run() {
     let manifest = std::fs::read_to_string(repo().join("fuzz/Cargo.toml")).unwrap();
