@@ -312,43 +312,16 @@ pub(crate) async fn process(
             StatusCode::OK,
             &ServerToLlm::TaskResponse(task(&s, &llm_key_hash, req).await),
         ),
-        Ok(_) => ApiError::bad_request(
-            "unknown_message_type",
-            "Use get_toolkit_context or task_request",
-        )
-        .into_response(),
-        Err(WireError::Invalid {
-            kind: "task_request",
-            request_id,
-            reason,
-        }) => answer(
-            StatusCode::OK,
-            &ServerToLlm::TaskResponse(task_failed(
-                request_id,
-                &Failure::new("invalid_message", reason),
-            )),
-        ),
-        Err(WireError::Invalid {
-            kind: "get_toolkit_context",
-            request_id,
-            reason,
-        }) => {
-            let e = ApiError::bad_request("invalid_message", reason);
-            answer(
-                e.status,
-                &ServerToLlm::ToolkitContext(context_error(request_id, &e)),
-            )
+        Ok(other) => {
+            let (status, refusal) = refusal(WireError::UnknownType {
+                kind: other.kind().into(),
+                request_id: other.request_id().cloned(),
+            });
+            answer(status, &refusal)
         }
-        Err(WireError::UnknownType { kind: other, .. }) => ApiError::bad_request(
-            "unknown_message_type",
-            format!("Unknown message type {other:?}: use get_toolkit_context or task_request"),
-        )
-        .into_response(),
-        Err(e @ WireError::Invalid { .. }) => {
-            ApiError::bad_request("invalid_message", e.to_string()).into_response()
-        }
-        Err(_) => {
-            ApiError::bad_request("invalid_message", "The message has no \"type\"").into_response()
+        Err(e) => {
+            let (status, refusal) = refusal(e);
+            answer(status, &refusal)
         }
     }
 }
@@ -419,7 +392,7 @@ impl Handler for LlmSocket {
         while self.tasks.try_join_next().is_some() {}
         let message = match LlmToServer::parse(text) {
             Ok(m) => m,
-            Err(e) => return Flow::Reply(parse_error(e)),
+            Err(e) => return Flow::Reply(refusal(e).1.to_json()),
         };
         if let LlmToServer::Auth { api_key } = &message {
             let ok = api_key.as_ref().is_some_and(|k| {
@@ -454,7 +427,11 @@ impl Handler for LlmSocket {
                     &ApiError::unauthorized_with("not_authenticated", message_text),
                 ))
                 .to_json(),
-                other => error_frame(request_id_of(&other), "not_authenticated", message_text),
+                other => error_frame(
+                    other.request_id().cloned(),
+                    "not_authenticated",
+                    message_text,
+                ),
             });
         }
         match message {
@@ -484,11 +461,14 @@ impl Handler for LlmSocket {
             LlmToServer::Ping { request_id } => {
                 Flow::Reply(ServerToLlm::Pong { request_id }.to_json())
             }
-            other => Flow::Reply(error_frame(
-                request_id_of(&other),
-                "unknown_message_type",
-                "This server does not serve apps yet: use auth, get_toolkit_context or task_request",
-            )),
+            other => Flow::Reply(
+                refusal(WireError::UnknownType {
+                    kind: other.kind().into(),
+                    request_id: other.request_id().cloned(),
+                })
+                .1
+                .to_json(),
+            ),
         }
     }
 
@@ -501,53 +481,60 @@ impl Handler for LlmSocket {
     }
 }
 
-fn request_id_of(m: &LlmToServer) -> Option<RequestId> {
-    match m {
-        LlmToServer::GetToolkitContext(r) => r.request_id.clone(),
-        LlmToServer::TaskRequest(r) => r.request_id.clone(),
-        LlmToServer::AppRequest(r) => r.request_id.clone(),
-        LlmToServer::AppAction(r) => r.request_id.clone(),
-        LlmToServer::AppTerminate(r) => r.request_id.clone(),
-        LlmToServer::Ping { request_id } => request_id.clone(),
-        _ => None,
-    }
-}
-
-/// The answer to a message that could not be read.
-fn parse_error(e: WireError) -> String {
+/// The answer (and its HTTP status, for `process/`) to a message that
+/// could not be read, or that this server does not take: a request that
+/// has its own answer type gets it, with the error; anything else an
+/// `error` frame.
+fn refusal(e: WireError) -> (StatusCode, ServerToLlm) {
+    let bad = StatusCode::BAD_REQUEST;
     match e {
-        WireError::NotAnObject => {
-            error_frame(None, "invalid_message", "messages must be JSON objects")
-        }
-        WireError::NoType => error_frame(None, "invalid_message", "The message has no \"type\""),
-        WireError::UnknownType {
-            kind: other,
-            request_id,
-        } => error_frame(
-            request_id,
-            "unknown_message_type",
-            &format!(
-                "Unknown message type {other:?}: use auth, get_toolkit_context or task_request"
-            ),
-        ),
         WireError::Invalid {
             kind: "task_request",
             request_id,
             reason,
-        } => ServerToLlm::TaskResponse(task_failed(
-            request_id,
-            &Failure::new("invalid_message", reason),
-        ))
-        .to_json(),
+        } => (
+            StatusCode::OK,
+            ServerToLlm::TaskResponse(task_failed(
+                request_id,
+                &Failure::new("invalid_message", reason),
+            )),
+        ),
         WireError::Invalid {
             kind: "get_toolkit_context",
             request_id,
             reason,
-        } => ServerToLlm::ToolkitContext(context_error(
-            request_id,
-            &ApiError::bad_request("invalid_message", reason),
-        ))
-        .to_json(),
-        e => error_frame(e.request_id().cloned(), "invalid_message", &e.to_string()),
+        } => (
+            bad,
+            ServerToLlm::ToolkitContext(context_error(
+                request_id,
+                &ApiError::bad_request("invalid_message", reason),
+            )),
+        ),
+        WireError::UnknownType { kind, request_id } => (
+            bad,
+            ServerToLlm::Error(ErrorFrame::new(
+                request_id,
+                "unknown_message_type",
+                &format!(
+                    "Unknown message type {kind:?}: use auth, get_toolkit_context or task_request"
+                ),
+            )),
+        ),
+        WireError::NoType => (
+            bad,
+            ServerToLlm::Error(ErrorFrame::new(
+                None,
+                "invalid_message",
+                "The message has no \"type\"",
+            )),
+        ),
+        e => (
+            bad,
+            ServerToLlm::Error(ErrorFrame::new(
+                e.request_id().cloned(),
+                "invalid_message",
+                &e.to_string(),
+            )),
+        ),
     }
 }

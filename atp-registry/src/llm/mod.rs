@@ -289,7 +289,7 @@ impl LlmClient {
             }),
             other => Err(LlmError::InvalidResponse(format!(
                 "a {} answer to get_toolkit_context",
-                kind_name(&other)
+                other.kind()
             ))),
         }
     }
@@ -702,19 +702,6 @@ fn route(pending: &Pending, text: &str) {
         .remove(&id);
     if let Some(waiter) = waiter {
         let _ = waiter.send(answer);
-    }
-}
-
-/// The name of a message's type, for errors.
-fn kind_name(m: &ServerToLlm) -> &'static str {
-    match m {
-        ServerToLlm::AuthResponse { .. } => "auth_response",
-        ServerToLlm::ToolkitContext(_) => "toolkit_context",
-        ServerToLlm::TaskResponse(_) => "task_response",
-        ServerToLlm::TaskProgress(_) => "task_progress",
-        ServerToLlm::AppResponse(_) => "app_response",
-        ServerToLlm::Error(_) => "error",
-        ServerToLlm::Pong { .. } => "pong",
     }
 }
 

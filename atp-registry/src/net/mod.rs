@@ -120,6 +120,26 @@ impl HttpClient {
             .unwrap_or(Err(NetError::Timeout(timeout)))
     }
 
+    /// POSTs a wire body as JSON and reads the status and the answer's
+    /// bytes.
+    #[cfg(feature = "_net")]
+    pub(crate) async fn post_json(
+        &self,
+        url: &str,
+        body: &impl serde::Serialize,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), NetError> {
+        let body = Bytes::from(crate::wire::to_json(body));
+        self.send(
+            Method::POST,
+            url,
+            &[],
+            Some(("application/json", body)),
+            timeout,
+        )
+        .await
+    }
+
     /// Sends `body` (if any) as JSON and reads a JSON answer (`null` for an
     /// empty one). `headers` are sent as given: never log them.
     #[cfg(feature = "llm")]

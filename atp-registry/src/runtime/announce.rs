@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use hyper::Method;
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -57,16 +55,7 @@ async fn post<B: Serialize, A: DeserializeOwned>(
     body: &B,
     timeout: Duration,
 ) -> Result<(u16, Option<A>), NetError> {
-    let body = Bytes::from(wire::to_json(body));
-    let (status, answer) = http
-        .send(
-            Method::POST,
-            url,
-            &[],
-            Some(("application/json", body)),
-            timeout,
-        )
-        .await?;
+    let (status, answer) = http.post_json(url, body, timeout).await?;
     let answer = (status == 200)
         .then(|| serde_json::from_slice(&answer).ok())
         .flatten();

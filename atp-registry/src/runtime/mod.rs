@@ -656,17 +656,7 @@ async fn post_inbox_reply(
     reply: ToolResponse,
     timeout: Duration,
 ) {
-    let body = bytes::Bytes::from(crate::wire::to_json(&InboxReply::from(reply)));
-    match http
-        .send(
-            Method::POST,
-            url,
-            &[],
-            Some(("application/json", body)),
-            timeout,
-        )
-        .await
-    {
+    match http.post_json(url, &InboxReply::from(reply), timeout).await {
         Ok((200..=299, _)) => {}
         Ok((status, _)) => tracing::warn!(status, "the inbox refused a tool response"),
         Err(e) => tracing::warn!("could not post a tool response to the inbox: {e}"),

@@ -246,6 +246,32 @@ pub enum LlmToServer {
 }
 
 impl LlmToServer {
+    /// The message's type, as sent in `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Auth { .. } => "auth",
+            Self::GetToolkitContext(_) => "get_toolkit_context",
+            Self::TaskRequest(_) => "task_request",
+            Self::AppRequest(_) => "app_request",
+            Self::AppAction(_) => "app_action",
+            Self::AppTerminate(_) => "app_terminate",
+            Self::Ping { .. } => "ping",
+        }
+    }
+
+    /// The message's `request_id`, if it has one.
+    pub fn request_id(&self) -> Option<&RequestId> {
+        match self {
+            Self::GetToolkitContext(r) => r.request_id.as_ref(),
+            Self::TaskRequest(r) => r.request_id.as_ref(),
+            Self::AppRequest(r) => r.request_id.as_ref(),
+            Self::AppAction(r) => r.request_id.as_ref(),
+            Self::AppTerminate(r) => r.request_id.as_ref(),
+            Self::Ping { request_id } => request_id.as_ref(),
+            Self::Auth { .. } => None,
+        }
+    }
+
     /// Reads a message from an LLM-side client.
     pub fn parse(text: &str) -> Result<Self, WireError> {
         Self::from_object(object(text)?)
@@ -669,6 +695,19 @@ impl ServerToLlm {
             Some(other) => return Err(super::unknown(other, v.get("request_id"))),
             None => return Err(WireError::NoType),
         })
+    }
+
+    /// The message's type, as sent in `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::AuthResponse { .. } => "auth_response",
+            Self::ToolkitContext(_) => "toolkit_context",
+            Self::TaskResponse(_) => "task_response",
+            Self::TaskProgress(_) => "task_progress",
+            Self::AppResponse(_) => "app_response",
+            Self::Error(_) => "error",
+            Self::Pong { .. } => "pong",
+        }
     }
 
     /// The `request_id` the message answers.
