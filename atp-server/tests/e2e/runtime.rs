@@ -426,3 +426,90 @@ async fn a_rust_tool_can_return_an_error_object_as_data() {
     })
     .await;
 }
+
+/// The inbox transport: a refused key ends `start()` with the status the
+/// server gave (403 stays 403), and only after the call in flight has
+/// finished and its answer has been posted (the grace period).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_inbox_poll_keeps_its_status_and_the_grace_period() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use atp_registry::runtime::Transport;
+    use axum::{Router, http::StatusCode, routing::get, routing::post};
+
+    fn json_answer(status: StatusCode, v: Value) -> impl axum::response::IntoResponse {
+        (
+            status,
+            [("content-type", "application/json")],
+            v.to_string(),
+        )
+    }
+    use tokio::sync::Mutex;
+
+    bounded(Duration::from_secs(30), async {
+        // One request, then 403 to every poll; the answers are recorded.
+        let polls = Arc::new(AtomicUsize::new(0));
+        let answers: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let (p, a) = (polls.clone(), answers.clone());
+        let app = Router::new()
+            .route(
+                "/api/v1/toolkit/verify_hash",
+                post(|| async { json_answer(StatusCode::OK, json!({"up_to_date": true})) }),
+            )
+            .route(
+                "/api/v1/toolkit/{key}/inbox",
+                get(move || {
+                    let p = p.clone();
+                    async move {
+                        if p.fetch_add(1, Ordering::SeqCst) == 0 {
+                            json_answer(
+                                StatusCode::OK,
+                                json!({"request_id": "r1", "tool_name": "slow", "params": {}}),
+                            )
+                        } else {
+                            json_answer(StatusCode::FORBIDDEN, json!({"error": "revoked"}))
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/api/v1/toolkit/{key}/inbox/respond",
+                post(move |body: String| {
+                    let a = a.clone();
+                    async move {
+                        a.lock()
+                            .await
+                            .push(serde_json::from_str(&body).unwrap_or(Value::Null));
+                        json_answer(StatusCode::OK, json!({"status": "ok"}))
+                    }
+                }),
+            );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let tk = ToolKitClient::new(TK_KEY, "polled")
+            .with_base_url(&base)
+            .with_runtime_options(options().transport(Transport::Inbox {
+                poll_interval: Duration::from_millis(10),
+            }));
+        tk.register_tool(Tool::new("slow"), |_call: Call| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, ToolError>(json!("done"))
+        })
+        .expect("valid");
+        let ended = tokio::time::timeout(WAIT, tk.start())
+            .await
+            .expect("start returns");
+        assert!(
+            matches!(ended, Err(RuntimeError::Unauthorized(403))),
+            "{ended:?}"
+        );
+        let answers = answers.lock().await;
+        assert_eq!(answers.len(), 1, "the call in flight was answered");
+        assert_eq!(answers[0]["request_id"], "r1");
+        assert_eq!(answers[0]["response"], "done");
+        assert_eq!(answers[0]["is_error"], false);
+    })
+    .await;
+}
