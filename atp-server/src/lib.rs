@@ -333,9 +333,27 @@ async fn method_not_allowed() -> Response {
     .into_response()
 }
 
-/// Reads a body that must be a JSON object, within `limit` bytes.
-pub(crate) async fn read_object(body: Body, limit: usize) -> Result<Map<String, Value>, ApiError> {
-    let bytes = match Limited::new(body, limit).collect().await {
+/// Reads a body that must be a JSON object, within the message size
+/// limit, and within the header read timeout: a client that sends a head
+/// and then stalls its body is answered 408 instead of holding the
+/// connection for ever.
+pub(crate) async fn read_object(
+    body: Body,
+    config: &Config,
+) -> Result<Map<String, Value>, ApiError> {
+    let limit = config.max_message_size;
+    let read = tokio::time::timeout(
+        config.header_read_timeout,
+        Limited::new(body, limit).collect(),
+    );
+    let Ok(read) = read.await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "The body did not arrive in time",
+        ));
+    };
+    let bytes = match read {
         Ok(c) => c.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
             return Err(ApiError::new(

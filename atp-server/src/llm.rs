@@ -293,7 +293,7 @@ pub(crate) async fn process(
     if api_key_header(&headers).is_some() && llm_key(&s, &headers, None).is_none() {
         return ApiError::unauthorized().into_response();
     }
-    let m = match read_object(body, s.config.max_message_size).await {
+    let m = match read_object(body, &s.config).await {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };

@@ -77,7 +77,7 @@ pub(crate) async fn confirmation(
         if api_key_header(&headers).is_some() {
             llm_key(&s, &headers, None)?;
         }
-        let m = read_object(body, s.config.max_message_size).await?;
+        let m = read_object(body, &s.config).await?;
         let llm_key_hash = llm_key(&s, &headers, Some(&m))?;
         let platform = platform(&s, id.map(|Path(p)| p).map_err(|_| ()))?;
         let bad_user = || {

@@ -72,7 +72,7 @@ pub(crate) async fn register_tool(State(s): AppState, body: Body) -> Response {
 }
 
 async fn register(s: &crate::State, body: Body) -> Result<Value, ApiError> {
-    let m = read_object(body, s.config.max_message_size).await?;
+    let m = read_object(body, &s.config).await?;
     let key_hash = body_key(s, &m)?;
     let r: RegisterTool = serde_json::from_value(Value::Object(m))
         .map_err(|e| ApiError::bad_request("invalid_tool", e.to_string()))?;
@@ -197,7 +197,7 @@ fn typed<T: serde::de::DeserializeOwned>(m: Map<String, Value>) -> Result<T, Api
 pub(crate) async fn verify_hash(State(s): AppState, body: Body) -> Response {
     reply(
         async {
-            let m = read_object(body, s.config.max_message_size).await?;
+            let m = read_object(body, &s.config).await?;
             let key_hash = body_key(&s, &m)?;
             let v: VerifyHash = typed(m)?;
             let up_to_date = match (v.app_name, v.toolkit_hash) {
@@ -217,7 +217,7 @@ pub(crate) async fn verify_hash(State(s): AppState, body: Body) -> Response {
 pub(crate) async fn verify_tool_hash(State(s): AppState, body: Body) -> Response {
     reply(
         async {
-            let m = read_object(body, s.config.max_message_size).await?;
+            let m = read_object(body, &s.config).await?;
             let key_hash = body_key(&s, &m)?;
             let v: VerifyToolHash = typed(m)?;
             let (Some(name), Some(hash)) = (v.tool_name, v.tool_hash) else {
@@ -275,7 +275,7 @@ pub(crate) async fn inbox_respond(
     reply(
         async {
             let key_hash = path_key(&s, key)?;
-            let m = read_object(body, s.config.max_message_size).await?;
+            let m = read_object(body, &s.config).await?;
             let reply: InboxReply = typed(m)?;
             let request_id = reply.request_id.to_string();
             if s.hub.inbox_answer(&key_hash, &request_id, reply.outcome()) {

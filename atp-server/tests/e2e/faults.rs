@@ -414,3 +414,38 @@ async fn the_error_flag_decides_and_the_legacy_rule_stays() {
     })
     .await;
 }
+
+/// A client that sends a whole head and then stalls its body is answered
+/// 408 `request_timeout` once the header read timeout has passed, instead
+/// of holding the connection (and its task) for ever.
+#[tokio::test]
+async fn a_stalled_body_is_answered_408_in_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    bounded(Duration::from_secs(30), async {
+        let server = TestServer::start(Config {
+            header_read_timeout: Duration::from_millis(500),
+            ..keyed_config()
+        })
+        .await;
+        let mut conn = TcpStream::connect(server.addr).await.expect("connect");
+        let head = format!(
+            "POST /api/v1/atp/llm-client/process/ HTTP/1.1\r\nHost: x\r\nAuthorization: ApiKey {LLM_KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"type\": "
+        );
+        conn.write_all(head.as_bytes()).await.expect("write");
+        let started = Instant::now();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(WAIT, conn.read_to_end(&mut answer)).await;
+        let waited = started.elapsed();
+        assert!(read.is_ok(), "the connection was held past {WAIT:?}");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("request_timeout"), "{text}");
+        assert!(
+            waited >= Duration::from_millis(400) && waited < Duration::from_secs(5),
+            "answered after {waited:?}"
+        );
+        server.stop().await;
+    })
+    .await;
+}
