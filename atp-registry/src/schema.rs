@@ -5,6 +5,8 @@ use std::{fmt, str::FromStr};
 
 use serde_json::{Map, Value, json};
 
+use crate::wire::{FunctionDef, ProviderTool};
+
 use crate::{error::RegisterError, tool::Tool};
 
 /// The LLM providers whose tool formats ATP speaks.
@@ -66,35 +68,31 @@ impl Provider {
         } else {
             input_schema.clone()
         };
-        match self {
-            Provider::OpenAi => json!({
-                "type": "function",
-                "name": name,
-                "description": description,
-                "parameters": parameters,
-                "strict": strict,
-            }),
-            Provider::OpenAiChat => {
-                let mut function = json!({
-                    "name": name,
-                    "description": description,
-                    "parameters": parameters,
-                });
-                if strict {
-                    function["strict"] = Value::Bool(true);
-                }
-                json!({"type": "function", "function": function})
-            }
-            Provider::Anthropic => json!({
-                "name": name,
-                "description": description,
-                "input_schema": parameters,
-            }),
-            Provider::Mistral => json!({
-                "type": "function",
-                "function": {"name": name, "description": description, "parameters": parameters},
-            }),
-        }
+        let (name, description) = (name.to_owned(), description.to_owned());
+        let tool = match self {
+            Provider::OpenAi => ProviderTool::OpenAi {
+                kind: "function".into(),
+                name,
+                description,
+                parameters,
+                strict,
+            },
+            Provider::OpenAiChat | Provider::Mistral => ProviderTool::Function {
+                kind: "function".into(),
+                function: FunctionDef {
+                    name,
+                    description,
+                    parameters,
+                    strict: strict.then_some(true),
+                },
+            },
+            Provider::Anthropic => ProviderTool::Anthropic {
+                name,
+                description,
+                input_schema: parameters,
+            },
+        };
+        serde_json::to_value(tool).unwrap_or(Value::Null)
     }
 }
 

@@ -1,11 +1,11 @@
 //! Tool calls as the providers' APIs return them, and tool results as the
 //! providers accept them (docs/PROTOCOL.md §6). Pure functions: no I/O.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::{
     schema::Provider,
-    wire::{ServerToLlm, TaskOutcome},
+    wire::{ResultMessage, ServerToLlm, TaskOutcome, ToolResultBlock},
 };
 
 /// The shape a tool call came in, which decides the shape of its result.
@@ -237,41 +237,44 @@ pub fn result_messages(calls: &[ToolCall], outcomes: &[CallOutcome]) -> Vec<Valu
     let mut anthropic_blocks = Vec::new();
     let mut anthropic_at = None;
     for (call, outcome) in calls.iter().zip(outcomes) {
-        match call.format {
-            CallFormat::OpenAiResponses => messages.push(json!({
-                "type": "function_call_output",
-                "call_id": call.id,
-                "output": outcome.content,
-            })),
-            CallFormat::OpenAiChat => messages.push(json!({
-                "role": "tool",
-                "tool_call_id": call.id,
-                "content": outcome.content,
-            })),
-            CallFormat::Mistral => messages.push(json!({
-                "role": "tool",
-                "name": call.name,
-                "content": outcome.content,
-                "tool_call_id": call.id,
-            })),
+        let message = match call.format {
+            CallFormat::OpenAiResponses => ResultMessage::FunctionCallOutput {
+                kind: "function_call_output".into(),
+                call_id: call.id.clone(),
+                output: outcome.content.clone(),
+            },
+            CallFormat::OpenAiChat | CallFormat::Mistral => ResultMessage::Tool {
+                role: "tool".into(),
+                name: (call.format == CallFormat::Mistral).then(|| call.name.clone()),
+                content: outcome.content.clone(),
+                tool_call_id: call.id.clone(),
+            },
             CallFormat::Anthropic => {
                 anthropic_at.get_or_insert(messages.len());
-                let mut block = json!({
-                    "type": "tool_result",
-                    "tool_use_id": call.id,
-                    "content": outcome.content,
+                anthropic_blocks.push(ToolResultBlock {
+                    kind: "tool_result".into(),
+                    tool_use_id: call.id.clone(),
+                    content: outcome.content.clone(),
+                    is_error: outcome.is_error.then_some(true),
                 });
-                if outcome.is_error {
-                    block["is_error"] = Value::Bool(true);
-                }
-                anthropic_blocks.push(block);
+                continue;
             }
-        }
+        };
+        messages.push(message);
     }
     if let Some(at) = anthropic_at {
-        messages.insert(at, json!({"role": "user", "content": anthropic_blocks}));
+        messages.insert(
+            at,
+            ResultMessage::User {
+                role: "user".into(),
+                content: anthropic_blocks,
+            },
+        );
     }
     messages
+        .iter()
+        .map(|m| serde_json::to_value(m).unwrap_or(Value::Null))
+        .collect()
 }
 
 /// What an answer to a `task_request` says: the result, or the failure's

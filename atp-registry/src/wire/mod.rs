@@ -35,6 +35,7 @@
 mod endpoints;
 mod http;
 mod llm;
+mod provider;
 mod toolkit;
 
 use std::fmt;
@@ -56,6 +57,7 @@ pub use llm::{
     SessionAction, SessionRef, TaskOutcome, TaskPayload, TaskProgress, TaskRequest, TaskResponse,
     TaskResultPayload,
 };
+pub use provider::{FunctionDef, ProviderTool, ResultMessage, ToolResultBlock};
 pub use toolkit::{
     AppAction, ServerToToolkit, ToolProgress, ToolRequest, ToolResponse, ToolkitAppResponse,
     ToolkitToServer,

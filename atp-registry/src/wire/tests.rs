@@ -431,3 +431,30 @@ proptest! {
         let _ = ServerToLlm::parse(&text);
     }
 }
+
+#[test]
+fn provider_formats_round_trip() {
+    let schema =
+        json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]});
+    for provider in [
+        crate::Provider::OpenAi,
+        crate::Provider::OpenAiChat,
+        crate::Provider::Anthropic,
+        crate::Provider::Mistral,
+    ] {
+        for strict in [false, true] {
+            let v = provider.tool_schema("t", "d", &schema, strict);
+            let typed: ProviderTool = serde_json::from_value(v.clone()).unwrap();
+            assert_eq!(serde_json::to_value(&typed).unwrap(), v, "{provider:?}");
+        }
+    }
+    for v in [
+        json!({"type": "function_call_output", "call_id": "c", "output": "1"}),
+        json!({"role": "tool", "tool_call_id": "c", "content": "1"}),
+        json!({"role": "tool", "name": "t", "content": "1", "tool_call_id": "c"}),
+        json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "u", "content": "x", "is_error": true}]}),
+    ] {
+        let typed: ResultMessage = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&typed).unwrap(), v);
+    }
+}

@@ -1,3 +1,5 @@
+use serde_json::json;
+
 use super::*;
 
 fn sample(name: &str) -> Value {
