@@ -133,6 +133,48 @@ pub struct Config {
     pub public_url: Option<String>,
     /// The OAuth platforms (added to the ones already in the database).
     pub oauth_platforms: Vec<OAuthPlatform>,
+    /// The developers: who owns which toolkit and LLM keys, and which of
+    /// their toolkits are public in the store. Their keys are accepted
+    /// keys too. In dev mode with none configured, every key belongs to
+    /// one developer, `dev`.
+    pub developers: Vec<Developer>,
+    /// Webhook deliveries: how long to wait for a receiver (10 s by
+    /// default).
+    pub webhook_timeout: Duration,
+    /// Webhook deliveries: the first wait before a retry (1 s by default;
+    /// it doubles on each failure, up to 10 minutes, with jitter).
+    pub webhook_retry_base: Duration,
+    /// Webhook deliveries: how many attempts before a delivery is given up
+    /// (12 by default).
+    pub webhook_max_attempts: u32,
+}
+
+/// A developer: the owner of toolkit and LLM keys (docs/PROTOCOL.md §9).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Developer {
+    /// The name in store URLs (`store/developers/{display_name}/`).
+    pub display_name: String,
+    /// Their full name.
+    #[serde(default)]
+    pub name: String,
+    /// A line about them.
+    #[serde(default)]
+    pub bio: String,
+    /// Their toolkits' API keys.
+    #[serde(default, deserialize_with = "secrets")]
+    pub toolkit_api_keys: Vec<Secret>,
+    /// Their LLM-client API keys.
+    #[serde(default, deserialize_with = "secrets")]
+    pub llm_api_keys: Vec<Secret>,
+    /// Their toolkits (by `app_name`) that every key may see in the store;
+    /// the others are private.
+    #[serde(default)]
+    pub public_toolkits: Vec<String>,
+}
+
+fn secrets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+    Vec::<String>::deserialize(d).map(|v| v.into_iter().map(Secret::new).collect())
 }
 
 impl Default for Config {
@@ -151,6 +193,10 @@ impl Default for Config {
             header_read_timeout: Duration::from_secs(30),
             public_url: None,
             oauth_platforms: Vec::new(),
+            developers: Vec::new(),
+            webhook_timeout: Duration::from_secs(10),
+            webhook_retry_base: Duration::from_secs(1),
+            webhook_max_attempts: 12,
         }
     }
 }
@@ -175,6 +221,11 @@ struct FileConfig {
     public_url: Option<String>,
     #[serde(default)]
     oauth_platforms: Vec<OAuthPlatform>,
+    #[serde(default)]
+    developers: Vec<Developer>,
+    webhook_timeout_secs: Option<f64>,
+    webhook_retry_base_secs: Option<f64>,
+    webhook_max_attempts: Option<u32>,
 }
 
 fn secs(name: &str, v: f64) -> Result<Duration, ServerError> {
@@ -252,6 +303,16 @@ impl Config {
         }
         c.public_url = file.public_url;
         c.oauth_platforms = file.oauth_platforms;
+        c.developers = file.developers;
+        if let Some(v) = file.webhook_timeout_secs {
+            c.webhook_timeout = secs("webhook_timeout_secs", v)?;
+        }
+        if let Some(v) = file.webhook_retry_base_secs {
+            c.webhook_retry_base = secs("webhook_retry_base_secs", v)?;
+        }
+        if let Some(v) = file.webhook_max_attempts {
+            c.webhook_max_attempts = v.max(1);
+        }
         c.validate()?;
         Ok(c)
     }
@@ -292,7 +353,12 @@ impl Config {
 
     /// Whether any API key is configured.
     pub fn has_keys(&self) -> bool {
-        !self.toolkit_api_keys.is_empty() || !self.llm_api_keys.is_empty()
+        !self.toolkit_api_keys.is_empty()
+            || !self.llm_api_keys.is_empty()
+            || self
+                .developers
+                .iter()
+                .any(|d| !d.toolkit_api_keys.is_empty() || !d.llm_api_keys.is_empty())
     }
 }
 

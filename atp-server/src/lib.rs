@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod catalog;
 mod config;
 mod error;
 mod hub;
@@ -9,6 +10,7 @@ mod llm;
 mod oauth;
 mod store;
 mod toolkit;
+mod webhooks;
 
 use std::{
     collections::HashMap,
@@ -30,7 +32,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Map, Value};
 use tokio::{net::TcpListener, sync::watch};
 
-pub use config::{Config, DEFAULT_ADDR, DEFAULT_DB, DbLocation, OAuthPlatform};
+pub use config::{Config, DEFAULT_ADDR, DEFAULT_DB, DbLocation, Developer, OAuthPlatform};
 pub use error::ServerError;
 
 use crate::{
@@ -54,6 +56,10 @@ pub(crate) struct State {
     refresh_lock: tokio::sync::Mutex<()>,
     shutdown: watch::Sender<bool>,
     public_url: RwLock<Option<String>>,
+    /// Registered webhooks and their delivery queue.
+    webhooks: webhooks::Webhooks,
+    /// Developers, the store and the execution log.
+    catalog: catalog::Catalog,
 }
 
 impl State {
@@ -121,6 +127,8 @@ impl AtpServer {
             store.call_now(|c| store::save_platform(c, p))?;
         }
         let platforms = store.call_now(store::load_platforms)?;
+        let webhooks = webhooks::Webhooks::open(&store, &config)?;
+        let catalog = catalog::Catalog::new(&config);
         let (shutdown, shutdown_rx) = watch::channel(false);
         tracing::info!(
             toolkits = kits.len(),
@@ -146,6 +154,8 @@ impl AtpServer {
             refresh_lock: tokio::sync::Mutex::new(()),
             shutdown,
             public_url: RwLock::new(config.public_url.clone()),
+            webhooks,
+            catalog,
             config,
         };
         Ok(Self {
@@ -203,6 +213,43 @@ impl AtpServer {
             "/api/v1/atp/llm-client/oauth/tokens/{platform_id}/{external_user_id}",
             get(oauth::tokens),
         );
+        const LLM: &str = "/api/v1/atp/llm-client";
+        r = both(
+            r,
+            &format!("{LLM}/webhooks/register"),
+            post(webhooks::register),
+        );
+        r = both(r, &format!("{LLM}/webhooks"), get(webhooks::list));
+        // The Python client's `delete_webhook` sends a GET (its HTTP helper
+        // only knows POST and GET): every method deletes.
+        r = both(
+            r,
+            &format!("{LLM}/webhooks/{{webhook_id}}/delete"),
+            axum::routing::delete(webhooks::delete)
+                .post(webhooks::delete)
+                .get(webhooks::delete),
+        );
+        r = both(
+            r,
+            &format!("{LLM}/store/toolkits/list"),
+            get(catalog::store_toolkits),
+        );
+        r = both(
+            r,
+            &format!("{LLM}/store/toolkits/{{toolkit_id}}"),
+            get(catalog::toolkit_details),
+        );
+        r = both(
+            r,
+            &format!("{LLM}/developers/toolkits"),
+            get(catalog::my_toolkits),
+        );
+        r = both(
+            r,
+            &format!("{LLM}/store/developers/{{display_name}}"),
+            get(catalog::developer_profile),
+        );
+        r = both(r, "/api/v1/execute_function", post(catalog::execute_function));
         r = both(r, "/health", get(health));
         r.fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
@@ -249,6 +296,7 @@ impl AtpServer {
             );
         }
         tracing::info!(%addr, "atp-server listening");
+        let deliveries = tokio::spawn(webhooks::deliver(self.state.clone()));
         listen::serve(
             listener,
             self.router(),
@@ -256,6 +304,7 @@ impl AtpServer {
             self.state.config.header_read_timeout,
         )
         .await?;
+        deliveries.abort();
         tracing::info!("atp-server stopped");
         Ok(())
     }

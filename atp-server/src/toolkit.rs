@@ -32,7 +32,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     error::{ApiError, json_response},
-    keys::{Role, key_hash, random_token},
+    keys::{Role, key_hash},
     not_a_websocket, read_object,
     store::{self, ToolRecord, ToolkitRecord},
     str_field,
@@ -173,7 +173,7 @@ async fn register(s: &crate::State, body: Body) -> Result<Value, ApiError> {
     s.hub.touch();
     tracing::info!(app = %app_name, tool = %name, "tool registered");
     let exchange_token =
-        random_token(24).map_err(|_| ApiError::internal("no randomness available"))?;
+        crate::catalog::issue_exchange_token(s, &app_name, &name, &key_hash).await?;
     to_value(&Registered {
         status: "registered".into(),
         app_name,

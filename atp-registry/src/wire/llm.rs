@@ -569,7 +569,8 @@ pub struct ProgressBody {
     pub message: Option<String>,
 }
 
-/// The payload of an `app_response` to an LLM-side client.
+/// An `app_response` to an LLM-side client: the answer to `app_request`,
+/// `app_action` and `app_terminate`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct AppResponse {
     /// The request's id.
@@ -577,7 +578,66 @@ pub struct AppResponse {
     pub request_id: Option<RequestId>,
     /// `{"session_id", "ui_content"?, "terminated"?}` or `{"error", "code"}`.
     #[serde(default)]
-    pub payload: Map<String, Value>,
+    pub payload: AppPayload,
+}
+
+impl AppResponse {
+    /// A session's UI (or its end).
+    pub fn ok(
+        request_id: Option<RequestId>,
+        session_id: impl Into<String>,
+        ui_content: Option<Value>,
+        terminated: Option<bool>,
+    ) -> Self {
+        Self {
+            request_id,
+            payload: AppPayload {
+                session_id: Some(session_id.into()),
+                ui_content,
+                terminated,
+                ..AppPayload::default()
+            },
+        }
+    }
+
+    /// A failure: its code and message (and the session, when known).
+    pub fn error(
+        request_id: Option<RequestId>,
+        session_id: Option<String>,
+        code: &str,
+        message: &str,
+    ) -> Self {
+        Self {
+            request_id,
+            payload: AppPayload {
+                session_id,
+                error: Some(message.to_owned()),
+                code: Some(code.to_owned()),
+                ..AppPayload::default()
+            },
+        }
+    }
+}
+
+/// The payload of an [`AppResponse`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AppPayload {
+    /// The session (the id the toolkit knows it by).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// The app's UI, as the app returned it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ui_content: Option<Value>,
+    /// Whether the session is over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminated: Option<bool>,
+    /// Why the request failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The failure's stable code (`app_not_found`, `session_not_found`,
+    /// `session_ended`, `toolkit_disconnected`, `toolkit_timeout`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 /// An `error` frame: a message the server could not take.

@@ -32,6 +32,7 @@
 //! # Ok::<(), atp_registry::wire::WireError>(())
 //! ```
 
+mod catalog;
 mod endpoints;
 mod http;
 mod llm;
@@ -43,6 +44,10 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value};
 
+pub use catalog::{
+    DeveloperProfile, Page, StoreToolkit, StoreToolkitDetails, UnknownEvent, Webhook, WebhookDelivery,
+    WebhookEvent, WebhookRegistration,
+};
 pub use endpoints::{
     ErrorBody, OAuthAuthorization, OAuthConfirmation, OAuthConnected, OAuthTokens, Status,
     ToolContext, ToolResult, ToolkitList, ToolkitSummary, ToolkitTools,
@@ -52,7 +57,7 @@ pub use http::{
     VerifyToolHash,
 };
 pub use llm::{
-    AppActionRequest, AppRequest, AppResponse, AppStart, AppTerminateRequest, ContextPayload,
+    AppActionRequest, AppPayload, AppRequest, AppResponse, AppStart, AppTerminateRequest, ContextPayload,
     ContextRequest, ContextResponse, ErrorFrame, LlmToServer, ProgressBody, ServerToLlm,
     SessionAction, SessionRef, TaskOutcome, TaskPayload, TaskProgress, TaskRequest, TaskResponse,
     TaskResultPayload,
