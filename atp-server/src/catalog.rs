@@ -24,6 +24,14 @@ impl Catalog {
     pub fn new(_config: &Config) -> Self {
         Self {}
     }
+
+    /// Whether the LLM key `llm_key_hash` may see the toolkit `app_name`
+    /// (registered with the toolkit key `toolkit_key_hash`): it is public,
+    /// or both keys belong to the same developer.
+    #[allow(dead_code)]
+    pub fn can_see(&self, _llm_key_hash: &str, _toolkit_key_hash: &str, _app_name: &str) -> bool {
+        true
+    }
 }
 
 /// Issues the exchange token `register_tool` answers with, for reports of
