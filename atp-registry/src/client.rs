@@ -18,10 +18,11 @@ use serde_json::{Map, Value};
 use crate::ToolSpec;
 
 use crate::{
+    app::{self, AppCall, AppReply},
     error::{CallError, RegisterError},
     schema::{Provider, typed_schema, untyped_schema},
     secret::{AuthToken, Secret},
-    tool::{BoxFuture, Call, Handler, HandlerOutput, Tool},
+    tool::{BoxFuture, Call, Handler, HandlerOutput, Progress, Tool},
 };
 
 /// The ATP server the Python SDK's client talks to by default.
@@ -230,20 +231,135 @@ impl ToolKitClient {
         T: Serialize + 'static,
         E: fmt::Display,
     {
-        let typed = typed_schema::<A>()?;
-        tool.params = typed.params;
-        tool.required_params = typed.required;
-        tool.param_schemas.clear();
-        if tool.description.is_empty()
-            && let Some(d) = typed.schema.get("description").and_then(Value::as_str)
-        {
-            tool.description = d.to_owned();
-        }
+        let schema = typed_tool::<A>(&mut tool)?;
+        self.insert(tool, schema, Handler::from_typed::<A, _, _, _, _>(handler))
+    }
+
+    /// [`register_typed_tool`](Self::register_typed_tool) whose handler
+    /// also gets the whole [`Call`]: the auth token, the raw params and the
+    /// call's progress handle.
+    ///
+    /// ```
+    /// use atp_registry::{Call, Tool, ToolError, ToolKitClient};
+    ///
+    /// #[derive(serde::Deserialize, schemars::JsonSchema)]
+    /// struct Import { rows: u32 }
+    ///
+    /// let client = ToolKitClient::new("key", "etl");
+    /// client
+    ///     .register_typed_tool_with_call(Tool::new("import"), |args: Import, call: Call| async move {
+    ///         for done in 1..=args.rows {
+    ///             call.progress(done.into(), Some(args.rows.into()), None);
+    ///         }
+    ///         Ok::<_, ToolError>(args.rows)
+    ///     })
+    ///     .unwrap();
+    /// ```
+    pub fn register_typed_tool_with_call<A, F, Fut, T, E>(
+        &self,
+        mut tool: Tool,
+        handler: F,
+    ) -> Result<(), RegisterError>
+    where
+        A: DeserializeOwned + schemars::JsonSchema,
+        F: Fn(A, Call) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Serialize + 'static,
+        E: fmt::Display,
+    {
+        let schema = typed_tool::<A>(&mut tool)?;
         self.insert(
             tool,
-            typed.schema,
-            Handler::from_typed::<A, _, _, _, _>(handler),
+            schema,
+            Handler::from_typed_with_call::<A, _, _, _, _>(handler),
         )
+    }
+
+    /// Registers an interactive app (the Python SDK's app function). It is
+    /// announced and described like a tool (`app` gives its name,
+    /// description and start params), and the toolkit runtime serves its
+    /// sessions: an `atp_app_request` starts one (the handler gets
+    /// [`AppCall::Start`]), each `atp_app_action` continues it
+    /// ([`AppCall::Action`], with the state the app returned last) and the
+    /// server's `atp_app_terminate`, a reply with
+    /// [`terminate`](AppReply::terminate) or the end of the connection ends
+    /// it. Every answer is an `app_response` with the reply's `ui_content`,
+    /// or `{"error": MESSAGE}` (the handler's error, a panic, the
+    /// toolkit's timeout, an unknown session).
+    ///
+    /// An app can not be called as a tool: `call_tool_by_name` and the
+    /// runtime's tool requests answer `tool_error`, the HTTP endpoints
+    /// `405 method_not_allowed`.
+    ///
+    /// ```
+    /// use atp_registry::{AppCall, AppReply, Tool, ToolError, ToolKitClient};
+    /// use serde_json::json;
+    ///
+    /// let client = ToolKitClient::new("key", "games");
+    /// client
+    ///     .register_app(
+    ///         Tool::new("counter").description("A counter with a button.").params(["start"]),
+    ///         |call: AppCall| async move {
+    ///             let n = match call {
+    ///                 AppCall::Start { params, .. } => params.get("start").and_then(|v| v.as_i64()).unwrap_or(0),
+    ///                 AppCall::Action { state, .. } => state["n"].as_i64().unwrap_or(0) + 1,
+    ///             };
+    ///             Ok::<_, ToolError>(
+    ///                 AppReply::new(json!({"text": format!("count: {n}"), "buttons": ["+1"]}))
+    ///                     .state(json!({"n": n}))
+    ///             )
+    ///         },
+    ///     )
+    ///     .unwrap();
+    /// assert!(client.tool("counter").unwrap().is_app());
+    /// ```
+    pub fn register_app<F, Fut, E>(&self, app: Tool, handler: F) -> Result<(), RegisterError>
+    where
+        F: Fn(AppCall) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<AppReply, E>> + Send + 'static,
+        E: fmt::Display,
+    {
+        let schema = untyped_schema(&app);
+        self.insert(app, schema, Handler::App(app::handler(handler)))
+    }
+
+    /// [`register_app`](Self::register_app) with the session's state as
+    /// your own type: it is serialized between actions, so it must be
+    /// `Serialize + DeserializeOwned`. Set it at the start
+    /// ([`AppReply::state`]): an action on a session without a state is
+    /// answered with an error.
+    ///
+    /// ```
+    /// use atp_registry::{AppCall, AppReply, Tool, ToolError, ToolKitClient};
+    /// use serde_json::json;
+    ///
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Counter { n: i64 }
+    ///
+    /// let client = ToolKitClient::new("key", "games");
+    /// client
+    ///     .register_typed_app(Tool::new("counter"), |call: AppCall<Counter>| async move {
+    ///         let n = match call {
+    ///             AppCall::Start { .. } => 0,
+    ///             AppCall::Action { state, .. } => state.n + 1,
+    ///         };
+    ///         Ok::<_, ToolError>(AppReply::new(json!({"text": n})).state(Counter { n }))
+    ///     })
+    ///     .unwrap();
+    /// ```
+    pub fn register_typed_app<S, F, Fut, E>(
+        &self,
+        app: Tool,
+        handler: F,
+    ) -> Result<(), RegisterError>
+    where
+        S: Serialize + DeserializeOwned + Send + 'static,
+        F: Fn(AppCall<S>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<AppReply<S>, E>> + Send + 'static,
+        E: fmt::Display,
+    {
+        let schema = untyped_schema(&app);
+        self.insert(app, schema, Handler::App(app::typed_handler(handler)))
     }
 
     fn insert(
@@ -263,6 +379,10 @@ impl ToolKitClient {
             spec: tool.spec_with(input_schema),
             handler,
         }));
+        drop(tools);
+        // A running toolkit announces the new tool to its server.
+        #[cfg(feature = "runtime")]
+        self.control.tool_added();
         Ok(())
     }
 
@@ -363,8 +483,24 @@ impl ToolKitClient {
         auth_token: Option<AuthToken>,
     ) -> Result<Value, CallError> {
         let tool = self.tool(name).ok_or(CallError::ToolNotFound)?;
-        tool.call(self, params, auth_token).await
+        tool.call(self, params, auth_token, Progress::default())
+            .await
     }
+}
+
+/// Derives a typed tool's params, required params and input schema from
+/// `A`.
+fn typed_tool<A: schemars::JsonSchema>(tool: &mut Tool) -> Result<Value, RegisterError> {
+    let typed = typed_schema::<A>()?;
+    tool.params = typed.params;
+    tool.required_params = typed.required;
+    tool.param_schemas.clear();
+    if tool.description.is_empty()
+        && let Some(d) = typed.schema.get("description").and_then(Value::as_str)
+    {
+        tool.description = d.to_owned();
+    }
+    Ok(typed.schema)
 }
 
 impl fmt::Debug for ToolKitClient {
@@ -459,16 +595,26 @@ impl RegisteredTool {
         self.spec.check(params, auth_token)
     }
 
+    /// Whether this is an interactive app
+    /// ([`register_app`](ToolKitClient::register_app)) rather than a tool.
+    pub fn is_app(&self) -> bool {
+        matches!(self.handler, Handler::App(_))
+    }
+
     /// Checks, then runs the handler with `toolkit`'s timeout.
     pub(crate) async fn call(
         &self,
         toolkit: &ToolKitClient,
         params: Map<String, Value>,
         auth_token: Option<AuthToken>,
+        progress: Progress,
     ) -> Result<Value, CallError> {
+        if self.is_app() {
+            return Err(CallError::Tool(not_a_tool(self.name())));
+        }
         let auth_token = auth_token.filter(|t| !t.is_empty());
         self.check(&params, auth_token.as_ref())?;
-        let call = Call::new(params, auth_token);
+        let call = Call::new(params, auth_token).with_progress(progress);
         let run = self.run(toolkit.app_name(), call);
         match toolkit.timeout() {
             None => run.await,
@@ -487,8 +633,53 @@ impl RegisteredTool {
         }
     }
 
+    /// Runs an app's handler, isolated from panics and bounded by
+    /// `toolkit`'s timeout: its reply, or the message of the error to
+    /// answer.
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    pub(crate) async fn run_app(
+        &self,
+        toolkit: &ToolKitClient,
+        call: AppCall,
+    ) -> Result<AppReply, String> {
+        let Handler::App(f) = &self.handler else {
+            return Err(format!("{} is a tool, not an app", self.name()));
+        };
+        let run = async {
+            match catch_unwind(AssertUnwindSafe(|| f(call))) {
+                Ok(fut) => CatchUnwind(fut).await,
+                Err(panic) => Err(panic),
+            }
+        };
+        let outcome = match toolkit.timeout() {
+            None => run.await,
+            Some(limit) => match tokio::time::timeout(limit, run).await {
+                Ok(out) => out,
+                Err(_) => {
+                    tracing::warn!(
+                        app = toolkit.app_name(),
+                        tool = self.name(),
+                        ?limit,
+                        "app timed out"
+                    );
+                    return Err(format!("The app timed out after {} ms", limit.as_millis()));
+                }
+            },
+        };
+        outcome.unwrap_or_else(|panic| {
+            tracing::error!(
+                app = toolkit.app_name(),
+                tool = self.name(),
+                panic = panic_message(&*panic),
+                "app panicked"
+            );
+            Err("The app panicked".to_owned())
+        })
+    }
+
     async fn run(&self, app: &str, call: Call) -> Result<Value, CallError> {
         let outcome = match &self.handler {
+            Handler::App(_) => return Err(CallError::Tool(not_a_tool(self.name()))),
             Handler::Async(f) => match catch_unwind(AssertUnwindSafe(|| f(call))) {
                 Ok(fut) => CatchUnwind(fut).await,
                 Err(panic) => Err(panic),
@@ -573,6 +764,13 @@ pub fn check_params(
     Ok(())
 }
 
+/// The error of a tool call to an app.
+fn not_a_tool(name: &str) -> String {
+    format!(
+        "{name} is an interactive app: start it with an app request; it can not be called as a tool"
+    )
+}
+
 fn panic_message(panic: &(dyn Any + Send)) -> &str {
     panic
         .downcast_ref::<&str>()
@@ -582,10 +780,10 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
 }
 
 /// Polls a handler's future, turning a panic into an `Err`.
-struct CatchUnwind(BoxFuture<HandlerOutput>);
+struct CatchUnwind<T = HandlerOutput>(BoxFuture<T>);
 
-impl Future for CatchUnwind {
-    type Output = Result<HandlerOutput, Box<dyn Any + Send>>;
+impl<T> Future for CatchUnwind<T> {
+    type Output = Result<T, Box<dyn Any + Send>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let fut = &mut self.0;
@@ -866,5 +1064,109 @@ mod tests {
         }
         caller.await.expect("no panic");
         assert_eq!(c.tool_count(), 501);
+    }
+
+    #[tokio::test]
+    async fn typed_tools_with_the_call_get_token_params_and_progress() {
+        #[derive(serde::Deserialize, schemars::JsonSchema)]
+        struct Steps {
+            n: u32,
+        }
+        let c = ToolKitClient::new("k", "a");
+        c.register_typed_tool_with_call(Tool::new("steps"), |args: Steps, call: Call| async move {
+            let sent = call.progress(1.0, Some(args.n.into()), Some("one"));
+            Ok::<_, ToolError>(json!({
+                "n": args.n,
+                "raw": call.param("n"),
+                "token": call.auth_token().map(|t| t.expose().to_owned()),
+                "sent": sent,
+            }))
+        })
+        .expect("valid");
+        assert_eq!(
+            c.tool("steps").expect("registered").required_params(),
+            ["n"]
+        );
+        assert_eq!(
+            c.call_tool_by_name("steps", json!({"n": 3}), Some("tok".into()))
+                .await,
+            Ok(json!({"n": 3, "raw": 3, "token": "tok", "sent": false}))
+        );
+        assert!(matches!(
+            c.call_tool_by_name("steps", json!({"n": "x"}), None).await,
+            Err(CallError::InvalidParams(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_app_is_not_a_tool() {
+        let c = ToolKitClient::new("k", "a");
+        c.register_app(Tool::new("game"), |_call: AppCall| async {
+            Ok::<_, ToolError>(AppReply::new(json!({})))
+        })
+        .expect("valid");
+        assert!(c.tool("game").expect("registered").is_app());
+        let err = c.call_tool_by_name("game", json!({}), None).await;
+        assert!(
+            matches!(&err, Err(CallError::Tool(m)) if m.contains("interactive app")),
+            "{err:?}"
+        );
+        assert_eq!(
+            c.register_app(Tool::new("game"), |_call: AppCall| async {
+                Ok::<_, ToolError>(AppReply::new(json!({})))
+            }),
+            Err(RegisterError::DuplicateTool("game".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn typed_app_state_round_trips() {
+        #[derive(Serialize, serde::Deserialize)]
+        struct Count {
+            n: i64,
+        }
+        let c = ToolKitClient::new("k", "a").with_timeout(Duration::from_millis(100));
+        c.register_typed_app(Tool::new("count"), |call: AppCall<Count>| async move {
+            let n = match call {
+                AppCall::Start { .. } => 0,
+                AppCall::Action { state, .. } if state.n >= 1 => {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    state.n
+                }
+                AppCall::Action { state, .. } => state.n + 1,
+            };
+            Ok::<_, ToolError>(AppReply::new(json!({"n": n})).state(Count { n }))
+        })
+        .expect("valid");
+        let app = c.tool("count").expect("registered");
+        let start = AppCall::Start {
+            session_id: "s".into(),
+            params: Map::new(),
+            auth_token: None,
+        };
+        let reply = app.run_app(&c, start).await.expect("started");
+        assert_eq!(reply.app_state, Some(json!({"n": 0})));
+        let action = |state: Value| AppCall::Action {
+            session_id: "s".into(),
+            action_data: Value::Null,
+            state,
+            auth_token: None,
+        };
+        let reply = app
+            .run_app(&c, action(json!({"n": 0})))
+            .await
+            .expect("acted");
+        assert_eq!(reply.ui_content, json!({"n": 1}));
+        // A state the type can't read, and the toolkit's timeout, are errors.
+        let err = app
+            .run_app(&c, action(Value::Null))
+            .await
+            .expect_err("no state");
+        assert!(err.contains("state"), "{err}");
+        let err = app
+            .run_app(&c, action(json!({"n": 1})))
+            .await
+            .expect_err("timeout");
+        assert!(err.contains("timed out"), "{err}");
     }
 }

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod app;
 mod client;
 mod error;
 pub mod http;
@@ -17,11 +18,12 @@ pub mod runtime;
 mod schema;
 mod secret;
 mod tool;
-pub mod wire;
 #[cfg(feature = "webhook")]
 #[cfg_attr(docsrs, doc(cfg(feature = "webhook")))]
 pub mod webhook;
+pub mod wire;
 
+pub use app::{AppCall, AppReply};
 pub use client::{
     DEFAULT_BASE_URL, DEFAULT_BODY_LIMIT, RegisteredTool, ToolKitClient, check_params,
 };
@@ -31,7 +33,8 @@ pub use registry::{Registry, get_client, list_clients, register_client};
 pub use schema::{Provider, UnknownProvider, strict_schema};
 pub use secret::{AuthToken, Secret};
 pub use tool::{
-    AUTH_TOKEN_PARAM, Call, Tool, ToolError, ToolSpec, is_valid_tool_name, is_valid_toolkit_name,
+    AUTH_TOKEN_PARAM, Call, Progress, Tool, ToolError, ToolSpec, is_valid_tool_name,
+    is_valid_toolkit_name,
 };
 
 // Re-exported so that typed tools can derive `JsonSchema` without naming

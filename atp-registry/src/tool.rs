@@ -342,17 +342,29 @@ impl ToolSpec {
     }
 }
 
-/// What a handler gets: the call's params and its auth token.
+/// What a handler gets: the call's params, its auth token and a way to
+/// report progress.
 #[derive(Debug, Default)]
 pub struct Call {
     params: Map<String, Value>,
     auth_token: Option<AuthToken>,
+    progress: Progress,
 }
 
 impl Call {
-    /// A call with these params and token.
+    /// A call with these params and token (and no progress reporting).
     pub fn new(params: Map<String, Value>, auth_token: Option<AuthToken>) -> Self {
-        Self { params, auth_token }
+        Self {
+            params,
+            auth_token,
+            progress: Progress::default(),
+        }
+    }
+
+    /// The same call, reporting its progress to `progress`.
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = progress;
+        self
     }
 
     /// All params of the call (a JSON object).
@@ -375,6 +387,30 @@ impl Call {
         self.auth_token.as_ref()
     }
 
+    /// Reports how far the tool is: `progress` out of `total` (when known),
+    /// with a line for people. See [`Progress::report`]: it never waits,
+    /// and it does nothing where nobody listens.
+    ///
+    /// ```
+    /// use atp_registry::{Call, ToolError};
+    ///
+    /// async fn import(call: Call) -> Result<u32, ToolError> {
+    ///     for done in 1..=3 {
+    ///         // ... one step of the work ...
+    ///         call.progress(done as f64, Some(3.0), Some("importing"));
+    ///     }
+    ///     Ok(3)
+    /// }
+    /// ```
+    pub fn progress(&self, progress: f64, total: Option<f64>, message: Option<&str>) -> bool {
+        self.progress.report(progress, total, message)
+    }
+
+    /// The call's progress handle, to report from another task or thread.
+    pub fn progress_handle(&self) -> Progress {
+        self.progress.clone()
+    }
+
     /// Deserializes the params into `T`.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ToolError> {
         T::deserialize(Value::Object(self.params.clone())).map_err(ToolError::new)
@@ -383,6 +419,91 @@ impl Call {
     /// Takes the params and the token apart.
     pub fn into_parts(self) -> (Map<String, Value>, Option<AuthToken>) {
         (self.params, self.auth_token)
+    }
+}
+
+/// Where a tool's progress goes: a cheap handle, cloned from
+/// [`Call::progress_handle`].
+///
+/// Over the WebSocket runtime each report is a `tool_progress` message to
+/// the ATP server (which streams it to the caller as `task_progress`). A
+/// report never waits: when the connection's outbox is full it is dropped.
+/// Over the HTTP inbox, the HTTP endpoints and
+/// [`call_tool_by_name`](crate::ToolKitClient::call_tool_by_name) nobody
+/// listens and a report does nothing.
+#[derive(Clone, Default)]
+pub struct Progress {
+    sink: Option<Arc<ProgressSink>>,
+}
+
+struct ProgressSink {
+    request_id: crate::wire::RequestId,
+    tx: tokio::sync::mpsc::Sender<String>,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl fmt::Debug for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Progress")
+            .field("listened", &self.is_listened())
+            .finish()
+    }
+}
+
+impl Progress {
+    /// A handle whose reports go to `tx` as `tool_progress` frames of
+    /// `request_id`.
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    pub(crate) fn channel(
+        request_id: crate::wire::RequestId,
+        tx: tokio::sync::mpsc::Sender<String>,
+    ) -> Self {
+        Self {
+            sink: Some(Arc::new(ProgressSink {
+                request_id,
+                tx,
+                done: Default::default(),
+            })),
+        }
+    }
+
+    /// Stops the reports: the call has been answered.
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    pub(crate) fn finish(&self) {
+        if let Some(sink) = &self.sink {
+            sink.done.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Whether reports go anywhere (a WebSocket runtime's call that has not
+    /// been answered yet).
+    pub fn is_listened(&self) -> bool {
+        self.sink.as_ref().is_some_and(|s| {
+            !s.done.load(std::sync::atomic::Ordering::Acquire) && !s.tx.is_closed()
+        })
+    }
+
+    /// Reports `progress` (out of `total`, when known) with an optional
+    /// message. Returns whether the report was queued: `false` when nobody
+    /// listens, the call is answered already, the outbox is full, or a
+    /// number is not finite.
+    pub fn report(&self, progress: f64, total: Option<f64>, message: Option<&str>) -> bool {
+        let Some(sink) = &self.sink else {
+            return false;
+        };
+        if !progress.is_finite()
+            || total.is_some_and(|t| !t.is_finite())
+            || sink.done.load(std::sync::atomic::Ordering::Acquire)
+        {
+            return false;
+        }
+        let frame = crate::wire::ToolkitToServer::ToolProgress(crate::wire::ToolProgress {
+            request_id: sink.request_id.clone(),
+            progress,
+            total,
+            message: message.map(str::to_owned),
+        });
+        sink.tx.try_send(frame.to_json()).is_ok()
     }
 }
 
@@ -422,6 +543,8 @@ pub(crate) enum Handler {
     /// Deserializes the params first; the error is an `invalid_params`
     /// message.
     Typed(Arc<dyn Fn(Call) -> Result<BoxFuture<HandlerOutput>, String> + Send + Sync>),
+    /// An interactive app: not callable as a tool.
+    App(crate::app::AppHandler),
 }
 
 pub(crate) fn into_output<T: Serialize + 'static, E: fmt::Display>(
@@ -479,11 +602,31 @@ impl Handler {
         }))
     }
 
+    pub(crate) fn from_typed_with_call<A, F, Fut, T, E>(f: F) -> Self
+    where
+        A: DeserializeOwned,
+        F: Fn(A, Call) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Serialize + 'static,
+        E: fmt::Display,
+    {
+        Handler::Typed(Arc::new(move |mut call| {
+            let params = Value::Object(std::mem::take(&mut call.params));
+            let args = A::deserialize(&params).map_err(|e| e.to_string())?;
+            if let Value::Object(params) = params {
+                call.params = params;
+            }
+            let fut = f(args, call);
+            Ok(Box::pin(async move { into_output(fut.await) }) as BoxFuture<_>)
+        }))
+    }
+
     pub(crate) fn kind(&self) -> &'static str {
         match self {
             Handler::Async(_) => "async",
             Handler::Blocking(_) => "blocking",
             Handler::Typed(_) => "typed",
+            Handler::App(_) => "app",
         }
     }
 }
@@ -574,5 +717,33 @@ mod tests {
         assert!(Tool::new("t").auth_provider("x").requires_auth());
         assert!(Tool::new("t").auth_type("OAuth2").requires_auth());
         assert!(!Tool::new("t").auth_with("access_token").requires_auth());
+    }
+
+    #[tokio::test]
+    async fn progress_goes_out_until_the_call_is_answered_and_never_waits() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let progress = Progress::channel("r1".into(), tx);
+        let call = Call::new(Map::new(), None).with_progress(progress.clone());
+        assert!(call.progress_handle().is_listened());
+        assert!(call.progress(1.0, Some(4.0), Some("one")));
+        assert!(call.progress(2.0, None, None));
+        // The outbox is full: dropped, not waited for.
+        assert!(!call.progress(3.0, None, None));
+        assert!(!call.progress(f64::NAN, None, None));
+        let first: Value = serde_json::from_str(&rx.recv().await.expect("sent")).expect("JSON");
+        assert_eq!(
+            first,
+            serde_json::json!({"type": "tool_progress", "request_id": "r1", "progress": 1.0, "total": 4.0, "message": "one"})
+        );
+        let second: Value = serde_json::from_str(&rx.recv().await.expect("sent")).expect("JSON");
+        assert_eq!(
+            second,
+            serde_json::json!({"type": "tool_progress", "request_id": "r1", "progress": 2.0})
+        );
+        progress.finish();
+        assert!(!call.progress(4.0, None, None));
+        assert!(!call.progress_handle().is_listened());
+        // Nobody listens: a no-op.
+        assert!(!Call::default().progress(1.0, None, None));
     }
 }

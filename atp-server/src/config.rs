@@ -134,9 +134,24 @@ pub struct Config {
     /// The OAuth platforms (added to the ones already in the database).
     pub oauth_platforms: Vec<OAuthPlatform>,
     /// The developers: who owns which toolkit and LLM keys, and which of
-    /// their toolkits are public in the store. Their keys are accepted
-    /// keys too. In dev mode with none configured, every key belongs to
-    /// one developer, `dev`.
+    /// their toolkits are public in the store (docs/PROTOCOL.md §9). Their
+    /// keys are accepted keys too.
+    ///
+    /// The top-level `toolkit_api_keys` and `llm_api_keys` belong to an
+    /// implicit developer named `default` (`dev` in dev mode), so a
+    /// single-tenant configuration keeps seeing its own toolkits in
+    /// `developers/toolkits/` and `store/toolkits/{id}/`; configure a
+    /// developer with that `display_name` to give it a name, a bio and
+    /// public toolkits (it then owns the top-level keys as well as its
+    /// own; unconfigured, it has none public). In
+    /// dev mode every key that no configured developer owns (with none
+    /// configured: every key) belongs to one developer named `dev`, so
+    /// everything is "mine".
+    ///
+    /// [`validate`](Self::validate) refuses empty or repeated display
+    /// names, a key owned by two developers (the top-level lists count as
+    /// the implicit developer's), and `public_toolkits` that are not valid
+    /// toolkit names.
     pub developers: Vec<Developer>,
     /// Webhook deliveries: how long to wait for a receiver (10 s by
     /// default).
@@ -149,11 +164,24 @@ pub struct Config {
     pub webhook_max_attempts: u32,
 }
 
+/// The developer who owns the top-level `toolkit_api_keys` and
+/// `llm_api_keys` (see [`Config::developers`]).
+pub(crate) const IMPLICIT_DEVELOPER: &str = "default";
+
+/// In dev mode, the developer who owns every key no configured developer
+/// owns (see [`Config::developers`]).
+pub(crate) const DEV_DEVELOPER: &str = "dev";
+
+/// The longest developer display name, in characters.
+const MAX_DISPLAY_NAME_LEN: usize = 128;
+
 /// A developer: the owner of toolkit and LLM keys (docs/PROTOCOL.md §9).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Developer {
-    /// The name in store URLs (`store/developers/{display_name}/`).
+    /// The name in store URLs (`store/developers/{display_name}/`):
+    /// unique, 1-128 characters, no `/`, no control characters, no spaces
+    /// at either end.
     pub display_name: String,
     /// Their full name.
     #[serde(default)]
@@ -341,12 +369,87 @@ impl Config {
                 }
             }
         }
+        self.validate_developers()?;
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
             return Err(ServerError::Config(
                 "public_url must start with http:// or https://".into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// The name of the developer who owns the top-level keys (and, in dev
+    /// mode, every key no configured developer owns).
+    pub(crate) fn implicit_developer(&self) -> &'static str {
+        if self.dev {
+            DEV_DEVELOPER
+        } else {
+            IMPLICIT_DEVELOPER
+        }
+    }
+
+    fn validate_developers(&self) -> Result<(), ServerError> {
+        let mut names = std::collections::HashSet::new();
+        for d in &self.developers {
+            let n = &d.display_name;
+            let valid = (1..=MAX_DISPLAY_NAME_LEN).contains(&n.chars().count())
+                && n.trim() == n
+                && !n.chars().any(|c| c == '/' || c.is_control());
+            if !valid {
+                return Err(ServerError::Config(format!(
+                    "developer display names must be 1-{MAX_DISPLAY_NAME_LEN} characters without '/', control characters or surrounding spaces: {n:?}"
+                )));
+            }
+            if !names.insert(n.as_str()) {
+                return Err(ServerError::Config(format!(
+                    "developer display names must be unique: {n:?} is used twice"
+                )));
+            }
+            if d.toolkit_api_keys
+                .iter()
+                .chain(&d.llm_api_keys)
+                .any(Secret::is_empty)
+            {
+                return Err(ServerError::Config(format!(
+                    "developer {n:?}: an API key is empty"
+                )));
+            }
+            if let Some(bad) = d
+                .public_toolkits
+                .iter()
+                .find(|t| !atp_registry::is_valid_toolkit_name(t))
+            {
+                return Err(ServerError::Config(format!(
+                    "developer {n:?}: public_toolkits entry {bad:?} is not a toolkit name (1-128 characters from A-Z a-z 0-9 _ - .)"
+                )));
+            }
+        }
+        // Each key has one owner: compared by value, named in errors only
+        // by its owners.
+        let implicit = self.implicit_developer();
+        let mut owners: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+        let top = self
+            .toolkit_api_keys
+            .iter()
+            .chain(&self.llm_api_keys)
+            .map(|k| (implicit, k));
+        let listed = self.developers.iter().flat_map(|d| {
+            d.toolkit_api_keys
+                .iter()
+                .chain(&d.llm_api_keys)
+                .map(move |k| (d.display_name.as_str(), k))
+        });
+        for (owner, key) in top.chain(listed) {
+            match owners.insert(key.expose(), owner) {
+                Some(other) if other != owner => {
+                    return Err(ServerError::Config(format!(
+                        "an API key is owned by two developers, {other:?} and {owner:?} (the top-level key lists belong to {implicit:?})"
+                    )));
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -387,5 +490,58 @@ mod tests {
         assert!(Config::from_toml("nope = 1").is_err());
         assert!(Config::from_toml("task_timeout_secs = -1").is_err());
         assert!(Config::from_toml("toolkit_api_keys = [\"\"]").is_err());
+    }
+
+    #[test]
+    fn developers_are_checked() {
+        let ok = Config::from_toml(
+            r#"
+            toolkit_api_keys = ["top-tk"]
+            [[developers]]
+            display_name = "ada"
+            toolkit_api_keys = ["ada-tk"]
+            llm_api_keys = ["ada-llm"]
+            public_toolkits = ["crm.v2"]
+            [[developers]]
+            display_name = "default"
+            toolkit_api_keys = ["top-tk"]
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(ok.developers.len(), 2);
+        assert!(!format!("{ok:?}").contains("ada-tk"));
+        let refused = |toml: &str, needle: &str| {
+            let e = Config::from_toml(toml).expect_err(toml).to_string();
+            assert!(e.contains(needle), "{e}");
+            assert!(!e.contains("shared-key"), "{e}");
+        };
+        refused(
+            "[[developers]]\ndisplay_name = \"\"",
+            "display names must be 1-128",
+        );
+        refused(
+            "[[developers]]\ndisplay_name = \"a/b\"",
+            "display names must be 1-128",
+        );
+        refused(
+            "[[developers]]\ndisplay_name = \"a\"\n[[developers]]\ndisplay_name = \"a\"",
+            "unique",
+        );
+        refused(
+            "[[developers]]\ndisplay_name = \"a\"\nllm_api_keys = [\"\"]",
+            "empty",
+        );
+        refused(
+            "[[developers]]\ndisplay_name = \"a\"\npublic_toolkits = [\"no way\"]",
+            "public_toolkits",
+        );
+        refused(
+            "[[developers]]\ndisplay_name = \"a\"\ntoolkit_api_keys = [\"shared-key\"]\n[[developers]]\ndisplay_name = \"b\"\nllm_api_keys = [\"shared-key\"]",
+            "owned by two developers",
+        );
+        refused(
+            "llm_api_keys = [\"shared-key\"]\n[[developers]]\ndisplay_name = \"a\"\nllm_api_keys = [\"shared-key\"]",
+            "owned by two developers",
+        );
     }
 }

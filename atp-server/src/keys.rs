@@ -9,6 +9,8 @@ use atp_registry::Secret;
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
 
+use crate::config::Config;
+
 /// The longest API key accepted, in bytes.
 const MAX_KEY_LEN: usize = 512;
 
@@ -28,7 +30,28 @@ pub(crate) struct Keys {
 }
 
 impl Keys {
-    pub fn new(dev: bool, toolkit: Vec<Secret>, llm: Vec<Secret>) -> Self {
+    /// The keys of `config`: its top-level `toolkit_api_keys` and
+    /// `llm_api_keys`, and every developer's keys.
+    pub fn new(config: &Config) -> Self {
+        let devs = &config.developers;
+        Self::from_lists(
+            config.dev,
+            config
+                .toolkit_api_keys
+                .iter()
+                .chain(devs.iter().flat_map(|d| &d.toolkit_api_keys))
+                .cloned()
+                .collect(),
+            config
+                .llm_api_keys
+                .iter()
+                .chain(devs.iter().flat_map(|d| &d.llm_api_keys))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    fn from_lists(dev: bool, toolkit: Vec<Secret>, llm: Vec<Secret>) -> Self {
         Self { dev, toolkit, llm }
     }
 
@@ -152,17 +175,39 @@ mod tests {
 
     #[test]
     fn keys() {
-        let k = Keys::new(false, vec![Secret::new("tk")], vec![Secret::new("llm")]);
+        let k = Keys::from_lists(false, vec![Secret::new("tk")], vec![Secret::new("llm")]);
         assert!(k.check(Role::Toolkit, "tk"));
         assert!(!k.check(Role::Toolkit, "llm"));
         assert!(k.check(Role::Llm, "llm"));
         assert!(!k.check(Role::Llm, ""));
-        let dev = Keys::new(true, vec![], vec![]);
+        let dev = Keys::from_lists(true, vec![], vec![]);
         assert!(dev.check(Role::Llm, "anything"));
         assert!(!dev.check(Role::Llm, ""));
         assert!(!dev.check(Role::Llm, &"x".repeat(600)));
         assert_ne!(key_hash("a"), key_hash("b"));
         assert_eq!(key_hash("a").len(), 64);
+    }
+
+    #[test]
+    fn developers_keys_are_accepted() {
+        let config = Config {
+            toolkit_api_keys: vec![Secret::new("tk")],
+            developers: vec![crate::config::Developer {
+                display_name: "ada".into(),
+                name: String::new(),
+                bio: String::new(),
+                toolkit_api_keys: vec![Secret::new("ada-tk")],
+                llm_api_keys: vec![Secret::new("ada-llm")],
+                public_toolkits: Vec::new(),
+            }],
+            ..Config::default()
+        };
+        let k = Keys::new(&config);
+        assert!(k.check(Role::Toolkit, "tk"));
+        assert!(k.check(Role::Toolkit, "ada-tk"));
+        assert!(k.check(Role::Llm, "ada-llm"));
+        assert!(!k.check(Role::Llm, "ada-tk"));
+        assert!(!k.check(Role::Toolkit, "ada-llm"));
     }
 
     #[test]

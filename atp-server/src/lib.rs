@@ -32,6 +32,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Map, Value};
 use tokio::{net::TcpListener, sync::watch};
 
+pub use catalog::{Execution, read_executions};
 pub use config::{Config, DEFAULT_ADDR, DEFAULT_DB, DbLocation, Developer, OAuthPlatform};
 pub use error::ServerError;
 
@@ -136,11 +137,7 @@ impl AtpServer {
             "state loaded"
         );
         let state = State {
-            keys: Keys::new(
-                config.dev,
-                config.toolkit_api_keys.clone(),
-                config.llm_api_keys.clone(),
-            ),
+            keys: Keys::new(&config),
             store,
             toolkits: RwLock::new(
                 kits.into_iter()
@@ -249,7 +246,11 @@ impl AtpServer {
             &format!("{LLM}/store/developers/{{display_name}}"),
             get(catalog::developer_profile),
         );
-        r = both(r, "/api/v1/execute_function", post(catalog::execute_function));
+        r = both(
+            r,
+            "/api/v1/execute_function",
+            post(catalog::execute_function),
+        );
         r = both(r, "/health", get(health));
         r.fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)

@@ -1,7 +1,9 @@
-//! The LLM side: `get_toolkit_context` and `task_request`, over the
-//! LLM-client WebSocket and over `POST …/llm-client/process/`.
+//! The LLM side: `get_toolkit_context`, `task_request` (with progress
+//! when asked) and the app sessions (`app_request`, `app_action`,
+//! `app_terminate`), over the LLM-client WebSocket and over
+//! `POST …/llm-client/process/` (JSON, or server-sent events).
 
-use std::sync::Arc;
+use std::{convert::Infallible, sync::Arc};
 
 use atp_registry::{
     CallError, Provider, Secret,
@@ -10,8 +12,9 @@ use atp_registry::{
         session::{self, Flow, Handler},
     },
     wire::{
-        ContextPayload, ContextRequest, ContextResponse, ErrorFrame, LlmToServer, RequestId,
-        ServerToLlm, TaskRequest, TaskResponse, WireError,
+        AppActionRequest, AppRequest, AppResponse, AppTerminateRequest, ContextPayload,
+        ContextRequest, ContextResponse, ErrorFrame, LlmToServer, ProgressBody, RequestId,
+        ServerToLlm, TaskProgress, TaskRequest, TaskResponse, WireError,
     },
 };
 use axum::{
@@ -21,7 +24,7 @@ use axum::{
         rejection::PathRejection,
         ws::{WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection},
     },
-    http::{HeaderMap, StatusCode},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
@@ -32,15 +35,18 @@ use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
     error::{ApiError, json_text_response},
-    hub::{Route, RouteError, ToolRequest},
+    hub::{PROGRESS_BUFFER, Route, RouteError, ToolRequest},
     keys::{Role, api_key_header, key_hash},
     not_a_websocket, oauth, read_object,
     store::ToolkitRecord,
     str_field,
 };
 
-/// The most task requests one WebSocket may have in flight.
+/// The most task and app requests one WebSocket may have in flight.
 const MAX_IN_FLIGHT: usize = 1024;
+/// How many events an SSE answer buffers for a slow reader (progress that
+/// finds it full is dropped).
+const SSE_BUFFER: usize = 64;
 
 /// Why a task got no result: a stable code and a message for people.
 #[derive(Debug, Clone)]
@@ -115,9 +121,15 @@ fn task_failed(request_id: Option<RequestId>, f: &Failure) -> TaskResponse {
 }
 
 /// Runs one `task_request` and builds its `task_response` (always exactly
-/// one, whatever went wrong).
-pub(crate) async fn task(s: &crate::State, llm_key_hash: &str, req: TaskRequest) -> TaskResponse {
-    let outcome = run_task(s, llm_key_hash, &req).await;
+/// one, whatever went wrong). The tool's progress reports go to
+/// `progress` when given (see [`crate::hub::Hub::dispatch`]).
+pub(crate) async fn task(
+    s: &crate::State,
+    llm_key_hash: &str,
+    req: TaskRequest,
+    progress: Option<mpsc::Sender<ProgressBody>>,
+) -> TaskResponse {
+    let outcome = run_task(s, llm_key_hash, &req, progress).await;
     let TaskRequest {
         request_id,
         payload,
@@ -147,6 +159,7 @@ async fn run_task(
     s: &crate::State,
     llm_key_hash: &str,
     req: &TaskRequest,
+    progress: Option<mpsc::Sender<ProgressBody>>,
 ) -> Result<Value, Failure> {
     let params = req
         .payload
@@ -209,11 +222,156 @@ async fn run_task(
                     &kit.key_hash,
                     &request,
                     s.config.task_timeout,
+                    progress,
                 )
                 .await?
         }
     };
     Ok(result)
+}
+
+/// Runs a `task_request` with progress: each progress report of the tool
+/// becomes a `task_progress` handed to `emit` (which must not wait: a
+/// report for a slow reader is dropped, never the answer), all of them
+/// before the `task_response` this returns.
+async fn task_with_progress(
+    s: &crate::State,
+    llm_key_hash: &str,
+    req: TaskRequest,
+    emit: impl Fn(ServerToLlm),
+) -> TaskResponse {
+    let request_id = req.request_id.clone();
+    let (tx, mut rx) = mpsc::channel(PROGRESS_BUFFER);
+    let forward = |payload: ProgressBody| {
+        emit(ServerToLlm::TaskProgress(TaskProgress {
+            request_id: request_id.clone(),
+            payload,
+        }));
+    };
+    let work = task(s, llm_key_hash, req, Some(tx));
+    tokio::pin!(work);
+    let answer = loop {
+        tokio::select! {
+            biased;
+            Some(p) = rx.recv() => forward(p),
+            answer = &mut work => break answer,
+        }
+    };
+    // The reports that came before the answer, before the answer.
+    while let Ok(p) = rx.try_recv() {
+        forward(p);
+    }
+    answer
+}
+
+/// Runs one `app_request`, `app_action` or `app_terminate` and builds its
+/// `app_response` (always exactly one); `None` for other messages.
+pub(crate) async fn app(
+    s: &Arc<crate::State>,
+    llm_key_hash: &str,
+    message: LlmToServer,
+) -> Option<AppResponse> {
+    Some(match message {
+        LlmToServer::AppRequest(req) => app_start(s, llm_key_hash, req).await,
+        LlmToServer::AppAction(req) => app_action(s, llm_key_hash, req).await,
+        LlmToServer::AppTerminate(req) => app_terminate(s, llm_key_hash, req),
+        _ => return None,
+    })
+}
+
+fn app_failed(
+    request_id: Option<RequestId>,
+    session_id: Option<String>,
+    f: &Failure,
+) -> AppResponse {
+    tracing::debug!(code = %f.code, "app request failed: {}", f.message);
+    AppResponse::error(request_id, session_id, &f.code, &f.message)
+}
+
+async fn app_start(s: &Arc<crate::State>, llm_key_hash: &str, req: AppRequest) -> AppResponse {
+    let AppRequest {
+        toolkit_id,
+        request_id,
+        payload,
+    } = req;
+    let found = s
+        .toolkit(&toolkit_id)
+        .filter(|k| s.catalog.can_see(llm_key_hash, &k.key_hash, &k.app_name));
+    let Some(kit) = found else {
+        let f = Failure::new("toolkit_not_found", "Toolkit not found");
+        return app_failed(request_id, None, &f);
+    };
+    // The Python toolkit ignores an app it does not have (no answer at
+    // all): only the registered tools are apps.
+    if !kit.tools.iter().any(|t| t.spec.name == payload.app) {
+        let f = Failure::new(
+            "app_not_found",
+            format!(
+                "Toolkit {} has no app named {:?}",
+                kit.app_name, payload.app
+            ),
+        );
+        return app_failed(request_id, None, &f);
+    }
+    crate::hub::ensure_sweeper(s);
+    let request = ToolRequest {
+        tool_name: payload.app,
+        params: payload.parameters,
+        auth_token: payload.auth_token,
+    };
+    let started = s
+        .hub
+        .start_app(
+            llm_key_hash,
+            &kit.app_name,
+            &kit.key_hash,
+            &request,
+            s.config.task_timeout,
+        )
+        .await;
+    match started {
+        Ok((session_id, ui, terminated)) => {
+            AppResponse::ok(request_id, session_id, Some(ui), terminated.then_some(true))
+        }
+        Err(e) => app_failed(request_id, None, &Failure::from(e)),
+    }
+}
+
+async fn app_action(
+    s: &Arc<crate::State>,
+    llm_key_hash: &str,
+    req: AppActionRequest,
+) -> AppResponse {
+    let AppActionRequest {
+        request_id,
+        payload,
+    } = req;
+    let session_id = payload.session_id;
+    let done = s
+        .hub
+        .app_action(
+            llm_key_hash,
+            &session_id,
+            payload.action_data,
+            s.config.task_timeout,
+        )
+        .await;
+    match done {
+        Ok((ui, terminated)) => AppResponse::ok(request_id, session_id, Some(ui), Some(terminated)),
+        Err(e) => app_failed(request_id, Some(session_id), &Failure::from(e)),
+    }
+}
+
+fn app_terminate(s: &crate::State, llm_key_hash: &str, req: AppTerminateRequest) -> AppResponse {
+    let AppTerminateRequest {
+        request_id,
+        payload,
+    } = req;
+    let session_id = payload.session_id;
+    match s.hub.app_terminate(llm_key_hash, &session_id) {
+        Ok(()) => AppResponse::ok(request_id, session_id, None, Some(true)),
+        Err(e) => app_failed(request_id, Some(session_id), &Failure::from(e)),
+    }
 }
 
 /// Runs a tool at the toolkit's `endpoint_url` (an ATP HTTP adapter):
@@ -284,7 +442,73 @@ fn answer(status: StatusCode, message: &ServerToLlm) -> Response {
     json_text_response(status, message.to_json())
 }
 
+/// Whether the client asked for server-sent events (`Accept:
+/// text/event-stream`).
+fn wants_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("text/event-stream"))
+}
+
+/// One server-sent event carrying a message.
+fn event(message: &ServerToLlm) -> Bytes {
+    Bytes::from(format!("data: {}\n\n", message.to_json()))
+}
+
+fn sse_response(status: StatusCode, body: Body) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// The answer to `process/`: one message, as JSON or as a single event.
+fn reply(sse: bool, status: StatusCode, message: &ServerToLlm) -> Response {
+    if sse {
+        sse_response(status, Body::from(event(message)))
+    } else {
+        answer(status, message)
+    }
+}
+
+/// A 200 event stream whose events `produce` writes; the stream ends when
+/// it is done. Should the client go away first, the work is dropped (a
+/// tool request stops waiting; an app request is abandoned).
+fn sse_stream<Fut>(produce: impl FnOnce(mpsc::Sender<Bytes>) -> Fut) -> Response
+where
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Bytes>(SSE_BUFFER);
+    let watch = tx.clone();
+    let work = produce(tx);
+    tokio::spawn(async move {
+        tokio::select! {
+            () = work => {}
+            () = watch.closed() => tracing::debug!("the event-stream client went away"),
+        }
+    });
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    sse_response(StatusCode::OK, Body::from_stream(events))
+}
+
 /// `POST /api/v1/atp/llm-client/process/`.
+///
+/// With `Accept: text/event-stream` the answer is a stream of server-sent
+/// events, `data: JSON` each: the `toolkit_context`; zero or more
+/// `task_progress` and then the `task_response`; or the `app_response`;
+/// then the stream ends. Its status is the one the JSON answer would have
+/// (200, but for the `get_toolkit_context` errors and unreadable
+/// messages). A failed authentication or an unreadable body keeps its JSON
+/// error answer.
 pub(crate) async fn process(
     State(s): State<Arc<crate::State>>,
     headers: HeaderMap,
@@ -300,28 +524,57 @@ pub(crate) async fn process(
     let Some(llm_key_hash) = llm_key(&s, &headers, Some(&m)) else {
         return ApiError::unauthorized().into_response();
     };
+    let sse = wants_sse(&headers);
     match LlmToServer::from_object(m) {
         Ok(LlmToServer::GetToolkitContext(req)) => match context(&s, &req) {
-            Ok(c) => answer(StatusCode::OK, &ServerToLlm::ToolkitContext(c)),
-            Err(e) => answer(
+            Ok(c) => reply(sse, StatusCode::OK, &ServerToLlm::ToolkitContext(c)),
+            Err(e) => reply(
+                sse,
                 e.status,
                 &ServerToLlm::ToolkitContext(context_error(req.request_id, &e)),
             ),
         },
+        Ok(LlmToServer::TaskRequest(req)) if sse => sse_stream(move |tx| async move {
+            let progress = tx.clone();
+            let emit = move |m: ServerToLlm| {
+                let _ = progress.try_send(event(&m));
+            };
+            let done = task_with_progress(&s, &llm_key_hash, req, emit).await;
+            let last = event(&ServerToLlm::TaskResponse(done));
+            let _ = tokio::time::timeout(s.config.task_timeout, tx.send(last)).await;
+        }),
         Ok(LlmToServer::TaskRequest(req)) => answer(
             StatusCode::OK,
-            &ServerToLlm::TaskResponse(task(&s, &llm_key_hash, req).await),
+            &ServerToLlm::TaskResponse(task(&s, &llm_key_hash, req, None).await),
         ),
+        Ok(
+            m @ (LlmToServer::AppRequest(_)
+            | LlmToServer::AppAction(_)
+            | LlmToServer::AppTerminate(_)),
+        ) if sse => sse_stream(move |tx| async move {
+            if let Some(done) = app(&s, &llm_key_hash, m).await {
+                let last = event(&ServerToLlm::AppResponse(done));
+                let _ = tokio::time::timeout(s.config.task_timeout, tx.send(last)).await;
+            }
+        }),
+        Ok(
+            m @ (LlmToServer::AppRequest(_)
+            | LlmToServer::AppAction(_)
+            | LlmToServer::AppTerminate(_)),
+        ) => match app(&s, &llm_key_hash, m).await {
+            Some(done) => answer(StatusCode::OK, &ServerToLlm::AppResponse(done)),
+            None => ApiError::internal("unexpected message").into_response(),
+        },
         Ok(other) => {
             let (status, refusal) = refusal(WireError::UnknownType {
                 kind: other.kind().into(),
                 request_id: other.request_id().cloned(),
             });
-            answer(status, &refusal)
+            reply(sse, status, &refusal)
         }
         Err(e) => {
             let (status, refusal) = refusal(e);
-            answer(status, &refusal)
+            reply(sse, status, &refusal)
         }
     }
 }
@@ -427,6 +680,15 @@ impl Handler for LlmSocket {
                     &ApiError::unauthorized_with("not_authenticated", message_text),
                 ))
                 .to_json(),
+                m @ (LlmToServer::AppRequest(_)
+                | LlmToServer::AppAction(_)
+                | LlmToServer::AppTerminate(_)) => ServerToLlm::AppResponse(AppResponse::error(
+                    m.request_id().cloned(),
+                    None,
+                    "not_authenticated",
+                    message_text,
+                ))
+                .to_json(),
                 other => error_frame(
                     other.request_id().cloned(),
                     "not_authenticated",
@@ -453,8 +715,41 @@ impl Handler for LlmSocket {
                 let (s, tx, llm_key_hash) =
                     (self.s.clone(), self.tx.clone(), self.llm_key_hash.clone());
                 self.tasks.spawn(async move {
-                    let answer = ServerToLlm::TaskResponse(task(&s, &llm_key_hash, req).await);
-                    let _ = tx.send(answer.to_json()).await;
+                    let done = if req.stream {
+                        // Progress goes into the outbox only if there is
+                        // room: it never holds up the answer.
+                        let progress = tx.clone();
+                        let emit = move |m: ServerToLlm| {
+                            let _ = progress.try_send(m.to_json());
+                        };
+                        task_with_progress(&s, &llm_key_hash, req, emit).await
+                    } else {
+                        task(&s, &llm_key_hash, req, None).await
+                    };
+                    let _ = tx.send(ServerToLlm::TaskResponse(done).to_json()).await;
+                });
+                Flow::Continue
+            }
+            m @ (LlmToServer::AppRequest(_)
+            | LlmToServer::AppAction(_)
+            | LlmToServer::AppTerminate(_)) => {
+                if self.tasks.len() >= MAX_IN_FLIGHT {
+                    let refused = AppResponse::error(
+                        m.request_id().cloned(),
+                        None,
+                        "too_many_requests",
+                        &format!(
+                            "More than {MAX_IN_FLIGHT} requests are in flight on this connection"
+                        ),
+                    );
+                    return Flow::Reply(ServerToLlm::AppResponse(refused).to_json());
+                }
+                let (s, tx, llm_key_hash) =
+                    (self.s.clone(), self.tx.clone(), self.llm_key_hash.clone());
+                self.tasks.spawn(async move {
+                    if let Some(done) = app(&s, &llm_key_hash, m).await {
+                        let _ = tx.send(ServerToLlm::AppResponse(done).to_json()).await;
+                    }
                 });
                 Flow::Continue
             }
@@ -510,13 +805,26 @@ fn refusal(e: WireError) -> (StatusCode, ServerToLlm) {
                 &ApiError::bad_request("invalid_message", reason),
             )),
         ),
+        WireError::Invalid {
+            kind: kind @ ("app_request" | "app_action" | "app_terminate"),
+            request_id,
+            reason,
+        } => (
+            bad,
+            ServerToLlm::AppResponse(AppResponse::error(
+                request_id,
+                None,
+                "invalid_message",
+                &format!("{kind}: {reason}"),
+            )),
+        ),
         WireError::UnknownType { kind, request_id } => (
             bad,
             ServerToLlm::Error(ErrorFrame::new(
                 request_id,
                 "unknown_message_type",
                 &format!(
-                    "Unknown message type {kind:?}: use auth, get_toolkit_context or task_request"
+                    "Unknown message type {kind:?}: use auth, get_toolkit_context, task_request, app_request, app_action, app_terminate or ping"
                 ),
             )),
         ),

@@ -1,10 +1,16 @@
 //! `atp-server`: the embedded ATP server, from the command line.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::Write,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use atp_registry::Secret;
-use atp_server::{AtpServer, Config, DbLocation};
-use clap::Parser;
+use atp_server::{AtpServer, Config, DbLocation, ServerError};
+use clap::{Parser, Subcommand};
 
 /// An Agent Tool Protocol server: toolkits connect to it, LLM-side clients
 /// fetch tool schemas from it and run tools through it.
@@ -15,6 +21,9 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "atp-server", version)]
 struct Cli {
+    /// What to do instead of serving.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The address to listen on [default: 127.0.0.1:8080].
     #[arg(long)]
     addr: Option<SocketAddr>,
@@ -49,6 +58,64 @@ struct Cli {
         value_delimiter = ','
     )]
     llm_api_keys: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Prints the execution log (the reports toolkits sent to
+    /// /api/v1/execute_function), oldest first, one JSON object a line:
+    /// {"id", "app_name", "function_id", "result", "reported_at"}.
+    Executions {
+        /// The SQLite database file [default: --config's db, else
+        /// atp-server.sqlite3]. Opened read-only; the server may be running.
+        #[arg(long)]
+        db: Option<String>,
+        /// A TOML configuration file, for its `db`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the newest N reports.
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+        /// Only the reports of this toolkit (app_name).
+        #[arg(long)]
+        app: Option<String>,
+    },
+}
+
+/// `atp-server executions`: the newest reports as JSON lines on stdout.
+fn print_executions(
+    db: Option<String>,
+    config: Option<&Path>,
+    limit: u64,
+    app: Option<&str>,
+) -> Result<(), ServerError> {
+    let location = match (db, config) {
+        (Some(db), _) => DbLocation::parse(&db),
+        (None, Some(path)) => Config::load(path)?.db,
+        (None, None) => Config::default().db,
+    };
+    let DbLocation::File(path) = location else {
+        return Err(ServerError::Config(
+            "an in-memory database keeps no execution log to read: give --db FILE".into(),
+        ));
+    };
+    if !path.exists() {
+        return Err(ServerError::Config(format!(
+            "no database at {}",
+            path.display()
+        )));
+    }
+    let rows = atp_server::read_executions(&path, app, limit)?;
+    let mut out = std::io::stdout().lock();
+    for row in rows {
+        let line = serde_json::to_string(&row).unwrap_or_default();
+        // A closed pipe (`| head`) ends the listing quietly.
+        if writeln!(out, "{line}").is_err() {
+            return Ok(());
+        }
+    }
+    let _ = out.flush();
+    Ok(())
 }
 
 fn config(cli: Cli) -> Result<Config, atp_server::ServerError> {
@@ -103,7 +170,24 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(Command::Executions {
+        db,
+        config,
+        limit,
+        app,
+    }) = cli.command.take()
+    {
+        let db = db.or_else(|| cli.db.clone());
+        let config = config.or_else(|| cli.config.clone());
+        return match print_executions(db, config.as_deref(), limit, app.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("atp-server executions: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let run = async {
         let config = config(cli)?;
         let addr = config.addr;

@@ -5,7 +5,9 @@
 use std::{sync::Arc, time::Duration};
 
 use atp_registry::Secret;
-use atp_registry::wire::{OAuthAuthorization, OAuthConfirmation, OAuthConnected, OAuthTokens};
+use atp_registry::wire::{
+    OAuthAuthorization, OAuthConfirmation, OAuthConnected, OAuthTokens, WebhookEvent,
+};
 use axum::{
     body::Body,
     extract::{Path, RawQuery, State, rejection::PathRejection},
@@ -14,7 +16,7 @@ use axum::{
 };
 use bytes::Bytes;
 use hyper::Method;
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -25,6 +27,7 @@ use crate::{
     read_object,
     store::{self, OAuthConnection, PendingFlow},
     str_field,
+    webhooks::{self, Audience},
 };
 
 type AppState = State<Arc<crate::State>>;
@@ -268,6 +271,28 @@ pub(crate) async fn callback(State(s): AppState, RawQuery(query): RawQuery) -> R
         }
     };
     let finish = |outcome: Result<String, (StatusCode, &'static str, String)>| -> Response {
+        // Never a token in an event: ids, and the error's text (which
+        // names what the provider said, not a secret).
+        let (event, data) = match &outcome {
+            Ok(integration_id) => (
+                WebhookEvent::ConnectionSuccess,
+                json!({
+                    "platform_id": flow.platform_id,
+                    "external_user_id": flow.external_user_id,
+                    "integration_id": integration_id,
+                }),
+            ),
+            Err((_, code, message)) => (
+                WebhookEvent::ConnectionFailed,
+                json!({
+                    "platform_id": flow.platform_id,
+                    "external_user_id": flow.external_user_id,
+                    "error": message,
+                    "code": code,
+                }),
+            ),
+        };
+        webhooks::emit(&s, event, Audience::LlmKey(&flow.llm_key_hash), data);
         match (&flow.redirect_url, outcome) {
             (Some(url), Ok(integration_id)) => redirect(&with_query(
                 url,

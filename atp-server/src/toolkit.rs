@@ -13,8 +13,8 @@ use atp_registry::{
         session::{self, Flow, Handler},
     },
     wire::{
-        InboxReply, RegisterTool, Registered, ServerToToolkit, ToolkitToServer, UpToDate,
-        VerifyHash, VerifyToolHash, WireError,
+        InboxReply, ProgressBody, RegisterTool, Registered, ServerToToolkit, ToolResponse,
+        ToolkitToServer, UpToDate, VerifyHash, VerifyToolHash, WebhookEvent, WireError,
     },
 };
 use axum::{
@@ -28,10 +28,11 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use futures_util::StreamExt;
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
 use crate::{
     error::{ApiError, json_response},
+    hub::AppAnswer,
     keys::{Role, key_hash},
     not_a_websocket, read_object,
     store::{self, ToolRecord, ToolkitRecord},
@@ -241,6 +242,12 @@ pub(crate) async fn verify_tool_hash(State(s): AppState, body: Body) -> Response
 /// `GET /api/v1/toolkit/{api_key}/inbox[?wait=SECONDS]`: the next tool
 /// request for this key (`{"request_id", "tool_name", "params",
 /// "auth_token"}`), or `{}` when none came within the wait.
+///
+/// App sessions' messages come the same way, with a `message_type`:
+/// `{"message_type": "atp_app_request", "request_id", "tool_name",
+/// "params", "auth_token"}`, `{"message_type": "atp_app_action",
+/// "request_id", "action_data"}`, `{"message_type": "atp_app_terminate",
+/// "request_id"}` (the `request_id` is the session id).
 pub(crate) async fn inbox(
     State(s): AppState,
     key: Result<Path<String>, PathRejection>,
@@ -261,12 +268,17 @@ pub(crate) async fn inbox(
             }
         }
     }
+    crate::hub::ensure_sweeper(&s);
+    s.hub.touch_inbox(&key_hash);
+    announce(&s, &key_hash, "inbox");
     let entry = s.hub.poll_inbox(&key_hash, wait).await;
     crate::error::json_text_response(StatusCode::OK, entry.unwrap_or_else(|| "{}".to_owned()))
 }
 
 /// `POST /api/v1/toolkit/{api_key}/inbox/respond`: the answer to a request
-/// taken from the inbox (`{"request_id", "response"}`).
+/// taken from the inbox (`{"request_id", "response"}`); for an app
+/// session's request, `"terminated": true` beside them says the app ended
+/// the session.
 pub(crate) async fn inbox_respond(
     State(s): AppState,
     key: Result<Path<String>, PathRejection>,
@@ -276,9 +288,12 @@ pub(crate) async fn inbox_respond(
         async {
             let key_hash = path_key(&s, key)?;
             let m = read_object(body, &s.config).await?;
+            let terminated = m.get("terminated").and_then(Value::as_bool) == Some(true);
             let reply: InboxReply = typed(m)?;
             let request_id = reply.request_id.to_string();
-            if s.hub.inbox_answer(&key_hash, &request_id, reply.outcome()) {
+            if s.hub
+                .inbox_answer(&key_hash, &request_id, reply.outcome(), terminated)
+            {
                 to_value(&atp_registry::wire::Status::ok())
             } else {
                 Err(ApiError::not_found(
@@ -316,8 +331,42 @@ fn error_frame(message: &str) -> String {
     .to_json()
 }
 
+/// Tells the webhooks when a toolkit key starts or stops being served
+/// (`transport`: how it is served, or how it stopped being served): one
+/// `toolkit_connected` / `toolkit_disconnected` per toolkit registered
+/// with the key. The data names the toolkit and the transport, never a key.
+/// A toolkit that connects before registering anything is not announced.
+pub(crate) fn announce(s: &Arc<crate::State>, key_hash: &str, transport: &'static str) {
+    s.hub.presence_changed(key_hash, |online| {
+        let apps: Vec<String> = s
+            .toolkits
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|k| k.key_hash == key_hash)
+            .map(|k| k.app_name.clone())
+            .collect();
+        let event = if online {
+            WebhookEvent::ToolkitConnected
+        } else {
+            WebhookEvent::ToolkitDisconnected
+        };
+        tracing::debug!(?apps, transport, event = event.as_str(), "toolkit presence");
+        for app in &apps {
+            crate::webhooks::emit(
+                s,
+                event,
+                crate::webhooks::Audience::Toolkit(app),
+                json!({"toolkit_id": app, "transport": transport}),
+            );
+        }
+    });
+}
+
 async fn serve_socket(s: Arc<crate::State>, key_hash: String, socket: WebSocket) {
+    crate::hub::ensure_sweeper(&s);
     let (id, _tx, out) = s.hub.add_socket(&key_hash);
+    announce(&s, &key_hash, "websocket");
     let apps: Vec<String> = s
         .toolkits
         .read()
@@ -358,6 +407,7 @@ async fn serve_socket(s: Arc<crate::State>, key_hash: String, socket: WebSocket)
         );
     }
     s.hub.remove_socket(&key_hash, id);
+    announce(&s, &key_hash, "websocket");
     tracing::info!(socket = id, "toolkit disconnected");
 }
 
@@ -377,6 +427,36 @@ impl Handler for ToolkitSocket<'_> {
                 };
                 if !self.s.hub.socket_answer(socket, &request_id, r.outcome()) {
                     tracing::debug!(socket, %request_id, "answer to a request that is not waiting (expired or unknown)");
+                }
+                Flow::Continue
+            }
+            Ok(ToolkitToServer::ToolProgress(p)) => {
+                let request_id = p.request_id.to_string();
+                let progress = ProgressBody {
+                    progress: p.progress,
+                    total: p.total,
+                    message: p.message,
+                };
+                if !self.s.hub.socket_progress(socket, &request_id, progress) {
+                    tracing::trace!(socket, %request_id, "progress nobody takes (not asked for, unknown, or a slow reader)");
+                }
+                Flow::Continue
+            }
+            Ok(ToolkitToServer::AppResponse(r)) => {
+                let session_id = r.request_id.to_string();
+                let terminated = r.terminated == Some(true);
+                // The same reading as a tool's answer: the flag when the
+                // toolkit sends it, else the legacy `{"error": MESSAGE}`.
+                let result = ToolResponse {
+                    request_id: Some(r.request_id),
+                    result: r.result,
+                    is_error: r.is_error,
+                    code: None,
+                }
+                .outcome();
+                let answer = AppAnswer { result, terminated };
+                if !self.s.hub.socket_app_answer(socket, &session_id, answer) {
+                    tracing::debug!(socket, session = %session_id, "app answer nobody waits for (unknown session, another socket's, or abandoned)");
                 }
                 Flow::Continue
             }

@@ -1,35 +1,123 @@
 //! Webhooks (docs/PROTOCOL.md §9): registered by LLM keys, signed
 //! deliveries from a queue in the database, retried with backoff.
 //!
-//! SKELETON: filled in by the webhooks work.
+//! An event ([`emit`]) becomes one row of `webhook_deliveries` per
+//! subscribed webhook, its body serialized once, so that every retry sends
+//! the same bytes with the same `delivery_id`. The delivery task
+//! ([`deliver`]) takes due rows, a few at a time and at most one per
+//! webhook, and POSTs them signed with the webhook's secret. Before an
+//! attempt its row is leased (its next attempt pushed past the attempt's
+//! timeout), so an attempt that was in flight when the server died is
+//! made again after a restart: at least once.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use atp_registry::wire::WebhookEvent;
+use atp_registry::{
+    Secret,
+    wire::{Status, Webhook, WebhookDelivery, WebhookEvent, WebhookRegistration},
+};
 use axum::{
     body::Body,
-    extract::{Path, State},
+    extract::{Path, State, rejection::PathRejection},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
-use serde_json::Value;
+use bytes::Bytes;
+use hyper::Method;
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+use serde_json::{Map, Value};
+use tokio::{sync::Notify, task::JoinSet};
 
-use crate::{config::Config, error::ApiError, store::Store};
+use crate::{
+    config::Config,
+    error::{ApiError, json_response},
+    keys::{Role, api_key_header, key_hash, now_secs, random_token, rfc3339, uuid4},
+    read_object,
+    store::Store,
+};
 
 /// The tables of webhooks and their deliveries.
-pub(crate) const SCHEMA: &str = "";
+///
+/// Times are Unix seconds, but `next_attempt_ms` (milliseconds: retries
+/// may be closer than a second apart).
+pub(crate) const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS webhooks (
+    webhook_id TEXT PRIMARY KEY,
+    llm_key_hash TEXT NOT NULL,
+    url TEXT NOT NULL,
+    events TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhooks_by_key ON webhooks (llm_key_hash);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    delivery_id TEXT PRIMARY KEY,
+    webhook_id TEXT NOT NULL REFERENCES webhooks(webhook_id) ON DELETE CASCADE,
+    event TEXT NOT NULL,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    delivered_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (status, next_attempt_ms);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_by_webhook ON webhook_deliveries (webhook_id, status);
+"#;
+
+/// The most webhooks one LLM key may have.
+const MAX_WEBHOOKS_PER_KEY: i64 = 100;
+/// The most deliveries waiting for one webhook; further events for it are
+/// dropped (and logged) until its receiver catches up.
+const MAX_PENDING_PER_WEBHOOK: i64 = 1000;
+/// The longest webhook URL.
+const MAX_URL_LEN: usize = 2048;
+/// How many deliveries are attempted at once (at most one per webhook).
+const CONCURRENCY: usize = 8;
+/// The longest wait between retries.
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// How often finished deliveries are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Finished (delivered or failed) deliveries are kept this long…
+const KEEP_FINISHED_SECS: i64 = 7 * 86_400;
+/// …and at most this many.
+const KEEP_FINISHED_ROWS: i64 = 10_000;
+/// The delivery task looks at the queue at least this often.
+const IDLE_WAKE: Duration = Duration::from_secs(60);
+/// The longest error text recorded for an attempt.
+const MAX_ERROR_LEN: usize = 300;
 
 /// The webhooks' state: wakes the delivery task when there is work.
-pub(crate) struct Webhooks {}
+pub(crate) struct Webhooks {
+    wake: Notify,
+}
 
 impl Webhooks {
-    pub fn open(_store: &Store, _config: &Config) -> Result<Self, rusqlite::Error> {
-        Ok(Self {})
+    pub fn open(store: &Store, _config: &Config) -> Result<Self, rusqlite::Error> {
+        let pending: i64 = store.call_now(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM webhook_deliveries WHERE status = 'pending'",
+                [],
+                |r| r.get(0),
+            )
+        })?;
+        if pending > 0 {
+            tracing::info!(pending, "webhook deliveries waiting from before");
+        }
+        Ok(Self {
+            wake: Notify::new(),
+        })
     }
 }
 
 /// Who an event is for.
-#[allow(dead_code)]
 pub(crate) enum Audience<'a> {
     /// The webhooks of one LLM key (an OAuth flow it started).
     LlmKey(&'a str),
@@ -39,31 +127,787 @@ pub(crate) enum Audience<'a> {
 }
 
 /// Queues `event` for every webhook of `audience` that subscribed to it.
-#[allow(dead_code)]
-pub(crate) fn emit(_s: &Arc<crate::State>, _event: WebhookEvent, _audience: Audience<'_>, _data: Value) {}
+///
+/// Returns at once: the rows are written by a task, which then wakes the
+/// delivery task. `data` must never hold a token.
+pub(crate) fn emit(
+    s: &Arc<crate::State>,
+    event: WebhookEvent,
+    audience: Audience<'_>,
+    data: Value,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::error!(%event, "webhook event dropped: no async runtime");
+        return;
+    };
+    // (LLM key, toolkit key hash and app name) of the audience.
+    let audience = match audience {
+        Audience::LlmKey(hash) => (Some(hash.to_owned()), None),
+        Audience::Toolkit(app_name) => match s.toolkit(app_name) {
+            Some(kit) => (None, Some((kit.key_hash.clone(), app_name.to_owned()))),
+            None => return,
+        },
+    };
+    let s = s.clone();
+    runtime.spawn(async move {
+        let (key, toolkit) = audience;
+        let candidates = s
+            .store
+            .call(move |c| subscribed(c, event, key.as_deref()))
+            .await;
+        let targets: Vec<String> = match candidates {
+            Ok(hooks) => hooks
+                .into_iter()
+                .filter(|(_, llm)| {
+                    toolkit
+                        .as_ref()
+                        .is_none_or(|(tk, app)| s.catalog.can_see(llm, tk, app))
+                })
+                .map(|(id, _)| id)
+                .collect(),
+            Err(e) => {
+                tracing::error!(%event, "webhook event dropped: could not read the webhooks: {e}");
+                return;
+            }
+        };
+        if targets.is_empty() {
+            return;
+        }
+        match s
+            .store
+            .call(move |c| enqueue(c, event, &targets, &data))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::debug!(%event, deliveries = n, "webhook event queued");
+                s.webhooks.wake.notify_one();
+            }
+            Err(e) => {
+                tracing::error!(%event, "webhook event dropped: could not queue it: {e}")
+            }
+        }
+    });
+}
+
+/// The webhooks (id, LLM key hash) subscribed to `event`: of one key, or
+/// of all keys.
+fn subscribed(
+    c: &mut Connection,
+    event: WebhookEvent,
+    key: Option<&str>,
+) -> Result<Vec<(String, String)>, rusqlite::Error> {
+    let mut stmt = c.prepare(
+        "SELECT webhook_id, llm_key_hash, events FROM webhooks
+         WHERE ?1 IS NULL OR llm_key_hash = ?1 ORDER BY created_at, rowid",
+    )?;
+    let rows = stmt.query_map([key], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, llm, events) = row?;
+        if parse_events(&events).contains(&event.as_str().to_owned()) {
+            out.push((id, llm));
+        }
+    }
+    Ok(out)
+}
+
+fn parse_events(text: &str) -> Vec<String> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+/// Writes one delivery of `event` for each webhook; returns how many.
+fn enqueue(
+    c: &mut Connection,
+    event: WebhookEvent,
+    webhook_ids: &[String],
+    data: &Value,
+) -> Result<usize, rusqlite::Error> {
+    let now = now_secs();
+    let created_at = rfc3339(now);
+    let tx = c.transaction()?;
+    let mut queued = 0;
+    for webhook_id in webhook_ids {
+        let pending: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM webhook_deliveries WHERE webhook_id = ?1 AND status = 'pending'",
+            [webhook_id],
+            |r| r.get(0),
+        )?;
+        if pending >= MAX_PENDING_PER_WEBHOOK {
+            tracing::warn!(
+                webhook_id = %webhook_id,
+                %event,
+                "webhook delivery dropped: {MAX_PENDING_PER_WEBHOOK} are already waiting for it"
+            );
+            continue;
+        }
+        let delivery_id = uuid4();
+        let body = atp_registry::wire::to_json(&WebhookDelivery {
+            event: event.as_str().to_owned(),
+            webhook_id: webhook_id.clone(),
+            delivery_id: delivery_id.clone(),
+            created_at: created_at.clone(),
+            data: data.clone(),
+        });
+        tx.execute(
+            "INSERT INTO webhook_deliveries (delivery_id, webhook_id, event, body, status, attempts,
+                 next_attempt_ms, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?6, ?6)",
+            params![delivery_id, webhook_id, event.as_str(), body, now_ms(), now],
+        )?;
+        queued += 1;
+    }
+    tx.commit()?;
+    Ok(queued)
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The wait after the `attempts`-th failed attempt (from 1): the base,
+/// doubled on each failure, at most [`MAX_BACKOFF`].
+fn backoff(base: Duration, attempts: u32) -> Duration {
+    let base = base.max(Duration::from_millis(1));
+    let doublings = attempts.saturating_sub(1).min(30);
+    base.saturating_mul(1 << doublings).min(MAX_BACKOFF)
+}
+
+/// `d` with "equal jitter": a random wait between half of it and all of
+/// it, so that receivers that fail together are not retried together.
+fn jitter(d: Duration) -> Duration {
+    let r = crate::keys::random_bytes(4)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes)
+        .unwrap_or(u32::MAX);
+    let half = d / 2;
+    half + half.mul_f64(f64::from(r) / f64::from(u32::MAX))
+}
+
+/// A delivery being attempted.
+struct Job {
+    delivery_id: String,
+    webhook_id: String,
+    event: String,
+    url: String,
+    /// sealed at rest: #18
+    secret: Secret,
+    body: String,
+    /// This attempt's number (from 1).
+    attempt: u32,
+}
+
+/// Leases up to `free` due deliveries (at most one per webhook, none of
+/// the `busy` webhooks), and says when the next one of the others is due.
+fn claim(
+    c: &mut Connection,
+    free: usize,
+    busy: &[String],
+    lease: Duration,
+    retry_base: Duration,
+) -> Result<(Vec<Job>, Option<i64>), rusqlite::Error> {
+    let now = now_ms();
+    let tx = c.transaction()?;
+    let mut jobs = Vec::new();
+    let mut excluded: Vec<String> = busy.to_vec();
+    if free > 0 {
+        let not_busy = placeholders(busy.len(), 3);
+        let sql = format!(
+            "SELECT d.delivery_id, MIN(d.next_attempt_ms) AS due FROM webhook_deliveries d
+             WHERE d.status = 'pending' AND d.next_attempt_ms <= ?1 AND d.webhook_id NOT IN ({not_busy})
+             GROUP BY d.webhook_id ORDER BY due LIMIT ?2"
+        );
+        let ids: Vec<String> = {
+            let mut stmt = tx.prepare(&sql)?;
+            let limit = i64::try_from(free).unwrap_or(i64::MAX);
+            let args: Vec<rusqlite::types::Value> = [now.into(), limit.into()]
+                .into_iter()
+                .chain(busy.iter().map(|b| b.clone().into()))
+                .collect();
+            stmt.query_map(params_from_iter(args), |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        for id in ids {
+            let job = tx
+                .query_row(
+                    "SELECT d.delivery_id, d.webhook_id, d.event, w.url, w.secret, d.body, d.attempts
+                     FROM webhook_deliveries d JOIN webhooks w ON w.webhook_id = d.webhook_id
+                     WHERE d.delivery_id = ?1",
+                    [&id],
+                    |r| {
+                        Ok(Job {
+                            delivery_id: r.get(0)?,
+                            webhook_id: r.get(1)?,
+                            event: r.get(2)?,
+                            url: r.get(3)?,
+                            secret: Secret::new(r.get::<_, String>(4)?),
+                            body: r.get(5)?,
+                            attempt: r.get::<_, u32>(6)?.saturating_add(1),
+                        })
+                    },
+                )
+                .optional()?;
+            let Some(job) = job else { continue };
+            // The lease: should the server die during this attempt, the
+            // delivery is retried once it runs out.
+            let until = now
+                .saturating_add(millis(lease))
+                .saturating_add(millis(backoff(retry_base, job.attempt)));
+            tx.execute(
+                "UPDATE webhook_deliveries SET attempts = ?2, next_attempt_ms = ?3, updated_at = ?4
+                 WHERE delivery_id = ?1",
+                params![job.delivery_id, job.attempt, until, now_secs()],
+            )?;
+            excluded.push(job.webhook_id.clone());
+            jobs.push(job);
+        }
+    }
+    let sql = format!(
+        "SELECT MIN(next_attempt_ms) FROM webhook_deliveries
+         WHERE status = 'pending' AND webhook_id NOT IN ({})",
+        placeholders(excluded.len(), 1)
+    );
+    let next: Option<i64> = tx.query_row(&sql, params_from_iter(&excluded), |r| r.get(0))?;
+    tx.commit()?;
+    Ok((jobs, next))
+}
+
+/// `?from, ?from+1, …` for `n` values (`NULL` for none: `x NOT IN (NULL)`
+/// would be NULL, so an empty list is written as a value no id has).
+fn placeholders(n: usize, from: usize) -> String {
+    if n == 0 {
+        return "''".into();
+    }
+    (from..from + n)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// How an attempt ended.
+#[derive(Clone)]
+enum Outcome {
+    Delivered(u16),
+    Failed(Option<u16>, String),
+}
+
+/// Records an attempt: delivered, failed for good, or to retry later.
+fn record(
+    c: &mut Connection,
+    job_id: &str,
+    attempt: u32,
+    max_attempts: u32,
+    retry_in: Duration,
+    outcome: &Outcome,
+) -> Result<&'static str, rusqlite::Error> {
+    let now = now_secs();
+    match outcome {
+        Outcome::Delivered(status) => {
+            c.execute(
+                "UPDATE webhook_deliveries SET status = 'delivered', last_status = ?2, last_error = NULL,
+                     delivered_at = ?3, updated_at = ?3
+                 WHERE delivery_id = ?1",
+                params![job_id, status, now],
+            )?;
+            Ok("delivered")
+        }
+        Outcome::Failed(status, error) => {
+            let give_up = attempt >= max_attempts;
+            let state = if give_up { "failed" } else { "pending" };
+            let next = if give_up {
+                now_ms()
+            } else {
+                now_ms().saturating_add(millis(retry_in))
+            };
+            c.execute(
+                "UPDATE webhook_deliveries SET status = ?2, last_status = ?3, last_error = ?4,
+                     next_attempt_ms = ?5, updated_at = ?6
+                 WHERE delivery_id = ?1",
+                params![job_id, state, status, error, next, now],
+            )?;
+            Ok(state)
+        }
+    }
+}
+
+/// Drops finished deliveries older than [`KEEP_FINISHED_SECS`] and beyond
+/// the newest [`KEEP_FINISHED_ROWS`].
+fn prune(c: &mut Connection) -> Result<usize, rusqlite::Error> {
+    let old = c.execute(
+        "DELETE FROM webhook_deliveries WHERE status != 'pending' AND updated_at < ?1",
+        [now_secs() - KEEP_FINISHED_SECS],
+    )?;
+    let excess = c.execute(
+        "DELETE FROM webhook_deliveries WHERE status != 'pending' AND delivery_id NOT IN (
+             SELECT delivery_id FROM webhook_deliveries WHERE status != 'pending'
+             ORDER BY updated_at DESC LIMIT ?1)",
+        [KEEP_FINISHED_ROWS],
+    )?;
+    Ok(old + excess)
+}
 
 /// Delivers queued events until the server stops.
-pub(crate) async fn deliver(_s: Arc<crate::State>) {}
-
-fn todo() -> Response {
-    ApiError::new(StatusCode::NOT_IMPLEMENTED, "not_implemented", "Not yet").into_response()
+pub(crate) async fn deliver(s: Arc<crate::State>) {
+    let mut shutdown = s.shutdown.subscribe();
+    let mut running: JoinSet<()> = JoinSet::new();
+    // The webhook each running attempt is for.
+    let mut busy: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut last_prune: Option<Instant> = None;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            last_prune = Some(Instant::now());
+            match s.store.call(prune).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(pruned = n, "old webhook deliveries removed"),
+                Err(e) => tracing::warn!("could not prune webhook deliveries: {e}"),
+            }
+        }
+        let free = CONCURRENCY.saturating_sub(running.len());
+        let mut wait = IDLE_WAKE;
+        if free > 0 {
+            let busy_ids: Vec<String> = busy.values().cloned().collect();
+            let (lease, base) = (s.config.webhook_timeout, s.config.webhook_retry_base);
+            match s
+                .store
+                .call(move |c| claim(c, free, &busy_ids, lease, base))
+                .await
+            {
+                Ok((jobs, next)) => {
+                    for job in jobs {
+                        let webhook_id = job.webhook_id.clone();
+                        let task = running.spawn(attempt(s.clone(), job));
+                        busy.insert(task.id(), webhook_id);
+                    }
+                    if let Some(next) = next {
+                        let ms = u64::try_from(next.saturating_sub(now_ms())).unwrap_or(0);
+                        wait = wait.min(Duration::from_millis(ms));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("could not read the webhook queue: {e}");
+                    wait = Duration::from_secs(1);
+                }
+            }
+            if running.len() >= CONCURRENCY {
+                // Full: wait for an attempt to end rather than for a due row.
+                wait = IDLE_WAKE;
+            }
+        }
+        tokio::select! {
+            _ = s.webhooks.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(e) => {
+                        tracing::error!("a webhook delivery task failed: {e}");
+                        e.id()
+                    }
+                };
+                busy.remove(&id);
+            }
+            _ = crate::stopped(&mut shutdown) => break,
+        }
+    }
+    // Attempts cut short here are retried after a restart (their leases).
+    running.abort_all();
 }
 
-/// `POST …/llm-client/webhooks/register/`.
-pub(crate) async fn register(State(_s): State<Arc<crate::State>>, _h: HeaderMap, _b: Body) -> Response {
-    todo()
+/// Makes one attempt of a delivery and records it.
+async fn attempt(s: Arc<crate::State>, job: Job) {
+    let signature =
+        atp_registry::webhook::sign(job.secret.expose().as_bytes(), job.body.as_bytes());
+    let headers = [
+        ("x-atp-signature", signature.as_str()),
+        ("x-atp-event", job.event.as_str()),
+        ("x-atp-delivery", job.delivery_id.as_str()),
+        (
+            "user-agent",
+            concat!("atp-server/", env!("CARGO_PKG_VERSION")),
+        ),
+    ];
+    let sent = s
+        .outbound
+        .send(
+            Method::POST,
+            &job.url,
+            &headers,
+            Some(("application/json", Bytes::from(job.body))),
+            s.config.webhook_timeout,
+        )
+        .await;
+    let outcome = match sent {
+        Ok((status, _)) if (200..300).contains(&status) => Outcome::Delivered(status),
+        Ok((status, _)) => Outcome::Failed(Some(status), format!("HTTP {status}")),
+        Err(e) => {
+            let mut text = e.to_string();
+            if text.len() > MAX_ERROR_LEN {
+                let mut end = MAX_ERROR_LEN;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+            }
+            Outcome::Failed(None, text)
+        }
+    };
+    let max_attempts = s.config.webhook_max_attempts.max(1);
+    let retry_in = jitter(backoff(s.config.webhook_retry_base, job.attempt));
+    let (id, n) = (job.delivery_id.clone(), job.attempt);
+    let recorded = {
+        let outcome = outcome.clone();
+        s.store
+            .call(move |c| record(c, &id, n, max_attempts, retry_in, &outcome))
+            .await
+    };
+    let (webhook_id, delivery_id) = (&job.webhook_id, &job.delivery_id);
+    match (recorded, &outcome) {
+        (Ok(_), Outcome::Delivered(status)) => {
+            tracing::debug!(%webhook_id, %delivery_id, attempt = n, status, "webhook delivered")
+        }
+        (Ok("failed"), Outcome::Failed(_, why)) => tracing::warn!(
+            %webhook_id, %delivery_id, attempts = n,
+            "webhook delivery given up: {why}"
+        ),
+        (Ok(_), Outcome::Failed(_, why)) => tracing::info!(
+            %webhook_id, %delivery_id, attempt = n,
+            retry_in_ms = millis(retry_in),
+            "webhook delivery failed, will retry: {why}"
+        ),
+        (Err(e), _) => tracing::error!(
+            %webhook_id, %delivery_id,
+            "could not record a webhook delivery attempt: {e}"
+        ),
+    }
 }
 
-/// `GET …/llm-client/webhooks/`.
-pub(crate) async fn list(State(_s): State<Arc<crate::State>>, _h: HeaderMap) -> Response {
-    todo()
+/// The caller's LLM key hash: `Authorization: ApiKey KEY`, else the body's
+/// `api_key` (as the Python client sends both).
+fn llm_key(
+    s: &crate::State,
+    headers: &HeaderMap,
+    body: Option<&Map<String, Value>>,
+) -> Result<String, ApiError> {
+    let key = api_key_header(headers).or_else(|| body.and_then(|b| crate::str_field(b, "api_key")));
+    match key {
+        Some(k) if s.keys.check(Role::Llm, k) => Ok(key_hash(k)),
+        _ => Err(ApiError::unauthorized()),
+    }
 }
 
-/// `DELETE …/llm-client/webhooks/{webhook_id}/delete/`.
-pub(crate) async fn delete(
-    State(_s): State<Arc<crate::State>>,
-    _h: HeaderMap,
-    Path(_id): Path<String>,
+/// [`llm_key`] for an endpoint whose body only matters for its `api_key`
+/// (a GET sends none).
+async fn llm_key_of(s: &crate::State, headers: &HeaderMap, body: Body) -> Result<String, ApiError> {
+    if api_key_header(headers).is_some() {
+        return llm_key(s, headers, None);
+    }
+    let body = read_object(body, &s.config).await.ok();
+    llm_key(s, headers, body.as_ref())
+}
+
+/// A webhook URL: absolute `http://` or `https://` with a host.
+fn valid_url(url: &str) -> bool {
+    if url.len() > MAX_URL_LEN || !(url.starts_with("http://") || url.starts_with("https://")) {
+        return false;
+    }
+    url.parse::<hyper::Uri>()
+        .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()))
+}
+
+fn db_error(what: &'static str) -> impl FnOnce(crate::store::StoreError) -> ApiError {
+    move |e| {
+        tracing::error!("could not {what}: {e}");
+        ApiError::internal(format!("Could not {what}"))
+    }
+}
+
+/// `POST …/llm-client/webhooks/register/` `{"url", "events"?}`: 201 with
+/// the webhook and its signing secret (shown this once). No events (or an
+/// empty list) means `["connection_success"]`, the Python client's default.
+pub(crate) async fn register(
+    State(s): State<Arc<crate::State>>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Response {
-    todo()
+    let result = async {
+        if api_key_header(&headers).is_some() {
+            llm_key(&s, &headers, None)?;
+        }
+        let m = read_object(body, &s.config).await?;
+        let llm_key_hash = llm_key(&s, &headers, Some(&m))?;
+        let reg: WebhookRegistration = serde_json::from_value(Value::Object(m)).map_err(|_| {
+            ApiError::bad_request(
+                "invalid_body",
+                "Expected {\"url\": STRING, \"events\": [STRING, ...]}",
+            )
+        })?;
+        if !valid_url(&reg.url) {
+            return Err(ApiError::bad_request(
+                "invalid_url",
+                format!("url must be an http:// or https:// URL of at most {MAX_URL_LEN} bytes"),
+            ));
+        }
+        let mut events: Vec<String> = Vec::new();
+        for name in &reg.events {
+            let event: WebhookEvent = name
+                .parse()
+                .map_err(|e: atp_registry::wire::UnknownEvent| {
+                    ApiError::bad_request("unknown_event", e.to_string())
+                })?;
+            if !events.iter().any(|e| e == event.as_str()) {
+                events.push(event.as_str().to_owned());
+            }
+        }
+        if events.is_empty() {
+            // As with no events at all (and as the Rust client does).
+            events.push(WebhookEvent::ConnectionSuccess.as_str().to_owned());
+        }
+        let secret = random_token(32)
+            .map(|t| Secret::new(format!("whsec_{t}")))
+            .map_err(|_| ApiError::internal("no randomness available"))?;
+        let webhook_id = uuid4();
+        let created_at = now_secs();
+        let row = (
+            webhook_id.clone(),
+            llm_key_hash,
+            reg.url.clone(),
+            serde_json::to_string(&events).unwrap_or_else(|_| "[]".into()),
+            secret.clone(),
+        );
+        let stored = s
+            .store
+            .call(move |c| {
+                let (id, key, url, events, secret) = row;
+                let tx = c.transaction()?;
+                let count: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM webhooks WHERE llm_key_hash = ?1",
+                    [&key],
+                    |r| r.get(0),
+                )?;
+                if count >= MAX_WEBHOOKS_PER_KEY {
+                    return Ok(false);
+                }
+                // sealed at rest: #18
+                tx.execute(
+                    "INSERT INTO webhooks (webhook_id, llm_key_hash, url, events, secret, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![id, key, url, events, secret.expose(), created_at],
+                )?;
+                tx.commit()?;
+                Ok(true)
+            })
+            .await
+            .map_err(db_error("store the webhook"))?;
+        if !stored {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "too_many_webhooks",
+                format!("An API key may register at most {MAX_WEBHOOKS_PER_KEY} webhooks; delete one first"),
+            ));
+        }
+        tracing::info!(%webhook_id, events = ?events, "webhook registered");
+        Ok(Webhook {
+            webhook_id,
+            url: reg.url,
+            events,
+            created_at: Some(rfc3339(created_at)),
+            secret: Some(secret),
+        })
+    }
+    .await;
+    match result {
+        Ok(w) => json_response(StatusCode::CREATED, &w),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET …/llm-client/webhooks/`: the caller's webhooks (without their
+/// secrets), oldest first.
+pub(crate) async fn list(
+    State(s): State<Arc<crate::State>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let key = llm_key_of(&s, &headers, body).await?;
+        s.store
+            .call(move |c| {
+                let mut stmt = c.prepare(
+                    "SELECT webhook_id, url, events, created_at FROM webhooks
+                     WHERE llm_key_hash = ?1 ORDER BY created_at, rowid",
+                )?;
+                let rows = stmt.query_map([&key], |r| {
+                    Ok(Webhook {
+                        webhook_id: r.get(0)?,
+                        url: r.get(1)?,
+                        events: parse_events(&r.get::<_, String>(2)?),
+                        created_at: Some(rfc3339(r.get(3)?)),
+                        secret: None,
+                    })
+                })?;
+                rows.collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(db_error("read the webhooks"))
+    }
+    .await;
+    match result {
+        Ok(list) => json_response(StatusCode::OK, &list),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `DELETE …/llm-client/webhooks/{webhook_id}/delete/` (or GET or POST, as
+/// the Python client sends): the caller's webhook and its waiting
+/// deliveries are removed. 404 for another key's.
+pub(crate) async fn delete(
+    State(s): State<Arc<crate::State>>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> Response {
+    let result = async {
+        let key = llm_key_of(&s, &headers, body).await?;
+        let not_found = || ApiError::not_found("webhook_not_found", "Webhook not found");
+        let Ok(Path(id)) = id else {
+            return Err(not_found());
+        };
+        let webhook_id = id.clone();
+        let deleted = s
+            .store
+            .call(move |c| {
+                // Its deliveries go with it (ON DELETE CASCADE).
+                c.execute(
+                    "DELETE FROM webhooks WHERE webhook_id = ?1 AND llm_key_hash = ?2",
+                    params![webhook_id, key],
+                )
+            })
+            .await
+            .map_err(db_error("delete the webhook"))?;
+        if deleted == 0 {
+            return Err(not_found());
+        }
+        tracing::info!(webhook_id = %id, "webhook deleted");
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => json_response(StatusCode::OK, &Status::ok()),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DbLocation;
+
+    #[test]
+    fn backoff_doubles_up_to_a_cap() {
+        let base = Duration::from_millis(100);
+        assert_eq!(backoff(base, 1), base);
+        assert_eq!(backoff(base, 2), base * 2);
+        assert_eq!(backoff(base, 4), base * 8);
+        assert_eq!(backoff(base, 60), MAX_BACKOFF);
+        assert_eq!(backoff(Duration::ZERO, 1), Duration::from_millis(1));
+        for _ in 0..50 {
+            let j = jitter(Duration::from_secs(8));
+            assert!(
+                j >= Duration::from_secs(4) && j <= Duration::from_secs(8),
+                "{j:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn urls() {
+        assert!(valid_url("https://example.com/hook?x=1"));
+        assert!(valid_url("http://127.0.0.1:8080/"));
+        assert!(!valid_url("ftp://example.com/"));
+        assert!(!valid_url("http://"));
+        assert!(!valid_url("https://exa mple.com/"));
+        assert!(!valid_url(&format!(
+            "https://e.com/{}",
+            "a".repeat(MAX_URL_LEN)
+        )));
+    }
+
+    #[test]
+    fn queue_claims_one_per_webhook_and_leases() {
+        let store = Store::open(&DbLocation::Memory).expect("open");
+        store
+            .call_now(|c| {
+                for id in ["w1", "w2"] {
+                    c.execute(
+                        "INSERT INTO webhooks (webhook_id, llm_key_hash, url, events, secret, created_at)
+                         VALUES (?1, 'k', 'http://127.0.0.1:9/', '[\"connection_success\"]', 's', 0)",
+                        [id],
+                    )?;
+                }
+                Ok(())
+            })
+            .expect("webhooks");
+        let hooks = store
+            .call_now(|c| subscribed(c, WebhookEvent::ConnectionSuccess, Some("k")))
+            .expect("subscribed");
+        assert_eq!(hooks.len(), 2);
+        assert!(
+            store
+                .call_now(|c| subscribed(c, WebhookEvent::ConnectionFailed, None))
+                .expect("subscribed")
+                .is_empty()
+        );
+        let ids = vec!["w1".to_owned(), "w1".to_owned(), "w2".to_owned()];
+        let data = serde_json::json!({"platform_id": "p"});
+        let n = store
+            .call_now(|c| enqueue(c, WebhookEvent::ConnectionSuccess, &ids, &data))
+            .expect("enqueue");
+        assert_eq!(n, 3);
+        let lease = Duration::from_secs(60);
+        let (jobs, next) = store
+            .call_now(|c| claim(c, 8, &[], lease, Duration::from_secs(1)))
+            .expect("claim");
+        // One per webhook; the other delivery of w1 waits for w1's to end.
+        assert_eq!(jobs.len(), 2);
+        assert!(jobs.iter().all(|j| j.attempt == 1));
+        assert!(next.is_none(), "w1's second waits for w1: {next:?}");
+        let body: WebhookDelivery = serde_json::from_str(&jobs[0].body).expect("body");
+        assert_eq!(body.delivery_id, jobs[0].delivery_id);
+        assert_eq!(body.data["platform_id"], "p");
+        // Leased: claimed again only once the lease runs out.
+        let (again, next) = store
+            .call_now(|c| claim(c, 8, &[], lease, Duration::from_secs(1)))
+            .expect("claim");
+        assert_eq!(again.len(), 1, "only w1's second delivery is free");
+        assert!(next.is_some_and(|t| t > now_ms() + 50_000));
+        let failed = Outcome::Failed(Some(500), "HTTP 500".into());
+        let state = store
+            .call_now(|c| record(c, &jobs[0].delivery_id, 1, 1, Duration::ZERO, &failed))
+            .expect("record");
+        assert_eq!(state, "failed");
+        let delivered = Outcome::Delivered(200);
+        let state = store
+            .call_now(|c| record(c, &jobs[1].delivery_id, 1, 5, Duration::ZERO, &delivered))
+            .expect("record");
+        assert_eq!(state, "delivered");
+        assert_eq!(store.call_now(prune).expect("prune"), 0);
+    }
 }

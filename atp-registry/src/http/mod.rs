@@ -463,7 +463,11 @@ impl PendingCall {
             }
         };
         let token = token.or(self.header_token);
-        match self.tool.call(&self.client, params, token).await {
+        match self
+            .tool
+            .call(&self.client, params, token, Default::default())
+            .await
+        {
             Ok(result) => Response::json(200, &ToolResult { result: &result }),
             Err(e) => Response::error(e.code(), &e.to_string()),
         }
@@ -755,6 +759,19 @@ impl Engine {
                 };
                 match req.method {
                     "GET" | "HEAD" => Response::json(200, &tool.context()),
+                    // An interactive app keeps a session through the ATP
+                    // server; it is described here but not called.
+                    _ if tool.is_app() => {
+                        let mut r = Response::error(
+                            ErrorCode::MethodNotAllowed,
+                            &format!(
+                                "{} is an interactive app: start it with an app request through the ATP server; it can not be called as a tool",
+                                tool.name()
+                            ),
+                        );
+                        r.allow = Some(ALLOW_READ);
+                        r
+                    }
                     "POST" => {
                         let media = media(req.content_type);
                         let limit = client.body_limit();

@@ -673,3 +673,44 @@ fn from_headers_reads_like_a_lookup_per_name() {
         assert_eq!(h.query, Some("a=1"));
     }
 }
+
+#[tokio::test]
+async fn an_app_is_described_but_not_called() {
+    let r = Registry::new();
+    let c = ToolKitClient::new("key", "Apps");
+    c.register_app(
+        Tool::new("counter").params(["start"]),
+        |_call: crate::AppCall| async { Ok::<_, ToolError>(crate::AppReply::new(json!({}))) },
+    )
+    .unwrap();
+    r.register_client("apps", c).unwrap();
+    let engine = Engine::with_registry(r);
+    let (s, _, b) = send_with(&engine, req("GET", "/atp/apps/counter/")).await;
+    assert_eq!((s, b["function"].as_str()), (200, Some("counter")));
+    let (s, _, b) = send_with(&engine, req("GET", "/atp/apps/")).await;
+    assert_eq!(
+        (s, b["tools"][0]["function"].as_str()),
+        (200, Some("counter"))
+    );
+    for method in ["POST", "PUT", "DELETE"] {
+        let (s, allow, b) = send_with(
+            &engine,
+            req(method, "/atp/apps/counter/")
+                .h("content-type", "application/json")
+                .body(br#"{"start": 1}"#),
+        )
+        .await;
+        assert_eq!(
+            (s, allow, code(&b)),
+            (405, Some(ALLOW_READ), "method_not_allowed"),
+            "{method}"
+        );
+        assert!(
+            b["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("interactive app"),
+            "{b}"
+        );
+    }
+}

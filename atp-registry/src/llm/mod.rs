@@ -1,8 +1,26 @@
-//! [`LlmClient`]: the agent side of ATP (docs/PROTOCOL.md §6) — toolkit contexts in
-//! each provider's format, the tool calls a model made run through an ATP
-//! server, and the OAuth flow of the tools that need a user's token.
+//! [`LlmClient`]: the agent side of ATP (docs/PROTOCOL.md §6, §8) — toolkit
+//! contexts in each provider's format, the tool calls a model made run
+//! through an ATP server (at once or in turn, streamed with their progress
+//! or not), interactive app sessions, the OAuth flow of the tools that need
+//! a user's token, webhooks, and the toolkit store: every method of the
+//! Python SDK's `LLMClient`.
+//!
+//! | Python `LLMClient` | here |
+//! |---|---|
+//! | `get_toolkit_context` | [`LlmClient::get_toolkit_context`] |
+//! | `get_toolkit_context_streaming` | [`LlmClient::get_toolkit_context_streaming`] |
+//! | `call_tool(…, auth_token, timeout, sequential)` | [`LlmClient::call_tool`], [`LlmClient::call_tool_with`] + [`CallOptions`] |
+//! | `call_tool_streaming` | [`LlmClient::call_tool_streaming`] (every call, not only the first) |
+//! | `initiate_oauth_connection`, `wait_for_connection`, `get_user_tokens` | the same names |
+//! | `register_webhook`, `list_webhooks`, `delete_webhook` | the same names |
+//! | `list_store_toolkits`, `list_my_toolkits`, `get_toolkit_details`, `get_developer_profile` | the same names |
+//! | (apps, new in this contract) | [`LlmClient::start_app`], [`LlmClient::app_action`], [`LlmClient::terminate_app`] |
 
+mod account;
+mod apps;
 mod calls;
+mod sse;
+mod stream;
 
 use std::{
     collections::HashMap,
@@ -22,22 +40,25 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
+pub use apps::{AppSession, AppUpdate};
 pub use calls::{
     CallFormat, CallOutcome, ToolCall, parse_tool_calls, result_messages, task_outcome,
 };
+pub use stream::{CallFinished, CallProgress, EventStream, StreamEvent};
 
 use crate::{
     net::{
-        self, HttpClient, NetError,
+        self, HttpClient, NetError, StreamingResponse,
         session::{self, Flow, Handler, SessionOptions, Tungstenite},
     },
     schema::Provider,
     secret::Secret,
     wire::{
         ContextRequest, ContextResponse, LlmToServer, OAuthConfirmation, RequestId, ServerToLlm,
-        TaskOutcome, TaskPayload, TaskRequest,
+        TaskOutcome, TaskPayload, TaskProgress, TaskRequest, WireError,
     },
 };
+use sse::SseParser;
 
 /// How the client talks to the ATP server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +68,55 @@ pub enum LlmProtocol {
     WebSocket,
     /// `POST /api/v1/atp/llm-client/process/` per request.
     Http,
+}
+
+/// Options of one [`LlmClient::call_tool_with`] (or
+/// [`LlmClient::call_tool_streaming_with`]): the Python client's
+/// `sequential`, `auth_token` and `timeout`, and the end user whose OAuth
+/// token the server injects.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallOptions {
+    sequential: bool,
+    auth_token: Option<Secret>,
+    external_user_id: Option<String>,
+    timeout: Option<Duration>,
+}
+
+impl CallOptions {
+    /// The defaults: the calls run concurrently, no token, the client's
+    /// timeout.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs the calls one after the other, in call order, each sent once
+    /// the one before it is answered (the default runs them at once).
+    pub fn sequential(mut self, sequential: bool) -> Self {
+        self.sequential = sequential;
+        self
+    }
+
+    /// The auth token sent with every call (`payload.auth_token`): the
+    /// user's token for tools that need one.
+    pub fn auth_token(mut self, token: impl Into<Secret>) -> Self {
+        self.auth_token = Some(token.into());
+        self
+    }
+
+    /// The end user whose OAuth token (from
+    /// [`LlmClient::initiate_oauth_connection`]) the server injects into
+    /// the calls of tools that need it.
+    pub fn external_user_id(mut self, user: impl Into<String>) -> Self {
+        self.external_user_id = Some(user.into());
+        self
+    }
+
+    /// How long to wait for each answer (for a stream: each event) instead
+    /// of the client's timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
 }
 
 /// Why an [`LlmClient`] call failed.
@@ -82,6 +152,20 @@ pub enum LlmError {
     /// The base URL is not `http://…` or `https://…`.
     #[error("base_url must start with http:// or https://")]
     InvalidBaseUrl,
+    /// An app request failed (docs/PROTOCOL.md §8): the server's stable
+    /// code (`app_not_found`, `session_not_found`, `session_ended`,
+    /// `toolkit_disconnected`, `toolkit_timeout`, …) and its message.
+    #[error("the app request failed ({code}): {message}")]
+    App {
+        /// The `code` of the `app_response`.
+        code: String,
+        /// The `error` of the `app_response`.
+        message: String,
+    },
+    /// An argument this client cannot send (e.g. app parameters that are
+    /// not a JSON object).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
 }
 
 impl From<NetError> for LlmError {
@@ -147,7 +231,19 @@ impl fmt::Debug for LlmClient {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<ServerToLlm>>>>;
+/// The requests waiting on a WebSocket, by request id.
+type Pending = Arc<Mutex<HashMap<String, Waiter>>>;
+
+/// A request waiting on the WebSocket: its answer goes to `answer`; the
+/// `task_progress` before it to `progress`, when it streams.
+struct Waiter {
+    progress: Option<mpsc::Sender<TaskProgress>>,
+    answer: oneshot::Sender<ServerToLlm>,
+}
+
+/// How many `task_progress` messages wait for a slow reader of a stream;
+/// more are dropped (progress is a hint; the answer is never dropped).
+const PROGRESS_BUFFER: usize = 64;
 
 /// A live, authenticated WebSocket: requests go out through `tx`, answers
 /// come back to `pending` by request id.
@@ -257,6 +353,19 @@ impl LlmClient {
         provider: &str,
         user_prompt: &str,
     ) -> Result<Value, LlmError> {
+        let (request_id, message) = self.context_request(toolkit_id, provider, user_prompt)?;
+        context_of(
+            self.exchange(&request_id, &message, self.inner.timeout)
+                .await?,
+        )
+    }
+
+    fn context_request(
+        &self,
+        toolkit_id: &str,
+        provider: &str,
+        user_prompt: &str,
+    ) -> Result<(RequestId, LlmToServer), LlmError> {
         provider
             .parse::<Provider>()
             .map_err(|_| LlmError::UnknownProvider(provider.to_owned()))?;
@@ -268,30 +377,7 @@ impl LlmClient {
             user_prompt: Value::String(user_prompt.to_owned()),
             strict: false,
         });
-        match self.exchange(&request_id, &message).await? {
-            ServerToLlm::ToolkitContext(ContextResponse {
-                payload: Some(payload),
-                status,
-                ..
-            }) if status.as_deref() != Some("error") => {
-                serde_json::to_value(payload).map_err(|e| LlmError::InvalidResponse(e.to_string()))
-            }
-            ServerToLlm::ToolkitContext(c) => Err(LlmError::Server {
-                status: None,
-                message: c
-                    .error
-                    .or(c.message)
-                    .unwrap_or_else(|| "toolkit_context without a payload".into()),
-            }),
-            ServerToLlm::Error(e) => Err(LlmError::Server {
-                status: None,
-                message: e.text().to_owned(),
-            }),
-            other => Err(LlmError::InvalidResponse(format!(
-                "a {} answer to get_toolkit_context",
-                other.kind()
-            ))),
-        }
+        Ok((request_id, message))
     }
 
     /// Runs the tool calls a model made — passed exactly as the provider's
@@ -316,7 +402,9 @@ impl LlmClient {
 
     /// [`call_tool`](Self::call_tool) for a given user: the server injects
     /// the token of `external_user_id` (from the OAuth flow) into the calls
-    /// of tools that need it, or uses `auth_token` when given.
+    /// of tools that need it, or uses `auth_token` when given. The same as
+    /// [`call_tool_with`](Self::call_tool_with) with those
+    /// [`CallOptions`].
     pub async fn call_tool_as(
         &self,
         toolkit_id: &str,
@@ -326,40 +414,101 @@ impl LlmClient {
         external_user_id: Option<&str>,
         auth_token: Option<&Secret>,
     ) -> Result<Vec<Value>, LlmError> {
+        let options = CallOptions {
+            external_user_id: external_user_id.map(str::to_owned),
+            auth_token: auth_token.cloned(),
+            ..CallOptions::default()
+        };
+        self.call_tool_with(toolkit_id, tool_calls, provider, user_prompt, &options)
+            .await
+    }
+
+    /// [`call_tool`](Self::call_tool) with options: one call after the
+    /// other (`sequential`, the Python client's `sequential=True`), an
+    /// explicit `auth_token` (its `auth_token=`), an end user whose OAuth
+    /// token the server injects, and a bound of its own on each wait.
+    ///
+    /// ```no_run
+    /// # async fn demo(atp: atp_registry::llm::LlmClient, calls: serde_json::Value) -> Result<(), atp_registry::llm::LlmError> {
+    /// use std::time::Duration;
+    /// use atp_registry::llm::CallOptions;
+    ///
+    /// let options = CallOptions::new()
+    ///     .sequential(true)
+    ///     .auth_token("user-access-token")
+    ///     .timeout(Duration::from_secs(30));
+    /// let messages = atp.call_tool_with("Demo", &calls, "openai", "", &options).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn call_tool_with(
+        &self,
+        toolkit_id: &str,
+        tool_calls: &Value,
+        provider: &str,
+        user_prompt: &str,
+        options: &CallOptions,
+    ) -> Result<Vec<Value>, LlmError> {
         let parsed = provider
             .parse::<Provider>()
             .map_err(|_| LlmError::UnknownProvider(provider.to_owned()))?;
         let calls = parse_tool_calls(parsed, tool_calls);
-        let runs = calls.iter().map(|call| async move {
-            let arguments = match &call.arguments {
-                Ok(a) => a.clone(),
-                Err(why) => return Ok(CallOutcome::error(why.clone())),
-            };
-            let request_id = self.request_id("task");
-            let message = LlmToServer::TaskRequest(TaskRequest {
-                toolkit_id: toolkit_id.to_owned(),
-                request_id: Some(request_id.clone()),
-                payload: TaskPayload {
-                    function: call.name.clone(),
-                    parameters: Value::Object(arguments),
-                    auth_token: auth_token.cloned(),
-                    tool_call_id: Value::String(call.id.clone()),
-                    external_user_id: None,
-                },
-                provider: Some(provider.to_owned()),
-                user_prompt: Value::String(user_prompt.to_owned()),
-                external_user_id: external_user_id.map(str::to_owned),
-                auth_token: None,
-                stream: false,
-            });
-            let answer = self.exchange(&request_id, &message).await?;
-            Ok::<_, LlmError>(task_outcome(&answer))
-        });
-        let outcomes = join_all(runs)
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
+        let limit = options.timeout.unwrap_or(self.inner.timeout);
+        let run = |call: &ToolCall| {
+            let task = self.task_request(toolkit_id, call, provider, user_prompt, options, false);
+            async move {
+                let (request_id, message) = match task {
+                    Ok(task) => task,
+                    Err(why) => return Ok(CallOutcome::error(why)),
+                };
+                let answer = self.exchange(&request_id, &message, limit).await?;
+                Ok::<_, LlmError>(task_outcome(&answer))
+            }
+        };
+        let outcomes = if options.sequential {
+            let mut outcomes = Vec::with_capacity(calls.len());
+            for call in &calls {
+                outcomes.push(run(call).await?);
+            }
+            outcomes
+        } else {
+            join_all(calls.iter().map(run))
+                .await
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?
+        };
         Ok(result_messages(&calls, &outcomes))
+    }
+
+    /// The `task_request` of one call, or why it cannot be sent (its
+    /// arguments are not a JSON object: it gets an error result).
+    fn task_request(
+        &self,
+        toolkit_id: &str,
+        call: &ToolCall,
+        provider: &str,
+        user_prompt: &str,
+        options: &CallOptions,
+        stream: bool,
+    ) -> Result<(RequestId, LlmToServer), String> {
+        let arguments = call.arguments.clone()?;
+        let request_id = self.request_id("task");
+        let message = LlmToServer::TaskRequest(TaskRequest {
+            toolkit_id: toolkit_id.to_owned(),
+            request_id: Some(request_id.clone()),
+            payload: TaskPayload {
+                function: call.name.clone(),
+                parameters: Value::Object(arguments),
+                auth_token: options.auth_token.clone(),
+                tool_call_id: Value::String(call.id.clone()),
+                external_user_id: None,
+            },
+            provider: Some(provider.to_owned()),
+            user_prompt: Value::String(user_prompt.to_owned()),
+            external_user_id: options.external_user_id.clone(),
+            auth_token: None,
+            stream,
+        });
+        Ok((request_id, message))
     }
 
     /// Starts an OAuth connection for a user of a platform: the answer
@@ -462,85 +611,110 @@ impl LlmClient {
             .await?)
     }
 
-    /// Sends one request and waits for its answer, over the protocol chosen.
+    /// Sends one request and waits for its answer (skipping progress),
+    /// over the protocol chosen, within `limit`.
     async fn exchange(
         &self,
         request_id: &RequestId,
         message: &LlmToServer,
+        limit: Duration,
     ) -> Result<ServerToLlm, LlmError> {
+        tokio::time::timeout(limit, async {
+            let mut answers = self.open(request_id, message, false, limit).await?;
+            loop {
+                match answers.next(limit).await {
+                    Some(Ok(ServerToLlm::TaskProgress(_))) => {}
+                    Some(answer) => return answer,
+                    None => return Err(LlmError::ConnectionLost),
+                }
+            }
+        })
+        .await
+        .unwrap_or(Err(LlmError::Timeout(limit)))
+    }
+
+    /// Sends one request: what the server answers can then be read with
+    /// [`Answers::next`]. With `stream`, over HTTP, it asks for an event
+    /// stream (`Accept: text/event-stream`); over the WebSocket, the
+    /// `task_progress` messages of the request are kept for the caller.
+    /// Sending is bounded by `limit`.
+    async fn open(
+        &self,
+        request_id: &RequestId,
+        message: &LlmToServer,
+        stream: bool,
+        limit: Duration,
+    ) -> Result<Answers, LlmError> {
         match self.inner.protocol {
             LlmProtocol::Http => {
                 let url = format!("{}/api/v1/atp/llm-client/process/", self.http_base()?);
                 let auth = format!("ApiKey {}", self.inner.api_key.expose());
-                let body = Bytes::from(message.to_json());
-                let (status, bytes) = self
-                    .inner
-                    .http
-                    .send(
-                        Method::POST,
-                        &url,
-                        &[("authorization", auth.as_str())],
-                        Some(("application/json", body)),
-                        self.inner.timeout,
-                    )
-                    .await?;
-                let answer = std::str::from_utf8(&bytes)
-                    .map_err(|_| LlmError::InvalidResponse(format!("HTTP {status}, not UTF-8")))
-                    .and_then(|text| {
-                        ServerToLlm::parse(text)
-                            .map_err(|e| LlmError::InvalidResponse(format!("HTTP {status}: {e}")))
-                    });
-                match (status, answer) {
-                    (200..=299, answer) => answer,
-                    (401 | 403, answer) => Err(LlmError::AuthRefused(
-                        answer
-                            .map(|a| error_of(&a))
-                            .unwrap_or_else(|_| format!("HTTP {status}")),
-                    )),
-                    (status, answer) => Err(LlmError::Server {
-                        status: Some(status),
-                        message: match answer {
-                            Ok(a) => error_of(&a),
-                            Err(_) => {
-                                error_text(&serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-                            }
-                        },
-                    }),
+                let accept = if stream {
+                    "text/event-stream"
+                } else {
+                    "application/json"
+                };
+                let headers = [("authorization", auth.as_str()), ("accept", accept)];
+                let body = Some(("application/json", Bytes::from(message.to_json())));
+                let http = &self.inner.http;
+                if !stream {
+                    let (status, bytes) =
+                        http.send(Method::POST, &url, &headers, body, limit).await?;
+                    return Ok(Answers::Whole(Some(http_answer(status, &bytes)?)));
                 }
+                let response = http
+                    .send_streaming(Method::POST, &url, &headers, body, limit)
+                    .await?;
+                if response.is_event_stream() && (200..=299).contains(&response.status) {
+                    return Ok(Answers::Events {
+                        response,
+                        parser: SseParser::default(),
+                        eof: false,
+                        done: false,
+                    });
+                }
+                // A server that does not stream answers as usual.
+                let status = response.status;
+                let bytes = response.read_all(limit).await?;
+                Ok(Answers::Whole(Some(http_answer(status, &bytes)?)))
             }
             LlmProtocol::WebSocket => {
                 let (tx, pending, alive) = self.connection().await?;
                 let key = request_id.to_string();
                 let (answer_tx, answer_rx) = oneshot::channel();
+                let (progress_tx, progress_rx) = if stream {
+                    let (tx, rx) = mpsc::channel(PROGRESS_BUFFER);
+                    (Some(tx), Some(rx))
+                } else {
+                    (None, None)
+                };
                 pending
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .insert(key.clone(), answer_tx);
-                let forget = || {
-                    pending
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .remove(&key);
-                };
-                let limit = self.inner.timeout;
-                let waited = tokio::time::timeout(limit, async {
-                    if !alive.load(Ordering::SeqCst) || tx.send(message.to_json()).await.is_err() {
-                        return Err(LlmError::ConnectionLost);
-                    }
-                    answer_rx.await.map_err(|_| LlmError::ConnectionLost)
+                    .insert(
+                        key.clone(),
+                        Waiter {
+                            progress: progress_tx,
+                            answer: answer_tx,
+                        },
+                    );
+                // From here on, however this ends, the waiter goes.
+                let forget = Forget { pending, key };
+                let sent = tokio::time::timeout(limit, async {
+                    alive.load(Ordering::SeqCst) && tx.send(message.to_json()).await.is_ok()
                 })
-                .await;
-                match waited {
-                    Ok(Ok(answer)) => Ok(answer),
-                    Ok(Err(e)) => {
-                        forget();
-                        Err(e)
-                    }
-                    Err(_) => {
-                        forget();
-                        Err(LlmError::Timeout(limit))
-                    }
+                .await
+                .map_err(|_| LlmError::Timeout(limit))?;
+                if !sent {
+                    return Err(LlmError::ConnectionLost);
                 }
+                Ok(Answers::Socket {
+                    progress: progress_rx,
+                    answer: answer_rx,
+                    held: None,
+                    done: false,
+                    _forget: forget,
+                })
             }
         }
     }
@@ -680,7 +854,9 @@ impl Handler for Router {
     }
 }
 
-/// Hands an answer to the request waiting for it.
+/// Hands an answer to the request waiting for it, and a `task_progress`
+/// to the stream of a request that streams (without waiting: a full
+/// buffer drops it).
 fn route(pending: &Pending, text: &str) {
     let answer = match ServerToLlm::parse(text) {
         Ok(answer) => answer,
@@ -693,15 +869,248 @@ fn route(pending: &Pending, text: &str) {
         tracing::debug!("ignoring a message without a request_id");
         return;
     };
-    if matches!(answer, ServerToLlm::TaskProgress(_)) {
+    let mut pending = pending.lock().unwrap_or_else(PoisonError::into_inner);
+    if let ServerToLlm::TaskProgress(progress) = answer {
+        if let Some(Waiter {
+            progress: Some(tx), ..
+        }) = pending.get(&id)
+            && let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(progress)
+        {
+            tracing::debug!("a stream's reader is behind: dropping a task_progress");
+        }
         return;
     }
-    let waiter = pending
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .remove(&id);
-    if let Some(waiter) = waiter {
-        let _ = waiter.send(answer);
+    if let Some(waiter) = pending.remove(&id) {
+        let _ = waiter.answer.send(answer);
+    }
+}
+
+/// Removes a request's waiter when the request is over, answered or not.
+struct Forget {
+    pending: Pending,
+    key: String,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
+}
+
+/// What the server answers one request: zero or more `task_progress`,
+/// then one other message (the answer), then nothing.
+enum Answers {
+    /// A whole answer (HTTP without an event stream).
+    Whole(Option<ServerToLlm>),
+    /// An HTTP event stream.
+    Events {
+        response: StreamingResponse,
+        parser: SseParser,
+        eof: bool,
+        done: bool,
+    },
+    /// The request's share of the WebSocket.
+    Socket {
+        progress: Option<mpsc::Receiver<TaskProgress>>,
+        answer: oneshot::Receiver<ServerToLlm>,
+        /// The answer, kept while progress sent before it is read.
+        held: Option<ServerToLlm>,
+        done: bool,
+        _forget: Forget,
+    },
+}
+
+impl Answers {
+    /// The next message, within `limit`; `None` after the answer. An
+    /// error ends it.
+    async fn next(&mut self, limit: Duration) -> Option<Result<ServerToLlm, LlmError>> {
+        let deadline = tokio::time::Instant::now() + limit;
+        match self {
+            Answers::Whole(answer) => answer.take().map(Ok),
+            Answers::Events {
+                response,
+                parser,
+                eof,
+                done,
+            } => loop {
+                if *done {
+                    return None;
+                }
+                if let Some(data) = parser.next_event() {
+                    match ServerToLlm::parse(&data) {
+                        Ok(message) => {
+                            *done = !matches!(message, ServerToLlm::TaskProgress(_));
+                            return Some(Ok(message));
+                        }
+                        Err(WireError::UnknownType { kind, .. }) => {
+                            tracing::debug!("ignoring an event of type {kind:?}");
+                            continue;
+                        }
+                        Err(e) => {
+                            *done = true;
+                            return Some(Err(LlmError::InvalidResponse(format!(
+                                "an event of the stream: {e}"
+                            ))));
+                        }
+                    }
+                }
+                if *eof {
+                    *done = true;
+                    return Some(Err(LlmError::ConnectionLost));
+                }
+                let chunk = match tokio::time::timeout_at(deadline, response.chunk()).await {
+                    Err(_) => Err(LlmError::Timeout(limit)),
+                    Ok(None) => {
+                        *eof = true;
+                        parser.finish().map_err(|_| too_large())
+                    }
+                    Ok(Some(Ok(bytes))) => parser.push(&bytes).map_err(|_| too_large()),
+                    Ok(Some(Err(e))) => Err(e.into()),
+                };
+                if let Err(e) = chunk {
+                    *done = true;
+                    return Some(Err(e));
+                }
+            },
+            Answers::Socket {
+                progress,
+                answer,
+                held,
+                done,
+                ..
+            } => {
+                if *done {
+                    return None;
+                }
+                let early = |progress: &mut Option<mpsc::Receiver<TaskProgress>>| {
+                    progress.as_mut().and_then(|rx| rx.try_recv().ok())
+                };
+                if let Some(last) = held.take() {
+                    if let Some(p) = early(progress) {
+                        *held = Some(last);
+                        return Some(Ok(ServerToLlm::TaskProgress(p)));
+                    }
+                    *done = true;
+                    return Some(Ok(last));
+                }
+                let waited = tokio::time::timeout_at(deadline, async {
+                    match progress.as_mut() {
+                        Some(rx) => tokio::select! {
+                            biased;
+                            Some(p) = rx.recv() => Ok(ServerToLlm::TaskProgress(p)),
+                            last = &mut *answer => last,
+                        },
+                        None => (&mut *answer).await,
+                    }
+                })
+                .await;
+                match waited {
+                    Err(_) => {
+                        *done = true;
+                        Some(Err(LlmError::Timeout(limit)))
+                    }
+                    Ok(Err(_)) => {
+                        *done = true;
+                        Some(Err(LlmError::ConnectionLost))
+                    }
+                    Ok(Ok(p @ ServerToLlm::TaskProgress(_))) => Some(Ok(p)),
+                    Ok(Ok(last)) => {
+                        // Progress routed before the answer is read first.
+                        if let Some(p) = early(progress) {
+                            *held = Some(last);
+                            return Some(Ok(ServerToLlm::TaskProgress(p)));
+                        }
+                        *done = true;
+                        Some(Ok(last))
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn too_large() -> LlmError {
+    LlmError::InvalidResponse("an event of the stream is larger than 16 MiB".into())
+}
+
+/// Reads a `toolkit_context` answer: its payload as JSON.
+fn context_of(answer: ServerToLlm) -> Result<Value, LlmError> {
+    match answer {
+        ServerToLlm::ToolkitContext(ContextResponse {
+            payload: Some(payload),
+            status,
+            ..
+        }) if status.as_deref() != Some("error") => {
+            serde_json::to_value(payload).map_err(|e| LlmError::InvalidResponse(e.to_string()))
+        }
+        ServerToLlm::ToolkitContext(c) => Err(LlmError::Server {
+            status: None,
+            message: c
+                .error
+                .or(c.message)
+                .unwrap_or_else(|| "toolkit_context without a payload".into()),
+        }),
+        ServerToLlm::Error(e) => Err(LlmError::Server {
+            status: None,
+            message: e.text().to_owned(),
+        }),
+        other => Err(LlmError::InvalidResponse(format!(
+            "a {} answer to get_toolkit_context",
+            other.kind()
+        ))),
+    }
+}
+
+/// Reads the answer to a `POST process/`: a 2xx is the answer; 401 and
+/// 403 a refused key; an `app_response` with an error is passed on
+/// whatever its status (its `code` says more); anything else an error
+/// with the status.
+fn http_answer(status: u16, bytes: &[u8]) -> Result<ServerToLlm, LlmError> {
+    let answer = std::str::from_utf8(bytes)
+        .map_err(|_| LlmError::InvalidResponse(format!("HTTP {status}, not UTF-8")))
+        .and_then(|text| {
+            ServerToLlm::parse(text)
+                .map_err(|e| LlmError::InvalidResponse(format!("HTTP {status}: {e}")))
+        });
+    match (status, answer) {
+        (200..=299, answer) => answer,
+        (401 | 403, answer) => Err(LlmError::AuthRefused(match answer {
+            Ok(a) => error_of(&a),
+            Err(_) => Some(body_message(bytes))
+                .filter(|m| !m.is_empty() && m != "null")
+                .unwrap_or_else(|| format!("HTTP {status}")),
+        })),
+        (_, Ok(ServerToLlm::AppResponse(a)))
+            if a.payload.error.is_some() || a.payload.code.is_some() =>
+        {
+            Ok(ServerToLlm::AppResponse(a))
+        }
+        (status, answer) => Err(LlmError::Server {
+            status: Some(status),
+            message: match answer {
+                Ok(a) => error_of(&a),
+                Err(_) => body_message(bytes),
+            },
+        }),
+    }
+}
+
+/// The error message of an answer's body: its `error` (or `message`,
+/// `detail`, `reason`) when it is JSON, else its text (cut short).
+fn body_message(bytes: &[u8]) -> String {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(v) => error_text(&v),
+        Err(_) => {
+            let text = String::from_utf8_lossy(bytes);
+            let text = text.trim();
+            match text.char_indices().nth(200) {
+                Some((at, _)) => format!("{}…", &text[..at]),
+                None => text.to_owned(),
+            }
+        }
     }
 }
 
@@ -745,6 +1154,9 @@ fn http_error(status: u16, answer: &Value) -> LlmError {
 }
 
 #[cfg(test)]
+mod loopback_tests;
+
+#[cfg(test)]
 mod tests {
     use serde_json::json;
 
@@ -759,6 +1171,14 @@ mod tests {
         assert_send(&llm.get_toolkit_context("t", "openai", ""));
         assert_send(&llm.call_tool("t", &calls, "openai", ""));
         assert_send(&llm.wait_for_connection("p", "u", Duration::ZERO, Duration::ZERO));
+        assert_send(&llm.call_tool_with("t", &calls, "openai", "", &CallOptions::new()));
+        assert_send(&llm.call_tool_streaming("t", &calls, "openai", ""));
+        assert_send(&llm.start_app("t", "a", &calls, None));
+        assert_send(&llm.app_action("s", &calls));
+        assert_send(&llm.terminate_app("s"));
+        assert_send(&llm.register_webhook("u", &[]));
+        assert_send(&llm.list_webhooks());
+        assert_send(&llm.list_store_toolkits(1, 10));
     }
 
     #[test]

@@ -82,37 +82,11 @@ impl HttpClient {
         body: Option<(&str, Bytes)>,
         timeout: Duration,
     ) -> Result<(u16, Bytes), NetError> {
-        let uri: hyper::Uri = url
-            .parse()
-            .map_err(|_| NetError::InvalidUrl(redact_url(url)))?;
-        let mut req = Request::builder().method(method).uri(uri);
-        for (name, value) in headers {
-            req = req.header(*name, *value);
-        }
-        let payload = match body {
-            Some((content_type, bytes)) => {
-                req = req.header(header::CONTENT_TYPE, content_type);
-                bytes
-            }
-            None => Bytes::new(),
-        };
-        let req = req
-            .body(Full::new(payload))
-            .map_err(|e| NetError::InvalidUrl(e.to_string()))?;
+        let req = request(method, url, headers, body)?;
         let call = async {
-            let resp = self.inner.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    NetError::Connect(error_chain(&e))
-                } else {
-                    NetError::Lost(error_chain(&e))
-                }
-            })?;
+            let resp = self.head(req).await?;
             let status = resp.status().as_u16();
-            let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
-                .collect()
-                .await
-                .map_err(|e| NetError::Lost(e.to_string()))?
-                .to_bytes();
+            let bytes = read_body(resp.into_body()).await?;
             Ok((status, bytes))
         };
         tokio::time::timeout(timeout, call)
@@ -120,9 +94,52 @@ impl HttpClient {
             .unwrap_or(Err(NetError::Timeout(timeout)))
     }
 
+    /// Sends a request and returns as soon as the answer's head has come
+    /// (within `timeout`): its status and content type, and its body to
+    /// read chunk by chunk as it arrives (server-sent events). Reading
+    /// the body has no bound of its own: the caller bounds each wait.
+    /// `headers` are sent as given: never log them.
+    pub async fn send_streaming(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<(&str, Bytes)>,
+        timeout: Duration,
+    ) -> Result<StreamingResponse, NetError> {
+        let req = request(method, url, headers, body)?;
+        let resp = tokio::time::timeout(timeout, self.head(req))
+            .await
+            .unwrap_or(Err(NetError::Timeout(timeout)))?;
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok(StreamingResponse {
+            status,
+            content_type,
+            body: resp.into_body(),
+        })
+    }
+
+    async fn head(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, NetError> {
+        self.inner.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                NetError::Connect(error_chain(&e))
+            } else {
+                NetError::Lost(error_chain(&e))
+            }
+        })
+    }
+
     /// POSTs a wire body as JSON and reads the status and the answer's
     /// bytes.
-    #[cfg(feature = "_net")]
+    #[cfg(feature = "runtime")]
     pub(crate) async fn post_json(
         &self,
         url: &str,
@@ -163,6 +180,85 @@ impl HttpClient {
         }
         let value = serde_json::from_slice(&bytes).map_err(|_| NetError::NotJson { status })?;
         Ok((status, value))
+    }
+}
+
+/// A request with an optional body (its content type and bytes).
+fn request(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, Bytes)>,
+) -> Result<Request<Full<Bytes>>, NetError> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|_| NetError::InvalidUrl(redact_url(url)))?;
+    let mut req = Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let payload = match body {
+        Some((content_type, bytes)) => {
+            req = req.header(header::CONTENT_TYPE, content_type);
+            bytes
+        }
+        None => Bytes::new(),
+    };
+    req.body(Full::new(payload))
+        .map_err(|e| NetError::InvalidUrl(e.to_string()))
+}
+
+/// A whole body, at most [`MAX_RESPONSE`] bytes.
+async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, NetError> {
+    Ok(Limited::new(body, MAX_RESPONSE)
+        .collect()
+        .await
+        .map_err(|e| NetError::Lost(e.to_string()))?
+        .to_bytes())
+}
+
+/// An answer whose body is read as it arrives: what
+/// [`HttpClient::send_streaming`] returns.
+#[derive(Debug)]
+pub struct StreamingResponse {
+    /// The HTTP status.
+    pub status: u16,
+    /// The `Content-Type` header, when there is one.
+    pub content_type: Option<String>,
+    body: hyper::body::Incoming,
+}
+
+impl StreamingResponse {
+    /// Whether the answer is `text/event-stream`.
+    pub fn is_event_stream(&self) -> bool {
+        self.content_type.as_deref().is_some_and(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"))
+        })
+    }
+
+    /// The next chunk of the body as it came off the wire; `None` at its
+    /// end. Unbounded in time: bound the wait.
+    pub async fn chunk(&mut self) -> Option<Result<Bytes, NetError>> {
+        loop {
+            let frame = match self.body.frame().await? {
+                Ok(frame) => frame,
+                Err(e) => return Some(Err(NetError::Lost(error_chain(&e)))),
+            };
+            if let Ok(data) = frame.into_data()
+                && !data.is_empty()
+            {
+                return Some(Ok(data));
+            }
+        }
+    }
+
+    /// The rest of the body (at most 16 MiB), within `timeout`.
+    pub async fn read_all(self, timeout: Duration) -> Result<Bytes, NetError> {
+        tokio::time::timeout(timeout, read_body(self.body))
+            .await
+            .unwrap_or(Err(NetError::Timeout(timeout)))
     }
 }
 

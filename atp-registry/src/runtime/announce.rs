@@ -1,15 +1,24 @@
 //! Announcing a toolkit's tools to its ATP server (docs/PROTOCOL.md §5):
-//! `verify_hash`, then `verify_tool_hash` and `register_tool` per tool.
+//! `verify_hash`, then `verify_tool_hash` and `register_tool` per tool —
+//! at each connection, and for each tool registered while it runs.
 
-use std::time::Duration;
+use std::{
+    collections::HashSet,
+    convert::Infallible,
+    sync::{Arc, PoisonError},
+    time::Duration,
+};
 
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
+use super::Shared;
 use crate::{
-    client::{RegisteredTool, ToolKitClient},
+    client::RegisteredTool,
     net::{HttpClient, NetError},
+    secret::Secret,
     wire::{self, RegisterTool, UpToDate, VerifyHash, VerifyToolHash},
 };
 
@@ -62,51 +71,65 @@ async fn post<B: Serialize, A: DeserializeOwned>(
     Ok((status, answer))
 }
 
+/// Announces `all` (the toolkit's tools) to the server: the whole toolkit
+/// (`verify_hash` first, unless execution reports are on), or, with
+/// `known`, only the tools not in it (registered since). Keeps the
+/// exchange token of each registration.
 pub(crate) async fn announce(
-    client: &ToolKitClient,
-    http: &HttpClient,
-    base: &str,
-    timeout: Duration,
+    shared: &Shared,
+    all: &[Arc<RegisteredTool>],
+    known: Option<&HashSet<String>>,
 ) -> Result<(), AnnounceError> {
-    let tools = client.registered_tools();
-    if tools.is_empty() {
+    if all.is_empty() {
         return Ok(());
     }
+    let (client, http, base) = (&shared.client, &shared.http, shared.base.as_str());
+    let timeout = shared.opts.request_timeout;
+    // Only a registration issues an exchange token: with reports on, every
+    // tool is registered.
+    let shortcuts = !shared.opts.report_executions;
     let api_key = Some(client.api_key().clone());
-    let hashes: Vec<(String, String)> = tools
+    let hashes: Vec<(String, String)> = all
         .iter()
         .map(|t| (t.name().to_owned(), tool_hash(t)))
         .collect();
-    let all = toolkit_hash(&hashes);
-    let body = VerifyHash {
-        api_key: api_key.clone(),
-        app_name: Some(client.app_name().to_owned()),
-        toolkit_hash: Some(all.clone()),
-    };
-    let url = format!("{base}/api/v1/toolkit/verify_hash");
-    match post::<_, UpToDate>(http, &url, &body, timeout).await? {
-        (status @ (401 | 403), _) => return Err(AnnounceError::Unauthorized(status)),
-        (_, Some(UpToDate { up_to_date: true })) => {
-            tracing::info!(
-                app = client.app_name(),
-                "toolkit is up to date on the server"
-            );
-            return Ok(());
-        }
-        _ => {}
-    }
-    for (tool, (name, hash)) in tools.iter().zip(&hashes) {
-        let body = VerifyToolHash {
+    let whole = toolkit_hash(&hashes);
+    if shortcuts && known.is_none() {
+        let body = VerifyHash {
             api_key: api_key.clone(),
-            tool_hash: Some(hash.clone()),
-            tool_name: Some(name.clone()),
             app_name: Some(client.app_name().to_owned()),
+            toolkit_hash: Some(whole.clone()),
         };
-        let url = format!("{base}/api/v1/toolkit/verify_tool_hash");
-        if let (_, Some(UpToDate { up_to_date: true })) =
-            post::<_, UpToDate>(http, &url, &body, timeout).await?
-        {
+        let url = format!("{base}/api/v1/toolkit/verify_hash");
+        match post::<_, UpToDate>(http, &url, &body, timeout).await? {
+            (status @ (401 | 403), _) => return Err(AnnounceError::Unauthorized(status)),
+            (_, Some(UpToDate { up_to_date: true })) => {
+                tracing::info!(
+                    app = client.app_name(),
+                    "toolkit is up to date on the server"
+                );
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+    for (tool, (name, hash)) in all.iter().zip(&hashes) {
+        if known.is_some_and(|k| k.contains(name)) {
             continue;
+        }
+        if shortcuts {
+            let body = VerifyToolHash {
+                api_key: api_key.clone(),
+                tool_hash: Some(hash.clone()),
+                tool_name: Some(name.clone()),
+                app_name: Some(client.app_name().to_owned()),
+            };
+            let url = format!("{base}/api/v1/toolkit/verify_tool_hash");
+            if let (_, Some(UpToDate { up_to_date: true })) =
+                post::<_, UpToDate>(http, &url, &body, timeout).await?
+            {
+                continue;
+            }
         }
         let body = RegisterTool {
             function_id: Some(name.clone()),
@@ -114,14 +137,25 @@ pub(crate) async fn announce(
             app_name: Some(client.app_name().to_owned()),
             programming_language: Some("Rust".into()),
             code_hash: Some(hash.clone()),
-            toolkit_hash: Some(all.clone()),
+            toolkit_hash: Some(whole.clone()),
             metadata: tool.spec().metadata(),
             endpoint_url: None,
             endpoint_key: None,
         };
         let url = format!("{base}/api/v1/register_tool");
         match post::<_, Value>(http, &url, &body, timeout).await? {
-            (200..=299, _) => {
+            (200..=299, answer) => {
+                let token = answer
+                    .as_ref()
+                    .and_then(|a| a.get("exchange_token"))
+                    .and_then(Value::as_str)
+                    .filter(|t| !t.is_empty());
+                let mut tokens = shared.tokens.lock().unwrap_or_else(PoisonError::into_inner);
+                match token {
+                    Some(t) => tokens.insert(name.clone(), Secret::new(t)),
+                    None => tokens.remove(name),
+                };
+                drop(tokens);
                 tracing::info!(app = client.app_name(), tool = %name, "tool registered")
             }
             (status @ (401 | 403), _) => return Err(AnnounceError::Unauthorized(status)),
@@ -131,6 +165,46 @@ pub(crate) async fn announce(
         }
     }
     Ok(())
+}
+
+/// Announces each tool registered while the toolkit runs, as soon as it
+/// is (`known`: the tools announced already), retrying with backoff when
+/// the server can not be reached. Runs until dropped.
+pub(crate) async fn announce_live(
+    shared: &Shared,
+    mut changes: watch::Receiver<u64>,
+    mut known: HashSet<String>,
+) -> Infallible {
+    let mut retry = shared.opts.backoff_initial;
+    loop {
+        changes.borrow_and_update();
+        let all = shared.client.registered_tools();
+        if all.iter().all(|t| known.contains(t.name())) {
+            if changes.changed().await.is_err() {
+                // The client is gone; nothing will change any more.
+                return std::future::pending().await;
+            }
+            continue;
+        }
+        match announce(shared, &all, Some(&known)).await {
+            Ok(()) => {
+                known.extend(all.iter().map(|t| t.name().to_owned()));
+                retry = shared.opts.backoff_initial;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    app = shared.client.app_name(),
+                    ?retry,
+                    "could not announce a new tool ({e}); retrying"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = changes.changed() => {}
+                }
+                retry = (retry * 2).min(shared.opts.backoff_max);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

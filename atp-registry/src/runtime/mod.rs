@@ -3,13 +3,17 @@
 //! inbox), as the Python SDK's `start()` does (docs/PROTOCOL.md §5).
 
 mod announce;
+mod apps;
+mod report;
 
 use std::{
+    borrow::Cow,
+    collections::HashMap,
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures_util::StreamExt;
@@ -28,11 +32,15 @@ use crate::{
         self,
         session::{self, Flow, Handler, SessionOptions, Tungstenite},
     },
+    secret::Secret,
+    tool::Progress,
     wire::{
-        self, InboxReply, ServerToToolkit, ToolRequest, ToolResponse, ToolkitAppResponse,
-        ToolkitToServer, WireError,
+        self, AppAction, InboxReply, RequestId, ServerToToolkit, ToolRequest, ToolResponse,
+        ToolkitAppResponse, ToolkitToServer, WireError,
     },
 };
+
+use apps::{AppJob, Sessions};
 
 /// How the toolkit reaches its ATP server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +67,9 @@ pub struct RuntimeOptions {
     grace_period: Duration,
     request_timeout: Duration,
     handle_ctrl_c: bool,
+    idle_timeout: Option<Duration>,
+    report_executions: bool,
+    max_app_sessions: usize,
 }
 
 impl Default for RuntimeOptions {
@@ -72,6 +83,9 @@ impl Default for RuntimeOptions {
             grace_period: Duration::from_secs(10),
             request_timeout: Duration::from_secs(15),
             handle_ctrl_c: true,
+            idle_timeout: None,
+            report_executions: false,
+            max_app_sessions: 1024,
         }
     }
 }
@@ -123,6 +137,38 @@ impl RuntimeOptions {
         self.handle_ctrl_c = on;
         self
     }
+
+    /// Stops the runtime once it has been idle this long — no request
+    /// (tool call or app message) has arrived and none is running — as
+    /// the Python client's `idle_timeout` does: [`ToolKitClient::start`]
+    /// then returns `Ok(())` as after [`ToolKitClient::stop`]. Off by
+    /// default. The time counts from `start`, across reconnections; an
+    /// open app session alone does not keep the runtime alive.
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = Some(idle);
+        self
+    }
+
+    /// Reports each tool call's result to the server (off by default):
+    /// `POST {base_url}/api/v1/execute_function` with
+    /// `{"exchange_token", "result", "function_id"}`, the token being the
+    /// one `register_tool` answered for the tool. Reports are sent in the
+    /// background after the answer (at most 16 at once; more are dropped)
+    /// and never delay it. A token the server refuses is forgotten until
+    /// the tool is registered again. With reports on, the runtime
+    /// registers every tool at each connection (skipping the
+    /// `verify_hash` shortcut), since only a registration issues a token.
+    pub fn report_executions(mut self, on: bool) -> Self {
+        self.report_executions = on;
+        self
+    }
+
+    /// How many app sessions a connection keeps at once (1024 by
+    /// default); past it, the session used least recently is ended.
+    pub fn max_app_sessions(mut self, n: usize) -> Self {
+        self.max_app_sessions = n.max(1);
+        self
+    }
 }
 
 /// Why [`ToolKitClient::start`] returned an error. Connection failures are
@@ -149,6 +195,8 @@ pub enum RuntimeError {
 pub(crate) struct Control {
     stop: watch::Sender<bool>,
     running: AtomicBool,
+    /// Bumped by each tool registration: a running toolkit announces it.
+    tools: watch::Sender<u64>,
 }
 
 impl Default for Control {
@@ -156,7 +204,96 @@ impl Default for Control {
         Self {
             stop: watch::Sender::new(false),
             running: AtomicBool::new(false),
+            tools: watch::Sender::new(0),
         }
+    }
+}
+
+impl Control {
+    /// A tool was registered.
+    pub(crate) fn tool_added(&self) {
+        self.tools.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// What one run of [`ToolKitClient::start`] shares between its
+/// connections and tasks.
+pub(crate) struct Shared {
+    client: ToolKitClient,
+    http: net::HttpClient,
+    /// The base URL, without a trailing `/`.
+    base: String,
+    opts: RuntimeOptions,
+    activity: Activity,
+    /// The exchange token of each tool, from its `register_tool` answer.
+    tokens: Mutex<HashMap<String, Secret>>,
+    /// Bounds the execution reports in flight.
+    reports: Arc<Semaphore>,
+}
+
+/// When the last request came, and how many are running: the idle
+/// timeout's clock.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    busy: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn touch(&self) {
+        self.last_ms.fetch_max(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long the runtime has been idle (zero while a request runs).
+    fn idle_for(&self) -> Duration {
+        if self.busy.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.last_ms.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+/// A request running: the runtime is not idle.
+struct Busy(Arc<Shared>);
+
+impl Busy {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.activity.busy.fetch_add(1, Ordering::AcqRel);
+        shared.activity.touch();
+        Self(shared.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.activity.touch();
+        self.0.activity.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Resolves once the runtime has been idle for `limit`.
+async fn idle(shared: &Shared, limit: Duration) {
+    loop {
+        let idle = shared.activity.idle_for();
+        if idle >= limit {
+            return;
+        }
+        tokio::time::sleep(limit - idle).await;
     }
 }
 
@@ -221,19 +358,22 @@ impl Backoff {
 #[cfg_attr(docsrs, doc(cfg(feature = "runtime")))]
 impl ToolKitClient {
     /// Sets the runtime's options (transport, concurrency, pings,
-    /// backoff, grace period).
+    /// backoff, grace period, idle timeout, execution reports).
     pub fn with_runtime_options(mut self, options: RuntimeOptions) -> Self {
         std::sync::Arc::make_mut(&mut self.config).runtime = options;
         self
     }
 
     /// Serves the toolkit to its ATP server until [`stop`](Self::stop)
-    /// (or Ctrl-C): announces the tools (`verify_hash`, then
-    /// `register_tool` for each), connects to
-    /// `{base_url}/ws/v1/atp/toolkit-client/{api_key}/`, answers every
-    /// `atp_tool_request` with exactly one `tool_response` (requests run
-    /// concurrently), pings every 30 s, and reconnects by itself with
-    /// exponential backoff and jitter when the connection is lost.
+    /// (or Ctrl-C, or the [idle timeout](RuntimeOptions::idle_timeout)):
+    /// announces the tools (`verify_hash`, then `register_tool` for each),
+    /// connects to `{base_url}/ws/v1/atp/toolkit-client/{api_key}/`,
+    /// answers every `atp_tool_request` with exactly one `tool_response`
+    /// (requests run concurrently), serves the sessions of the toolkit's
+    /// [apps](Self::register_app), pings every 30 s, and reconnects by
+    /// itself with exponential backoff and jitter when the connection is
+    /// lost. A tool registered while it runs is announced at once and
+    /// served.
     ///
     /// Returns `Ok(())` after `stop`, once the calls in flight have finished
     /// (within the grace period) and the socket is closed.
@@ -268,7 +408,28 @@ impl ToolKitClient {
                 }
             });
         }
-        let http = net::HttpClient::new();
+        let shared = Arc::new(Shared {
+            client: self.clone(),
+            http: net::HttpClient::new(),
+            base,
+            opts: opts.clone(),
+            activity: Activity::new(),
+            tokens: Mutex::default(),
+            reports: Arc::new(Semaphore::new(report::MAX_IN_FLIGHT)),
+        });
+        if let Some(limit) = opts.idle_timeout {
+            let (shared, control) = (shared.clone(), self.control.clone());
+            let mut stop_rx = self.control.stop.subscribe();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = idle(&shared, limit) => {
+                        tracing::info!(app = shared.client.app_name(), ?limit, "idle timeout: stopping the toolkit");
+                        control.stop.send_replace(true);
+                    }
+                    _ = stopped(&mut stop_rx) => {}
+                }
+            });
+        }
         let mut backoff = Backoff::new(&opts);
         let ws_url = format!(
             "{ws_base}/ws/v1/atp/toolkit-client/{}/",
@@ -278,9 +439,7 @@ impl ToolKitClient {
             if *stop.borrow() {
                 return Ok(());
             }
-            let ended = self
-                .connect_once(&http, &base, &ws_url, &opts, &mut stop, &mut backoff)
-                .await;
+            let ended = connect_once(&shared, &ws_url, &mut stop, &mut backoff).await;
             match ended {
                 Ended::Stopped => {
                     tracing::info!(app = self.app_name(), "toolkit stopped");
@@ -326,124 +485,20 @@ impl ToolKitClient {
         self.control.running.load(Ordering::SeqCst)
     }
 
-    async fn connect_once(
-        &self,
-        http: &net::HttpClient,
-        base: &str,
-        ws_url: &str,
-        opts: &RuntimeOptions,
-        stop: &mut watch::Receiver<bool>,
-        backoff: &mut Backoff,
-    ) -> Ended {
-        let announced = tokio::select! {
-            r = announce::announce(self, http, base, opts.request_timeout) => r,
-            _ = stopped(stop) => return Ended::Stopped,
-        };
-        match announced {
-            Ok(()) => {}
-            Err(announce::AnnounceError::Unauthorized(status)) => {
-                return Ended::Unauthorized(status);
-            }
-            Err(e) => return Ended::Lost(e.to_string()),
-        }
-        match opts.transport {
-            Transport::WebSocket => {
-                tracing::info!(url = %net::redact_url(ws_url), "connecting to the ATP server");
-                let connected = tokio::select! {
-                    r = tokio::time::timeout(opts.request_timeout, net::ws_connect(ws_url)) => r,
-                    _ = stopped(stop) => return Ended::Stopped,
-                };
-                let Ok(connected) = connected else {
-                    return Ended::Lost("the WebSocket handshake timed out".into());
-                };
-                match connected {
-                    Ok(ws) => {
-                        backoff.reset();
-                        self.serve_socket(ws, opts, stop).await
-                    }
-                    Err(tungstenite::Error::Http(resp))
-                        if matches!(resp.status().as_u16(), 401 | 403) =>
-                    {
-                        Ended::Unauthorized(resp.status().as_u16())
-                    }
-                    Err(e) => Ended::Lost(e.to_string()),
-                }
-            }
-            Transport::Inbox { poll_interval } => {
-                self.serve_inbox(http, base, poll_interval, opts, stop, backoff)
-                    .await
-            }
-        }
-    }
-
-    async fn serve_socket<S>(
-        &self,
-        ws: tokio_tungstenite::WebSocketStream<S>,
-        opts: &RuntimeOptions,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Ended
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        let (sink, stream) = ws.split();
-        let (tx, rx) = session::outbox();
-        let mut handler = SocketHandler {
-            client: self.clone(),
-            permits: Arc::new(Semaphore::new(opts.max_concurrency)),
-            permit: None,
-            tasks: JoinSet::new(),
-            tx,
-        };
-        let session_opts = SessionOptions {
-            ping_interval: opts.ping_interval,
-            grace_period: opts.grace_period,
-            stop_close: (1000, "toolkit stopping"),
-        };
-        let ended = session::run::<Tungstenite, _, _, _, _>(
-            sink,
-            stream,
-            rx,
-            &mut handler,
-            &session_opts,
-            None,
-            stopped(stop),
-        )
-        .await;
-        match ended {
-            session::Ended::Stopped => Ended::Stopped,
-            session::Ended::Closed(why) => {
-                Ended::Lost(format!("the server closed the connection ({why})"))
-            }
-            session::Ended::Dead => Ended::Lost("no answer to pings".into()),
-            session::Ended::Failed(e) => Ended::Lost(e),
-            session::Ended::Refused | session::Ended::OutboxClosed => {
-                Ended::Lost("the connection was closed".into())
-            }
-        }
-    }
-
     /// What a frame from the server asks of the runtime: the one decision
     /// both transports (and the fuzz target) share.
     fn classify(&self, text: &str) -> Dispatch {
         match ServerToToolkit::parse(text) {
             Ok(ServerToToolkit::ToolRequest(req)) => Dispatch::Run(req),
+            Ok(ServerToToolkit::AppRequest(req)) => Dispatch::Start(req),
+            Ok(ServerToToolkit::AppAction(action)) => Dispatch::Action(action),
+            Ok(ServerToToolkit::AppTerminate { request_id }) => Dispatch::Terminate(request_id),
             Ok(ServerToToolkit::Connected { message }) => {
                 tracing::info!(
                     app = self.app_name(),
                     "connected to the ATP server: {message}"
                 );
                 Dispatch::Nothing
-            }
-            Ok(ServerToToolkit::AppRequest(req)) => {
-                Dispatch::Reply(ToolkitToServer::AppResponse(ToolkitAppResponse {
-                    request_id: req.request_id,
-                    result: wire::error_result(format!(
-                        "{} is not an app of this toolkit",
-                        req.tool_name
-                    )),
-                    is_error: Some(true),
-                    terminated: Some(true),
-                }))
             }
             Ok(ServerToToolkit::Error { message }) => {
                 tracing::warn!(
@@ -469,6 +524,21 @@ impl ToolKitClient {
                     format!("Malformed tool request: {e}"),
                 )))
             }
+            Err(
+                ref e @ WireError::Invalid {
+                    kind: "atp_app_request",
+                    request_id: Some(ref id),
+                    ..
+                },
+            ) => {
+                tracing::warn!("malformed message from the ATP server: {e}");
+                Dispatch::Reply(ToolkitToServer::AppResponse(ToolkitAppResponse {
+                    request_id: id.clone(),
+                    result: wire::error_result(format!("Malformed app request: {e}")),
+                    is_error: Some(true),
+                    terminated: Some(true),
+                }))
+            }
             Err(e) => {
                 tracing::debug!("ignoring a message: {e}");
                 Dispatch::Nothing
@@ -477,13 +547,14 @@ impl ToolKitClient {
     }
 
     /// Runs one request: its `tool_response`, with the error flag and the
-    /// error's code on a failure.
-    pub(crate) async fn answer(&self, req: ToolRequest) -> ToolResponse {
+    /// error's code on a failure. Reports of progress go to `progress`.
+    pub(crate) async fn answer(&self, req: ToolRequest, progress: Progress) -> ToolResponse {
         let id = Some(req.request_id);
-        match self
-            .call_tool_by_name_map(&req.tool_name, req.params, req.auth_token)
-            .await
-        {
+        let outcome = match self.tool(&req.tool_name) {
+            None => Err(crate::CallError::ToolNotFound),
+            Some(tool) => tool.call(self, req.params, req.auth_token, progress).await,
+        };
+        match outcome {
             Ok(result) => ToolResponse::ok(id, result),
             Err(e) => ToolResponse::error(id, e.code().as_str(), e.to_string()),
         }
@@ -491,108 +562,314 @@ impl ToolKitClient {
 
     /// The answer the runtime sends to one text frame from the server, if
     /// any — what [`start`](Self::start) does with it, run inline. For
-    /// tests and fuzzing.
+    /// tests and fuzzing. It keeps no app sessions: an `atp_app_request`
+    /// is answered (the session is then forgotten), an `atp_app_action` or
+    /// `atp_app_terminate` is not.
     #[doc(hidden)]
     pub async fn reply_to_frame(&self, text: &str) -> Option<ToolkitToServer> {
         match self.classify(text) {
-            Dispatch::Run(req) => Some(ToolkitToServer::ToolResponse(self.answer(req).await)),
+            Dispatch::Run(req) => Some(ToolkitToServer::ToolResponse(
+                self.answer(req, Progress::default()).await,
+            )),
+            Dispatch::Start(req) => {
+                let sessions = Sessions::new(1);
+                let job = sessions.start(self, req);
+                Some(ToolkitToServer::AppResponse(job.run(&sessions, self).await))
+            }
+            Dispatch::Action(_) | Dispatch::Terminate(_) | Dispatch::Nothing => None,
             Dispatch::Reply(r) => Some(r),
-            Dispatch::Nothing => None,
         }
     }
+}
 
-    async fn serve_inbox(
-        &self,
-        http: &net::HttpClient,
-        base: &str,
-        poll_interval: Duration,
-        opts: &RuntimeOptions,
-        stop: &mut watch::Receiver<bool>,
-        backoff: &mut Backoff,
-    ) -> Ended {
-        let inbox = format!("{base}/api/v1/toolkit/{}/inbox", self.api_key().expose());
-        let respond: Arc<str> = format!("{inbox}/respond").into();
-        let permits = Arc::new(Semaphore::new(opts.max_concurrency));
-        let mut tasks = JoinSet::new();
-        tracing::info!(url = %net::redact_url(&inbox), "polling the ATP server's inbox");
-        let ended = loop {
-            if *stop.borrow() {
-                break Ended::Stopped;
-            }
-            while tasks.try_join_next().is_some() {}
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                break Ended::Stopped;
-            };
-            let polled = tokio::select! {
-                r = http.send(Method::GET, &inbox, &[], None, opts.request_timeout) => r,
-                _ = stopped(stop) => break Ended::Stopped,
-            };
-            let wait = match polled {
-                Ok((status @ (401 | 403), _)) => break Ended::Unauthorized(status),
-                Ok((200, body)) => {
-                    let entry = std::str::from_utf8(&body)
-                        .ok()
-                        .filter(|t| !t.trim().is_empty());
-                    let dispatch = match entry {
-                        Some(text) => self.classify(text),
-                        None => Dispatch::Nothing,
-                    };
-                    match dispatch {
-                        Dispatch::Nothing => poll_interval,
-                        Dispatch::Run(req) => {
-                            backoff.reset();
-                            let (client, http, respond) =
-                                (self.clone(), http.clone(), respond.clone());
-                            let timeout = opts.request_timeout;
-                            tasks.spawn(async move {
-                                let reply = client.answer(req).await;
-                                drop(permit);
-                                post_inbox_reply(&http, &respond, reply, timeout).await;
-                            });
-                            Duration::ZERO
-                        }
-                        Dispatch::Reply(ToolkitToServer::ToolResponse(reply)) => {
-                            post_inbox_reply(http, &respond, reply, opts.request_timeout).await;
-                            Duration::ZERO
-                        }
-                        // The inbox carries tool requests only.
-                        Dispatch::Reply(_) => Duration::ZERO,
+/// One connection: announce the tools, connect, serve until the
+/// connection ends — while announcing the tools registered meanwhile.
+async fn connect_once(
+    shared: &Arc<Shared>,
+    ws_url: &str,
+    stop: &mut watch::Receiver<bool>,
+    backoff: &mut Backoff,
+) -> Ended {
+    let client = &shared.client;
+    let opts = &shared.opts;
+    // Subscribed before the snapshot: a tool registered after it is seen.
+    let mut changes = client.control.tools.subscribe();
+    changes.borrow_and_update();
+    let tools = client.registered_tools();
+    let announced = tokio::select! {
+        r = announce::announce(shared, &tools, None) => r,
+        _ = stopped(stop) => return Ended::Stopped,
+    };
+    match announced {
+        Ok(()) => {}
+        Err(announce::AnnounceError::Unauthorized(status)) => {
+            return Ended::Unauthorized(status);
+        }
+        Err(e) => return Ended::Lost(e.to_string()),
+    }
+    let known = tools.iter().map(|t| t.name().to_owned()).collect();
+    let serve = async {
+        match opts.transport {
+            Transport::WebSocket => {
+                tracing::info!(url = %net::redact_url(ws_url), "connecting to the ATP server");
+                let connected = tokio::select! {
+                    r = tokio::time::timeout(opts.request_timeout, net::ws_connect(ws_url)) => r,
+                    _ = stopped(stop) => return Ended::Stopped,
+                };
+                let Ok(connected) = connected else {
+                    return Ended::Lost("the WebSocket handshake timed out".into());
+                };
+                match connected {
+                    Ok(ws) => {
+                        backoff.reset();
+                        // A connection counts as activity, as the Python
+                        // client's greeting does.
+                        shared.activity.touch();
+                        serve_socket(shared, ws, stop).await
                     }
-                }
-                Ok((status, _)) => {
-                    tracing::warn!(status, "inbox poll refused");
-                    backoff.next_delay()
-                }
-                Err(e) => break Ended::Lost(e.to_string()),
-            };
-            if !wait.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stopped(stop) => break Ended::Stopped,
+                    Err(tungstenite::Error::Http(resp))
+                        if matches!(resp.status().as_u16(), 401 | 403) =>
+                    {
+                        Ended::Unauthorized(resp.status().as_u16())
+                    }
+                    Err(e) => Ended::Lost(e.to_string()),
                 }
             }
-        };
-        // However the loop ended, the calls in flight finish (bounded) and
-        // their answers are posted.
-        let deadline = tokio::time::sleep(opts.grace_period);
-        tokio::pin!(deadline);
-        while !tasks.is_empty() {
-            tokio::select! {
-                Some(_) = tasks.join_next() => {}
-                _ = &mut deadline => {
-                    tracing::warn!(left = tasks.len(), "grace period over: abandoning tool calls in flight");
-                    break;
-                }
+            Transport::Inbox { poll_interval } => {
+                serve_inbox(shared, poll_interval, stop, backoff).await
             }
         }
-        ended
+    };
+    tokio::select! {
+        ended = serve => ended,
+        never = announce::announce_live(shared, changes, known) => match never {},
+    }
+}
+
+async fn serve_socket<S>(
+    shared: &Arc<Shared>,
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    stop: &mut watch::Receiver<bool>,
+) -> Ended
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let opts = &shared.opts;
+    let (sink, stream) = ws.split();
+    let (tx, rx) = session::outbox();
+    let mut handler = SocketHandler {
+        shared: shared.clone(),
+        sessions: Arc::new(Sessions::new(opts.max_app_sessions)),
+        permits: Arc::new(Semaphore::new(opts.max_concurrency)),
+        permit: None,
+        tasks: JoinSet::new(),
+        tx,
+    };
+    let session_opts = SessionOptions {
+        ping_interval: opts.ping_interval,
+        grace_period: opts.grace_period,
+        stop_close: (1000, "toolkit stopping"),
+    };
+    let ended = session::run::<Tungstenite, _, _, _, _>(
+        sink,
+        stream,
+        rx,
+        &mut handler,
+        &session_opts,
+        None,
+        stopped(stop),
+    )
+    .await;
+    match ended {
+        session::Ended::Stopped => Ended::Stopped,
+        session::Ended::Closed(why) => {
+            Ended::Lost(format!("the server closed the connection ({why})"))
+        }
+        session::Ended::Dead => Ended::Lost("no answer to pings".into()),
+        session::Ended::Failed(e) => Ended::Lost(e),
+        session::Ended::Refused | session::Ended::OutboxClosed => {
+            Ended::Lost("the connection was closed".into())
+        }
+    }
+}
+
+/// An inbox entry for an app carries its fields at the top
+/// (`{"message_type": "atp_app_request", "request_id", …}`): it is read
+/// as the WebSocket frame `{"message_type", "payload": {…}}`.
+fn inbox_frame(text: &str) -> Cow<'_, str> {
+    if !text.contains("message_type") {
+        return Cow::Borrowed(text);
+    }
+    let Ok(serde_json::Value::Object(mut m)) = serde_json::from_str::<serde_json::Value>(text)
+    else {
+        return Cow::Borrowed(text);
+    };
+    if m.contains_key("payload") {
+        return Cow::Borrowed(text);
+    }
+    let Some(kind) = m.remove("message_type") else {
+        return Cow::Borrowed(text);
+    };
+    let mut frame = serde_json::Map::with_capacity(2);
+    frame.insert("message_type".into(), kind);
+    frame.insert("payload".into(), serde_json::Value::Object(m));
+    Cow::Owned(serde_json::Value::Object(frame).to_string())
+}
+
+async fn serve_inbox(
+    shared: &Arc<Shared>,
+    poll_interval: Duration,
+    stop: &mut watch::Receiver<bool>,
+    backoff: &mut Backoff,
+) -> Ended {
+    let (client, http, opts) = (&shared.client, &shared.http, &shared.opts);
+    let inbox = format!(
+        "{}/api/v1/toolkit/{}/inbox",
+        shared.base,
+        client.api_key().expose()
+    );
+    let respond: Arc<str> = format!("{inbox}/respond").into();
+    let permits = Arc::new(Semaphore::new(opts.max_concurrency));
+    let sessions = Arc::new(Sessions::new(opts.max_app_sessions));
+    let mut tasks = JoinSet::new();
+    shared.activity.touch();
+    tracing::info!(url = %net::redact_url(&inbox), "polling the ATP server's inbox");
+    let ended = loop {
+        if *stop.borrow() {
+            break Ended::Stopped;
+        }
+        while tasks.try_join_next().is_some() {}
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break Ended::Stopped;
+        };
+        let polled = tokio::select! {
+            r = http.send(Method::GET, &inbox, &[], None, opts.request_timeout) => r,
+            _ = stopped(stop) => break Ended::Stopped,
+        };
+        let wait = match polled {
+            Ok((status @ (401 | 403), _)) => break Ended::Unauthorized(status),
+            Ok((200, body)) => {
+                let entry = std::str::from_utf8(&body)
+                    .ok()
+                    .filter(|t| !t.trim().is_empty());
+                let dispatch = match entry {
+                    Some(text) => client.classify(&inbox_frame(text)),
+                    None => Dispatch::Nothing,
+                };
+                let timeout = opts.request_timeout;
+                match dispatch {
+                    Dispatch::Nothing => poll_interval,
+                    Dispatch::Run(req) => {
+                        backoff.reset();
+                        let busy = Busy::new(shared);
+                        let (shared, respond) = (shared.clone(), respond.clone());
+                        tasks.spawn(async move {
+                            let reply = shared.answer(req, Progress::default()).await;
+                            drop((permit, busy));
+                            post_inbox(&shared.http, &respond, &InboxReply::from(reply), timeout)
+                                .await;
+                        });
+                        Duration::ZERO
+                    }
+                    Dispatch::Start(req) => {
+                        backoff.reset();
+                        let job = sessions.start(client, req);
+                        spawn_inbox_app(&mut tasks, shared, &sessions, &respond, job, permit);
+                        Duration::ZERO
+                    }
+                    Dispatch::Action(action) => {
+                        backoff.reset();
+                        let job = sessions.action(action);
+                        spawn_inbox_app(&mut tasks, shared, &sessions, &respond, job, permit);
+                        Duration::ZERO
+                    }
+                    Dispatch::Terminate(id) => {
+                        shared.activity.touch();
+                        sessions.terminate(&id);
+                        Duration::ZERO
+                    }
+                    Dispatch::Reply(ToolkitToServer::ToolResponse(reply)) => {
+                        post_inbox(http, &respond, &InboxReply::from(reply), timeout).await;
+                        Duration::ZERO
+                    }
+                    Dispatch::Reply(ToolkitToServer::AppResponse(reply)) => {
+                        post_inbox(http, &respond, &InboxAppReply::from(reply), timeout).await;
+                        Duration::ZERO
+                    }
+                    Dispatch::Reply(_) => Duration::ZERO,
+                }
+            }
+            Ok((status, _)) => {
+                tracing::warn!(status, "inbox poll refused");
+                backoff.next_delay()
+            }
+            Err(e) => break Ended::Lost(e.to_string()),
+        };
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stopped(stop) => break Ended::Stopped,
+            }
+        }
+    };
+    // However the loop ended, the calls in flight finish (bounded) and
+    // their answers are posted.
+    let deadline = tokio::time::sleep(opts.grace_period);
+    tokio::pin!(deadline);
+    while !tasks.is_empty() {
+        tokio::select! {
+            Some(_) = tasks.join_next() => {}
+            _ = &mut deadline => {
+                tracing::warn!(left = tasks.len(), "grace period over: abandoning tool calls in flight");
+                break;
+            }
+        }
+    }
+    ended
+}
+
+/// Runs an app message taken from the inbox and posts its answer.
+fn spawn_inbox_app(
+    tasks: &mut JoinSet<()>,
+    shared: &Arc<Shared>,
+    sessions: &Arc<Sessions>,
+    respond: &Arc<str>,
+    job: AppJob,
+    permit: OwnedSemaphorePermit,
+) {
+    let busy = Busy::new(shared);
+    let (shared, respond, sessions) = (shared.clone(), respond.clone(), sessions.clone());
+    tasks.spawn(async move {
+        let reply = job.run(&sessions, &shared.client).await;
+        drop((permit, busy));
+        let timeout = shared.opts.request_timeout;
+        post_inbox(&shared.http, &respond, &InboxAppReply::from(reply), timeout).await;
+    });
+}
+
+impl Shared {
+    /// Runs a tool request and, when asked to, reports its execution.
+    async fn answer(self: &Arc<Self>, req: ToolRequest, progress: Progress) -> ToolResponse {
+        let name = self.opts.report_executions.then(|| req.tool_name.clone());
+        let reply = self.client.answer(req, progress.clone()).await;
+        progress.finish();
+        if let Some(name) = name {
+            report::report(self, &name, &reply.result);
+        }
+        reply
     }
 }
 
 /// What to do with a frame from the server.
 enum Dispatch {
-    /// Run this request and answer it.
+    /// Run this tool request and answer it.
     Run(ToolRequest),
+    /// Start an app session.
+    Start(ToolRequest),
+    /// A user's action in an app session.
+    Action(AppAction),
+    /// End an app session (nothing to answer).
+    Terminate(RequestId),
     /// Answer at once.
     Reply(ToolkitToServer),
     /// Nothing to answer.
@@ -601,11 +878,29 @@ enum Dispatch {
 
 /// The runtime's side of its WebSocket session.
 struct SocketHandler {
-    client: ToolKitClient,
+    shared: Arc<Shared>,
+    sessions: Arc<Sessions>,
     permits: Arc<Semaphore>,
     permit: Option<OwnedSemaphorePermit>,
     tasks: JoinSet<()>,
     tx: mpsc::Sender<String>,
+}
+
+impl SocketHandler {
+    fn run_app(&mut self, job: AppJob) -> Flow {
+        if let AppJob::Answer(reply) = job {
+            return Flow::Reply(ToolkitToServer::AppResponse(reply).to_json());
+        }
+        let busy = Busy::new(&self.shared);
+        let held = self.permit.take();
+        let (shared, sessions, tx) = (self.shared.clone(), self.sessions.clone(), self.tx.clone());
+        self.tasks.spawn(async move {
+            let reply = job.run(&sessions, &shared.client).await;
+            drop((held, busy));
+            let _ = tx.send(ToolkitToServer::AppResponse(reply).to_json()).await;
+        });
+        Flow::Continue
+    }
 }
 
 impl Handler for SocketHandler {
@@ -617,15 +912,30 @@ impl Handler for SocketHandler {
 
     fn on_text(&mut self, text: &str) -> Flow {
         while self.tasks.try_join_next().is_some() {}
-        match self.client.classify(text) {
+        match self.shared.client.classify(text) {
             Dispatch::Run(req) => {
+                let busy = Busy::new(&self.shared);
                 let held = self.permit.take();
-                let (client, tx) = (self.client.clone(), self.tx.clone());
+                let progress = Progress::channel(req.request_id.clone(), self.tx.clone());
+                let (shared, tx) = (self.shared.clone(), self.tx.clone());
                 self.tasks.spawn(async move {
-                    let reply = client.answer(req).await;
-                    drop(held);
+                    let reply = shared.answer(req, progress).await;
+                    drop((held, busy));
                     let _ = tx.send(reply.to_json()).await;
                 });
+                Flow::Continue
+            }
+            Dispatch::Start(req) => {
+                let job = self.sessions.start(&self.shared.client, req);
+                self.run_app(job)
+            }
+            Dispatch::Action(action) => {
+                let job = self.sessions.action(action);
+                self.run_app(job)
+            }
+            Dispatch::Terminate(id) => {
+                self.shared.activity.touch();
+                self.sessions.terminate(&id);
                 Flow::Continue
             }
             Dispatch::Reply(reply) => Flow::Reply(reply.to_json()),
@@ -650,16 +960,37 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-async fn post_inbox_reply(
+/// An app's answer through the inbox: `{"request_id", "response",
+/// "is_error", "terminated"}`.
+#[derive(serde::Serialize)]
+struct InboxAppReply {
+    request_id: RequestId,
+    response: serde_json::Value,
+    is_error: bool,
+    terminated: bool,
+}
+
+impl From<ToolkitAppResponse> for InboxAppReply {
+    fn from(r: ToolkitAppResponse) -> Self {
+        Self {
+            request_id: r.request_id,
+            response: r.result,
+            is_error: r.is_error.unwrap_or(false),
+            terminated: r.terminated.unwrap_or(false),
+        }
+    }
+}
+
+async fn post_inbox(
     http: &net::HttpClient,
     url: &str,
-    reply: ToolResponse,
+    reply: &impl serde::Serialize,
     timeout: Duration,
 ) {
-    match http.post_json(url, &InboxReply::from(reply), timeout).await {
+    match http.post_json(url, reply, timeout).await {
         Ok((200..=299, _)) => {}
-        Ok((status, _)) => tracing::warn!(status, "the inbox refused a tool response"),
-        Err(e) => tracing::warn!("could not post a tool response to the inbox: {e}"),
+        Ok((status, _)) => tracing::warn!(status, "the inbox refused an answer"),
+        Err(e) => tracing::warn!("could not post an answer to the inbox: {e}"),
     }
 }
 

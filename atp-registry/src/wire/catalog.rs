@@ -53,7 +53,9 @@ impl fmt::Display for WebhookEvent {
 
 /// A name that is not a [`WebhookEvent`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown webhook event {0:?}: use connection_success, connection_failed, toolkit_connected or toolkit_disconnected")]
+#[error(
+    "unknown webhook event {0:?}: use connection_success, connection_failed, toolkit_connected or toolkit_disconnected"
+)]
 pub struct UnknownEvent(pub String);
 
 impl FromStr for WebhookEvent {

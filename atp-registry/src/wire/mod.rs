@@ -45,8 +45,8 @@ use serde::{Deserialize, Deserializer, Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value};
 
 pub use catalog::{
-    DeveloperProfile, Page, StoreToolkit, StoreToolkitDetails, UnknownEvent, Webhook, WebhookDelivery,
-    WebhookEvent, WebhookRegistration,
+    DeveloperProfile, Page, StoreToolkit, StoreToolkitDetails, UnknownEvent, Webhook,
+    WebhookDelivery, WebhookEvent, WebhookRegistration,
 };
 pub use endpoints::{
     ErrorBody, OAuthAuthorization, OAuthConfirmation, OAuthConnected, OAuthTokens, Status,
@@ -57,10 +57,10 @@ pub use http::{
     VerifyToolHash,
 };
 pub use llm::{
-    AppActionRequest, AppPayload, AppRequest, AppResponse, AppStart, AppTerminateRequest, ContextPayload,
-    ContextRequest, ContextResponse, ErrorFrame, LlmToServer, ProgressBody, ServerToLlm,
-    SessionAction, SessionRef, TaskOutcome, TaskPayload, TaskProgress, TaskRequest, TaskResponse,
-    TaskResultPayload,
+    AppActionRequest, AppPayload, AppRequest, AppResponse, AppStart, AppTerminateRequest,
+    ContextPayload, ContextRequest, ContextResponse, ErrorFrame, LlmToServer, ProgressBody,
+    ServerToLlm, SessionAction, SessionRef, TaskOutcome, TaskPayload, TaskProgress, TaskRequest,
+    TaskResponse, TaskResultPayload,
 };
 pub use provider::{FunctionDef, ProviderTool, ResultMessage, ToolResultBlock};
 pub use toolkit::{

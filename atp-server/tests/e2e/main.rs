@@ -1,11 +1,17 @@
 //! End-to-end tests of `atp-server` over real sockets on loopback: Rust and
 //! Python toolkits and LLM clients as peers.
 
+mod apps;
 mod cli;
 mod common;
 mod faults;
 mod keys;
+mod llm_parity;
 mod oauth;
 mod python;
 mod routing;
 mod runtime;
+mod runtime_parity;
+mod store;
+mod streaming;
+mod webhooks;
