@@ -1,6 +1,6 @@
 //! Routing tool requests to toolkits and their answers back: the live
 //! toolkit WebSockets, the HTTP inboxes, the requests in flight, and the
-//! interactive app sessions (ATP contract §8).
+//! interactive app sessions (docs/PROTOCOL.md §9).
 //!
 //! Every request gets a fresh server-side id, so two LLM clients that use
 //! the same `request_id` can never get each other's answers, and an answer

@@ -72,6 +72,14 @@ impl State {
             .cloned()
     }
 
+    /// The toolkit `app_name` if the LLM key `llm_key_hash` may use it:
+    /// it is public, or its key and the LLM key have the same developer.
+    /// Any other toolkit is "not found", exactly like an unknown one.
+    fn visible_toolkit(&self, llm_key_hash: &str, app_name: &str) -> Option<Arc<ToolkitRecord>> {
+        self.toolkit(app_name)
+            .filter(|k| self.catalog.can_see(llm_key_hash, &k.key_hash, &k.app_name))
+    }
+
     fn platform(&self, id: &str) -> Option<OAuthPlatform> {
         self.platforms
             .read()

@@ -80,7 +80,11 @@ impl From<RouteError> for Failure {
 }
 
 /// The answer to a `get_toolkit_context`, or why there is none.
-pub(crate) fn context(s: &crate::State, req: &ContextRequest) -> Result<ContextResponse, ApiError> {
+pub(crate) fn context(
+    s: &crate::State,
+    llm_key_hash: &str,
+    req: &ContextRequest,
+) -> Result<ContextResponse, ApiError> {
     let provider_name = req.provider.as_deref().unwrap_or("openai");
     let provider: Provider =
         provider_name
@@ -89,7 +93,7 @@ pub(crate) fn context(s: &crate::State, req: &ContextRequest) -> Result<ContextR
                 ApiError::bad_request("unknown_provider", e.to_string())
             })?;
     let kit = s
-        .toolkit(&req.toolkit_id)
+        .visible_toolkit(llm_key_hash, &req.toolkit_id)
         .ok_or_else(|| ApiError::not_found("toolkit_not_found", "Toolkit not found"))?;
     let tools: Vec<Value> = kit
         .tools
@@ -166,7 +170,7 @@ async fn run_task(
         .arguments()
         .map_err(|why| Failure::from(CallError::InvalidParams(why)))?;
     let kit = s
-        .toolkit(&req.toolkit_id)
+        .visible_toolkit(llm_key_hash, &req.toolkit_id)
         .ok_or_else(|| Failure::new("toolkit_not_found", "Toolkit not found"))?;
     let function = req.payload.function.as_str();
     let tool = kit
@@ -294,10 +298,7 @@ async fn app_start(s: &Arc<crate::State>, llm_key_hash: &str, req: AppRequest) -
         request_id,
         payload,
     } = req;
-    let found = s
-        .toolkit(&toolkit_id)
-        .filter(|k| s.catalog.can_see(llm_key_hash, &k.key_hash, &k.app_name));
-    let Some(kit) = found else {
+    let Some(kit) = s.visible_toolkit(llm_key_hash, &toolkit_id) else {
         let f = Failure::new("toolkit_not_found", "Toolkit not found");
         return app_failed(request_id, None, &f);
     };
@@ -526,7 +527,7 @@ pub(crate) async fn process(
     };
     let sse = wants_sse(&headers);
     match LlmToServer::from_object(m) {
-        Ok(LlmToServer::GetToolkitContext(req)) => match context(&s, &req) {
+        Ok(LlmToServer::GetToolkitContext(req)) => match context(&s, &llm_key_hash, &req) {
             Ok(c) => reply(sse, StatusCode::OK, &ServerToLlm::ToolkitContext(c)),
             Err(e) => reply(
                 sse,
@@ -698,7 +699,7 @@ impl Handler for LlmSocket {
         }
         match message {
             LlmToServer::GetToolkitContext(req) => Flow::Reply(
-                ServerToLlm::ToolkitContext(match context(&self.s, &req) {
+                ServerToLlm::ToolkitContext(match context(&self.s, &self.llm_key_hash, &req) {
                     Ok(c) => c,
                     Err(e) => context_error(req.request_id, &e),
                 })

@@ -1,4 +1,4 @@
-//! The LLM key's account endpoints (docs/PROTOCOL.md §8): webhooks, the
+//! The LLM key's account endpoints (docs/PROTOCOL.md §9): webhooks, the
 //! toolkit store, developers. HTTP only, under
 //! `/api/v1/atp/llm-client/`, with `Authorization: ApiKey KEY`.
 

@@ -1,4 +1,4 @@
-//! Interactive apps (docs/PROTOCOL.md §8): start a session of a toolkit's
+//! Interactive apps (docs/PROTOCOL.md §9): start a session of a toolkit's
 //! app, send the user's actions, end it — over the WebSocket or
 //! `POST process/`.
 

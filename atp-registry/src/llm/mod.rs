@@ -1,4 +1,4 @@
-//! [`LlmClient`]: the agent side of ATP (docs/PROTOCOL.md §6, §8) — toolkit
+//! [`LlmClient`]: the agent side of ATP (docs/PROTOCOL.md §6, §9) — toolkit
 //! contexts in each provider's format, the tool calls a model made run
 //! through an ATP server (at once or in turn, streamed with their progress
 //! or not), interactive app sessions, the OAuth flow of the tools that need
@@ -152,7 +152,7 @@ pub enum LlmError {
     /// The base URL is not `http://…` or `https://…`.
     #[error("base_url must start with http:// or https://")]
     InvalidBaseUrl,
-    /// An app request failed (docs/PROTOCOL.md §8): the server's stable
+    /// An app request failed (docs/PROTOCOL.md §9): the server's stable
     /// code (`app_not_found`, `session_not_found`, `session_ended`,
     /// `toolkit_disconnected`, `toolkit_timeout`, …) and its message.
     #[error("the app request failed ({code}): {message}")]

@@ -1,4 +1,4 @@
-//! Streaming (docs/PROTOCOL.md §8): a tool call's progress as it runs, then
+//! Streaming (docs/PROTOCOL.md §9): a tool call's progress as it runs, then
 //! its result, over `POST process/` with `Accept: text/event-stream` or a
 //! WebSocket `task_request` with `"stream": true`.
 

@@ -1,4 +1,4 @@
-//! The app sessions of one connection (ATP contract §8, "Interactive
+//! The app sessions of one connection (docs/PROTOCOL.md §9, "Interactive
 //! apps"): `atp_app_request` starts a session (its `request_id` is the
 //! session id), `atp_app_action` continues it, `atp_app_terminate` ends it.
 //!

@@ -152,7 +152,10 @@ pub struct Registered {
     pub app_name: String,
     /// The tool.
     pub function_id: String,
-    /// The token that authorises one [`ExecutionReport`] for this tool.
+    /// The token that authorises [`ExecutionReport`]s of this tool's
+    /// executions. It can be used for any number of reports while it is
+    /// among the newest 16 tokens issued for the tool (and the toolkit is
+    /// still registered with the same key).
     pub exchange_token: Secret,
 }
 

@@ -7,7 +7,7 @@
 //! announcing a toolkit ([`RegisterTool`], [`VerifyHash`], …), of the
 //! endpoints every adapter serves ([`ToolkitTools`], [`ToolResult`],
 //! [`ErrorBody`], …) and of OAuth ([`OAuthTokens`], …). The toolkit
-//! runtime, [`LlmClient`](crate::llm::LlmClient), `atp-server` and the fuzz
+//! runtime, `LlmClient` (feature `llm`), `atp-server` and the fuzz
 //! oracles all read and write messages through these types; the protocol
 //! itself is described in `docs/PROTOCOL.md` of the repository.
 //!

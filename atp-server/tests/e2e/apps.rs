@@ -1,4 +1,4 @@
-//! Interactive app sessions (ATP contract §8) over real sockets: a toolkit
+//! Interactive app sessions (docs/PROTOCOL.md §9) over real sockets: a toolkit
 //! that speaks the Python toolkit's frames exactly (hand-driven over
 //! tokio-tungstenite, or over the HTTP inbox), driven from the LLM side
 //! over its WebSocket and over `POST process/`.

@@ -261,3 +261,14 @@ pub async fn bounded<F: std::future::Future<Output = ()>>(limit: Duration, f: F)
         .await
         .expect("the test finished in time");
 }
+
+/// Stops a toolkit when dropped: a test that fails half-way must not
+/// leave its runtime reconnecting for ever (the test binary would wait
+/// for it at exit).
+pub struct StopOnDrop(pub ToolKitClient);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}

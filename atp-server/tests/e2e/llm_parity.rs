@@ -1,5 +1,5 @@
 //! The Rust `LlmClient` against `atp-server`: every method of the Python
-//! `LLMClient` (ATP contract §6, §8) — streaming, app sessions, webhooks,
+//! `LLMClient` (docs/PROTOCOL.md §6, §9) — streaming, app sessions, webhooks,
 //! the store, `sequential` and an explicit `auth_token` — over the
 //! WebSocket and over HTTP wherever the protocol has both.
 

@@ -9,6 +9,7 @@ mod keys;
 mod llm_parity;
 mod oauth;
 mod python;
+mod python_parity;
 mod routing;
 mod runtime;
 mod runtime_parity;

@@ -69,7 +69,7 @@ const REQUIRE: &str = "ATP_REQUIRE_PYTHON";
 
 /// Whether the published SDK can run here; says so loudly when not, and
 /// panics instead when [`REQUIRE`] is `1`.
-fn python_sdk() -> bool {
+pub(crate) fn python_sdk() -> bool {
     let required = match std::env::var(REQUIRE) {
         Ok(v) if v == "1" => true,
         Ok(v) if !v.is_empty() && v != "0" => {
@@ -101,7 +101,7 @@ fn python_sdk() -> bool {
 }
 
 /// The last line of `stderr` (Python's exception), trimmed.
-fn tail(stderr: &[u8]) -> String {
+pub(crate) fn tail(stderr: &[u8]) -> String {
     String::from_utf8_lossy(stderr)
         .lines()
         .rev()
@@ -112,11 +112,11 @@ fn tail(stderr: &[u8]) -> String {
 }
 
 /// The scratch directory of one test (removed when it passes).
-fn scratch(test: &str) -> PathBuf {
+pub(crate) fn scratch(test: &str) -> PathBuf {
     std::env::temp_dir().join(format!("atp-server-py-{}-{test}", std::process::id()))
 }
 
-fn script(test: &str, name: &str, text: &str) -> PathBuf {
+pub(crate) fn script(test: &str, name: &str, text: &str) -> PathBuf {
     let dir = scratch(test);
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join(name);

@@ -1,5 +1,5 @@
 //! The Rust toolkit runtime's parity with the Python `ToolKitClient`
-//! (ATP contract §8): interactive apps, progress, tools registered while
+//! (docs/PROTOCOL.md §9): interactive apps, progress, tools registered while
 //! it runs, the idle timeout and execution reports.
 //!
 //! First against a fake ATP server that speaks the Python server's frames

@@ -439,3 +439,47 @@ async fn execution_reports_need_a_token_of_that_tool() {
     })
     .await;
 }
+
+/// `get_toolkit_context`, `task_request` and `app_request` see what the
+/// store shows: another developer's private toolkit is "not found", a
+/// public one and one's own work.
+#[tokio::test]
+async fn private_toolkits_cannot_be_described_or_called_by_others() {
+    bounded(Duration::from_secs(30), async {
+        let server = TestServer::start(two_developers(DbLocation::Memory)).await;
+        let b = &server.base;
+        register_all(b).await;
+        let process = |key: &'static str, body: Value| async move {
+            let auth = format!("ApiKey {key}");
+            http_json(
+                "POST",
+                &format!("{b}{LLM}/process/"),
+                &[("authorization", &auth)],
+                Some(&body),
+            )
+            .await
+        };
+        let context = |kit: &str| json!({"type": "get_toolkit_context", "toolkit_id": kit, "request_id": "c1", "provider": "openai"});
+        let task = |kit: &str| json!({"type": "task_request", "toolkit_id": kit, "request_id": "t1",
+                                      "payload": {"function": "secret", "parameters": {"text": "x"}}});
+        let app = |kit: &str| json!({"type": "app_request", "toolkit_id": kit, "request_id": "a1",
+                                     "payload": {"app": "secret", "parameters": {}}});
+
+        let (status, v) = process("bob-llm", context("ada-private")).await;
+        assert_eq!((status, v["code"].as_str()), (404, Some("toolkit_not_found")), "{v}");
+        let (_, v) = process("bob-llm", task("ada-private")).await;
+        assert_eq!(v["code"], "toolkit_not_found", "{v}");
+        let (_, v) = process("bob-llm", app("ada-private")).await;
+        assert_eq!(v["payload"]["code"], "toolkit_not_found", "{v}");
+        // The owner and a public toolkit: found (not connected: no toolkit
+        // serves them, which is a different answer).
+        let (status, v) = process("ada-llm", context("ada-private")).await;
+        assert_eq!(status, 200, "{v}");
+        let (status, v) = process("bob-llm", context("ada-public")).await;
+        assert_eq!(status, 200, "{v}");
+        let (_, v) = process("ada-llm", task("ada-private")).await;
+        assert_eq!(v["code"], "toolkit_not_connected", "{v}");
+        server.stop().await;
+    })
+    .await;
+}

@@ -1,4 +1,4 @@
-//! Progress and streaming (ATP contract §8): a tool's `tool_progress`
+//! Progress and streaming (docs/PROTOCOL.md §9): a tool's `tool_progress`
 //! reaches an LLM WebSocket that asked for it (`"stream": true`) and an
 //! SSE client of `POST process/` (`Accept: text/event-stream`), before the
 //! answer; nobody else gets any.

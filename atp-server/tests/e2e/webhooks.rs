@@ -30,8 +30,8 @@ use tokio::{
 use crate::common::*;
 
 const OTHER_KEY: &str = "llm-other-key";
-const ACCESS_TOKEN: &str = "AT-do-not-leak-4242";
-const REFRESH_TOKEN: &str = "RT-do-not-leak-4343";
+pub(crate) const ACCESS_TOKEN: &str = "AT-do-not-leak-4242";
+pub(crate) const REFRESH_TOKEN: &str = "RT-do-not-leak-4343";
 const CLIENT_SECRET: &str = "client-secret-4444";
 const LLM: &str = "/api/v1/atp/llm-client";
 
@@ -42,18 +42,18 @@ fn auth(key: &str) -> String {
 // ---------------------------------------------------------------------
 // A webhook receiver: records every request, answers 200 or 500.
 
-struct Received {
+pub(crate) struct Received {
     headers: HeaderMap,
-    body: Bytes,
+    pub(crate) body: Bytes,
     answered: u16,
 }
 
 impl Received {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).expect("a JSON delivery")
     }
 
@@ -66,27 +66,27 @@ impl Received {
 }
 
 #[derive(Default)]
-struct Inbox {
+pub(crate) struct Inbox {
     got: Vec<Received>,
     /// Answer 500 (a failing receiver) instead of 200.
     failing: bool,
 }
 
 impl Inbox {
-    fn accepted(&self) -> Vec<&Received> {
+    pub(crate) fn accepted(&self) -> Vec<&Received> {
         self.got.iter().filter(|r| r.answered == 200).collect()
     }
 }
 
 /// What a receiver saw, kept across its restarts.
 #[derive(Clone)]
-struct Hook {
+pub(crate) struct Hook {
     inbox: Arc<Mutex<Inbox>>,
     changes: Arc<watch::Sender<usize>>,
 }
 
 impl Hook {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             inbox: Arc::default(),
             changes: Arc::new(watch::channel(0).0),
@@ -98,7 +98,7 @@ impl Hook {
     }
 
     /// Waits (bounded) until `cond` holds for what was received.
-    async fn wait_until(&self, what: &str, cond: impl Fn(&Inbox) -> bool) {
+    pub(crate) async fn wait_until(&self, what: &str, cond: impl Fn(&Inbox) -> bool) {
         let mut rx = self.changes.subscribe();
         tokio::time::timeout(
             WAIT,
@@ -109,7 +109,7 @@ impl Hook {
         .expect("the receiver's state is there");
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Inbox) -> T) -> T {
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&Inbox) -> T) -> T {
         f(&self.inbox.lock().expect("lock"))
     }
 }
@@ -134,14 +134,14 @@ async fn receive(State(hook): State<Hook>, headers: HeaderMap, body: Bytes) -> S
 }
 
 /// A receiver serving `hook` on a port (0: any).
-struct Receiver {
+pub(crate) struct Receiver {
     addr: SocketAddr,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
 
 impl Receiver {
-    async fn start(hook: &Hook, addr: SocketAddr) -> Self {
+    pub(crate) async fn start(hook: &Hook, addr: SocketAddr) -> Self {
         let listener = TcpListener::bind(addr).await.expect("bind the receiver");
         let addr = listener.local_addr().expect("addr");
         let app = Router::new()
@@ -158,12 +158,12 @@ impl Receiver {
         Self { addr, stop, task }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}/hook", self.addr)
     }
 
     /// Stops listening and closes its connections: the receiver is down.
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let _ = self.stop.send(());
         tokio::time::timeout(WAIT, self.task)
             .await
@@ -204,7 +204,7 @@ async fn token(body: String) -> Response {
     }
 }
 
-async fn start_provider() -> (String, JoinHandle<()>) {
+pub(crate) async fn start_provider() -> (String, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let app = Router::new().route("/token", post(token));
@@ -214,7 +214,7 @@ async fn start_provider() -> (String, JoinHandle<()>) {
     (base, task)
 }
 
-fn platform(provider: &str) -> OAuthPlatform {
+pub(crate) fn platform(provider: &str) -> OAuthPlatform {
     OAuthPlatform {
         id: "local-app".into(),
         provider: Some("localprov".into()),
@@ -298,7 +298,7 @@ async fn list(base: &str, key: &str) -> (u16, Value) {
 }
 
 /// Starts an OAuth flow as `key` for `user` and returns its state.
-async fn start_flow(base: &str, key: &str, user: &str) -> String {
+pub(crate) async fn start_flow(base: &str, key: &str, user: &str) -> String {
     let (status, v) = http_json(
         "POST",
         &format!("{base}{LLM}/oauth/confirmation/local-app/"),
@@ -315,7 +315,7 @@ async fn start_flow(base: &str, key: &str, user: &str) -> String {
 }
 
 /// The provider sends the user back to the server's callback with `query`.
-async fn callback(base: &str, state: &str, query: &str) -> u16 {
+pub(crate) async fn callback(base: &str, state: &str, query: &str) -> u16 {
     let url = format!("{base}{LLM}/oauth/callback/?state={state}&{query}");
     http("GET", &url, &[], None).await.0
 }
