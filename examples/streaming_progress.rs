@@ -1,0 +1,86 @@
+//! A tool's progress, streamed to the agent as it runs:
+//! `cargo run --example streaming_progress`.
+//!
+//! The tool reports each step through its call handle; the agent gets the
+//! steps as a `Stream`, then the result messages — over the WebSocket
+//! (`"stream": true`) and over HTTP (server-sent events). Runs an
+//! in-process `atp-server` unless `ATP_BASE_URL` is set.
+
+use std::time::Duration;
+
+use atp_registry::{
+    Call, Tool, ToolError, ToolKitClient,
+    llm::{LlmClient, LlmProtocol, StreamEvent},
+};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+/// Downloads `files` files (pretend), reporting each one.
+async fn download(call: Call) -> Result<Value, ToolError> {
+    let files = call.param("files").and_then(Value::as_u64).unwrap_or(3);
+    for i in 1..=files {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        call.progress(
+            i as f64,
+            Some(files as f64),
+            Some(&format!("file {i} of {files}")),
+        );
+    }
+    Ok(json!({"downloaded": files}))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let (base, local) = atp_examples::atp_server().await?;
+
+    let toolkit = ToolKitClient::new("YOUR_ATP_TOOLKIT_API_KEY", "Files").with_base_url(&base);
+    toolkit.register_tool(
+        Tool::new("download")
+            .description("Downloads some files, reporting each.")
+            .params(["files"]),
+        download,
+    )?;
+    let runtime = {
+        let toolkit = toolkit.clone();
+        tokio::spawn(async move { toolkit.start().await })
+    };
+    if let Some(server) = &local
+        && !server
+            .wait_until_served("Files", Duration::from_secs(10))
+            .await
+    {
+        return Err("the toolkit did not connect within 10 s".into());
+    }
+
+    // What a model asked for (OpenAI Responses API function calls).
+    let model_output = json!([
+        {"type": "function_call", "call_id": "call_1", "name": "download", "arguments": "{\"files\": 4}"}
+    ]);
+    for protocol in [LlmProtocol::WebSocket, LlmProtocol::Http] {
+        println!("over {protocol:?}:");
+        let atp = LlmClient::new("YOUR_ATP_LLM_CLIENT_API_KEY")
+            .with_base_url(&base)
+            .with_protocol(protocol);
+        let mut events = atp.call_tool_streaming("Files", &model_output, "openai", "Get my files");
+        while let Some(event) = events.next().await {
+            match event? {
+                StreamEvent::Progress(p) => println!(
+                    "  {}: {} / {} {}",
+                    p.tool,
+                    p.progress.progress,
+                    p.progress.total.unwrap_or(f64::NAN),
+                    p.progress.message.unwrap_or_default()
+                ),
+                StreamEvent::Finished(f) => println!("  {} finished", f.tool),
+                StreamEvent::Messages(m) => {
+                    println!("  messages to append: {}", serde_json::to_string(&m)?)
+                }
+                other => println!("  {other:?}"),
+            }
+        }
+    }
+
+    toolkit.stop();
+    runtime.await??;
+    Ok(())
+}
