@@ -46,7 +46,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     config::Config,
     error::{ApiError, ServerError, json_response},
-    keys::{Role, api_key_header, hex, key_hash, now_secs, random_token, rfc3339},
+    keys::{hex, key_hash, now_secs, random_token, rfc3339},
     read_object,
     store::ToolkitRecord,
 };
@@ -400,14 +400,6 @@ fn reply<T: serde::Serialize>(result: Result<T, ApiError>) -> Response {
     }
 }
 
-/// The caller's LLM key (`Authorization: ApiKey KEY`), checked: its hash.
-fn caller(s: &crate::State, headers: &HeaderMap) -> Result<String, ApiError> {
-    match api_key_header(headers) {
-        Some(k) if s.keys.check(Role::Llm, k) => Ok(key_hash(k)),
-        _ => Err(ApiError::unauthorized()),
-    }
-}
-
 /// `?page=&page_size=`: page from 1, page size 1-100 (10 by default; a
 /// larger one is lowered to 100). An empty value is the default.
 fn paging(query: Option<&str>) -> Result<(u64, u64), ApiError> {
@@ -524,7 +516,7 @@ pub(crate) async fn store_toolkits(
     RawQuery(query): RawQuery,
 ) -> Response {
     reply((|| {
-        caller(&s, &headers)?;
+        s.llm_caller(&headers, None)?;
         let paging = paging(query.as_deref())?;
         let rows = all_kits(&s)
             .iter()
@@ -544,7 +536,7 @@ pub(crate) async fn toolkit_details(
     id: Result<Path<String>, PathRejection>,
 ) -> Response {
     reply((|| {
-        let me = caller(&s, &headers)?;
+        let me = s.llm_caller(&headers, None)?;
         let not_found = || ApiError::not_found("toolkit_not_found", "Toolkit not found");
         let Ok(Path(id)) = id else {
             return Err(not_found());
@@ -568,7 +560,7 @@ pub(crate) async fn my_toolkits(
     RawQuery(query): RawQuery,
 ) -> Response {
     reply((|| {
-        let me = caller(&s, &headers)?;
+        let me = s.llm_caller(&headers, None)?;
         let paging = paging(query.as_deref())?;
         let rows = match s.catalog.owner(&me) {
             None => Vec::new(),
@@ -590,7 +582,7 @@ pub(crate) async fn developer_profile(
     name: Result<Path<String>, PathRejection>,
 ) -> Response {
     reply((|| {
-        caller(&s, &headers)?;
+        s.llm_caller(&headers, None)?;
         let not_found = || ApiError::not_found("developer_not_found", "Developer not found");
         let Ok(Path(name)) = name else {
             return Err(not_found());

@@ -80,6 +80,22 @@ impl State {
             .filter(|k| self.catalog.can_see(llm_key_hash, &k.key_hash, &k.app_name))
     }
 
+    /// The calling LLM client's key, checked, as its hash: `Authorization:
+    /// ApiKey KEY`, else the body's `api_key` (the Python client sends
+    /// both); 401 otherwise.
+    fn llm_caller(
+        &self,
+        headers: &axum::http::HeaderMap,
+        body: Option<&Map<String, Value>>,
+    ) -> Result<String, ApiError> {
+        let key =
+            keys::api_key_header(headers).or_else(|| body.and_then(|b| str_field(b, "api_key")));
+        match key {
+            Some(k) if self.keys.check(keys::Role::Llm, k) => Ok(keys::key_hash(k)),
+            _ => Err(ApiError::unauthorized()),
+        }
+    }
+
     fn platform(&self, id: &str) -> Option<OAuthPlatform> {
         self.platforms
             .read()

@@ -39,7 +39,6 @@ use crate::{
     keys::{Role, api_key_header, key_hash},
     not_a_websocket, oauth, read_object,
     store::ToolkitRecord,
-    str_field,
 };
 
 /// The most task and app requests one WebSocket may have in flight.
@@ -428,17 +427,6 @@ async fn call_endpoint(
     }
 }
 
-/// The LLM client's key: `Authorization: ApiKey KEY`, else the body's
-/// `api_key`.
-fn llm_key(
-    s: &crate::State,
-    headers: &HeaderMap,
-    m: Option<&Map<String, Value>>,
-) -> Option<String> {
-    let key = api_key_header(headers).or_else(|| m.and_then(|m| str_field(m, "api_key")))?;
-    s.keys.check(Role::Llm, key).then(|| key_hash(key))
-}
-
 fn answer(status: StatusCode, message: &ServerToLlm) -> Response {
     json_text_response(status, message.to_json())
 }
@@ -515,14 +503,14 @@ pub(crate) async fn process(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if api_key_header(&headers).is_some() && llm_key(&s, &headers, None).is_none() {
+    if api_key_header(&headers).is_some() && s.llm_caller(&headers, None).is_err() {
         return ApiError::unauthorized().into_response();
     }
     let m = match read_object(body, &s.config).await {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
-    let Some(llm_key_hash) = llm_key(&s, &headers, Some(&m)) else {
+    let Ok(llm_key_hash) = s.llm_caller(&headers, Some(&m)) else {
         return ApiError::unauthorized().into_response();
     };
     let sse = wants_sse(&headers);

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     config::OAuthPlatform,
     error::{ApiError, json_response},
-    keys::{Role, api_key_header, key_hash, now_secs, random_token, rfc3339, uuid4},
+    keys::{api_key_header, now_secs, random_token, rfc3339, uuid4},
     llm::Failure,
     read_object,
     store::{self, OAuthConnection, PendingFlow},
@@ -39,18 +39,6 @@ const EXPIRY_MARGIN: i64 = 30;
 /// The longest wait for the provider's token endpoint.
 const PROVIDER_TIMEOUT: Duration = Duration::from_secs(30);
 const CALLBACK_PATH: &str = "/api/v1/atp/llm-client/oauth/callback/";
-
-fn llm_key(
-    s: &crate::State,
-    headers: &HeaderMap,
-    body: Option<&Map<String, Value>>,
-) -> Result<String, ApiError> {
-    let key = api_key_header(headers).or_else(|| body.and_then(|b| str_field(b, "api_key")));
-    match key {
-        Some(k) if s.keys.check(Role::Llm, k) => Ok(key_hash(k)),
-        _ => Err(ApiError::unauthorized()),
-    }
-}
 
 fn platform(s: &crate::State, id: Result<String, ()>) -> Result<OAuthPlatform, ApiError> {
     id.ok()
@@ -78,10 +66,10 @@ pub(crate) async fn confirmation(
 ) -> Response {
     let result = async {
         if api_key_header(&headers).is_some() {
-            llm_key(&s, &headers, None)?;
+            s.llm_caller(&headers, None)?;
         }
         let m = read_object(body, &s.config).await?;
-        let llm_key_hash = llm_key(&s, &headers, Some(&m))?;
+        let llm_key_hash = s.llm_caller(&headers, Some(&m))?;
         let platform = platform(&s, id.map(|Path(p)| p).map_err(|_| ()))?;
         let bad_user = || {
             ApiError::bad_request(
@@ -484,7 +472,7 @@ pub(crate) async fn tokens(
     ids: Result<Path<(String, String)>, PathRejection>,
 ) -> Response {
     let result = async {
-        let llm_key_hash = llm_key(&s, &headers, None)?;
+        let llm_key_hash = s.llm_caller(&headers, None)?;
         let (platform_id, user) = match ids {
             Ok(Path(ids)) => ids,
             Err(_) => return Err(ApiError::not_found("not_found", "Not found")),

@@ -29,13 +29,13 @@ use axum::{
 use bytes::Bytes;
 use hyper::Method;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::{sync::Notify, task::JoinSet};
 
 use crate::{
     config::Config,
     error::{ApiError, json_response},
-    keys::{Role, api_key_header, key_hash, now_secs, random_token, rfc3339, uuid4},
+    keys::{api_key_header, now_secs, random_token, rfc3339, uuid4},
     read_object,
     store::Store,
 };
@@ -599,28 +599,14 @@ async fn attempt(s: Arc<crate::State>, job: Job) {
     }
 }
 
-/// The caller's LLM key hash: `Authorization: ApiKey KEY`, else the body's
-/// `api_key` (as the Python client sends both).
-fn llm_key(
-    s: &crate::State,
-    headers: &HeaderMap,
-    body: Option<&Map<String, Value>>,
-) -> Result<String, ApiError> {
-    let key = api_key_header(headers).or_else(|| body.and_then(|b| crate::str_field(b, "api_key")));
-    match key {
-        Some(k) if s.keys.check(Role::Llm, k) => Ok(key_hash(k)),
-        _ => Err(ApiError::unauthorized()),
-    }
-}
-
-/// [`llm_key`] for an endpoint whose body only matters for its `api_key`
+/// The caller's LLM key for an endpoint whose body only matters for its `api_key`
 /// (a GET sends none).
 async fn llm_key_of(s: &crate::State, headers: &HeaderMap, body: Body) -> Result<String, ApiError> {
     if api_key_header(headers).is_some() {
-        return llm_key(s, headers, None);
+        return s.llm_caller(headers, None);
     }
     let body = read_object(body, &s.config).await.ok();
-    llm_key(s, headers, body.as_ref())
+    s.llm_caller(headers, body.as_ref())
 }
 
 /// A webhook URL: absolute `http://` or `https://` with a host.
@@ -649,10 +635,10 @@ pub(crate) async fn register(
 ) -> Response {
     let result = async {
         if api_key_header(&headers).is_some() {
-            llm_key(&s, &headers, None)?;
+            s.llm_caller(&headers, None)?;
         }
         let m = read_object(body, &s.config).await?;
-        let llm_key_hash = llm_key(&s, &headers, Some(&m))?;
+        let llm_key_hash = s.llm_caller(&headers, Some(&m))?;
         let reg: WebhookRegistration = serde_json::from_value(Value::Object(m)).map_err(|_| {
             ApiError::bad_request(
                 "invalid_body",
