@@ -96,6 +96,17 @@ impl State {
         }
     }
 
+    /// The toolkits registered with the toolkit key `key_hash`.
+    fn apps_of(&self, key_hash: &str) -> Vec<String> {
+        self.toolkits
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|k| k.key_hash == key_hash)
+            .map(|k| k.app_name.clone())
+            .collect()
+    }
+
     fn platform(&self, id: &str) -> Option<OAuthPlatform> {
         self.platforms
             .read()

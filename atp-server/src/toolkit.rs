@@ -338,14 +338,7 @@ fn error_frame(message: &str) -> String {
 /// A toolkit that connects before registering anything is not announced.
 pub(crate) fn announce(s: &Arc<crate::State>, key_hash: &str, transport: &'static str) {
     s.hub.presence_changed(key_hash, |online| {
-        let apps: Vec<String> = s
-            .toolkits
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .filter(|k| k.key_hash == key_hash)
-            .map(|k| k.app_name.clone())
-            .collect();
+        let apps = s.apps_of(key_hash);
         let event = if online {
             WebhookEvent::ToolkitConnected
         } else {
@@ -367,14 +360,7 @@ async fn serve_socket(s: Arc<crate::State>, key_hash: String, socket: WebSocket)
     crate::hub::ensure_sweeper(&s);
     let (id, _tx, out) = s.hub.add_socket(&key_hash);
     announce(&s, &key_hash, "websocket");
-    let apps: Vec<String> = s
-        .toolkits
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .values()
-        .filter(|k| k.key_hash == key_hash)
-        .map(|k| k.app_name.clone())
-        .collect();
+    let apps = s.apps_of(&key_hash);
     tracing::info!(socket = id, apps = ?apps, "toolkit connected");
     let (sink, stream) = socket.split();
     let hello = ServerToToolkit::Connected {
