@@ -172,6 +172,15 @@ impl Catalog {
     /// Whether the LLM key `llm_key_hash` may see the toolkit `app_name`
     /// (registered with the toolkit key `toolkit_key_hash`): it is public,
     /// or both keys belong to the same developer.
+    /// Whether the LLM key and the toolkit key belong to the same
+    /// developer: only then does the server hand a user's stored OAuth
+    /// token to that toolkit (a public toolkit of another developer gets
+    /// none — the caller may pass a token explicitly).
+    pub fn same_developer(&self, llm_key_hash: &str, toolkit_key_hash: &str) -> bool {
+        self.owner(toolkit_key_hash)
+            .is_some_and(|o| self.owner(llm_key_hash) == Some(o))
+    }
+
     pub fn can_see(&self, llm_key_hash: &str, toolkit_key_hash: &str, app_name: &str) -> bool {
         match self.owner(toolkit_key_hash) {
             None => false,

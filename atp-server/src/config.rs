@@ -256,11 +256,19 @@ struct FileConfig {
     webhook_max_attempts: Option<u32>,
 }
 
+/// The longest duration a setting may have (a year): far beyond any
+/// sensible timeout, and far from where `Instant + Duration` overflows.
+const MAX_SETTING: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn secs(name: &str, v: f64) -> Result<Duration, ServerError> {
     Duration::try_from_secs_f64(v)
         .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| ServerError::Config(format!("{name} must be a positive number of seconds")))
+        .filter(|d| !d.is_zero() && *d <= MAX_SETTING)
+        .ok_or_else(|| {
+            ServerError::Config(format!(
+                "{name} must be a positive number of seconds, at most a year"
+            ))
+        })
 }
 
 impl Config {
@@ -347,6 +355,19 @@ impl Config {
 
     /// Checks the settings that can be checked before starting.
     pub fn validate(&self) -> Result<(), ServerError> {
+        for (name, d) in [
+            ("task_timeout", self.task_timeout),
+            ("inbox_wait", self.inbox_wait),
+            ("inbox_presence", self.inbox_presence),
+            ("ping_interval", self.ping_interval),
+            ("header_read_timeout", self.header_read_timeout),
+            ("webhook_timeout", self.webhook_timeout),
+            ("webhook_retry_base", self.webhook_retry_base),
+        ] {
+            if d > MAX_SETTING {
+                return Err(ServerError::Config(format!("{name} is longer than a year")));
+            }
+        }
         for key in self.toolkit_api_keys.iter().chain(&self.llm_api_keys) {
             if key.is_empty() {
                 return Err(ServerError::Config("an API key is empty".into()));
@@ -489,6 +510,12 @@ mod tests {
         assert!(!format!("{c:?}").contains("very-secret"));
         assert!(Config::from_toml("nope = 1").is_err());
         assert!(Config::from_toml("task_timeout_secs = -1").is_err());
+        assert!(Config::from_toml("task_timeout_secs = 1e19").is_err());
+        let huge = Config {
+            inbox_presence: Duration::from_secs(u64::MAX / 4),
+            ..Config::default()
+        };
+        assert!(huge.validate().is_err());
         assert!(Config::from_toml("toolkit_api_keys = [\"\"]").is_err());
     }
 

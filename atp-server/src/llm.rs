@@ -179,12 +179,19 @@ async fn run_task(
         .ok_or(CallError::ToolNotFound)?;
 
     let mut not_connected = None;
+    let mut other_developer = false;
     let auth_token = match (
         req.auth_token(),
         req.external_user_id(),
         tool.spec.auth_provider.as_deref(),
     ) {
         (Some(t), _, _) => Some(t.clone()),
+        // A user's stored token goes only to a toolkit of the caller's own
+        // developer, never to another developer's public toolkit.
+        (None, Some(_), Some(_)) if !s.catalog.same_developer(llm_key_hash, &kit.key_hash) => {
+            other_developer = true;
+            None
+        }
         (None, Some(user), Some(provider)) => {
             let token = oauth::token_for(s, llm_key_hash, provider, user).await?;
             if token.is_none() {
@@ -197,6 +204,11 @@ async fn run_task(
     match tool.spec.check(&params, auth_token.as_ref()) {
         Err(CallError::AuthRequired) => {
             let mut message = CallError::AuthRequired.to_string();
+            if other_developer {
+                message.push_str(
+                    ": this toolkit belongs to another developer, so the server does not give it your users' stored tokens (pass auth_token to send one)",
+                );
+            }
             if let Some((user, provider)) = not_connected {
                 message.push_str(&format!(
                     ": user {user} has not connected {provider} (start the OAuth flow with initiate_oauth_connection)"

@@ -379,7 +379,7 @@ pub(crate) async fn callback(State(s): AppState, RawQuery(query): RawQuery) -> R
         refresh_token: tokens.refresh_token,
         token_type: tokens.token_type,
         scope: tokens.scope.or_else(|| Some(platform.scopes.join(" "))),
-        expires_at: tokens.expires_in.map(|e| now_secs() + e),
+        expires_at: tokens.expires_in.map(|e| now_secs().saturating_add(e)),
     };
     if let Err(e) = s
         .store
@@ -452,7 +452,7 @@ async fn fresh(
         refresh_token: tokens.refresh_token.or(Some(refresh_token)),
         token_type: tokens.token_type.or(current.token_type.clone()),
         scope: tokens.scope.or(current.scope.clone()),
-        expires_at: tokens.expires_in.map(|e| now_secs() + e),
+        expires_at: tokens.expires_in.map(|e| now_secs().saturating_add(e)),
         ..current
     };
     let saved = updated.clone();

@@ -483,3 +483,54 @@ async fn private_toolkits_cannot_be_described_or_called_by_others() {
     })
     .await;
 }
+
+/// A user's stored OAuth token goes only to toolkits of the caller's own
+/// developer: another developer's public toolkit asks for an explicit one.
+#[tokio::test]
+async fn stored_tokens_do_not_go_to_another_developers_toolkit() {
+    use crate::webhooks::{callback, platform, start_flow, start_provider};
+    bounded(Duration::from_secs(30), async {
+        let (provider, provider_task) = start_provider().await;
+        let mut config = two_developers(DbLocation::Memory);
+        config.oauth_platforms = vec![platform(&provider)];
+        let server = TestServer::start(config).await;
+        let b = &server.base;
+        for (key, app) in [("bob-tk", "bob-public"), ("ada-tk", "ada-private")] {
+            let body = json!({
+                "function_id": "whoami", "api_key": key, "app_name": app,
+                "metadata": {"params": [], "required_params": [], "description": "Who am I.",
+                             "auth_provider": "localprov", "auth_type": "OAuth2", "auth_with": "access_token"},
+            });
+            let (status, answer) =
+                http_json("POST", &format!("{b}/api/v1/register_tool"), &[], Some(&body)).await;
+            assert_eq!(status, 200, "{answer}");
+        }
+        // Ada's user u1 connects the platform.
+        let state = start_flow(b, "ada-llm", "u1").await;
+        assert!(matches!(callback(b, &state, "code=good-code").await, 200 | 302 | 303));
+        let task = |kit: &str| json!({"type": "task_request", "toolkit_id": kit, "request_id": "t1",
+                                      "external_user_id": "u1",
+                                      "payload": {"function": "whoami", "parameters": {}}});
+        let process = |body: Value| async move {
+            http_json(
+                "POST",
+                &format!("{b}{LLM}/process/"),
+                &[("authorization", "ApiKey ada-llm")],
+                Some(&body),
+            )
+            .await
+            .1
+        };
+        // Bob's public toolkit: no stored token for it.
+        let v = process(task("bob-public")).await;
+        assert_eq!(v["code"], "auth_required", "{v}");
+        assert!(v["error"].as_str().is_some_and(|m| m.contains("another developer")), "{v}");
+        // Ada's own toolkit: the token is found (and the call then needs a
+        // connected toolkit, which is a different answer).
+        let v = process(task("ada-private")).await;
+        assert_eq!(v["code"], "toolkit_not_connected", "{v}");
+        provider_task.abort();
+        server.stop().await;
+    })
+    .await;
+}
