@@ -332,7 +332,7 @@ impl AtpServer {
             );
         }
         tracing::info!(%addr, "atp-server listening");
-        let deliveries = tokio::spawn(webhooks::deliver(self.state.clone()));
+        webhooks::ensure_delivering(&self.state);
         listen::serve(
             listener,
             self.router(),
@@ -340,7 +340,6 @@ impl AtpServer {
             self.state.config.header_read_timeout,
         )
         .await?;
-        deliveries.abort();
         tracing::info!("atp-server stopped");
         Ok(())
     }

@@ -12,7 +12,10 @@
 
 use std::{
     collections::HashMap,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -97,6 +100,10 @@ const MAX_ERROR_LEN: usize = 300;
 /// The webhooks' state: wakes the delivery task when there is work.
 pub(crate) struct Webhooks {
     wake: Notify,
+    /// Whether the delivery task runs (it starts with `serve`, or with the
+    /// first event or webhook request when the router is served some other
+    /// way).
+    delivering: AtomicBool,
 }
 
 impl Webhooks {
@@ -113,6 +120,7 @@ impl Webhooks {
         }
         Ok(Self {
             wake: Notify::new(),
+            delivering: AtomicBool::new(false),
         })
     }
 }
@@ -140,6 +148,7 @@ pub(crate) fn emit(
         tracing::error!(%event, "webhook event dropped: no async runtime");
         return;
     };
+    ensure_delivering(s);
     // (LLM key, toolkit key hash and app name) of the audience.
     let audience = match audience {
         Audience::LlmKey(hash) => (Some(hash.to_owned()), None),
@@ -462,7 +471,18 @@ fn prune(c: &mut Connection) -> Result<usize, rusqlite::Error> {
 }
 
 /// Delivers queued events until the server stops.
-pub(crate) async fn deliver(s: Arc<crate::State>) {
+/// Starts the delivery task once (within a tokio runtime); it runs until
+/// the server shuts down.
+pub(crate) fn ensure_delivering(s: &Arc<crate::State>) {
+    if tokio::runtime::Handle::try_current().is_err()
+        || s.webhooks.delivering.swap(true, Ordering::AcqRel)
+    {
+        return;
+    }
+    tokio::spawn(deliver(s.clone()));
+}
+
+async fn deliver(s: Arc<crate::State>) {
     let mut shutdown = s.shutdown.subscribe();
     let mut running: JoinSet<()> = JoinSet::new();
     // The webhook each running attempt is for.
@@ -633,6 +653,7 @@ pub(crate) async fn register(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    ensure_delivering(&s);
     let result = async {
         if api_key_header(&headers).is_some() {
             s.llm_caller(&headers, None)?;
