@@ -5,8 +5,6 @@
 //! session is over. Runs an in-process `atp-server` unless `ATP_BASE_URL`
 //! is set.
 
-use std::time::Duration;
-
 use atp_registry::{
     AppCall, AppReply, Tool, ToolError, ToolKitClient,
     llm::{LlmClient, LlmError},
@@ -71,17 +69,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .params(["goal"]),
         counter,
     )?;
-    let runtime = {
-        let toolkit = toolkit.clone();
-        tokio::spawn(async move { toolkit.start().await })
-    };
-    if let Some(server) = &local
-        && !server
-            .wait_until_served("Games", Duration::from_secs(10))
-            .await
-    {
-        return Err("the toolkit did not connect within 10 s".into());
-    }
+    let runtime = atp_examples::serve_in_background(&toolkit, local.as_ref()).await?;
 
     // The agent side.
     let atp = LlmClient::new("YOUR_ATP_LLM_CLIENT_API_KEY").with_base_url(&base);

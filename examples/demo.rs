@@ -166,6 +166,35 @@ pub async fn atp_server()
     Ok((base, Some(server)))
 }
 
+/// Serves `toolkit` to the ATP server at its base URL, in the background
+/// (`ToolKitClient::start`), and — when that server runs in this process —
+/// waits until the toolkit is connected. Stop it with `toolkit.stop()`, then
+/// await the handle.
+pub async fn serve_in_background(
+    toolkit: &ToolKitClient,
+    local: Option<&atp_server::AtpServer>,
+) -> Result<
+    tokio::task::JoinHandle<Result<(), atp_registry::runtime::RuntimeError>>,
+    Box<dyn std::error::Error>,
+> {
+    let runtime = {
+        let toolkit = toolkit.clone();
+        tokio::spawn(async move { toolkit.start().await })
+    };
+    if let Some(server) = local
+        && !server
+            .wait_until_served(toolkit.app_name(), std::time::Duration::from_secs(10))
+            .await
+    {
+        return Err(format!(
+            "the toolkit {} did not connect within 10 s",
+            toolkit.app_name()
+        )
+        .into());
+    }
+    Ok(runtime)
+}
+
 /// The whole agent loop for one provider, offline: the demo toolkit
 /// connects to the ATP server over the WebSocket runtime; the LLM side
 /// fetches the toolkit's context in `provider`'s format; a recorded model
@@ -178,19 +207,8 @@ pub async fn llm_demo(provider: &str, recorded: &str) -> Result<(), Box<dyn std:
     init_logging_quiet();
     let (base, local) = atp_server().await?;
     let toolkit = demo_client()?.with_base_url(&base);
-    let runtime = {
-        let toolkit = toolkit.clone();
-        tokio::spawn(async move { toolkit.start().await })
-    };
-
     // The toolkit announces its tools and connects in the background.
-    if let Some(server) = &local
-        && !server
-            .wait_until_served(APP_NAME, std::time::Duration::from_secs(10))
-            .await
-    {
-        return Err("the demo toolkit did not connect within 10 s".into());
-    }
+    let runtime = serve_in_background(&toolkit, local.as_ref()).await?;
 
     let atp = LlmClient::new("YOUR_ATP_LLM_CLIENT_API_KEY").with_base_url(&base);
     let prompt = "Greet Ada Lovelace, then tell me the weather in Paris.";

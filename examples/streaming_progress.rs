@@ -40,17 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .params(["files"]),
         download,
     )?;
-    let runtime = {
-        let toolkit = toolkit.clone();
-        tokio::spawn(async move { toolkit.start().await })
-    };
-    if let Some(server) = &local
-        && !server
-            .wait_until_served("Files", Duration::from_secs(10))
-            .await
-    {
-        return Err("the toolkit did not connect within 10 s".into());
-    }
+    let runtime = atp_examples::serve_in_background(&toolkit, local.as_ref()).await?;
 
     // What a model asked for (OpenAI Responses API function calls).
     let model_output = json!([
