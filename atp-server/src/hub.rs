@@ -1216,8 +1216,16 @@ impl Drop for AppGuard<'_> {
                 true,
             );
         } else if via == SessionVia::Inbox && !o.delivered {
-            // No poll took it yet: withdrawn (polls skip its entry).
+            // No poll took it yet: withdrawn, and its entry (which may
+            // hold a large `action_data`) leaves the queue at once.
             session.outstanding = None;
+            let key_hash = session.key_hash.clone();
+            if let Some(inbox) = inner.inboxes.get_mut(&key_hash) {
+                inbox.queue.retain(|e| {
+                    !matches!(e, Entry::App { session_id, seq, .. }
+                        if session_id == self.session_id && *seq == self.seq)
+                });
+            }
         } else {
             o.waiter = None;
         }
@@ -1482,6 +1490,10 @@ mod tests {
         )
         .await;
         assert!(abandoned.is_err(), "still waiting when dropped");
+        assert!(
+            hub.lock().inboxes["k"].queue.is_empty(),
+            "its entry left the queue with it"
+        );
         assert_eq!(hub.poll_inbox("k", Duration::from_millis(20)).await, None);
         assert!(!hub.inbox_answer("k", &sid, Ok(json!("late")), false));
         // The session is free again.
