@@ -856,3 +856,46 @@ async fn account_endpoints_send_what_the_python_client_sends() {
         "{paths:?}"
     );
 }
+
+/// A server that sends progress for ever, faster than the timeout, can not
+/// keep a stream open: the timeout bounds the whole call.
+#[tokio::test]
+async fn endless_progress_does_not_keep_a_stream_open() {
+    let base = ws_server(|mut ws| async move {
+        let Some(r) = next_json(&mut ws).await else {
+            return;
+        };
+        let rid = r["request_id"].clone();
+        let mut n = 0;
+        loop {
+            n += 1;
+            send(&mut ws, progress(&rid, n)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if n > 5_000 {
+                return;
+            }
+        }
+    })
+    .await;
+    let llm = ws_client(&base);
+    bounded(async {
+        let options = CallOptions::new().timeout(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let out = collect(llm.call_tool_streaming_with(
+            "kit",
+            &calls(&[("t_a", "a")]),
+            "anthropic",
+            "",
+            &options,
+        ))
+        .await;
+        assert!(
+            matches!(out.last(), Some(Err(LlmError::Timeout(d))) if *d == Duration::from_millis(300)),
+            "{:?}",
+            out.last()
+        );
+        assert!(out.iter().any(|e| matches!(e, Ok(StreamEvent::Progress(_)))));
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    })
+    .await;
+}

@@ -111,8 +111,8 @@ impl CallOptions {
         self
     }
 
-    /// How long to wait for each answer (for a stream: each event) instead
-    /// of the client's timeout.
+    /// How long to wait for each call's answer instead of the client's
+    /// timeout (for a stream: the whole call, its progress included).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self

@@ -93,9 +93,10 @@ impl LlmClient {
         let limit = self.inner.timeout;
         stream::once(async move {
             let (request_id, message) = request?;
+            let deadline = tokio::time::Instant::now() + limit;
             let mut answers = client.open(&request_id, &message, true, limit).await?;
             loop {
-                match answers.next(limit).await {
+                match next_before(&mut answers, deadline, limit).await {
                     Some(Ok(ServerToLlm::TaskProgress(_))) => {}
                     Some(Ok(answer)) => return context_of(answer).map(StreamEvent::Context),
                     Some(Err(e)) => return Err(e),
@@ -156,7 +157,8 @@ impl LlmClient {
 
     /// [`call_tool_streaming`](Self::call_tool_streaming) with
     /// [`CallOptions`]: `sequential` streams one call after the other, in
-    /// call order; `timeout` bounds the wait for each event.
+    /// call order; `timeout` bounds each call, from its request to its answer,
+    /// however much progress comes in between.
     pub fn call_tool_streaming_with(
         &self,
         toolkit_id: &str,
@@ -251,8 +253,27 @@ enum CallState {
     /// Not sent yet (it is sent when first polled: a sequential stream
     /// sends each call once the one before it is over).
     Unsent(LlmClient, RequestId, Box<LlmToServer>),
-    Open(Box<Answers>),
+    /// Sent: its answers, and when the whole call must be over.
+    Open(Box<Answers>, tokio::time::Instant),
     Over,
+}
+
+/// The next answer of a call, waiting at most until its `deadline` (the
+/// whole call's bound, `limit` after it was sent): a server that keeps
+/// sending progress can not keep a stream open for ever.
+async fn next_before(
+    answers: &mut Answers,
+    deadline: tokio::time::Instant,
+    limit: std::time::Duration,
+) -> Option<Result<ServerToLlm, LlmError>> {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if left.is_zero() {
+        return Some(Err(LlmError::Timeout(limit)));
+    }
+    match answers.next(left).await {
+        Some(Err(LlmError::Timeout(_))) => Some(Err(LlmError::Timeout(limit))),
+        other => other,
+    }
 }
 
 /// One call: its progress, then its outcome (or an error).
@@ -271,20 +292,21 @@ fn one_call(
     };
     let start = CallState::Unsent(client, request_id, Box::new(message));
     stream::unfold(start, move |state| async move {
-        let mut answers = match state {
+        let (mut answers, deadline) = match state {
             CallState::Over => return None,
-            CallState::Open(answers) => answers,
+            CallState::Open(answers, deadline) => (answers, deadline),
             CallState::Unsent(client, request_id, message) => {
+                let deadline = tokio::time::Instant::now() + limit;
                 match client.open(&request_id, &message, true, limit).await {
-                    Ok(answers) => Box::new(answers),
+                    Ok(answers) => (Box::new(answers), deadline),
                     Err(e) => return Some(((index, Err(e)), CallState::Over)),
                 }
             }
         };
-        Some(match answers.next(limit).await {
+        Some(match next_before(&mut answers, deadline, limit).await {
             Some(Ok(ServerToLlm::TaskProgress(p))) => (
                 (index, Ok(CallItem::Progress(p.payload))),
-                CallState::Open(answers),
+                CallState::Open(answers, deadline),
             ),
             Some(Ok(answer)) => (
                 (index, Ok(CallItem::Finished(task_outcome(&answer)))),
