@@ -77,8 +77,10 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_by_webhook ON webhook_deliveries (
 
 /// The most webhooks one LLM key may have.
 const MAX_WEBHOOKS_PER_KEY: i64 = 100;
-/// The most deliveries waiting for one webhook; further events for it are
-/// dropped (and logged) until its receiver catches up.
+/// The most deliveries of one event waiting for one webhook; further
+/// events of that kind for it are dropped (and logged) until its receiver
+/// catches up. Counted per event, so that a flapping toolkit's presence
+/// events can not crowd out a user's OAuth events.
 const MAX_PENDING_PER_WEBHOOK: i64 = 1000;
 /// The longest webhook URL.
 const MAX_URL_LEN: usize = 2048;
@@ -253,15 +255,16 @@ fn enqueue(
     let mut queued = 0;
     for webhook_id in webhook_ids {
         let pending: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM webhook_deliveries WHERE webhook_id = ?1 AND status = 'pending'",
-            [webhook_id],
+            "SELECT COUNT(*) FROM webhook_deliveries
+             WHERE webhook_id = ?1 AND status = 'pending' AND event = ?2",
+            params![webhook_id, event.as_str()],
             |r| r.get(0),
         )?;
         if pending >= MAX_PENDING_PER_WEBHOOK {
             tracing::warn!(
                 webhook_id = %webhook_id,
                 %event,
-                "webhook delivery dropped: {MAX_PENDING_PER_WEBHOOK} are already waiting for it"
+                "webhook delivery dropped: {MAX_PENDING_PER_WEBHOOK} of this event are already waiting for it"
             );
             continue;
         }
@@ -871,6 +874,33 @@ mod tests {
             "https://e.com/{}",
             "a".repeat(MAX_URL_LEN)
         )));
+    }
+
+    #[test]
+    fn presence_events_can_not_crowd_out_oauth_events() {
+        let store = Store::open(&DbLocation::Memory).expect("open");
+        let ids = vec!["w1".to_owned()];
+        let data = serde_json::json!({"toolkit_id": "t"});
+        let (flood, oauth) = store
+            .call_now(|c| {
+                c.execute(
+                    "INSERT INTO webhooks (webhook_id, llm_key_hash, url, events, secret, created_at)
+                     VALUES ('w1', 'k', 'http://127.0.0.1:9/', '[]', 's', 0)",
+                    [],
+                )?;
+                let mut flood = 0;
+                for _ in 0..MAX_PENDING_PER_WEBHOOK + 5 {
+                    flood += enqueue(c, WebhookEvent::ToolkitConnected, &ids, &data)?;
+                }
+                let oauth = enqueue(c, WebhookEvent::ConnectionSuccess, &ids, &data)?;
+                Ok((flood, oauth))
+            })
+            .expect("enqueue");
+        assert_eq!(
+            flood,
+            usize::try_from(MAX_PENDING_PER_WEBHOOK).expect("small")
+        );
+        assert_eq!(oauth, 1, "the OAuth event still gets in");
     }
 
     #[test]
