@@ -52,23 +52,6 @@ use crate::{
 };
 
 /// The tables of exchange tokens and the execution log.
-pub(crate) const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS exchange_tokens (
-    token_hash TEXT PRIMARY KEY,
-    app_name TEXT NOT NULL,
-    function_id TEXT NOT NULL,
-    key_hash TEXT NOT NULL,
-    issued_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS exchange_tokens_by_tool ON exchange_tokens (app_name, function_id);
-CREATE TABLE IF NOT EXISTS executions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    app_name TEXT NOT NULL,
-    function_id TEXT NOT NULL,
-    result TEXT NOT NULL,
-    reported_at INTEGER NOT NULL
-);
-"#;
 
 /// How many exchange tokens of one tool stay valid (the newest).
 pub(crate) const TOKENS_PER_TOOL: i64 = 16;

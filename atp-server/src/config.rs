@@ -19,20 +19,75 @@ pub const DEFAULT_ADDR: SocketAddr =
 /// The database file used by default.
 pub const DEFAULT_DB: &str = "atp-server.sqlite3";
 
+/// A NATS server's URL (`nats://[user:password@]host:port`, several
+/// comma-separated for a cluster). Its credentials never show in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsUrl(pub String);
+
+impl std::fmt::Debug for NatsUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: Vec<String> = self.0.split(',').map(|u| redact_url(u.trim())).collect();
+        f.debug_tuple("NatsUrl").field(&shown.join(",")).finish()
+    }
+}
+
 /// Where the state lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum DbLocation {
     /// A SQLite file (created if absent).
     File(PathBuf),
     /// An in-memory database: everything is lost when the server stops.
     Memory,
+    /// A PostgreSQL database, by its `postgres://` (or `postgresql://`)
+    /// URL, shared by any number of servers. Its password never shows in
+    /// `Debug`.
+    Postgres(String),
+}
+
+impl std::fmt::Debug for DbLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DbLocation::File(p) => f.debug_tuple("File").field(p).finish(),
+            DbLocation::Memory => f.write_str("Memory"),
+            DbLocation::Postgres(url) => f.debug_tuple("Postgres").field(&redact_url(url)).finish(),
+        }
+    }
+}
+
+/// A URL without its password (`user:***@host`), for logs and `Debug`;
+/// a key=value connection string is not shown at all.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<connection string>".into();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let tail = if tail.contains("password") {
+                "?***"
+            } else {
+                tail
+            };
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        None if tail.contains("password") => format!("{scheme}://{authority}?***"),
+        None => url.to_owned(),
+    }
 }
 
 impl DbLocation {
-    /// `:memory:` is [`DbLocation::Memory`]; anything else is a file path.
+    /// `:memory:` is [`DbLocation::Memory`]; a `postgres://` or
+    /// `postgresql://` URL is [`DbLocation::Postgres`]; anything else is a
+    /// SQLite file path.
     pub fn parse(s: &str) -> Self {
         if s == ":memory:" {
             DbLocation::Memory
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            DbLocation::Postgres(s.to_owned())
         } else {
             DbLocation::File(PathBuf::from(s))
         }
@@ -103,8 +158,13 @@ mod secret_serde {
 pub struct Config {
     /// The address to listen on (`127.0.0.1:8080` by default).
     pub addr: SocketAddr,
-    /// The SQLite database (`atp-server.sqlite3` by default).
+    /// The database: a SQLite file (`atp-server.sqlite3` by default) or a
+    /// PostgreSQL URL, which several servers may share.
     pub db: DbLocation,
+    /// The NATS server that servers sharing a PostgreSQL database route
+    /// calls over (`nats://host:4222`); `None`: this server is alone. Its
+    /// password or token never shows in `Debug`.
+    pub nats_url: Option<NatsUrl>,
     /// Dev mode: any API key is accepted, and the server only binds to a
     /// loopback address.
     pub dev: bool,
@@ -210,6 +270,7 @@ impl Default for Config {
         Self {
             addr: DEFAULT_ADDR,
             db: DbLocation::File(PathBuf::from(DEFAULT_DB)),
+            nats_url: None,
             dev: false,
             toolkit_api_keys: Vec::new(),
             llm_api_keys: Vec::new(),
@@ -235,6 +296,7 @@ impl Default for Config {
 struct FileConfig {
     addr: Option<SocketAddr>,
     db: Option<String>,
+    nats_url: Option<String>,
     dev: Option<bool>,
     #[serde(default)]
     toolkit_api_keys: Vec<String>,
@@ -338,6 +400,7 @@ impl Config {
             c.max_message_size = v.max(1024);
         }
         c.public_url = file.public_url;
+        c.nats_url = file.nats_url.map(NatsUrl);
         c.oauth_platforms = file.oauth_platforms;
         c.developers = file.developers;
         if let Some(v) = file.webhook_timeout_secs {
@@ -355,6 +418,21 @@ impl Config {
 
     /// Checks the settings that can be checked before starting.
     pub fn validate(&self) -> Result<(), ServerError> {
+        if let Some(url) = &self.nats_url
+            && url.0.split(',').any(|u| {
+                let u = u.trim();
+                !(u.starts_with("nats://") || u.starts_with("tls://") || !u.contains("://"))
+            })
+        {
+            return Err(ServerError::Config(
+                "nats_url must be nats://host:port (or several, comma-separated)".into(),
+            ));
+        }
+        if self.nats_url.is_some() && !matches!(self.db, DbLocation::Postgres(_)) {
+            return Err(ServerError::Config(
+                "servers that share work over NATS must share their state too: give a postgres:// database with nats_url".into(),
+            ));
+        }
         for (name, d) in [
             ("task_timeout", self.task_timeout),
             ("inbox_wait", self.inbox_wait),

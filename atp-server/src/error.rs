@@ -17,9 +17,12 @@ pub enum ServerError {
     /// The settings are invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// The database could not be opened or written.
+    /// The database could not be opened, migrated or read.
     #[error("database error: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(String),
+    /// The message bus (NATS) could not be reached.
+    #[error("message bus error: {0}")]
+    Bus(String),
     /// Dev mode accepts any key, so it only listens on loopback.
     #[error(
         "dev mode accepts any API key, so it only binds to a loopback address; {0} is not one (configure API keys to listen there)"
@@ -28,6 +31,18 @@ pub enum ServerError {
     /// Listening or serving failed.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<rusqlite::Error> for ServerError {
+    fn from(e: rusqlite::Error) -> Self {
+        ServerError::Db(e.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for ServerError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ServerError::Db(e.to_string())
+    }
 }
 
 /// An error answer: `{"error": MESSAGE, "code": CODE}` with a status.

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod bus;
 mod catalog;
 mod config;
 mod error;
@@ -33,7 +34,7 @@ use serde_json::{Map, Value};
 use tokio::{net::TcpListener, sync::watch};
 
 pub use catalog::{Execution, read_executions};
-pub use config::{Config, DEFAULT_ADDR, DEFAULT_DB, DbLocation, Developer, OAuthPlatform};
+pub use config::{Config, DEFAULT_ADDR, DEFAULT_DB, DbLocation, Developer, NatsUrl, OAuthPlatform};
 pub use error::ServerError;
 
 use crate::{
@@ -42,6 +43,13 @@ use crate::{
     keys::Keys,
     store::{Store, ToolkitRecord},
 };
+
+/// What the database holds at startup.
+struct Loaded {
+    kits: Vec<ToolkitRecord>,
+    platforms: Vec<OAuthPlatform>,
+    webhooks: usize,
+}
 
 /// The shared state behind every endpoint.
 pub(crate) struct State {
@@ -61,6 +69,8 @@ pub(crate) struct State {
     webhooks: webhooks::Webhooks,
     /// Developers, the store and the execution log.
     catalog: catalog::Catalog,
+    /// The other servers sharing this one's database, over NATS.
+    bus: Option<bus::Bus>,
 }
 
 impl State {
@@ -153,17 +163,65 @@ impl std::fmt::Debug for AtpServer {
 }
 
 impl AtpServer {
-    /// Opens the database, loads the registrations and OAuth platforms it
-    /// holds, and adds the configured platforms to it.
+    /// Opens a SQLite database, loads the registrations and OAuth
+    /// platforms it holds, and adds the configured platforms to it.
+    ///
+    /// A PostgreSQL database, and NATS, need [`connect`](Self::connect).
     pub fn open(config: Config) -> Result<Self, ServerError> {
         config.validate()?;
-        let store = Store::open(&config.db)?;
-        let kits = store.call_now(store::load_toolkits)?;
-        for p in &config.oauth_platforms {
-            store.call_now(|c| store::save_platform(c, p))?;
+        if matches!(config.db, DbLocation::Postgres(_)) || config.nats_url.is_some() {
+            return Err(ServerError::Config(
+                "a PostgreSQL database or NATS is opened with AtpServer::connect".into(),
+            ));
         }
-        let platforms = store.call_now(store::load_platforms)?;
-        let webhooks = webhooks::Webhooks::open(&store, &config)?;
+        let store = Store::open(&config.db)?;
+        let Some(sqlite) = store.sqlite() else {
+            return Err(ServerError::Config("not a SQLite database".into()));
+        };
+        for p in &config.oauth_platforms {
+            sqlite.call_now(|c| store::save_platform(c, p))?;
+        }
+        let loaded = Loaded {
+            kits: sqlite.call_now(store::load_toolkits)?,
+            platforms: sqlite.call_now(store::load_platforms)?,
+            webhooks: sqlite.call_now(webhooks::count_sqlite)?,
+        };
+        Ok(Self::assemble(config, store, loaded, None))
+    }
+
+    /// Opens the database — SQLite, or PostgreSQL (its migrations run
+    /// first) — and, with [`Config::nats_url`], connects to NATS: the
+    /// server then serves calls for toolkits connected to any server
+    /// sharing the database (docs/DEPLOY.md).
+    pub async fn connect(config: Config) -> Result<Self, ServerError> {
+        config.validate()?;
+        let store = Store::connect(&config.db).await?;
+        for p in &config.oauth_platforms {
+            store.save_platform(p).await?;
+        }
+        let loaded = Loaded {
+            kits: store.load_toolkits().await?,
+            platforms: store.load_platforms().await?,
+            webhooks: store.count_webhooks().await?,
+        };
+        let bus = match &config.nats_url {
+            Some(url) => Some(bus::Bus::connect(url, &config).await?),
+            None => None,
+        };
+        let server = Self::assemble(config, store, loaded, bus);
+        if let Some(bus) = &server.state.bus {
+            bus.start(&server.state);
+        }
+        Ok(server)
+    }
+
+    fn assemble(config: Config, store: Store, loaded: Loaded, bus: Option<bus::Bus>) -> Self {
+        let Loaded {
+            kits,
+            platforms,
+            webhooks,
+        } = loaded;
+        let webhooks = webhooks::Webhooks::new(webhooks);
         let catalog = catalog::Catalog::new(&config);
         let (shutdown, shutdown_rx) = watch::channel(false);
         tracing::info!(
@@ -188,11 +246,12 @@ impl AtpServer {
             public_url: RwLock::new(config.public_url.clone()),
             webhooks,
             catalog,
+            bus,
             config,
         };
-        Ok(Self {
+        Self {
             state: Arc::new(state),
-        })
+        }
     }
 
     /// The settings the server runs with.
@@ -287,6 +346,7 @@ impl AtpServer {
             post(catalog::execute_function),
         );
         r = both(r, "/health", get(health));
+        r = both(r, "/ready", get(ready));
         r.fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::disable())
@@ -402,6 +462,39 @@ impl AtpServer {
 
 async fn health() -> Response {
     json_response(StatusCode::OK, &atp_registry::wire::Status::ok())
+}
+
+/// `GET /ready`: whether the database answers and (with NATS) the bus is
+/// connected: 200 `{"status": "ok", "database": "ok", "bus": …}`, else
+/// 503 with what is wrong. Each check is bounded by two seconds.
+async fn ready(axum::extract::State(s): axum::extract::State<Arc<State>>) -> Response {
+    let bound = Duration::from_secs(2);
+    let database = match tokio::time::timeout(bound, s.store.ping()).await {
+        Ok(Ok(())) => "ok".to_owned(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "the database did not answer within 2 s".to_owned(),
+    };
+    let bus = match &s.bus {
+        None => "none".to_owned(),
+        Some(b) => match b.ready(bound).await {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => e,
+        },
+    };
+    let ok = database == "ok" && (bus == "ok" || bus == "none");
+    let body = serde_json::json!({
+        "status": if ok { "ok" } else { "unavailable" },
+        "database": database,
+        "bus": bus,
+    });
+    json_response(
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        &body,
+    )
 }
 
 async fn not_found() -> Response {

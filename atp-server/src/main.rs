@@ -27,9 +27,15 @@ struct Cli {
     /// The address to listen on [default: 127.0.0.1:8080].
     #[arg(long)]
     addr: Option<SocketAddr>,
-    /// The SQLite database file, or `:memory:` [default: atp-server.sqlite3].
-    #[arg(long)]
+    /// The database: a SQLite file, `:memory:`, or a PostgreSQL URL
+    /// (postgres://user:password@host/db) that several servers share
+    /// [default: atp-server.sqlite3].
+    #[arg(long, env = "ATP_DB_URL", hide_env_values = true)]
     db: Option<String>,
+    /// The NATS server that servers sharing a PostgreSQL database route
+    /// calls over (nats://host:4222).
+    #[arg(long, env = "ATP_NATS_URL", hide_env_values = true)]
+    nats: Option<String>,
     /// A TOML configuration file (keys, timeouts, OAuth platforms).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -129,6 +135,9 @@ fn config(cli: Cli) -> Result<Config, atp_server::ServerError> {
     if let Some(db) = &cli.db {
         c.db = DbLocation::parse(db);
     }
+    if let Some(url) = &cli.nats {
+        c.nats_url = Some(atp_server::NatsUrl(url.clone()));
+    }
     if let Some(t) = cli.task_timeout {
         c.task_timeout = Duration::from_secs(t.max(1));
     }
@@ -191,7 +200,7 @@ async fn main() -> ExitCode {
     let run = async {
         let config = config(cli)?;
         let addr = config.addr;
-        let server = AtpServer::open(config)?;
+        let server = AtpServer::connect(config).await?;
         server.run(addr).await
     };
     match run.await {

@@ -11,62 +11,358 @@ use crate::{
     keys::now_secs,
 };
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS toolkits (
-    app_name TEXT PRIMARY KEY,
-    key_hash TEXT NOT NULL,
-    endpoint_url TEXT,
-    endpoint_key TEXT,
-    toolkit_hash TEXT,
-    language TEXT NOT NULL DEFAULT '',
-    updated_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tools (
-    app_name TEXT NOT NULL REFERENCES toolkits(app_name) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    code_hash TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    updated_at INTEGER NOT NULL,
-    PRIMARY KEY (app_name, name)
-);
-CREATE TABLE IF NOT EXISTS oauth_platforms (
-    id TEXT PRIMARY KEY,
-    config TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS oauth_states (
-    state TEXT PRIMARY KEY,
-    platform_id TEXT NOT NULL,
-    external_user_id TEXT NOT NULL,
-    llm_key_hash TEXT NOT NULL,
-    code_verifier TEXT NOT NULL,
-    redirect_url TEXT,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS oauth_connections (
-    llm_key_hash TEXT NOT NULL,
-    platform_id TEXT NOT NULL,
-    external_user_id TEXT NOT NULL,
-    integration_id TEXT NOT NULL,
-    access_token TEXT NOT NULL,
-    refresh_token TEXT,
-    token_type TEXT,
-    scope TEXT,
-    expires_at INTEGER,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    PRIMARY KEY (llm_key_hash, platform_id, external_user_id)
-);
-PRAGMA user_version = 1;
-"#;
-
-/// A database failure.
+/// A database failure. Its text never holds a connection string.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StoreError {
     #[error("database error: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("database error: {0}")]
+    Pg(#[from] tokio_postgres::Error),
+    #[error("the database is unreachable: {0}")]
+    Pool(String),
     #[error("a database task failed")]
     Task,
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        // deadpool's text holds the backend's error, never the URL.
+        StoreError::Pool(e.to_string())
+    }
+}
+
+/// SQLite's versioned migrations: (version, SQL), in order.
+const SQLITE_MIGRATIONS: &[(i64, &str)] =
+    &[(1, include_str!("../migrations/sqlite/0001_initial.sql"))];
+
+/// Applies the SQLite migrations not applied yet, each in a transaction.
+fn migrate_sqlite(c: &mut Connection) -> Result<(), rusqlite::Error> {
+    c.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )?;
+    let done: i64 = c.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
+    for (version, sql) in SQLITE_MIGRATIONS {
+        if *version <= done {
+            continue;
+        }
+        let tx = c.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+            params![version, now_secs()],
+        )?;
+        tx.commit()?;
+        tracing::info!(version, "applied a SQLite migration");
+    }
+    Ok(())
+}
+
+/// The database: SQLite (one connection, used from the blocking pool) or
+/// PostgreSQL (a pool). Every query is a method of `Store` that runs on
+/// either: `impl Store` blocks sit beside the code that uses them.
+#[derive(Clone)]
+pub(crate) enum Store {
+    Sqlite(Sqlite),
+    Postgres(Pg),
+}
+
+/// A SQLite database.
+#[derive(Clone)]
+pub(crate) struct Sqlite {
+    conn: Arc<Mutex<Connection>>,
+}
+
+/// A PostgreSQL database.
+#[derive(Clone)]
+pub(crate) struct Pg {
+    pool: deadpool_postgres::Pool,
+}
+
+impl Pg {
+    /// A connection from the pool.
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+}
+
+impl Store {
+    /// Opens a SQLite database (PostgreSQL needs [`Store::connect`]).
+    pub fn open(location: &DbLocation) -> Result<Self, StoreError> {
+        let conn = match location {
+            DbLocation::Memory => Connection::open_in_memory()?,
+            DbLocation::File(path) => {
+                let c = Connection::open(path)?;
+                c.pragma_update(None, "journal_mode", "WAL")?;
+                c.pragma_update(None, "synchronous", "NORMAL")?;
+                c
+            }
+            DbLocation::Postgres(_) => {
+                return Err(StoreError::Pool(
+                    "a PostgreSQL database is opened with AtpServer::connect".into(),
+                ));
+            }
+        };
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut conn = conn;
+        migrate_sqlite(&mut conn)?;
+        Ok(Store::Sqlite(Sqlite {
+            conn: Arc::new(Mutex::new(conn)),
+        }))
+    }
+
+    /// Opens either database; PostgreSQL's migrations run here.
+    pub async fn connect(location: &DbLocation) -> Result<Self, StoreError> {
+        match location {
+            DbLocation::Postgres(url) => Ok(Store::Postgres(Pg::connect(url).await?)),
+            other => Self::open(other),
+        }
+    }
+
+    /// TRANSITIONAL (removed once every query has a PostgreSQL form):
+    /// runs `f` on SQLite.
+    pub async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    {
+        match self {
+            Store::Sqlite(s) => s.call(f).await,
+            Store::Postgres(_) => Err(StoreError::Pool("not available on PostgreSQL yet".into())),
+        }
+    }
+
+    /// TRANSITIONAL: runs `f` on SQLite now (tests).
+    #[cfg(test)]
+    pub fn call_now<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, rusqlite::Error> {
+        match self {
+            Store::Sqlite(s) => s.call_now(f),
+            Store::Postgres(_) => Err(rusqlite::Error::InvalidQuery),
+        }
+    }
+
+    /// Every toolkit with its tools, in registration order.
+    pub async fn load_toolkits(&self) -> Result<Vec<ToolkitRecord>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.call(load_toolkits).await,
+            Store::Postgres(p) => {
+                let c = p.client().await?;
+                let mut kits = Vec::new();
+                for r in c
+                    .query(
+                        "SELECT app_name, key_hash, endpoint_url, endpoint_key, toolkit_hash, language FROM toolkits ORDER BY app_name",
+                        &[],
+                    )
+                    .await?
+                {
+                    kits.push(ToolkitRecord {
+                        app_name: r.try_get(0)?,
+                        key_hash: r.try_get(1)?,
+                        endpoint_url: r.try_get(2)?,
+                        endpoint_key: r.try_get::<_, Option<String>>(3)?.map(Secret::new),
+                        toolkit_hash: r.try_get(4)?,
+                        language: r.try_get(5)?,
+                        tools: Vec::new(),
+                    });
+                }
+                let rows = c
+                    .query(
+                        "SELECT app_name, name, code_hash, metadata FROM tools ORDER BY app_name, position, name",
+                        &[],
+                    )
+                    .await?;
+                for r in rows {
+                    let app: String = r.try_get(0)?;
+                    if let Some(kit) = kits.iter_mut().find(|k| k.app_name == app) {
+                        push_tool(
+                            kit,
+                            r.try_get(1)?,
+                            r.try_get(2)?,
+                            &r.try_get::<_, String>(3)?,
+                        );
+                    }
+                }
+                Ok(kits)
+            }
+        }
+    }
+
+    /// One toolkit with its tools (after another server changed it).
+    pub async fn load_toolkit(&self, app_name: &str) -> Result<Option<ToolkitRecord>, StoreError> {
+        // Few enough rows that loading all and picking one is fine.
+        Ok(self
+            .load_toolkits()
+            .await?
+            .into_iter()
+            .find(|k| k.app_name == app_name))
+    }
+
+    /// Adds or updates an OAuth platform.
+    pub async fn save_platform(&self, p: &OAuthPlatform) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => {
+                let p = p.clone();
+                s.call(move |c| save_platform(c, &p)).await
+            }
+            Store::Postgres(pg) => {
+                let config = serde_json::to_string(p).unwrap_or_else(|_| "{}".into());
+                pg.client()
+                    .await?
+                    .execute(
+                        "INSERT INTO oauth_platforms (id, config) VALUES ($1, $2)
+                         ON CONFLICT(id) DO UPDATE SET config = EXCLUDED.config",
+                        &[&p.id, &config],
+                    )
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The OAuth platforms.
+    pub async fn load_platforms(&self) -> Result<Vec<OAuthPlatform>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.call(load_platforms).await,
+            Store::Postgres(pg) => {
+                let rows = pg
+                    .client()
+                    .await?
+                    .query("SELECT id, config FROM oauth_platforms ORDER BY id", &[])
+                    .await?;
+                let mut out = Vec::new();
+                for r in rows {
+                    if let Some(p) =
+                        read_platform(&r.try_get::<_, String>(0)?, &r.try_get::<_, String>(1)?)
+                    {
+                        out.push(p);
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// The SQLite database, for code that only runs on it.
+    pub fn sqlite(&self) -> Option<&Sqlite> {
+        match self {
+            Store::Sqlite(s) => Some(s),
+            Store::Postgres(_) => None,
+        }
+    }
+
+    /// Whether the database answers now (`GET /ready`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.call(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await,
+            Store::Postgres(p) => {
+                p.client().await?.simple_query("SELECT 1").await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// PostgreSQL's versioned migrations: (version, SQL), in order.
+const PG_MIGRATIONS: &[(i64, &str)] =
+    &[(1, include_str!("../migrations/postgres/0001_initial.sql"))];
+
+/// The most connections one server holds to PostgreSQL.
+const PG_POOL_SIZE: usize = 16;
+/// How long a query waits for a connection (or for making one).
+const PG_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Pg {
+    /// Connects a pool to `url` and applies the migrations (under an
+    /// advisory lock: servers starting together apply each one once).
+    async fn connect(url: &str) -> Result<Self, StoreError> {
+        use std::str::FromStr;
+        let config = tokio_postgres::Config::from_str(url)
+            .map_err(|_| StoreError::Pool("the PostgreSQL URL can not be read".into()))?;
+        let manager = deadpool_postgres::Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(PG_POOL_SIZE)
+            .wait_timeout(Some(PG_WAIT))
+            .create_timeout(Some(PG_WAIT))
+            .recycle_timeout(Some(PG_WAIT))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let pg = Pg { pool };
+        pg.migrate().await?;
+        Ok(pg)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        // One server at a time; the lock ends with the transaction.
+        tx.batch_execute(
+            "SELECT pg_advisory_xact_lock(7415606);
+             CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .await?;
+        let done: i64 = tx
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_migrations",
+                &[],
+            )
+            .await?
+            .get(0);
+        for (version, sql) in PG_MIGRATIONS {
+            if *version <= done {
+                continue;
+            }
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                &[version, &now_secs()],
+            )
+            .await?;
+            tracing::info!(version, "applied a PostgreSQL migration");
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl Sqlite {
+    /// Runs `f` on the connection, off the async executor.
+    pub async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut c)
+        })
+        .await
+        .map_err(|_| StoreError::Task)?
+        .map_err(StoreError::Db)
+    }
+
+    /// Runs `f` on the connection on this thread (startup and tests).
+    pub fn call_now<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, rusqlite::Error> {
+        let mut c = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut c)
+    }
 }
 
 /// A registered tool: what its toolkit announced, checked by the core's
@@ -114,59 +410,6 @@ pub(crate) struct OAuthConnection {
     pub expires_at: Option<i64>,
 }
 
-/// The database handle (one connection, used from the blocking pool).
-#[derive(Clone)]
-pub(crate) struct Store {
-    conn: Arc<Mutex<Connection>>,
-}
-
-impl Store {
-    pub fn open(location: &DbLocation) -> Result<Self, rusqlite::Error> {
-        let conn = match location {
-            DbLocation::Memory => Connection::open_in_memory()?,
-            DbLocation::File(path) => {
-                let c = Connection::open(path)?;
-                c.pragma_update(None, "journal_mode", "WAL")?;
-                c.pragma_update(None, "synchronous", "NORMAL")?;
-                c
-            }
-        };
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(crate::webhooks::SCHEMA)?;
-        conn.execute_batch(crate::catalog::SCHEMA)?;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-        })
-    }
-
-    /// Runs `f` on the connection, off the async executor.
-    pub async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
-    {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().unwrap_or_else(PoisonError::into_inner);
-            f(&mut c)
-        })
-        .await
-        .map_err(|_| StoreError::Task)?
-        .map_err(StoreError::Db)
-    }
-
-    /// Runs `f` on the connection on this thread (startup only).
-    pub fn call_now<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
-    ) -> Result<T, rusqlite::Error> {
-        let mut c = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        f(&mut c)
-    }
-}
-
 /// Every toolkit with its tools, in registration order.
 pub(crate) fn load_toolkits(c: &mut Connection) -> Result<Vec<ToolkitRecord>, rusqlite::Error> {
     let mut kits = Vec::new();
@@ -202,18 +445,36 @@ pub(crate) fn load_toolkits(c: &mut Connection) -> Result<Vec<ToolkitRecord>, ru
         })?;
         for row in rows {
             let (name, code_hash, metadata) = row?;
-            let spec = serde_json::from_str::<ToolMetadata>(&metadata)
-                .map_err(|e| e.to_string())
-                .and_then(|meta| ToolSpec::from_metadata(&name, meta).map_err(|e| e.to_string()));
-            match spec {
-                Ok(spec) => kit.tools.push(ToolRecord { code_hash, spec }),
-                Err(e) => {
-                    tracing::warn!(app = %kit.app_name, tool = %name, "skipping a stored tool whose metadata can not be read: {e}")
-                }
-            }
+            push_tool(kit, name, code_hash, &metadata);
         }
     }
     Ok(kits)
+}
+
+/// Adds a stored tool to its toolkit; one whose metadata can not be read
+/// is skipped (and logged).
+fn push_tool(kit: &mut ToolkitRecord, name: String, code_hash: String, metadata: &str) {
+    let spec = serde_json::from_str::<ToolMetadata>(metadata)
+        .map_err(|e| e.to_string())
+        .and_then(|meta| ToolSpec::from_metadata(&name, meta).map_err(|e| e.to_string()));
+    match spec {
+        Ok(spec) => kit.tools.push(ToolRecord { code_hash, spec }),
+        Err(e) => {
+            tracing::warn!(app = %kit.app_name, tool = %name, "skipping a stored tool whose metadata can not be read: {e}")
+        }
+    }
+}
+
+/// A stored OAuth platform; one that can not be read is skipped (and
+/// logged).
+fn read_platform(id: &str, config: &str) -> Option<OAuthPlatform> {
+    match serde_json::from_str(config) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(platform = %id, "skipping a stored OAuth platform that can not be read: {e}");
+            None
+        }
+    }
 }
 
 /// Writes a toolkit's row and one tool (inserted or replaced).
@@ -273,12 +534,7 @@ pub(crate) fn load_platforms(c: &mut Connection) -> Result<Vec<OAuthPlatform>, r
     let mut out = Vec::new();
     for row in rows {
         let (id, config) = row?;
-        match serde_json::from_str(&config) {
-            Ok(p) => out.push(p),
-            Err(e) => {
-                tracing::warn!(platform = %id, "skipping a stored OAuth platform that can not be read: {e}")
-            }
-        }
+        out.extend(read_platform(&id, &config));
     }
     Ok(out)
 }

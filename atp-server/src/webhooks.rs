@@ -36,44 +36,16 @@ use serde_json::Value;
 use tokio::{sync::Notify, task::JoinSet};
 
 use crate::{
-    config::Config,
     error::{ApiError, json_response},
     keys::{api_key_header, now_secs, random_token, rfc3339, uuid4},
     read_object,
-    store::Store,
+    store::{Store, StoreError},
 };
 
 /// The tables of webhooks and their deliveries.
 ///
 /// Times are Unix seconds, but `next_attempt_ms` (milliseconds: retries
 /// may be closer than a second apart).
-pub(crate) const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS webhooks (
-    webhook_id TEXT PRIMARY KEY,
-    llm_key_hash TEXT NOT NULL,
-    url TEXT NOT NULL,
-    events TEXT NOT NULL,
-    secret TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS webhooks_by_key ON webhooks (llm_key_hash);
-CREATE TABLE IF NOT EXISTS webhook_deliveries (
-    delivery_id TEXT PRIMARY KEY,
-    webhook_id TEXT NOT NULL REFERENCES webhooks(webhook_id) ON DELETE CASCADE,
-    event TEXT NOT NULL,
-    body TEXT NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_ms INTEGER NOT NULL,
-    last_status INTEGER,
-    last_error TEXT,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    delivered_at INTEGER
-);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (status, next_attempt_ms);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_by_webhook ON webhook_deliveries (webhook_id, status);
-"#;
 
 /// The most webhooks one LLM key may have.
 const MAX_WEBHOOKS_PER_KEY: i64 = 100;
@@ -112,24 +84,37 @@ pub(crate) struct Webhooks {
 }
 
 impl Webhooks {
-    pub fn open(store: &Store, _config: &Config) -> Result<Self, rusqlite::Error> {
-        let count: i64 =
-            store.call_now(|c| c.query_row("SELECT COUNT(*) FROM webhooks", [], |r| r.get(0)))?;
-        let pending: i64 = store.call_now(|c| {
-            c.query_row(
-                "SELECT COUNT(*) FROM webhook_deliveries WHERE status = 'pending'",
-                [],
-                |r| r.get(0),
-            )
-        })?;
-        if pending > 0 {
-            tracing::info!(pending, "webhook deliveries waiting from before");
-        }
-        Ok(Self {
+    /// The webhooks, `count` of them registered now.
+    pub fn new(count: usize) -> Self {
+        Self {
             wake: Notify::new(),
             delivering: AtomicBool::new(false),
-            count: AtomicUsize::new(usize::try_from(count).unwrap_or(0)),
-        })
+            count: AtomicUsize::new(count),
+        }
+    }
+}
+
+/// How many webhooks there are (SQLite, at startup).
+pub(crate) fn count_sqlite(c: &mut Connection) -> Result<usize, rusqlite::Error> {
+    let count: i64 = c.query_row("SELECT COUNT(*) FROM webhooks", [], |r| r.get(0))?;
+    Ok(usize::try_from(count).unwrap_or(0))
+}
+
+impl Store {
+    /// How many webhooks there are.
+    pub async fn count_webhooks(&self) -> Result<usize, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.call(count_sqlite).await,
+            Store::Postgres(p) => {
+                let n: i64 = p
+                    .client()
+                    .await?
+                    .query_one("SELECT COUNT(*) FROM webhooks", &[])
+                    .await?
+                    .get(0);
+                Ok(usize::try_from(n).unwrap_or(0))
+            }
+        }
     }
 }
 

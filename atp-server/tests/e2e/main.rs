@@ -5,6 +5,7 @@ mod apps;
 mod cli;
 mod common;
 mod faults;
+mod infra;
 mod keys;
 mod llm_parity;
 mod oauth;
