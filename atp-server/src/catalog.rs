@@ -44,14 +44,15 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    config::Config,
+    config::{Config, DbLocation},
     error::{ApiError, ServerError, json_response},
     keys::{hex, key_hash, now_secs, random_token, rfc3339},
     read_object,
-    store::ToolkitRecord,
+    store::{Store, StoreError, ToolkitRecord},
 };
 
-/// The tables of exchange tokens and the execution log.
+// The tables of exchange tokens and the execution log: `exchange_tokens`
+// and `executions` (migrations/*/0001_initial.sql).
 
 /// How many exchange tokens of one tool stay valid (the newest).
 pub(crate) const TOKENS_PER_TOOL: i64 = 16;
@@ -198,7 +199,7 @@ pub(crate) async fn issue_exchange_token(
         key_hash.to_owned(),
     );
     s.store
-        .call(move |c| save_token(c, &hash, &app, &function, &key))
+        .save_exchange_token(hash, app, function, key)
         .await
         .map_err(|e| {
             tracing::error!("could not store an exchange token: {e}");
@@ -229,6 +230,152 @@ fn save_token(
         params![app_name, function_id, TOKENS_PER_TOOL],
     )?;
     tx.commit()
+}
+
+/// Records an execution report made with the token whose hash is `hash`,
+/// if that token was issued for `function` and `current(app, key,
+/// function)` says its toolkit is still registered with the key it was
+/// issued to (else the token is void: it is deleted). Returns the
+/// toolkit's name if the report was recorded.
+fn record_execution(
+    c: &mut Connection,
+    hash: &str,
+    function: &str,
+    result: &str,
+    current: impl FnOnce(&str, &str, &str) -> bool,
+) -> Result<Option<String>, rusqlite::Error> {
+    let tx = c.transaction()?;
+    let row: Option<(String, String)> = tx
+        .query_row(
+            "SELECT app_name, key_hash FROM exchange_tokens
+             WHERE token_hash = ?1 AND function_id = ?2",
+            params![hash, function],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((app_name, key)) = row else {
+        return Ok(None);
+    };
+    if !current(&app_name, &key, function) {
+        tx.execute("DELETE FROM exchange_tokens WHERE token_hash = ?1", [hash])?;
+        tx.commit()?;
+        return Ok(None);
+    }
+    tx.execute(
+        "INSERT INTO executions (app_name, function_id, result, reported_at)
+         VALUES (?1, ?2, ?3, ?4)",
+        params![app_name, function, result, now_secs()],
+    )?;
+    tx.execute(
+        "DELETE FROM executions WHERE id <= (SELECT MAX(id) FROM executions) - ?1",
+        [MAX_EXECUTIONS],
+    )?;
+    tx.commit()?;
+    Ok(Some(app_name))
+}
+
+/// The first key of the advisory locks taken here (the second: a hash of
+/// the tool).
+const PG_LOCK_TOKENS: i32 = 7_415_608;
+
+// The queries on either database: SQLite runs the functions above,
+// PostgreSQL the same SQL. PostgreSQL has no `rowid`: a tool's newest
+// tokens are the ones written by the youngest transactions (`age(xmin)`:
+// tokens are never updated, and `age` counts across transaction-id
+// wraparound); servers issuing tokens of one tool at once take turns (an
+// advisory lock), so that the tool keeps exactly its newest
+// [`TOKENS_PER_TOOL`].
+impl Store {
+    /// Stores an exchange token's hash; forgets the tool's tokens beyond
+    /// the newest [`TOKENS_PER_TOOL`].
+    async fn save_exchange_token(
+        &self,
+        hash: String,
+        app_name: String,
+        function_id: String,
+        key_hash: String,
+    ) -> Result<(), StoreError> {
+        let p = match self {
+            Store::Sqlite(s) => {
+                return s
+                    .call(move |c| save_token(c, &hash, &app_name, &function_id, &key_hash))
+                    .await;
+            }
+            Store::Postgres(p) => p,
+        };
+        let mut c = p.client().await?;
+        let tx = c.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2::TEXT || '/' || $3::TEXT))",
+            &[&PG_LOCK_TOKENS, &app_name, &function_id],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO exchange_tokens (token_hash, app_name, function_id, key_hash, issued_at)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&hash, &app_name, &function_id, &key_hash, &now_secs()],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM exchange_tokens WHERE app_name = $1 AND function_id = $2 AND token_hash NOT IN (
+                 SELECT token_hash FROM exchange_tokens WHERE app_name = $1 AND function_id = $2
+                 ORDER BY age(xmin), issued_at DESC LIMIT $3)",
+            &[&app_name, &function_id, &TOKENS_PER_TOOL],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records an execution report (see [`record_execution`]).
+    async fn record_execution(
+        &self,
+        hash: String,
+        function: String,
+        result: String,
+        current: impl FnOnce(&str, &str, &str) -> bool + Send + 'static,
+    ) -> Result<Option<String>, StoreError> {
+        let p = match self {
+            Store::Sqlite(s) => {
+                return s
+                    .call(move |c| record_execution(c, &hash, &function, &result, current))
+                    .await;
+            }
+            Store::Postgres(p) => p,
+        };
+        let mut c = p.client().await?;
+        let tx = c.transaction().await?;
+        let row = tx
+            .query_opt(
+                "SELECT app_name, key_hash FROM exchange_tokens
+                 WHERE token_hash = $1 AND function_id = $2",
+                &[&hash, &function],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let (app_name, key): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+        if !current(&app_name, &key, &function) {
+            tx.execute("DELETE FROM exchange_tokens WHERE token_hash = $1", &[&hash])
+                .await?;
+            tx.commit().await?;
+            return Ok(None);
+        }
+        tx.execute(
+            "INSERT INTO executions (app_name, function_id, result, reported_at)
+             VALUES ($1, $2, $3, $4)",
+            &[&app_name, &function, &result, &now_secs()],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM executions WHERE id <= (SELECT MAX(id) FROM executions) - $1",
+            &[&MAX_EXECUTIONS],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(app_name))
+    }
 }
 
 /// A result as the log stores it: its JSON, or a truncation note with the
@@ -266,44 +413,16 @@ async fn execute(s: &Arc<crate::State>, body: Body) -> Result<(), ApiError> {
     let hash = token_hash(token.expose());
     let result = stored_result(&report.result);
     let state = s.clone();
-    let function = function_id.clone();
+    // The toolkit may since have been taken over by another key (dev
+    // mode): the old key's tokens are void.
+    let current = move |app_name: &str, key: &str, function: &str| {
+        state.toolkit(app_name).is_some_and(|k| {
+            k.key_hash == key && k.tools.iter().any(|t| t.spec.name == function)
+        })
+    };
     let accepted = s
         .store
-        .call(move |c| {
-            let tx = c.transaction()?;
-            let row: Option<(String, String)> = tx
-                .query_row(
-                    "SELECT app_name, key_hash FROM exchange_tokens
-                     WHERE token_hash = ?1 AND function_id = ?2",
-                    params![hash, function],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            let Some((app_name, key)) = row else {
-                return Ok(None);
-            };
-            // The toolkit may since have been taken over by another key
-            // (dev mode): the old key's tokens are void.
-            let current = state.toolkit(&app_name).is_some_and(|k| {
-                k.key_hash == key && k.tools.iter().any(|t| t.spec.name == function)
-            });
-            if !current {
-                tx.execute("DELETE FROM exchange_tokens WHERE token_hash = ?1", [&hash])?;
-                tx.commit()?;
-                return Ok(None);
-            }
-            tx.execute(
-                "INSERT INTO executions (app_name, function_id, result, reported_at)
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![app_name, function, result, now_secs()],
-            )?;
-            tx.execute(
-                "DELETE FROM executions WHERE id <= (SELECT MAX(id) FROM executions) - ?1",
-                [MAX_EXECUTIONS],
-            )?;
-            tx.commit()?;
-            Ok(Some(app_name))
-        })
+        .record_execution(hash, function_id.clone(), result, current)
         .await
         .map_err(|e| {
             tracing::error!("could not record an execution report: {e}");
@@ -383,6 +502,75 @@ pub fn read_executions(
     let mut out = rows.collect::<Result<Vec<_>, _>>()?;
     out.reverse();
     Ok(out)
+}
+
+impl Execution {
+    /// The newest `limit` execution reports in the database `db` (of one
+    /// toolkit, if `app_name` is given), oldest first: a SQLite file (see
+    /// [`read_executions`]) or a PostgreSQL database, which is only read
+    /// (not migrated). An in-memory database keeps no log to read.
+    pub async fn read_log(
+        db: &DbLocation,
+        app_name: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<Execution>, ServerError> {
+        match db {
+            DbLocation::File(path) => read_executions(path, app_name, limit),
+            DbLocation::Memory => Err(ServerError::Config(
+                "an in-memory database keeps no execution log to read: give --db FILE or a PostgreSQL URL".into(),
+            )),
+            DbLocation::Postgres(url) => Ok(read_executions_pg(url, app_name, limit).await?),
+        }
+    }
+}
+
+/// [`read_executions`] on PostgreSQL.
+async fn read_executions_pg(
+    url: &str,
+    app_name: Option<&str>,
+    limit: u64,
+) -> Result<Vec<Execution>, StoreError> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let read = async {
+        client
+            .batch_execute("SET default_transaction_read_only = on")
+            .await?;
+        let has_log: bool = client
+            .query_one("SELECT to_regclass('executions') IS NOT NULL", &[])
+            .await?
+            .try_get(0)?;
+        if !has_log {
+            return Err(StoreError::Pool(
+                "the PostgreSQL database holds no execution log: is it an atp-server database?"
+                    .into(),
+            ));
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                "SELECT id, app_name, function_id, result, reported_at FROM executions
+                 WHERE $1::TEXT IS NULL OR app_name = $1::TEXT ORDER BY id DESC LIMIT $2",
+                &[&app_name, &limit],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows.iter().rev() {
+            let text: String = r.try_get(3)?;
+            out.push(Execution {
+                id: r.try_get(0)?,
+                app_name: r.try_get(1)?,
+                function_id: r.try_get(2)?,
+                result: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                reported_at: rfc3339(r.try_get(4)?),
+            });
+        }
+        Ok(out)
+    }
+    .await;
+    drop(client);
+    let _ = connection.await;
+    read
 }
 
 fn reply<T: serde::Serialize>(result: Result<T, ApiError>) -> Response {
@@ -683,28 +871,29 @@ mod tests {
 
     #[test]
     fn tokens_are_bounded_per_tool() {
-        let mut c = Connection::open_in_memory().expect("open");
-        c.execute_batch(SCHEMA).expect("schema");
-        for i in 0..(TOKENS_PER_TOOL + 5) {
-            save_token(&mut c, &format!("t{i}"), "app", "f", "k").expect("save");
-        }
-        save_token(&mut c, "other", "app", "g", "k").expect("save");
-        let n: i64 = c
-            .query_row(
-                "SELECT COUNT(*) FROM exchange_tokens WHERE function_id = 'f'",
-                [],
-                |r| r.get(0),
-            )
-            .expect("count");
+        let store = Store::open(&DbLocation::Memory).expect("open");
+        let (n, oldest) = store
+            .call_now(|c| {
+                for i in 0..(TOKENS_PER_TOOL + 5) {
+                    save_token(c, &format!("t{i}"), "app", "f", "k")?;
+                }
+                save_token(c, "other", "app", "g", "k")?;
+                let n: i64 = c.query_row(
+                    "SELECT COUNT(*) FROM exchange_tokens WHERE function_id = 'f'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                let oldest: Option<String> = c
+                    .query_row(
+                        "SELECT token_hash FROM exchange_tokens WHERE token_hash = 't0'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                Ok((n, oldest))
+            })
+            .expect("save and count");
         assert_eq!(n, TOKENS_PER_TOOL);
-        let oldest: Option<String> = c
-            .query_row(
-                "SELECT token_hash FROM exchange_tokens WHERE token_hash = 't0'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .expect("query");
         assert_eq!(oldest, None);
     }
 }

@@ -95,6 +95,10 @@ pub(crate) enum RouteError {
     SessionBusy,
     #[error("This API key has {0} app sessions open: terminate some first")]
     TooManySessions(usize),
+    /// The other servers can not be reached (NATS is down, or a server
+    /// did not accept the call in time).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl RouteError {
@@ -110,6 +114,7 @@ impl RouteError {
             RouteError::SessionEnded(_) => "session_ended",
             RouteError::SessionBusy => "session_busy",
             RouteError::TooManySessions(_) => "too_many_sessions",
+            RouteError::Unavailable(_) => "bus_unavailable",
         }
     }
 }
@@ -451,10 +456,18 @@ pub(crate) struct Hub {
     /// orders the announcements of a key.
     online: Mutex<HashSet<String>>,
     sweeper: AtomicBool,
+    /// `{server id}.` when servers share work over NATS: the start of
+    /// every request and session id made here, so that any server can
+    /// tell where one lives.
+    id_prefix: String,
 }
 
 impl Hub {
-    pub fn new(shutdown: watch::Receiver<bool>, inbox_presence: Duration) -> Self {
+    pub fn new(
+        shutdown: watch::Receiver<bool>,
+        inbox_presence: Duration,
+        server_id: Option<&str>,
+    ) -> Self {
         Self {
             inner: Mutex::default(),
             presence: watch::Sender::new(0),
@@ -462,7 +475,31 @@ impl Hub {
             inbox_presence,
             online: Mutex::default(),
             sweeper: AtomicBool::new(false),
+            id_prefix: server_id.map(|id| format!("{id}.")).unwrap_or_default(),
         }
+    }
+
+    /// The toolkit keys served here: (live — a WebSocket or a waiting
+    /// inbox poll —, served — live, or an inbox polled lately).
+    pub fn served_keys(&self) -> (HashSet<String>, HashSet<String>) {
+        let inner = self.lock();
+        let mut live = HashSet::new();
+        let mut served = HashSet::new();
+        for (key, sockets) in &inner.sockets {
+            if !sockets.is_empty() {
+                live.insert(key.clone());
+                served.insert(key.clone());
+            }
+        }
+        for (key, inbox) in &inner.inboxes {
+            if inbox.waiting > 0 {
+                live.insert(key.clone());
+            }
+            if inner.inbox_present(key, self.inbox_presence) {
+                served.insert(key.clone());
+            }
+        }
+        (live, served)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -555,7 +592,7 @@ impl Hub {
         timeout: Duration,
         progress: Option<mpsc::Sender<ProgressBody>>,
     ) -> Result<Value, RouteError> {
-        let request_id = uuid4();
+        let request_id = format!("{}{}", self.id_prefix, uuid4());
         let (tx, rx) = oneshot::channel();
         let socket_tx = {
             let mut guard = self.lock();
@@ -657,10 +694,11 @@ impl Hub {
         request: &ToolRequest,
         timeout: Duration,
     ) -> Result<(String, Value, bool), RouteError> {
-        let session_id = crate::keys::random_token(24).map_err(|_| RouteError::Failed {
+        let token = crate::keys::random_token(24).map_err(|_| RouteError::Failed {
             code: "internal".into(),
             message: "No randomness for a session id".into(),
         })?;
+        let session_id = format!("{}{token}", self.id_prefix);
         let (tx, rx) = oneshot::channel();
         let (seq, socket_tx) = {
             let mut guard = self.lock();
@@ -1272,7 +1310,7 @@ mod tests {
     #[tokio::test]
     async fn socket_round_trip_and_disconnect() {
         let (_tx, rx) = watch::channel(false);
-        let hub = Arc::new(Hub::new(rx, Duration::from_secs(60)));
+        let hub = Arc::new(Hub::new(rx, Duration::from_secs(60), None));
         assert_eq!(
             hub.dispatch("app", "k", &req(), Duration::from_secs(1), None)
                 .await,
@@ -1309,7 +1347,7 @@ mod tests {
     #[tokio::test]
     async fn inbox_and_timeout() {
         let (_tx, rx) = watch::channel(false);
-        let hub = Arc::new(Hub::new(rx, Duration::from_secs(60)));
+        let hub = Arc::new(Hub::new(rx, Duration::from_secs(60), None));
         assert_eq!(hub.poll_inbox("k", Duration::from_millis(1)).await, None);
         let h = hub.clone();
         let call = tokio::spawn(async move {
@@ -1338,7 +1376,7 @@ mod tests {
         let (tx, rx) = watch::channel(false);
         // The sender lives as long as the test: the hub is not stopping.
         std::mem::forget(tx);
-        Arc::new(Hub::new(rx, Duration::from_secs(60)))
+        Arc::new(Hub::new(rx, Duration::from_secs(60), None))
     }
 
     fn progress(n: f64) -> ProgressBody {

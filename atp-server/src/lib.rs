@@ -106,6 +106,12 @@ impl State {
         }
     }
 
+    /// Whether a toolkit with this key is connected to this server or
+    /// (over NATS) to another.
+    fn is_served(&self, key_hash: &str) -> bool {
+        self.hub.is_served(key_hash) || self.bus.as_ref().is_some_and(|b| b.served_elsewhere(key_hash))
+    }
+
     /// The toolkits registered with the toolkit key `key_hash`.
     fn apps_of(&self, key_hash: &str) -> Vec<String> {
         self.toolkits
@@ -238,7 +244,11 @@ impl AtpServer {
                     .collect(),
             ),
             register_lock: tokio::sync::Mutex::new(()),
-            hub: Hub::new(shutdown_rx, config.inbox_presence),
+            hub: Hub::new(
+                shutdown_rx,
+                config.inbox_presence,
+                bus.as_ref().map(bus::Bus::id),
+            ),
             outbound: HttpClient::new(),
             platforms: RwLock::new(platforms.into_iter().map(|p| (p.id.clone(), p)).collect()),
             refresh_lock: tokio::sync::Mutex::new(()),
@@ -411,13 +421,19 @@ impl AtpServer {
 
     /// Waits until a toolkit named `app_name` is registered and a toolkit
     /// with its API key is connected (a WebSocket, or an inbox poll that is
-    /// waiting now) — or `timeout` passes. Returns whether it is.
+    /// waiting now) to this server or, over NATS, to another — or
+    /// `timeout` passes. Returns whether it is.
     pub async fn wait_until_served(&self, app_name: &str, timeout: Duration) -> bool {
         let mut changes = self.state.hub.subscribe();
         let check = || {
-            self.state
-                .toolkit(app_name)
-                .is_some_and(|k| self.state.hub.is_live(&k.key_hash))
+            self.state.toolkit(app_name).is_some_and(|k| {
+                self.state.hub.is_live(&k.key_hash)
+                    || self
+                        .state
+                        .bus
+                        .as_ref()
+                        .is_some_and(|b| b.served_elsewhere(&k.key_hash))
+            })
         };
         tokio::time::timeout(timeout, async {
             loop {
@@ -462,6 +478,38 @@ impl AtpServer {
 
 async fn health() -> Response {
     json_response(StatusCode::OK, &atp_registry::wire::Status::ok())
+}
+
+/// Re-reads every registration from the database (another server may
+/// have changed them).
+pub(crate) async fn reload_toolkits(s: &Arc<State>) {
+    match s.store.load_toolkits().await {
+        Ok(kits) => {
+            let fresh: HashMap<String, Arc<ToolkitRecord>> = kits
+                .into_iter()
+                .map(|k| (k.app_name.clone(), Arc::new(k)))
+                .collect();
+            *s.toolkits.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+            s.hub.touch();
+        }
+        Err(e) => tracing::warn!("could not re-read the registrations: {e}"),
+    }
+}
+
+/// Re-reads one toolkit's registration from the database.
+pub(crate) async fn reload_toolkit(s: &Arc<State>, app_name: &str) {
+    match s.store.load_toolkit(app_name).await {
+        Ok(kit) => {
+            let mut kits = s.toolkits.write().unwrap_or_else(PoisonError::into_inner);
+            match kit {
+                Some(k) => kits.insert(app_name.to_owned(), Arc::new(k)),
+                None => kits.remove(app_name),
+            };
+            drop(kits);
+            s.hub.touch();
+        }
+        Err(e) => tracing::warn!(app = %app_name, "could not re-read a registration: {e}"),
+    }
 }
 
 /// `GET /ready`: whether the database answers and (with NATS) the bus is

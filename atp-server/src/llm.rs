@@ -107,7 +107,7 @@ pub(crate) fn context(
             caption: format!("{} tool(s) of {}", tools.len(), kit.app_name),
             provider: provider_name.to_owned(),
             strict: req.strict,
-            toolkit_connected: s.hub.is_served(&kit.key_hash) || kit.endpoint_url.is_some(),
+            toolkit_connected: s.is_served(&kit.key_hash) || kit.endpoint_url.is_some(),
             tools,
             user_prompt: req.user_prompt.clone(),
             extra: Map::new(),
@@ -228,7 +228,21 @@ async fn run_task(
         auth_token,
     };
     let result = match s.hub.route(&kit.key_hash, kit.endpoint_url.is_some()) {
-        None => return Err(RouteError::NotConnected(kit.app_name.clone()).into()),
+        // Not here: maybe on another server.
+        None => match &s.bus {
+            Some(bus) => {
+                bus.call(
+                    s,
+                    &kit.app_name,
+                    &kit.key_hash,
+                    &request,
+                    s.config.task_timeout,
+                    progress,
+                )
+                .await?
+            }
+            None => return Err(RouteError::NotConnected(kit.app_name.clone()).into()),
+        },
         Some(Route::Endpoint) => call_endpoint(s, &kit, &request).await?,
         Some(Route::Socket | Route::Inbox) => {
             s.hub
@@ -289,7 +303,7 @@ pub(crate) async fn app(
     Some(match message {
         LlmToServer::AppRequest(req) => app_start(s, llm_key_hash, req).await,
         LlmToServer::AppAction(req) => app_action(s, llm_key_hash, req).await,
-        LlmToServer::AppTerminate(req) => app_terminate(s, llm_key_hash, req),
+        LlmToServer::AppTerminate(req) => app_terminate(s, llm_key_hash, req).await,
         _ => return None,
     })
 }
@@ -331,16 +345,31 @@ async fn app_start(s: &Arc<crate::State>, llm_key_hash: &str, req: AppRequest) -
         params: payload.parameters,
         auth_token: payload.auth_token,
     };
-    let started = s
-        .hub
-        .start_app(
-            llm_key_hash,
-            &kit.app_name,
-            &kit.key_hash,
-            &request,
-            s.config.task_timeout,
-        )
-        .await;
+    let started = match &s.bus {
+        // Not here: maybe on another server.
+        Some(bus) if s.hub.route(&kit.key_hash, false).is_none() => {
+            bus.start_app(
+                s,
+                llm_key_hash,
+                &kit.app_name,
+                &kit.key_hash,
+                &request,
+                s.config.task_timeout,
+            )
+            .await
+        }
+        _ => {
+            s.hub
+                .start_app(
+                    llm_key_hash,
+                    &kit.app_name,
+                    &kit.key_hash,
+                    &request,
+                    s.config.task_timeout,
+                )
+                .await
+        }
+    };
     match started {
         Ok((session_id, ui, terminated)) => {
             AppResponse::ok(request_id, session_id, Some(ui), terminated.then_some(true))
@@ -359,28 +388,39 @@ async fn app_action(
         payload,
     } = req;
     let session_id = payload.session_id;
-    let done = s
-        .hub
-        .app_action(
-            llm_key_hash,
-            &session_id,
-            payload.action_data,
-            s.config.task_timeout,
-        )
-        .await;
+    let timeout = s.config.task_timeout;
+    let done = match s.bus.as_ref().and_then(|b| Some((b, b.holder_of(&session_id)?))) {
+        Some((bus, holder)) => {
+            bus.app_action(s, holder, llm_key_hash, &session_id, payload.action_data, timeout)
+                .await
+        }
+        None => {
+            s.hub
+                .app_action(llm_key_hash, &session_id, payload.action_data, timeout)
+                .await
+        }
+    };
     match done {
         Ok((ui, terminated)) => AppResponse::ok(request_id, session_id, Some(ui), Some(terminated)),
         Err(e) => app_failed(request_id, Some(session_id), &Failure::from(e)),
     }
 }
 
-fn app_terminate(s: &crate::State, llm_key_hash: &str, req: AppTerminateRequest) -> AppResponse {
+async fn app_terminate(
+    s: &crate::State,
+    llm_key_hash: &str,
+    req: AppTerminateRequest,
+) -> AppResponse {
     let AppTerminateRequest {
         request_id,
         payload,
     } = req;
     let session_id = payload.session_id;
-    match s.hub.app_terminate(llm_key_hash, &session_id) {
+    let done = match s.bus.as_ref().and_then(|b| Some((b, b.holder_of(&session_id)?))) {
+        Some((bus, holder)) => bus.app_terminate(holder, llm_key_hash, &session_id).await,
+        None => s.hub.app_terminate(llm_key_hash, &session_id),
+    };
+    match done {
         Ok(()) => AppResponse::ok(request_id, session_id, None, Some(true)),
         Err(e) => app_failed(request_id, Some(session_id), &Failure::from(e)),
     }

@@ -88,7 +88,8 @@ enum Command {
     },
 }
 
-/// `atp-server executions`: the newest reports as JSON lines on stdout.
+/// `atp-server executions`: the newest reports as JSON lines on stdout,
+/// from a SQLite file or a PostgreSQL database.
 fn print_executions(
     db: Option<String>,
     config: Option<&Path>,
@@ -100,18 +101,37 @@ fn print_executions(
         (None, Some(path)) => Config::load(path)?.db,
         (None, None) => Config::default().db,
     };
-    let DbLocation::File(path) = location else {
-        return Err(ServerError::Config(
-            "an in-memory database keeps no execution log to read: give --db FILE".into(),
-        ));
+    let rows = match &location {
+        DbLocation::File(path) => {
+            if !path.exists() {
+                return Err(ServerError::Config(format!(
+                    "no database at {}",
+                    path.display()
+                )));
+            }
+            atp_server::read_executions(path, app, limit)?
+        }
+        DbLocation::Memory => {
+            return Err(ServerError::Config(
+                "an in-memory database keeps no execution log to read: give --db FILE or a PostgreSQL URL".into(),
+            ));
+        }
+        DbLocation::Postgres(_) => {
+            // This runs within `main`'s runtime, which can not be blocked
+            // on: the query gets a thread and a runtime of its own.
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()?
+                            .block_on(atp_server::Execution::read_log(&location, app, limit))
+                    })
+                    .join()
+                    .unwrap_or_else(|_| Err(ServerError::Db("reading the log failed".into())))
+            })?
+        }
     };
-    if !path.exists() {
-        return Err(ServerError::Config(format!(
-            "no database at {}",
-            path.display()
-        )));
-    }
-    let rows = atp_server::read_executions(&path, app, limit)?;
     let mut out = std::io::stdout().lock();
     for row in rows {
         let line = serde_json::to_string(&row).unwrap_or_default();

@@ -25,7 +25,7 @@ use crate::{
     keys::{api_key_header, now_secs, random_token, rfc3339, uuid4},
     llm::Failure,
     read_object,
-    store::{self, OAuthConnection, PendingFlow},
+    store::{OAuthConnection, PendingFlow},
     str_field,
     webhooks::{self, Audience},
 };
@@ -38,6 +38,9 @@ const FLOW_LIFETIME: i64 = 3600;
 const EXPIRY_MARGIN: i64 = 30;
 /// The longest wait for the provider's token endpoint.
 const PROVIDER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest wait for another server's refresh of the same connection
+/// (which may wait for the provider for `PROVIDER_TIMEOUT`).
+const REFRESH_LOCK_WAIT: Duration = Duration::from_secs(45);
 const CALLBACK_PATH: &str = "/api/v1/atp/llm-client/oauth/callback/";
 
 fn platform(s: &crate::State, id: Result<String, ()>) -> Result<OAuthPlatform, ApiError> {
@@ -113,9 +116,8 @@ pub(crate) async fn confirmation(
             redirect_url,
             created_at: now_secs(),
         };
-        let stored_state = state.clone();
         s.store
-            .call(move |c| store::insert_flow(c, &stored_state, &flow))
+            .insert_flow(&state, &flow)
             .await
             .map_err(|e| {
                 tracing::error!("could not store an OAuth flow: {e}");
@@ -244,7 +246,7 @@ pub(crate) async fn callback(State(s): AppState, RawQuery(query): RawQuery) -> R
     let Some(state) = str_field(&q, "state").map(str::to_owned) else {
         return ApiError::bad_request("invalid_state", "The callback has no state").into_response();
     };
-    let flow = match s.store.call(move |c| store::take_flow(c, &state)).await {
+    let flow = match s.store.take_flow(&state).await {
         Ok(Some(f)) if f.created_at >= now_secs() - FLOW_LIFETIME => f,
         Ok(_) => {
             return ApiError::bad_request(
@@ -357,14 +359,13 @@ pub(crate) async fn callback(State(s): AppState, RawQuery(query): RawQuery) -> R
             return finish(Err((StatusCode::BAD_GATEWAY, "oauth_exchange_failed", why)));
         }
     };
-    let (llm, pid, user) = (
-        flow.llm_key_hash.clone(),
-        flow.platform_id.clone(),
-        flow.external_user_id.clone(),
-    );
     let existing = s
         .store
-        .call(move |c| store::get_connection(c, &llm, &pid, &user))
+        .get_connection(
+            &flow.llm_key_hash,
+            &flow.platform_id,
+            &flow.external_user_id,
+        )
         .await;
     let integration_id = match existing {
         Ok(Some(c)) => c.integration_id,
@@ -381,11 +382,7 @@ pub(crate) async fn callback(State(s): AppState, RawQuery(query): RawQuery) -> R
         scope: tokens.scope.or_else(|| Some(platform.scopes.join(" "))),
         expires_at: tokens.expires_in.map(|e| now_secs().saturating_add(e)),
     };
-    if let Err(e) = s
-        .store
-        .call(move |c| store::save_connection(c, &conn))
-        .await
-    {
+    if let Err(e) = s.store.save_connection(&conn).await {
         tracing::error!("could not store an OAuth connection: {e}");
         return finish(Err((
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -406,33 +403,74 @@ fn redirect(url: &str) -> Response {
     r
 }
 
+/// Whether a connection's token has expired, or is about to.
+fn expired(c: &OAuthConnection) -> bool {
+    c.expires_at
+        .is_some_and(|t| t <= now_secs() + EXPIRY_MARGIN)
+}
+
 /// The connection, refreshed first if its token has expired (or is about
 /// to) and it has a refresh token.
+///
+/// One refresh per expiry, even with several servers sharing the
+/// database — which matters to providers that rotate refresh tokens (a
+/// refresh token used twice is refused, and some then revoke the grant):
+///
+/// - within a server, `refresh_lock` lets one refresh run at a time;
+/// - across the servers sharing a PostgreSQL database, the connection's
+///   lock ([`crate::store::Store::lock_refresh`]) is held from before the
+///   connection is read again until the new tokens are saved. The server
+///   that waited for it reads what the other one saved — a different
+///   access token, or one that has not expired — and answers with that,
+///   without calling the provider.
+///
+/// Not guaranteed: if the lock's own database connection breaks during a
+/// refresh (PostgreSQL restarts, the network drops), the lock ends with it
+/// and another server may refresh the same connection meanwhile; the save
+/// that comes last wins and each caller gets a token the provider issued.
+/// A lock not granted within [`REFRESH_LOCK_WAIT`] is an error (never a
+/// refresh without the lock). SQLite databases have one server each; two
+/// servers on one SQLite file are not covered.
 async fn fresh(
     s: &crate::State,
     platform: &OAuthPlatform,
     conn: OAuthConnection,
 ) -> Result<OAuthConnection, String> {
-    let expired = |c: &OAuthConnection| {
-        c.expires_at
-            .is_some_and(|t| t <= now_secs() + EXPIRY_MARGIN)
-    };
     if !expired(&conn) || conn.refresh_token.is_none() {
         return Ok(conn);
     }
     let _one_refresh_at_a_time = s.refresh_lock.lock().await;
-    let (llm, pid, user) = (
-        conn.llm_key_hash.clone(),
-        conn.platform_id.clone(),
-        conn.external_user_id.clone(),
-    );
+    let lock = s
+        .store
+        .lock_refresh(
+            &conn.llm_key_hash,
+            &conn.platform_id,
+            &conn.external_user_id,
+            REFRESH_LOCK_WAIT,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = refresh_locked(s, platform, conn).await;
+    lock.release().await;
+    result
+}
+
+/// [`fresh`]'s work under the connection's lock: reads the connection
+/// again, and refreshes it unless another server just did.
+async fn refresh_locked(
+    s: &crate::State,
+    platform: &OAuthPlatform,
+    seen: OAuthConnection,
+) -> Result<OAuthConnection, String> {
     let current = s
         .store
-        .call(move |c| store::get_connection(c, &llm, &pid, &user))
+        .get_connection(&seen.llm_key_hash, &seen.platform_id, &seen.external_user_id)
         .await
         .map_err(|e| e.to_string())?
-        .unwrap_or(conn);
-    if !expired(&current) {
+        .unwrap_or_else(|| seen.clone());
+    // Refreshed (or connected again) by another server or request since
+    // it was read: theirs is the token to use.
+    if current.access_token != seen.access_token || !expired(&current) {
         return Ok(current);
     }
     let Some(refresh_token) = current.refresh_token.clone() else {
@@ -455,9 +493,8 @@ async fn fresh(
         expires_at: tokens.expires_in.map(|e| now_secs().saturating_add(e)),
         ..current
     };
-    let saved = updated.clone();
     s.store
-        .call(move |c| store::save_connection(c, &saved))
+        .save_connection(&updated)
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(platform = %platform.id, "OAuth token refreshed");
@@ -478,10 +515,9 @@ pub(crate) async fn tokens(
             Err(_) => return Err(ApiError::not_found("not_found", "Not found")),
         };
         let platform = platform(&s, Ok(platform_id.clone()))?;
-        let (pid, u) = (platform_id.clone(), user.clone());
         let conn = s
             .store
-            .call(move |c| store::get_connection(c, &llm_key_hash, &pid, &u))
+            .get_connection(&llm_key_hash, &platform_id, &user)
             .await
             .map_err(|e| {
                 tracing::error!("could not read an OAuth connection: {e}");
@@ -539,14 +575,9 @@ pub(crate) async fn token_for(
         .cloned()
         .collect();
     for platform in platforms {
-        let (llm, pid, u) = (
-            llm_key_hash.to_owned(),
-            platform.id.clone(),
-            user.to_owned(),
-        );
         let conn = s
             .store
-            .call(move |c| store::get_connection(c, &llm, &pid, &u))
+            .get_connection(llm_key_hash, &platform.id, user)
             .await
             .map_err(|e| {
                 tracing::error!("could not read an OAuth connection: {e}");

@@ -410,6 +410,320 @@ pub(crate) struct OAuthConnection {
     pub expires_at: Option<i64>,
 }
 
+impl Store {
+    /// Writes a toolkit's row and one tool (inserted or replaced), in one
+    /// transaction.
+    pub async fn save_tool(
+        &self,
+        kit: &ToolkitRecord,
+        tool: &ToolRecord,
+        position: usize,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => {
+                let (kit, tool) = (kit.clone(), tool.clone());
+                s.call(move |c| save_tool(c, &kit, &tool, position)).await
+            }
+            Store::Postgres(p) => {
+                let now = now_secs();
+                let metadata = atp_registry::wire::to_json(&tool.spec.metadata());
+                let position = i64::try_from(position).unwrap_or(i64::MAX);
+                let mut c = p.client().await?;
+                let tx = c.transaction().await?;
+                tx.execute(
+                    "INSERT INTO toolkits (app_name, key_hash, endpoint_url, endpoint_key, toolkit_hash, language, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT(app_name) DO UPDATE SET key_hash = EXCLUDED.key_hash,
+                         endpoint_url = EXCLUDED.endpoint_url, endpoint_key = EXCLUDED.endpoint_key,
+                         toolkit_hash = EXCLUDED.toolkit_hash, language = EXCLUDED.language,
+                         updated_at = EXCLUDED.updated_at",
+                    &[
+                        &kit.app_name,
+                        &kit.key_hash,
+                        &kit.endpoint_url,
+                        &kit.endpoint_key.as_ref().map(Secret::expose),
+                        &kit.toolkit_hash,
+                        &kit.language,
+                        &now,
+                    ],
+                )
+                .await?;
+                tx.execute(
+                    "INSERT INTO tools (app_name, name, position, code_hash, metadata, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT(app_name, name) DO UPDATE SET code_hash = EXCLUDED.code_hash,
+                         metadata = EXCLUDED.metadata, updated_at = EXCLUDED.updated_at",
+                    &[
+                        &kit.app_name,
+                        &tool.spec.name,
+                        &position,
+                        &tool.code_hash,
+                        &metadata,
+                        &now,
+                    ],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Stores a started OAuth flow under its `state` (and forgets flows
+    /// abandoned for an hour).
+    pub async fn insert_flow(&self, state: &str, flow: &PendingFlow) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => {
+                let (state, flow) = (state.to_owned(), flow.clone());
+                s.call(move |c| insert_flow(c, &state, &flow)).await
+            }
+            Store::Postgres(p) => {
+                let c = p.client().await?;
+                c.execute(
+                    "DELETE FROM oauth_states WHERE created_at < $1",
+                    &[&(now_secs() - 3600)],
+                )
+                .await?;
+                c.execute(
+                    "INSERT INTO oauth_states (state, platform_id, external_user_id, llm_key_hash, code_verifier, redirect_url, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[
+                        &state,
+                        &flow.platform_id,
+                        &flow.external_user_id,
+                        &flow.llm_key_hash,
+                        &flow.code_verifier.expose(),
+                        &flow.redirect_url,
+                        &flow.created_at,
+                    ],
+                )
+                .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes and returns a pending flow: a state is used once, even when
+    /// several servers share the database and two callbacks with the same
+    /// state race (PostgreSQL: one `DELETE … RETURNING`; of two at once,
+    /// one deletes the row and the other waits for it and finds nothing).
+    pub async fn take_flow(&self, state: &str) -> Result<Option<PendingFlow>, StoreError> {
+        match self {
+            Store::Sqlite(s) => {
+                let state = state.to_owned();
+                s.call(move |c| take_flow(c, &state)).await
+            }
+            Store::Postgres(p) => {
+                let row = p
+                    .client()
+                    .await?
+                    .query_opt(
+                        "SELECT platform_id, external_user_id, llm_key_hash, code_verifier, redirect_url, created_at FROM oauth_states WHERE state = $1",
+                        &[&state],
+                    )
+                    .await?;
+                let Some(r) = row else {
+                    return Ok(None);
+                };
+                Ok(Some(PendingFlow {
+                    platform_id: r.try_get(0)?,
+                    external_user_id: r.try_get(1)?,
+                    llm_key_hash: r.try_get(2)?,
+                    code_verifier: Secret::new(r.try_get::<_, String>(3)?),
+                    redirect_url: r.try_get(4)?,
+                    created_at: r.try_get(5)?,
+                }))
+            }
+        }
+    }
+
+    /// Adds or updates a user's connection (its `integration_id` and
+    /// `created_at` stay those of the first save).
+    pub async fn save_connection(&self, conn: &OAuthConnection) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => {
+                let conn = conn.clone();
+                s.call(move |c| save_connection(c, &conn)).await
+            }
+            Store::Postgres(p) => {
+                p.client()
+                    .await?
+                    .execute(
+                        "INSERT INTO oauth_connections (llm_key_hash, platform_id, external_user_id, integration_id,
+                             access_token, refresh_token, token_type, scope, expires_at, created_at, updated_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)
+                         ON CONFLICT(llm_key_hash, platform_id, external_user_id) DO UPDATE SET
+                             access_token = EXCLUDED.access_token, refresh_token = EXCLUDED.refresh_token,
+                             token_type = EXCLUDED.token_type, scope = EXCLUDED.scope,
+                             expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at",
+                        &[
+                            &conn.llm_key_hash,
+                            &conn.platform_id,
+                            &conn.external_user_id,
+                            &conn.integration_id,
+                            &conn.access_token.expose(),
+                            &conn.refresh_token.as_ref().map(Secret::expose),
+                            &conn.token_type,
+                            &conn.scope,
+                            &conn.expires_at,
+                            &now_secs(),
+                        ],
+                    )
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// A user's connection to a platform, if they made one.
+    pub async fn get_connection(
+        &self,
+        llm_key_hash: &str,
+        platform_id: &str,
+        external_user_id: &str,
+    ) -> Result<Option<OAuthConnection>, StoreError> {
+        match self {
+            Store::Sqlite(s) => {
+                let (llm, pid, user) = (
+                    llm_key_hash.to_owned(),
+                    platform_id.to_owned(),
+                    external_user_id.to_owned(),
+                );
+                s.call(move |c| get_connection(c, &llm, &pid, &user)).await
+            }
+            Store::Postgres(p) => {
+                let row = p
+                    .client()
+                    .await?
+                    .query_opt(
+                        "SELECT integration_id, access_token, refresh_token, token_type, scope, expires_at
+                         FROM oauth_connections WHERE llm_key_hash = $1 AND platform_id = $2 AND external_user_id = $3",
+                        &[&llm_key_hash, &platform_id, &external_user_id],
+                    )
+                    .await?;
+                let Some(r) = row else {
+                    return Ok(None);
+                };
+                Ok(Some(OAuthConnection {
+                    llm_key_hash: llm_key_hash.to_owned(),
+                    platform_id: platform_id.to_owned(),
+                    external_user_id: external_user_id.to_owned(),
+                    integration_id: r.try_get(0)?,
+                    access_token: Secret::new(r.try_get::<_, String>(1)?),
+                    refresh_token: r.try_get::<_, Option<String>>(2)?.map(Secret::new),
+                    token_type: r.try_get(3)?,
+                    scope: r.try_get(4)?,
+                    expires_at: r.try_get(5)?,
+                }))
+            }
+        }
+    }
+
+    /// Takes the lock under which one server at a time refreshes the
+    /// token of one user's connection (waiting at most `wait` for it); it
+    /// is held until [`RefreshLock::release`] (or the guard is dropped).
+    ///
+    /// PostgreSQL: a transaction-scoped advisory lock keyed by the
+    /// connection, on a pooled connection of its own; every server sharing
+    /// the database respects it, and it ends with that connection if the
+    /// server dies. SQLite: nothing (its database has one server, whose
+    /// own lock serialises the refreshes).
+    pub async fn lock_refresh(
+        &self,
+        llm_key_hash: &str,
+        platform_id: &str,
+        external_user_id: &str,
+        wait: std::time::Duration,
+    ) -> Result<RefreshLock, StoreError> {
+        let Store::Postgres(p) = self else {
+            return Ok(RefreshLock { held: None });
+        };
+        let key = refresh_lock_key(llm_key_hash, platform_id, external_user_id);
+        let client = p.client().await?;
+        // PostgreSQL gives up waiting at `lock_timeout`; the client-side
+        // bound, a little later, covers a server that does not answer.
+        // (0 would mean no bound at all.)
+        let millis = wait.as_millis().max(1);
+        let take = async {
+            client
+                .batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = {millis}"))
+                .await?;
+            client
+                .execute("SELECT pg_advisory_xact_lock($1)", &[&key])
+                .await?;
+            Ok::<_, StoreError>(())
+        };
+        let taken = tokio::time::timeout(wait + PG_WAIT, take).await;
+        match taken {
+            Ok(Ok(())) => Ok(RefreshLock {
+                held: Some(client),
+            }),
+            Ok(Err(e)) => {
+                discard(client);
+                Err(e)
+            }
+            Err(_) => {
+                discard(client);
+                Err(StoreError::Pool(
+                    "the lock on the OAuth connection was not granted in time".into(),
+                ))
+            }
+        }
+    }
+}
+
+/// Held while this server refreshes one connection's token: see
+/// [`Store::lock_refresh`].
+pub(crate) struct RefreshLock {
+    /// PostgreSQL: the pooled connection whose open transaction holds the
+    /// advisory lock.
+    held: Option<deadpool_postgres::Object>,
+}
+
+impl RefreshLock {
+    /// Ends the lock (commits its transaction; if that fails, closes the
+    /// connection, which ends the lock just as well).
+    pub async fn release(mut self) {
+        if let Some(client) = self.held.take()
+            && client.batch_execute("COMMIT").await.is_err()
+        {
+            discard(client);
+        }
+    }
+}
+
+impl Drop for RefreshLock {
+    /// Not released (the task was cancelled): the connection, inside its
+    /// transaction, must not go back to the pool; closing it ends the lock.
+    fn drop(&mut self) {
+        if let Some(client) = self.held.take() {
+            discard(client);
+        }
+    }
+}
+
+/// Takes a pooled connection out of the pool and closes it (PostgreSQL
+/// then ends its transaction and its locks).
+fn discard(client: deadpool_postgres::Object) {
+    drop(deadpool_postgres::Object::take(client));
+}
+
+/// The advisory lock key of one OAuth connection: 64 bits of a hash of
+/// its key (a collision only makes two refreshes wait for each other).
+fn refresh_lock_key(llm_key_hash: &str, platform_id: &str, external_user_id: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"atp-server/oauth-refresh/v1\0");
+    for part in [llm_key_hash, platform_id, external_user_id] {
+        h.update(part.as_bytes());
+        h.update(b"\0");
+    }
+    let digest = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
+
 /// Every toolkit with its tools, in registration order.
 pub(crate) fn load_toolkits(c: &mut Connection) -> Result<Vec<ToolkitRecord>, rusqlite::Error> {
     let mut kits = Vec::new();

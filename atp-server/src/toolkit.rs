@@ -35,7 +35,7 @@ use crate::{
     hub::AppAnswer,
     keys::{Role, key_hash},
     not_a_websocket, read_object,
-    store::{self, ToolRecord, ToolkitRecord},
+    store::{ToolRecord, ToolkitRecord},
     str_field,
 };
 
@@ -159,9 +159,8 @@ async fn register(s: &crate::State, body: Body) -> Result<Value, ApiError> {
             kit.tools.len() - 1
         }
     };
-    let (kit_row, tool_row) = (kit.clone(), tool);
     s.store
-        .call(move |c| store::save_tool(c, &kit_row, &tool_row, position))
+        .save_tool(&kit, &tool, position)
         .await
         .map_err(|e| {
             tracing::error!("could not store a registration: {e}");
@@ -172,6 +171,9 @@ async fn register(s: &crate::State, body: Body) -> Result<Value, ApiError> {
         .unwrap_or_else(PoisonError::into_inner)
         .insert(app_name.clone(), Arc::new(kit));
     s.hub.touch();
+    if let Some(bus) = &s.bus {
+        bus.toolkit_changed(&app_name).await;
+    }
     tracing::info!(app = %app_name, tool = %name, "tool registered");
     let exchange_token =
         crate::catalog::issue_exchange_token(s, &app_name, &name, &key_hash).await?;
@@ -291,9 +293,20 @@ pub(crate) async fn inbox_respond(
             let terminated = m.get("terminated").and_then(Value::as_bool) == Some(true);
             let reply: InboxReply = typed(m)?;
             let request_id = reply.request_id.to_string();
-            if s.hub
-                .inbox_answer(&key_hash, &request_id, reply.outcome(), terminated)
-            {
+            let outcome = reply.outcome();
+            let here = s.hub.inbox_answer(&key_hash, &request_id, outcome.clone(), terminated);
+            // The request may wait on another server (its id says which).
+            let there = match (&s.bus, here) {
+                (Some(bus), false) => match bus.holder_of(&request_id) {
+                    Some(holder) => {
+                        bus.inbox_answer(holder, &key_hash, &request_id, outcome, terminated)
+                            .await
+                    }
+                    None => false,
+                },
+                _ => false,
+            };
+            if here || there {
                 to_value(&atp_registry::wire::Status::ok())
             } else {
                 Err(ApiError::not_found(

@@ -42,10 +42,10 @@ use crate::{
     store::{Store, StoreError},
 };
 
-/// The tables of webhooks and their deliveries.
-///
-/// Times are Unix seconds, but `next_attempt_ms` (milliseconds: retries
-/// may be closer than a second apart).
+// The tables of webhooks and their deliveries: `webhooks` and
+// `webhook_deliveries` (migrations/*/0001_initial.sql). Times are Unix
+// seconds, but `next_attempt_ms` (milliseconds: retries may be closer than
+// a second apart).
 
 /// The most webhooks one LLM key may have.
 const MAX_WEBHOOKS_PER_KEY: i64 = 100;
@@ -66,8 +66,11 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 const KEEP_FINISHED_SECS: i64 = 7 * 86_400;
 /// …and at most this many.
 const KEEP_FINISHED_ROWS: i64 = 10_000;
-/// The delivery task looks at the queue at least this often.
+/// The delivery task looks at the queue at least this often…
 const IDLE_WAKE: Duration = Duration::from_secs(60);
+/// …and this often on PostgreSQL, where other servers share the queue; it
+/// then re-reads how many webhooks there are, too.
+const SHARED_RECHECK: Duration = Duration::from_secs(10);
 /// The longest error text recorded for an attempt.
 const MAX_ERROR_LEN: usize = 300;
 
@@ -78,9 +81,14 @@ pub(crate) struct Webhooks {
     /// first event or webhook request when the router is served some other
     /// way).
     delivering: AtomicBool,
-    /// How many webhooks there are (kept with the table): with none, an
+    /// How many webhooks there are (kept with the table; re-read when
+    /// another server sharing the database changes it): with none, an
     /// event costs nothing — no database query, no blocking thread.
     count: AtomicUsize,
+    /// Registrations under way here: their webhooks count before they are
+    /// stored (so that no event is skipped for them), whatever a re-read
+    /// of the count says meanwhile.
+    registering: AtomicUsize,
 }
 
 impl Webhooks {
@@ -90,7 +98,38 @@ impl Webhooks {
             wake: Notify::new(),
             delivering: AtomicBool::new(false),
             count: AtomicUsize::new(count),
+            registering: AtomicUsize::new(0),
         }
+    }
+
+    /// Sets how many webhooks there are, as just read from the database
+    /// (another server sharing it may have registered or deleted some).
+    pub fn refresh_count(&self, n: usize) {
+        self.count.store(n, Ordering::Release);
+    }
+
+    /// Whether there may be a webhook to deliver an event to.
+    fn any(&self) -> bool {
+        self.count.load(Ordering::Acquire) > 0 || self.registering.load(Ordering::Acquire) > 0
+    }
+
+    /// One webhook fewer (never below none: the count may be stale).
+    fn decrement(&self) {
+        let _ = self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(1))
+            });
+    }
+}
+
+/// Re-reads how many webhooks there are (another server sharing the
+/// database registered or deleted some: a notice over NATS, or the
+/// delivery task's periodic check on PostgreSQL).
+pub(crate) async fn reload(s: &Arc<crate::State>) {
+    match s.store.count_webhooks().await {
+        Ok(n) => s.webhooks.refresh_count(n),
+        Err(e) => tracing::warn!("could not re-read the webhooks: {e}"),
     }
 }
 
@@ -98,24 +137,6 @@ impl Webhooks {
 pub(crate) fn count_sqlite(c: &mut Connection) -> Result<usize, rusqlite::Error> {
     let count: i64 = c.query_row("SELECT COUNT(*) FROM webhooks", [], |r| r.get(0))?;
     Ok(usize::try_from(count).unwrap_or(0))
-}
-
-impl Store {
-    /// How many webhooks there are.
-    pub async fn count_webhooks(&self) -> Result<usize, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.call(count_sqlite).await,
-            Store::Postgres(p) => {
-                let n: i64 = p
-                    .client()
-                    .await?
-                    .query_one("SELECT COUNT(*) FROM webhooks", &[])
-                    .await?
-                    .get(0);
-                Ok(usize::try_from(n).unwrap_or(0))
-            }
-        }
-    }
 }
 
 /// Who an event is for.
@@ -142,7 +163,7 @@ pub(crate) fn emit(
         return;
     };
     ensure_delivering(s);
-    if s.webhooks.count.load(Ordering::Acquire) == 0 {
+    if !s.webhooks.any() {
         return;
     }
     // (LLM key, toolkit key hash and app name) of the audience.
@@ -156,10 +177,7 @@ pub(crate) fn emit(
     let s = s.clone();
     runtime.spawn(async move {
         let (key, toolkit) = audience;
-        let candidates = s
-            .store
-            .call(move |c| subscribed(c, event, key.as_deref()))
-            .await;
+        let candidates = s.store.subscribed_webhooks(event, key).await;
         let targets: Vec<String> = match candidates {
             Ok(hooks) => hooks
                 .into_iter()
@@ -178,11 +196,7 @@ pub(crate) fn emit(
         if targets.is_empty() {
             return;
         }
-        match s
-            .store
-            .call(move |c| enqueue(c, event, &targets, &data))
-            .await
-        {
+        match s.store.enqueue_deliveries(event, targets, data).await {
             Ok(0) => {}
             Ok(n) => {
                 tracing::debug!(%event, deliveries = n, "webhook event queued");
@@ -216,7 +230,7 @@ fn subscribed(
     let mut out = Vec::new();
     for row in rows {
         let (id, llm, events) = row?;
-        if parse_events(&events).contains(&event.as_str().to_owned()) {
+        if subscribes(&events, event) {
             out.push((id, llm));
         }
     }
@@ -225,6 +239,38 @@ fn subscribed(
 
 fn parse_events(text: &str) -> Vec<String> {
     serde_json::from_str(text).unwrap_or_default()
+}
+
+/// Whether a webhook's stored events (a JSON list) hold `event`.
+fn subscribes(events: &str, event: WebhookEvent) -> bool {
+    parse_events(events).iter().any(|e| e == event.as_str())
+}
+
+/// A new delivery of `event` to a webhook: its id and its body (serialized
+/// once: every retry sends the same bytes).
+fn new_delivery(
+    event: WebhookEvent,
+    webhook_id: &str,
+    created_at: &str,
+    data: &Value,
+) -> (String, String) {
+    let delivery_id = uuid4();
+    let body = atp_registry::wire::to_json(&WebhookDelivery {
+        event: event.as_str().to_owned(),
+        webhook_id: webhook_id.to_owned(),
+        delivery_id: delivery_id.clone(),
+        created_at: created_at.to_owned(),
+        data: data.clone(),
+    });
+    (delivery_id, body)
+}
+
+fn too_many_pending(webhook_id: &str, event: WebhookEvent) {
+    tracing::warn!(
+        webhook_id = %webhook_id,
+        %event,
+        "webhook delivery dropped: {MAX_PENDING_PER_WEBHOOK} of this event are already waiting for it"
+    );
 }
 
 /// Writes one delivery of `event` for each webhook; returns how many.
@@ -246,21 +292,10 @@ fn enqueue(
             |r| r.get(0),
         )?;
         if pending >= MAX_PENDING_PER_WEBHOOK {
-            tracing::warn!(
-                webhook_id = %webhook_id,
-                %event,
-                "webhook delivery dropped: {MAX_PENDING_PER_WEBHOOK} of this event are already waiting for it"
-            );
+            too_many_pending(webhook_id, event);
             continue;
         }
-        let delivery_id = uuid4();
-        let body = atp_registry::wire::to_json(&WebhookDelivery {
-            event: event.as_str().to_owned(),
-            webhook_id: webhook_id.clone(),
-            delivery_id: delivery_id.clone(),
-            created_at: created_at.clone(),
-            data: data.clone(),
-        });
+        let (delivery_id, body) = new_delivery(event, webhook_id, &created_at, data);
         tx.execute(
             "INSERT INTO webhook_deliveries (delivery_id, webhook_id, event, body, status, attempts,
                  next_attempt_ms, created_at, updated_at)
@@ -371,9 +406,7 @@ fn claim(
             let Some(job) = job else { continue };
             // The lease: should the server die during this attempt, the
             // delivery is retried once it runs out.
-            let until = now
-                .saturating_add(millis(lease))
-                .saturating_add(millis(backoff(retry_base, job.attempt)));
+            let until = lease_until(now, lease, retry_base, job.attempt);
             tx.execute(
                 "UPDATE webhook_deliveries SET attempts = ?2, next_attempt_ms = ?3, updated_at = ?4
                  WHERE delivery_id = ?1",
@@ -391,6 +424,23 @@ fn claim(
     let next: Option<i64> = tx.query_row(&sql, params_from_iter(&excluded), |r| r.get(0))?;
     tx.commit()?;
     Ok((jobs, next))
+}
+
+/// Until when an attempt (number `attempt`, from 1) claimed at `now` (ms)
+/// holds its delivery: the attempt's timeout, and the wait before a retry.
+fn lease_until(now: i64, lease: Duration, retry_base: Duration, attempt: u32) -> i64 {
+    now.saturating_add(millis(lease))
+        .saturating_add(millis(backoff(retry_base, attempt)))
+}
+
+/// A delivery's state after its `attempt`-th attempt failed, and when it
+/// is next due (ms).
+fn after_failure(attempt: u32, max_attempts: u32, retry_in: Duration) -> (&'static str, i64) {
+    if attempt >= max_attempts {
+        ("failed", now_ms())
+    } else {
+        ("pending", now_ms().saturating_add(millis(retry_in)))
+    }
 }
 
 /// `?from, ?from+1, …` for `n` values (`NULL` for none: `x NOT IN (NULL)`
@@ -433,13 +483,7 @@ fn record(
             Ok("delivered")
         }
         Outcome::Failed(status, error) => {
-            let give_up = attempt >= max_attempts;
-            let state = if give_up { "failed" } else { "pending" };
-            let next = if give_up {
-                now_ms()
-            } else {
-                now_ms().saturating_add(millis(retry_in))
-            };
+            let (state, next) = after_failure(attempt, max_attempts, retry_in);
             c.execute(
                 "UPDATE webhook_deliveries SET status = ?2, last_status = ?3, last_error = ?4,
                      next_attempt_ms = ?5, updated_at = ?6
@@ -467,7 +511,463 @@ fn prune(c: &mut Connection) -> Result<usize, rusqlite::Error> {
     Ok(old + excess)
 }
 
-/// Delivers queued events until the server stops.
+/// A webhook to store.
+struct NewWebhook {
+    webhook_id: String,
+    llm_key_hash: String,
+    url: String,
+    /// The events, as a JSON list.
+    events: String,
+    secret: Secret,
+    created_at: i64,
+}
+
+/// Stores a webhook, unless its key has [`MAX_WEBHOOKS_PER_KEY`] already
+/// (then `false`).
+fn insert_webhook(c: &mut Connection, w: &NewWebhook) -> Result<bool, rusqlite::Error> {
+    let tx = c.transaction()?;
+    let count: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM webhooks WHERE llm_key_hash = ?1",
+        [&w.llm_key_hash],
+        |r| r.get(0),
+    )?;
+    if count >= MAX_WEBHOOKS_PER_KEY {
+        return Ok(false);
+    }
+    // sealed at rest: #18
+    tx.execute(
+        "INSERT INTO webhooks (webhook_id, llm_key_hash, url, events, secret, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            w.webhook_id,
+            w.llm_key_hash,
+            w.url,
+            w.events,
+            w.secret.expose(),
+            w.created_at
+        ],
+    )?;
+    tx.commit()?;
+    Ok(true)
+}
+
+/// An LLM key's webhooks (without their secrets), oldest first.
+fn list_webhooks(c: &mut Connection, key: &str) -> Result<Vec<Webhook>, rusqlite::Error> {
+    let mut stmt = c.prepare(
+        "SELECT webhook_id, url, events, created_at FROM webhooks
+         WHERE llm_key_hash = ?1 ORDER BY created_at, rowid",
+    )?;
+    let rows = stmt.query_map([key], |r| {
+        Ok(Webhook {
+            webhook_id: r.get(0)?,
+            url: r.get(1)?,
+            events: parse_events(&r.get::<_, String>(2)?),
+            created_at: Some(rfc3339(r.get(3)?)),
+            secret: None,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Deletes an LLM key's webhook (and, by `ON DELETE CASCADE`, its
+/// deliveries); returns whether there was one.
+fn delete_webhook(c: &mut Connection, webhook_id: &str, key: &str) -> Result<bool, rusqlite::Error> {
+    let n = c.execute(
+        "DELETE FROM webhooks WHERE webhook_id = ?1 AND llm_key_hash = ?2",
+        params![webhook_id, key],
+    )?;
+    Ok(n > 0)
+}
+
+// ---------------------------------------------------------------------
+// The queries on either database. SQLite runs the functions above;
+// PostgreSQL the same SQL, with these differences:
+//
+// - Several servers may share the database, so a claim locks the rows it
+//   takes (`FOR UPDATE SKIP LOCKED`): a due delivery is claimed by one
+//   server only, the others skip it. Its lease (the pushed
+//   `next_attempt_ms`) is committed with the claim, as on SQLite.
+// - PostgreSQL has no `rowid`. Rows created in the same second are put in
+//   insertion order by the age of the transaction that wrote them
+//   (`age(xmin)`: webhooks are never updated, so that is their insert;
+//   `age` counts across transaction-id wraparound).
+// - A registration takes an advisory lock on its key, so that servers
+//   registering at once can not pass [`MAX_WEBHOOKS_PER_KEY`] together.
+
+/// The first key of the advisory locks taken here (the second: a hash of
+/// the LLM key).
+const PG_LOCK_WEBHOOKS: i32 = 7_415_607;
+
+/// A PostgreSQL integer column as a `u32` (negative: 0).
+fn pg_u32(v: i64) -> u32 {
+    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
+}
+
+impl Store {
+    /// How many webhooks there are.
+    pub async fn count_webhooks(&self) -> Result<usize, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.call(count_sqlite).await,
+            Store::Postgres(p) => {
+                let n: i64 = p
+                    .client()
+                    .await?
+                    .query_one("SELECT COUNT(*) FROM webhooks", &[])
+                    .await?
+                    .try_get(0)?;
+                Ok(usize::try_from(n).unwrap_or(0))
+            }
+        }
+    }
+
+    /// The webhooks (id, LLM key hash) subscribed to `event`: of one key,
+    /// or of all keys; oldest first.
+    async fn subscribed_webhooks(
+        &self,
+        event: WebhookEvent,
+        key: Option<String>,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.call(move |c| subscribed(c, event, key.as_deref())).await,
+            Store::Postgres(p) => {
+                let rows = p
+                    .client()
+                    .await?
+                    .query(
+                        "SELECT webhook_id, llm_key_hash, events FROM webhooks
+                         WHERE $1::TEXT IS NULL OR llm_key_hash = $1::TEXT
+                         ORDER BY created_at, age(xmin) DESC, webhook_id",
+                        &[&key],
+                    )
+                    .await?;
+                let mut out = Vec::new();
+                for r in rows {
+                    if subscribes(&r.try_get::<_, String>(2)?, event) {
+                        out.push((r.try_get(0)?, r.try_get(1)?));
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Writes one delivery of `event` for each webhook (one that is gone
+    /// meanwhile is skipped); returns how many.
+    async fn enqueue_deliveries(
+        &self,
+        event: WebhookEvent,
+        webhook_ids: Vec<String>,
+        data: Value,
+    ) -> Result<usize, StoreError> {
+        match self {
+            Store::Sqlite(s) => {
+                s.call(move |c| enqueue(c, event, &webhook_ids, &data))
+                    .await
+            }
+            Store::Postgres(p) => {
+                let now = now_secs();
+                let created_at = rfc3339(now);
+                let mut c = p.client().await?;
+                let tx = c.transaction().await?;
+                let mut queued = 0;
+                for webhook_id in &webhook_ids {
+                    let pending: i64 = tx
+                        .query_one(
+                            "SELECT COUNT(*) FROM webhook_deliveries
+                             WHERE webhook_id = $1 AND status = 'pending' AND event = $2",
+                            &[webhook_id, &event.as_str()],
+                        )
+                        .await?
+                        .try_get(0)?;
+                    if pending >= MAX_PENDING_PER_WEBHOOK {
+                        too_many_pending(webhook_id, event);
+                        continue;
+                    }
+                    let (delivery_id, body) = new_delivery(event, webhook_id, &created_at, &data);
+                    let n = tx
+                        .execute(
+                            "INSERT INTO webhook_deliveries (delivery_id, webhook_id, event, body, status,
+                                 attempts, next_attempt_ms, created_at, updated_at)
+                             SELECT $1::TEXT, $2::TEXT, $3::TEXT, $4::TEXT, 'pending', 0, $5::BIGINT,
+                                 $6::BIGINT, $6::BIGINT
+                             WHERE EXISTS (SELECT 1 FROM webhooks WHERE webhook_id = $2::TEXT)",
+                            &[
+                                &delivery_id,
+                                webhook_id,
+                                &event.as_str(),
+                                &body,
+                                &now_ms(),
+                                &now,
+                            ],
+                        )
+                        .await?;
+                    queued += usize::try_from(n).unwrap_or(0);
+                }
+                tx.commit().await?;
+                Ok(queued)
+            }
+        }
+    }
+
+    /// Leases up to `free` due deliveries (at most one per webhook, none of
+    /// the `busy` webhooks, none another server is claiming), and says when
+    /// the next one of the others is due.
+    async fn claim_deliveries(
+        &self,
+        free: usize,
+        busy: Vec<String>,
+        lease: Duration,
+        retry_base: Duration,
+    ) -> Result<(Vec<Job>, Option<i64>), StoreError> {
+        let p = match self {
+            Store::Sqlite(s) => {
+                return s
+                    .call(move |c| claim(c, free, &busy, lease, retry_base))
+                    .await;
+            }
+            Store::Postgres(p) => p,
+        };
+        let now = now_ms();
+        let mut c = p.client().await?;
+        let tx = c.transaction().await?;
+        let mut jobs = Vec::new();
+        let mut excluded = busy;
+        if free > 0 {
+            let limit = i64::try_from(free).unwrap_or(i64::MAX);
+            // Each webhook's first due delivery; of those, the rows no other
+            // server holds now. A row another server claimed (and committed)
+            // since this statement began is checked again once locked: the
+            // outer conditions then see its lease and drop it.
+            let rows = tx
+                .query(
+                    "SELECT d.delivery_id, d.webhook_id, d.event, w.url, w.secret, d.body, d.attempts
+                     FROM webhook_deliveries d JOIN webhooks w ON w.webhook_id = d.webhook_id
+                     WHERE d.status = 'pending' AND d.next_attempt_ms <= $1
+                       AND d.delivery_id IN (
+                           SELECT DISTINCT ON (webhook_id) delivery_id FROM webhook_deliveries
+                           WHERE status = 'pending' AND next_attempt_ms <= $1
+                             AND webhook_id <> ALL($2)
+                           ORDER BY webhook_id, next_attempt_ms, delivery_id)
+                     ORDER BY d.next_attempt_ms
+                     LIMIT $3
+                     ",
+                    &[&now, &excluded, &limit],
+                )
+                .await?;
+            for r in rows {
+                let job = Job {
+                    delivery_id: r.try_get(0)?,
+                    webhook_id: r.try_get(1)?,
+                    event: r.try_get(2)?,
+                    url: r.try_get(3)?,
+                    secret: Secret::new(r.try_get::<_, String>(4)?),
+                    body: r.try_get(5)?,
+                    attempt: pg_u32(r.try_get(6)?).saturating_add(1),
+                };
+                if excluded.contains(&job.webhook_id) {
+                    continue;
+                }
+                // The lease: should the server die during this attempt, the
+                // delivery is retried (by any server) once it runs out.
+                let until = lease_until(now, lease, retry_base, job.attempt);
+                tx.execute(
+                    "UPDATE webhook_deliveries SET attempts = $2, next_attempt_ms = $3, updated_at = $4
+                     WHERE delivery_id = $1",
+                    &[
+                        &job.delivery_id,
+                        &i64::from(job.attempt),
+                        &until,
+                        &now_secs(),
+                    ],
+                )
+                .await?;
+                excluded.push(job.webhook_id.clone());
+                jobs.push(job);
+            }
+        }
+        let next: Option<i64> = tx
+            .query_one(
+                "SELECT MIN(next_attempt_ms) FROM webhook_deliveries
+                 WHERE status = 'pending' AND webhook_id <> ALL($1)",
+                &[&excluded],
+            )
+            .await?
+            .try_get(0)?;
+        tx.commit().await?;
+        Ok((jobs, next))
+    }
+
+    /// Records an attempt: delivered, failed for good, or to retry later.
+    async fn record_attempt(
+        &self,
+        delivery_id: String,
+        attempt: u32,
+        max_attempts: u32,
+        retry_in: Duration,
+        outcome: Outcome,
+    ) -> Result<&'static str, StoreError> {
+        let p = match self {
+            Store::Sqlite(s) => {
+                return s
+                    .call(move |c| {
+                        record(c, &delivery_id, attempt, max_attempts, retry_in, &outcome)
+                    })
+                    .await;
+            }
+            Store::Postgres(p) => p,
+        };
+        let now = now_secs();
+        let c = p.client().await?;
+        match outcome {
+            Outcome::Delivered(status) => {
+                c.execute(
+                    "UPDATE webhook_deliveries SET status = 'delivered', last_status = $2,
+                         last_error = NULL, delivered_at = $3, updated_at = $3
+                     WHERE delivery_id = $1",
+                    &[&delivery_id, &i64::from(status), &now],
+                )
+                .await?;
+                Ok("delivered")
+            }
+            Outcome::Failed(status, error) => {
+                let (state, next) = after_failure(attempt, max_attempts, retry_in);
+                c.execute(
+                    "UPDATE webhook_deliveries SET status = $2, last_status = $3, last_error = $4,
+                         next_attempt_ms = $5, updated_at = $6
+                     WHERE delivery_id = $1",
+                    &[
+                        &delivery_id,
+                        &state,
+                        &status.map(i64::from),
+                        &error,
+                        &next,
+                        &now,
+                    ],
+                )
+                .await?;
+                Ok(state)
+            }
+        }
+    }
+
+    /// Drops old finished deliveries; returns how many.
+    async fn prune_deliveries(&self) -> Result<usize, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.call(prune).await,
+            Store::Postgres(p) => {
+                let c = p.client().await?;
+                let old = c
+                    .execute(
+                        "DELETE FROM webhook_deliveries WHERE status <> 'pending' AND updated_at < $1",
+                        &[&(now_secs() - KEEP_FINISHED_SECS)],
+                    )
+                    .await?;
+                let excess = c
+                    .execute(
+                        "DELETE FROM webhook_deliveries WHERE status <> 'pending' AND delivery_id NOT IN (
+                             SELECT delivery_id FROM webhook_deliveries WHERE status <> 'pending'
+                             ORDER BY updated_at DESC LIMIT $1)",
+                        &[&KEEP_FINISHED_ROWS],
+                    )
+                    .await?;
+                Ok(usize::try_from(old + excess).unwrap_or(usize::MAX))
+            }
+        }
+    }
+
+    /// Stores a webhook, unless its key has [`MAX_WEBHOOKS_PER_KEY`]
+    /// already (then `false`).
+    async fn insert_webhook(&self, w: NewWebhook) -> Result<bool, StoreError> {
+        let p = match self {
+            Store::Sqlite(s) => return s.call(move |c| insert_webhook(c, &w)).await,
+            Store::Postgres(p) => p,
+        };
+        let mut c = p.client().await?;
+        let tx = c.transaction().await?;
+        // One registration of a key at a time, across servers.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[&PG_LOCK_WEBHOOKS, &w.llm_key_hash],
+        )
+        .await?;
+        let count: i64 = tx
+            .query_one(
+                "SELECT COUNT(*) FROM webhooks WHERE llm_key_hash = $1",
+                &[&w.llm_key_hash],
+            )
+            .await?
+            .try_get(0)?;
+        if count >= MAX_WEBHOOKS_PER_KEY {
+            return Ok(false);
+        }
+        // sealed at rest: #18
+        tx.execute(
+            "INSERT INTO webhooks (webhook_id, llm_key_hash, url, events, secret, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &w.webhook_id,
+                &w.llm_key_hash,
+                &w.url,
+                &w.events,
+                &w.secret.expose(),
+                &w.created_at,
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// An LLM key's webhooks (without their secrets), oldest first.
+    async fn list_webhooks(&self, key: String) -> Result<Vec<Webhook>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.call(move |c| list_webhooks(c, &key)).await,
+            Store::Postgres(p) => {
+                let rows = p
+                    .client()
+                    .await?
+                    .query(
+                        "SELECT webhook_id, url, events, created_at FROM webhooks
+                         WHERE llm_key_hash = $1 ORDER BY created_at, age(xmin) DESC, webhook_id",
+                        &[&key],
+                    )
+                    .await?;
+                let mut out = Vec::new();
+                for r in rows {
+                    out.push(Webhook {
+                        webhook_id: r.try_get(0)?,
+                        url: r.try_get(1)?,
+                        events: parse_events(&r.try_get::<_, String>(2)?),
+                        created_at: Some(rfc3339(r.try_get(3)?)),
+                        secret: None,
+                    });
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Deletes an LLM key's webhook and its deliveries; returns whether
+    /// there was one.
+    async fn delete_webhook(&self, webhook_id: String, key: String) -> Result<bool, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.call(move |c| delete_webhook(c, &webhook_id, &key)).await,
+            Store::Postgres(p) => {
+                // Its deliveries go with it (ON DELETE CASCADE).
+                let n = p
+                    .client()
+                    .await?
+                    .execute(
+                        "DELETE FROM webhooks WHERE webhook_id = $1 AND llm_key_hash = $2",
+                        &[&webhook_id, &key],
+                    )
+                    .await?;
+                Ok(n > 0)
+            }
+        }
+    }
+}
+
 /// Starts the delivery task once (within a tokio runtime); it runs until
 /// the server shuts down.
 pub(crate) fn ensure_delivering(s: &Arc<crate::State>) {
@@ -479,34 +979,43 @@ pub(crate) fn ensure_delivering(s: &Arc<crate::State>) {
     tokio::spawn(deliver(s.clone()));
 }
 
+/// Delivers queued events until the server stops.
+///
+/// On PostgreSQL other servers share the queue: it also looks at it every
+/// [`SHARED_RECHECK`] (for deliveries another server queued and could not
+/// make, say because it died), and then re-reads how many webhooks there
+/// are (should a notice from another server have been missed).
 async fn deliver(s: Arc<crate::State>) {
     let mut shutdown = s.shutdown.subscribe();
     let mut running: JoinSet<()> = JoinSet::new();
     // The webhook each running attempt is for.
     let mut busy: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut last_prune: Option<Instant> = None;
+    let shared = matches!(s.store, Store::Postgres(_));
+    let idle = if shared { SHARED_RECHECK } else { IDLE_WAKE };
+    let mut last_recount = Instant::now();
     loop {
         if *shutdown.borrow() {
             break;
         }
         if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
             last_prune = Some(Instant::now());
-            match s.store.call(prune).await {
+            match s.store.prune_deliveries().await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(pruned = n, "old webhook deliveries removed"),
                 Err(e) => tracing::warn!("could not prune webhook deliveries: {e}"),
             }
         }
+        if shared && last_recount.elapsed() >= SHARED_RECHECK {
+            last_recount = Instant::now();
+            reload(&s).await;
+        }
         let free = CONCURRENCY.saturating_sub(running.len());
-        let mut wait = IDLE_WAKE;
+        let mut wait = idle;
         if free > 0 {
             let busy_ids: Vec<String> = busy.values().cloned().collect();
             let (lease, base) = (s.config.webhook_timeout, s.config.webhook_retry_base);
-            match s
-                .store
-                .call(move |c| claim(c, free, &busy_ids, lease, base))
-                .await
-            {
+            match s.store.claim_deliveries(free, busy_ids, lease, base).await {
                 Ok((jobs, next)) => {
                     for job in jobs {
                         let webhook_id = job.webhook_id.clone();
@@ -525,8 +1034,11 @@ async fn deliver(s: Arc<crate::State>) {
             }
             if running.len() >= CONCURRENCY {
                 // Full: wait for an attempt to end rather than for a due row.
-                wait = IDLE_WAKE;
+                wait = idle;
             }
+        }
+        if shared {
+            wait = wait.min(SHARED_RECHECK.saturating_sub(last_recount.elapsed()));
         }
         tokio::select! {
             _ = s.webhooks.wake.notified() => {}
@@ -589,12 +1101,10 @@ async fn attempt(s: Arc<crate::State>, job: Job) {
     let max_attempts = s.config.webhook_max_attempts.max(1);
     let retry_in = jitter(backoff(s.config.webhook_retry_base, job.attempt));
     let (id, n) = (job.delivery_id.clone(), job.attempt);
-    let recorded = {
-        let outcome = outcome.clone();
-        s.store
-            .call(move |c| record(c, &id, n, max_attempts, retry_in, &outcome))
-            .await
-    };
+    let recorded = s
+        .store
+        .record_attempt(id, n, max_attempts, retry_in, outcome.clone())
+        .await;
     let (webhook_id, delivery_id) = (&job.webhook_id, &job.delivery_id);
     match (recorded, &outcome) {
         (Ok(_), Outcome::Delivered(status)) => {
@@ -633,6 +1143,14 @@ fn valid_url(url: &str) -> bool {
     }
     url.parse::<hyper::Uri>()
         .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()))
+}
+
+/// Tells the other servers sharing the database (if any) that the
+/// webhooks changed: they re-read how many there are.
+async fn changed(s: &crate::State) {
+    if let Some(bus) = &s.bus {
+        bus.webhooks_changed().await;
+    }
 }
 
 fn db_error(what: &'static str) -> impl FnOnce(crate::store::StoreError) -> ApiError {
@@ -689,44 +1207,23 @@ pub(crate) async fn register(
             .map_err(|_| ApiError::internal("no randomness available"))?;
         let webhook_id = uuid4();
         let created_at = now_secs();
-        let row = (
-            webhook_id.clone(),
+        let row = NewWebhook {
+            webhook_id: webhook_id.clone(),
             llm_key_hash,
-            reg.url.clone(),
-            serde_json::to_string(&events).unwrap_or_else(|_| "[]".into()),
-            secret.clone(),
-        );
+            url: reg.url.clone(),
+            events: serde_json::to_string(&events).unwrap_or_else(|_| "[]".into()),
+            secret: secret.clone(),
+            created_at,
+        };
         // Counted before it is stored, so that no event is skipped for it.
-        s.webhooks.count.fetch_add(1, Ordering::AcqRel);
-        let stored = s
-            .store
-            .call(move |c| {
-                let (id, key, url, events, secret) = row;
-                let tx = c.transaction()?;
-                let count: i64 = tx.query_row(
-                    "SELECT COUNT(*) FROM webhooks WHERE llm_key_hash = ?1",
-                    [&key],
-                    |r| r.get(0),
-                )?;
-                if count >= MAX_WEBHOOKS_PER_KEY {
-                    return Ok(false);
-                }
-                // sealed at rest: #18
-                tx.execute(
-                    "INSERT INTO webhooks (webhook_id, llm_key_hash, url, events, secret, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![id, key, url, events, secret.expose(), created_at],
-                )?;
-                tx.commit()?;
-                Ok(true)
-            })
-            .await
-            .inspect_err(|_| {
-                s.webhooks.count.fetch_sub(1, Ordering::AcqRel);
-            })
-            .map_err(db_error("store the webhook"))?;
+        s.webhooks.registering.fetch_add(1, Ordering::AcqRel);
+        let stored = s.store.insert_webhook(row).await;
+        if matches!(stored, Ok(true)) {
+            s.webhooks.count.fetch_add(1, Ordering::AcqRel);
+        }
+        s.webhooks.registering.fetch_sub(1, Ordering::AcqRel);
+        let stored = stored.map_err(db_error("store the webhook"))?;
         if !stored {
-            s.webhooks.count.fetch_sub(1, Ordering::AcqRel);
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "too_many_webhooks",
@@ -734,6 +1231,7 @@ pub(crate) async fn register(
             ));
         }
         tracing::info!(%webhook_id, events = ?events, "webhook registered");
+        changed(&s).await;
         Ok(Webhook {
             webhook_id,
             url: reg.url,
@@ -759,22 +1257,7 @@ pub(crate) async fn list(
     let result = async {
         let key = llm_key_of(&s, &headers, body).await?;
         s.store
-            .call(move |c| {
-                let mut stmt = c.prepare(
-                    "SELECT webhook_id, url, events, created_at FROM webhooks
-                     WHERE llm_key_hash = ?1 ORDER BY created_at, rowid",
-                )?;
-                let rows = stmt.query_map([&key], |r| {
-                    Ok(Webhook {
-                        webhook_id: r.get(0)?,
-                        url: r.get(1)?,
-                        events: parse_events(&r.get::<_, String>(2)?),
-                        created_at: Some(rfc3339(r.get(3)?)),
-                        secret: None,
-                    })
-                })?;
-                rows.collect::<Result<Vec<_>, _>>()
-            })
+            .list_webhooks(key)
             .await
             .map_err(db_error("read the webhooks"))
     }
@@ -800,23 +1283,17 @@ pub(crate) async fn delete(
         let Ok(Path(id)) = id else {
             return Err(not_found());
         };
-        let webhook_id = id.clone();
         let deleted = s
             .store
-            .call(move |c| {
-                // Its deliveries go with it (ON DELETE CASCADE).
-                c.execute(
-                    "DELETE FROM webhooks WHERE webhook_id = ?1 AND llm_key_hash = ?2",
-                    params![webhook_id, key],
-                )
-            })
+            .delete_webhook(id.clone(), key)
             .await
             .map_err(db_error("delete the webhook"))?;
-        if deleted == 0 {
+        if !deleted {
             return Err(not_found());
         }
-        s.webhooks.count.fetch_sub(1, Ordering::AcqRel);
+        s.webhooks.decrement();
         tracing::info!(webhook_id = %id, "webhook deleted");
+        changed(&s).await;
         Ok(())
     }
     .await;
@@ -846,6 +1323,84 @@ mod tests {
                 "{j:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_count_is_refreshed_and_never_wraps() {
+        let w = Webhooks::new(0);
+        assert!(!w.any(), "no webhooks: an event is free");
+        w.refresh_count(2);
+        assert!(w.any());
+        w.decrement();
+        w.decrement();
+        assert!(!w.any());
+        // Deleting a webhook another server registered (not counted here
+        // yet) leaves the count at none, not at usize::MAX.
+        w.decrement();
+        assert_eq!(w.count.load(Ordering::Acquire), 0);
+        // A registration under way counts whatever a re-read said.
+        w.registering.fetch_add(1, Ordering::AcqRel);
+        w.refresh_count(0);
+        assert!(w.any());
+    }
+
+    #[tokio::test]
+    async fn the_store_methods_run_on_sqlite() {
+        let store = Store::open(&DbLocation::Memory).expect("open");
+        let hook = |id: &str, key: &str| NewWebhook {
+            webhook_id: id.into(),
+            llm_key_hash: key.into(),
+            url: "http://127.0.0.1:9/".into(),
+            events: r#"["toolkit_connected"]"#.into(),
+            secret: Secret::new("s"),
+            created_at: 5,
+        };
+        for (id, key) in [("w2", "k"), ("w1", "k"), ("w3", "other")] {
+            assert!(store.insert_webhook(hook(id, key)).await.expect("insert"));
+        }
+        assert_eq!(store.count_webhooks().await.expect("count"), 3);
+        let ids = |list: Vec<Webhook>| list.into_iter().map(|w| w.webhook_id).collect::<Vec<_>>();
+        // Oldest first: in the order of registration within a second.
+        assert_eq!(
+            ids(store.list_webhooks("k".into()).await.expect("list")),
+            ["w2", "w1"]
+        );
+        let all = store
+            .subscribed_webhooks(WebhookEvent::ToolkitConnected, None)
+            .await
+            .expect("subscribed");
+        assert_eq!(all.len(), 3);
+        let targets = all.into_iter().map(|(id, _)| id).collect();
+        let n = store
+            .enqueue_deliveries(WebhookEvent::ToolkitConnected, targets, Value::Null)
+            .await
+            .expect("enqueue");
+        assert_eq!(n, 3);
+        let (lease, base) = (Duration::from_secs(60), Duration::from_secs(1));
+        let (jobs, _) = store
+            .claim_deliveries(8, vec!["w3".into()], lease, base)
+            .await
+            .expect("claim");
+        assert_eq!(jobs.len(), 2, "w3 is busy");
+        let state = store
+            .record_attempt(jobs[0].delivery_id.clone(), 1, 5, base, Outcome::Delivered(200))
+            .await
+            .expect("record");
+        assert_eq!(state, "delivered");
+        assert!(
+            store
+                .delete_webhook("w1".into(), "k".into())
+                .await
+                .expect("delete")
+        );
+        assert!(
+            !store
+                .delete_webhook("w3".into(), "k".into())
+                .await
+                .expect("another key's")
+        );
+        assert_eq!(store.count_webhooks().await.expect("count"), 2);
+        assert_eq!(store.prune_deliveries().await.expect("prune"), 0);
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod agreement;
 pub mod cases;
 pub mod client;
 pub mod fixture;
+pub mod infra;
 pub mod server;
 
 use std::{future::Future, net::SocketAddr, pin::Pin};

@@ -83,7 +83,7 @@ pub(crate) async fn announce(
     if all.is_empty() {
         return Ok(());
     }
-    let (client, http, base) = (&shared.client, &shared.http, shared.base.as_str());
+    let (client, http, base) = (&shared.client, &shared.http, shared.base());
     let timeout = shared.opts.request_timeout;
     // Only a registration issues an exchange token: with reports on, every
     // tool is registered.

@@ -70,6 +70,19 @@ pub struct RuntimeOptions {
     idle_timeout: Option<Duration>,
     report_executions: bool,
     max_app_sessions: usize,
+    /// Set by [`ToolKitClient::with_base_urls`] (kept by
+    /// [`ToolKitClient::with_runtime_options`]).
+    base_urls: Option<BaseUrls>,
+}
+
+/// The servers [`ToolKitClient::with_base_urls`] was given.
+#[derive(Debug, Clone)]
+struct BaseUrls {
+    /// In order of preference; may be empty (an error at `start`).
+    urls: Vec<String>,
+    /// What `with_base_urls` set the client's `base_url` to: once a later
+    /// `with_base_url` has changed it, the list no longer applies.
+    base_url: String,
 }
 
 impl Default for RuntimeOptions {
@@ -86,6 +99,7 @@ impl Default for RuntimeOptions {
             idle_timeout: None,
             report_executions: false,
             max_app_sessions: 1024,
+            base_urls: None,
         }
     }
 }
@@ -176,9 +190,15 @@ impl RuntimeOptions {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RuntimeError {
-    /// The base URL is not `http://…` or `https://…`.
+    /// The base URL (or one of [`with_base_urls`]'s) is not `http://…`
+    /// or `https://…`.
+    ///
+    /// [`with_base_urls`]: ToolKitClient::with_base_urls
     #[error("base_url must start with http:// or https://")]
     InvalidBaseUrl,
+    /// [`ToolKitClient::with_base_urls`] was given an empty list.
+    #[error("with_base_urls was given no URL")]
+    NoBaseUrl,
     /// `start` was called while the toolkit was already running.
     #[error("this toolkit is already running")]
     AlreadyRunning,
@@ -221,14 +241,115 @@ impl Control {
 pub(crate) struct Shared {
     client: ToolKitClient,
     http: net::HttpClient,
-    /// The base URL, without a trailing `/`.
-    base: String,
+    /// The servers to connect to, in order of preference (at least one).
+    endpoints: Vec<Endpoint>,
+    /// The index in `endpoints` of the server the runtime connects to now.
+    current: AtomicUsize,
     opts: RuntimeOptions,
     activity: Activity,
     /// The exchange token of each tool, from its `register_tool` answer.
     tokens: Mutex<HashMap<String, Secret>>,
     /// Bounds the execution reports in flight.
     reports: Arc<Semaphore>,
+}
+
+/// One ATP server the runtime may connect to.
+#[derive(Debug)]
+struct Endpoint {
+    /// The base URL, without a trailing `/`.
+    base: String,
+    /// The toolkit's WebSocket URL on this server.
+    ws: String,
+}
+
+impl Endpoint {
+    /// The endpoint of `base_url` for the toolkit with this API key; `None`
+    /// if the URL is not `http://…` or `https://…`.
+    fn new(base_url: &str, api_key: &str) -> Option<Self> {
+        let base = base_url.trim_end_matches('/').to_owned();
+        let ws_base = if let Some(rest) = base.strip_prefix("https://") {
+            format!("wss://{rest}")
+        } else if let Some(rest) = base.strip_prefix("http://") {
+            format!("ws://{rest}")
+        } else {
+            return None;
+        };
+        let ws = format!("{ws_base}/ws/v1/atp/toolkit-client/{api_key}/");
+        Some(Self { base, ws })
+    }
+}
+
+impl Shared {
+    /// The server the runtime connects to now.
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoints[self.current.load(Ordering::Acquire) % self.endpoints.len()]
+    }
+
+    /// The base URL of the server the runtime connects to now, without a
+    /// trailing `/`: where the HTTP calls (announcements, inbox, reports)
+    /// go.
+    fn base(&self) -> &str {
+        &self.endpoint().base
+    }
+}
+
+/// Which server the next connection goes to, and how long to wait before
+/// it (see [`ToolKitClient::with_base_urls`]): round robin through the
+/// servers, the backoff once a whole round of them has failed.
+#[derive(Debug)]
+struct Rotation {
+    /// The index of the server tried now.
+    current: usize,
+    /// How many connections in a row have ended in this round. The loss
+    /// of a connection that was up is the first of a new round.
+    failures: usize,
+    /// When each server was last tried, since the last backoff wait.
+    tried: Vec<Option<Instant>>,
+    /// The least time between two tries of the same server without a
+    /// backoff wait between them (the first backoff step): servers that
+    /// accept connections and drop them at once are not hammered.
+    min_gap: Duration,
+}
+
+/// How long to wait before the next connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Wait {
+    /// A whole round of servers failed: the next backoff step.
+    Backoff,
+    /// This long (usually zero: the next server is tried at once).
+    For(Duration),
+}
+
+impl Rotation {
+    fn new(servers: usize, min_gap: Duration) -> Self {
+        Self {
+            current: 0,
+            failures: 0,
+            tried: vec![None; servers.max(1)],
+            min_gap,
+        }
+    }
+
+    /// The current server is being tried now.
+    fn trying(&mut self, now: Instant) {
+        self.tried[self.current] = Some(now);
+    }
+
+    /// The connection to the current server ended (`established`: after it
+    /// was up): moves on to the next server and says how long to wait.
+    fn ended(&mut self, established: bool, now: Instant) -> Wait {
+        self.failures = if established { 1 } else { self.failures + 1 };
+        self.current = (self.current + 1) % self.tried.len();
+        if self.failures >= self.tried.len() {
+            self.failures = 0;
+            self.tried.fill(None);
+            return Wait::Backoff;
+        }
+        let gap = self.tried[self.current].map_or(Duration::ZERO, |last| {
+            (last + self.min_gap).saturating_duration_since(now)
+        });
+        Wait::For(gap)
+    }
 }
 
 /// When the last request came, and how many are running: the idle
@@ -359,9 +480,91 @@ impl Backoff {
 impl ToolKitClient {
     /// Sets the runtime's options (transport, concurrency, pings,
     /// backoff, grace period, idle timeout, execution reports).
-    pub fn with_runtime_options(mut self, options: RuntimeOptions) -> Self {
-        std::sync::Arc::make_mut(&mut self.config).runtime = options;
+    pub fn with_runtime_options(mut self, mut options: RuntimeOptions) -> Self {
+        let config = std::sync::Arc::make_mut(&mut self.config);
+        options.base_urls = config.runtime.base_urls.take();
+        config.runtime = options;
         self
+    }
+
+    /// Sets several ATP servers to serve the toolkit through — instances
+    /// of one atp-server listed one by one rather than behind a load
+    /// balancer, say — in order of preference: the runtime
+    /// ([`start`](Self::start)) fails over from one to the next. [`with_base_url`](Self::with_base_url) is the case
+    /// of one server; the last call of either wins, and
+    /// [`base_url`](Self::base_url) is the list's first URL.
+    ///
+    /// - `start` connects to the first URL.
+    /// - When a connection fails (the server is unreachable, refuses the
+    ///   WebSocket, or an announcement — `verify_hash`, `register_tool` —
+    ///   can not reach it) or drops (the server went away, stopped
+    ///   answering pings, or an inbox poll could not reach it), the next
+    ///   attempt goes to the next URL, round robin, at once: a dead
+    ///   server costs one failed connection, not a backoff wait. The
+    ///   [backoff](RuntimeOptions::backoff) applies only once a whole
+    ///   round of URLs has failed in a row (it starts again from its first
+    ///   step once a connection is up). A server is not tried twice within
+    ///   the first backoff step without a backoff wait between, so
+    ///   servers that accept connections and drop them at once are not
+    ///   hammered.
+    /// - Every HTTP call the runtime makes — announcing the tools, the
+    ///   [inbox](Transport::Inbox) polls and answers, execution reports —
+    ///   goes to the server it connects to now, and moves on with it.
+    /// - The runtime stays with a server while its connection lasts: it
+    ///   does not move back to an earlier URL by itself.
+    ///
+    /// An empty list ([`RuntimeError::NoBaseUrl`]) or a URL that is not
+    /// `http://…` or `https://…` ([`RuntimeError::InvalidBaseUrl`]) makes
+    /// `start` fail at once, as a bad [`with_base_url`](Self::with_base_url)
+    /// does. A server that refuses the API key ends `start` with
+    /// [`RuntimeError::Unauthorized`], whichever it is.
+    ///
+    /// ```
+    /// use atp_registry::ToolKitClient;
+    ///
+    /// let client = ToolKitClient::new("key", "my_app")
+    ///     .with_base_urls(["http://10.0.0.1:8080", "http://10.0.0.2:8080"]);
+    /// assert_eq!(client.base_url(), "http://10.0.0.1:8080");
+    /// // client.start().await? — served by 10.0.0.1, or 10.0.0.2 while it is down.
+    /// ```
+    pub fn with_base_urls(self, urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        let urls: Vec<String> = urls.into_iter().map(Into::into).collect();
+        let base_url = urls.first().cloned().unwrap_or_default();
+        let mut client = self.with_base_url(base_url.clone());
+        std::sync::Arc::make_mut(&mut client.config)
+            .runtime
+            .base_urls = Some(BaseUrls { urls, base_url });
+        client
+    }
+
+    /// The servers `start` connects to, in order of preference: the list
+    /// of [`with_base_urls`](Self::with_base_urls), unless a later
+    /// [`with_base_url`](Self::with_base_url) replaced it.
+    fn endpoints(&self) -> Result<Vec<Endpoint>, RuntimeError> {
+        let key = self.api_key().expose();
+        let base_url = self.base_url();
+        let list = self.config.runtime.base_urls.as_ref();
+        let Some(list) = list.filter(|l| l.base_url == base_url) else {
+            let endpoint = Endpoint::new(base_url, key).ok_or(RuntimeError::InvalidBaseUrl)?;
+            return Ok(vec![endpoint]);
+        };
+        if list.urls.is_empty() {
+            return Err(RuntimeError::NoBaseUrl);
+        }
+        list.urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                Endpoint::new(url, key).ok_or_else(|| {
+                    tracing::error!(
+                        position = i,
+                        url = %net::redact_url(url),
+                        "with_base_urls: not an http:// or https:// URL"
+                    );
+                    RuntimeError::InvalidBaseUrl
+                })
+            })
+            .collect()
     }
 
     /// Serves the toolkit to its ATP server until [`stop`](Self::stop)
@@ -378,14 +581,7 @@ impl ToolKitClient {
     /// Returns `Ok(())` after `stop`, once the calls in flight have finished
     /// (within the grace period) and the socket is closed.
     pub async fn start(&self) -> Result<(), RuntimeError> {
-        let base = self.base_url().trim_end_matches('/').to_owned();
-        let ws_base = if let Some(rest) = base.strip_prefix("https://") {
-            format!("wss://{rest}")
-        } else if let Some(rest) = base.strip_prefix("http://") {
-            format!("ws://{rest}")
-        } else {
-            return Err(RuntimeError::InvalidBaseUrl);
-        };
+        let endpoints = self.endpoints()?;
         if self.control.running.swap(true, Ordering::SeqCst) {
             return Err(RuntimeError::AlreadyRunning);
         }
@@ -411,7 +607,8 @@ impl ToolKitClient {
         let shared = Arc::new(Shared {
             client: self.clone(),
             http: net::HttpClient::new(),
-            base,
+            endpoints,
+            current: AtomicUsize::new(0),
             opts: opts.clone(),
             activity: Activity::new(),
             tokens: Mutex::default(),
@@ -431,15 +628,14 @@ impl ToolKitClient {
             });
         }
         let mut backoff = Backoff::new(&opts);
-        let ws_url = format!(
-            "{ws_base}/ws/v1/atp/toolkit-client/{}/",
-            self.api_key().expose()
-        );
+        let mut rotation = Rotation::new(shared.endpoints.len(), opts.backoff_initial);
         loop {
             if *stop.borrow() {
                 return Ok(());
             }
-            let ended = connect_once(&shared, &ws_url, &mut stop, &mut backoff).await;
+            rotation.trying(Instant::now());
+            let mut established = false;
+            let ended = connect_once(&shared, &mut stop, &mut backoff, &mut established).await;
             match ended {
                 Ended::Stopped => {
                     tracing::info!(app = self.app_name(), "toolkit stopped");
@@ -447,13 +643,30 @@ impl ToolKitClient {
                 }
                 Ended::Unauthorized(status) => return Err(RuntimeError::Unauthorized(status)),
                 Ended::Lost(why) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(
-                        app = self.app_name(),
-                        attempt = backoff.attempt,
-                        ?delay,
-                        "connection to the ATP server lost ({why}); reconnecting"
-                    );
+                    let lost = net::redact_url(shared.base());
+                    let wait = rotation.ended(established, Instant::now());
+                    shared.current.store(rotation.current, Ordering::Release);
+                    let next = net::redact_url(shared.base());
+                    let delay = match wait {
+                        Wait::Backoff => {
+                            let delay = backoff.next_delay();
+                            tracing::warn!(
+                                app = self.app_name(),
+                                attempt = backoff.attempt,
+                                ?delay,
+                                "connection to the ATP server {lost} lost ({why}); reconnecting to {next}"
+                            );
+                            delay
+                        }
+                        Wait::For(delay) => {
+                            tracing::warn!(
+                                app = self.app_name(),
+                                ?delay,
+                                "connection to the ATP server {lost} lost ({why}); trying {next}"
+                            );
+                            delay
+                        }
+                    };
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = stopped(&mut stop) => return Ok(()),
@@ -584,12 +797,16 @@ impl ToolKitClient {
 
 /// One connection: announce the tools, connect, serve until the
 /// connection ends — while announcing the tools registered meanwhile.
+///
+/// `established` is set once the connection is up (the WebSocket open, or
+/// an inbox poll answered).
 async fn connect_once(
     shared: &Arc<Shared>,
-    ws_url: &str,
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Backoff,
+    established: &mut bool,
 ) -> Ended {
+    let ws_url = shared.endpoint().ws.as_str();
     let client = &shared.client;
     let opts = &shared.opts;
     // Subscribed before the snapshot: a tool registered after it is seen.
@@ -621,6 +838,7 @@ async fn connect_once(
                 };
                 match connected {
                     Ok(ws) => {
+                        *established = true;
                         backoff.reset();
                         // A connection counts as activity, as the Python
                         // client's greeting does.
@@ -636,7 +854,7 @@ async fn connect_once(
                 }
             }
             Transport::Inbox { poll_interval } => {
-                serve_inbox(shared, poll_interval, stop, backoff).await
+                serve_inbox(shared, poll_interval, stop, backoff, established).await
             }
         }
     };
@@ -721,11 +939,12 @@ async fn serve_inbox(
     poll_interval: Duration,
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Backoff,
+    established: &mut bool,
 ) -> Ended {
     let (client, http, opts) = (&shared.client, &shared.http, &shared.opts);
     let inbox = format!(
         "{}/api/v1/toolkit/{}/inbox",
-        shared.base,
+        shared.base(),
         client.api_key().expose()
     );
     let respond: Arc<str> = format!("{inbox}/respond").into();
@@ -749,6 +968,11 @@ async fn serve_inbox(
         let wait = match polled {
             Ok((status @ (401 | 403), _)) => break Ended::Unauthorized(status),
             Ok((200, body)) => {
+                if !*established {
+                    // The server answers: the connection is up.
+                    *established = true;
+                    backoff.reset();
+                }
                 let entry = std::str::from_utf8(&body)
                     .ok()
                     .filter(|t| !t.trim().is_empty());
@@ -1019,6 +1243,113 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    fn bases(client: &ToolKitClient) -> Result<Vec<String>, RuntimeError> {
+        Ok(client.endpoints()?.into_iter().map(|e| e.base).collect())
+    }
+
+    #[test]
+    fn the_last_of_with_base_url_and_with_base_urls_wins() {
+        let one = ToolKitClient::new("k", "a").with_base_url("http://one/");
+        assert_eq!(bases(&one).unwrap(), ["http://one"]);
+        let list = one.with_base_urls(["http://a", "https://b/"]);
+        assert_eq!(list.base_url(), "http://a");
+        assert_eq!(bases(&list).unwrap(), ["http://a", "https://b"]);
+        let ws: Vec<String> = list
+            .endpoints()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.ws)
+            .collect();
+        assert_eq!(
+            ws,
+            [
+                "ws://a/ws/v1/atp/toolkit-client/k/",
+                "wss://b/ws/v1/atp/toolkit-client/k/"
+            ]
+        );
+        // Runtime options set afterwards keep the list.
+        let list = list.with_runtime_options(RuntimeOptions::default());
+        assert_eq!(bases(&list).unwrap(), ["http://a", "https://b"]);
+        let one = list.clone().with_base_url("http://c");
+        assert_eq!(bases(&one).unwrap(), ["http://c"]);
+        let again = one.with_base_urls(vec![String::from("http://d")]);
+        assert_eq!(bases(&again).unwrap(), ["http://d"]);
+    }
+
+    #[tokio::test]
+    async fn start_refuses_an_empty_list_or_a_bad_url_in_it() {
+        let empty = ToolKitClient::new("k", "a").with_base_urls(Vec::<String>::new());
+        assert!(matches!(empty.start().await, Err(RuntimeError::NoBaseUrl)));
+        let bad = ToolKitClient::new("k", "a").with_base_urls(["http://a", "ftp://b"]);
+        assert!(matches!(
+            bad.start().await,
+            Err(RuntimeError::InvalidBaseUrl)
+        ));
+        assert!(!bad.is_running());
+        // A URL set afterwards replaces the empty list.
+        let fixed = empty.with_base_url("ftp://x");
+        assert!(matches!(
+            fixed.start().await,
+            Err(RuntimeError::InvalidBaseUrl)
+        ));
+    }
+
+    #[test]
+    fn rotation_is_round_robin_with_the_backoff_after_a_whole_round() {
+        let gap = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let mut r = Rotation::new(3, gap);
+        // Failed connections: the next server at once, the backoff after
+        // the third.
+        r.trying(t0);
+        assert_eq!(r.ended(false, t0), Wait::For(Duration::ZERO));
+        assert_eq!(r.current, 1);
+        r.trying(t0);
+        assert_eq!(r.ended(false, t0), Wait::For(Duration::ZERO));
+        assert_eq!(r.current, 2);
+        r.trying(t0);
+        assert_eq!(r.ended(false, t0), Wait::Backoff);
+        assert_eq!(r.current, 0);
+        // After the backoff, a new round: 0 is up, then lost; 1 and 2 are
+        // tried at once, then the backoff.
+        let t1 = t0 + Duration::from_secs(10);
+        r.trying(t1);
+        assert_eq!(r.ended(true, t1), Wait::For(Duration::ZERO));
+        assert_eq!(r.current, 1);
+        r.trying(t1);
+        assert_eq!(r.ended(false, t1), Wait::For(Duration::ZERO));
+        r.trying(t1);
+        assert_eq!(r.ended(false, t1), Wait::Backoff);
+        assert_eq!(r.current, 0);
+    }
+
+    #[test]
+    fn servers_that_drop_connections_at_once_are_not_hammered() {
+        let gap = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let mut r = Rotation::new(2, gap);
+        r.trying(t0);
+        // Up, then lost at once: the other server at once …
+        assert_eq!(r.ended(true, t0), Wait::For(Duration::ZERO));
+        let t1 = t0 + Duration::from_millis(100);
+        r.trying(t1);
+        // … and the first again only a gap after it was tried.
+        let t2 = t0 + Duration::from_millis(200);
+        assert_eq!(r.ended(true, t2), Wait::For(Duration::from_millis(800)));
+        assert_eq!(r.current, 0);
+        // A connection that lasted longer than the gap: no wait.
+        let t3 = t0 + Duration::from_secs(5);
+        r.trying(t3);
+        assert_eq!(r.ended(true, t3 + gap), Wait::For(Duration::ZERO));
+        // One server: every loss waits for the backoff, as before.
+        let mut one = Rotation::new(1, gap);
+        one.trying(t0);
+        assert_eq!(one.ended(true, t0), Wait::Backoff);
+        one.trying(t0);
+        assert_eq!(one.ended(false, t0), Wait::Backoff);
+        assert_eq!(one.current, 0);
     }
 
     #[tokio::test]

@@ -47,7 +47,7 @@ pub(crate) fn report(shared: &Arc<Shared>, function_id: &str, result: &Value) {
     };
     let shared = shared.clone();
     tokio::spawn(async move {
-        let url = format!("{}/api/v1/execute_function", shared.base);
+        let url = format!("{}/api/v1/execute_function", shared.base());
         let timeout = shared.opts.request_timeout;
         let sent = shared.http.post_json(&url, &body, timeout).await;
         drop(permit);

@@ -54,6 +54,25 @@ impl TestServer {
         }
     }
 
+    /// Like [`start`](Self::start), through `AtpServer::connect` (which
+    /// opens PostgreSQL and NATS too).
+    pub async fn start_connected(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::time::timeout(WAIT, AtpServer::connect(config))
+            .await
+            .expect("connected in time")
+            .expect("connect");
+        let s = server.clone();
+        let join = tokio::spawn(async move { s.serve(listener).await });
+        Self {
+            server,
+            addr,
+            base: format!("http://{addr}"),
+            join: Some(join),
+        }
+    }
+
     /// Shuts the server down and waits until it has stopped.
     pub async fn stop(mut self) {
         self.server.shutdown();

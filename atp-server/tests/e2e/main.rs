@@ -3,12 +3,16 @@
 
 mod apps;
 mod cli;
+mod cluster;
 mod common;
+mod failover_runtime;
 mod faults;
 mod infra;
 mod keys;
 mod llm_parity;
 mod oauth;
+mod pg_webhooks;
+mod postgres;
 mod python;
 mod python_parity;
 mod routing;

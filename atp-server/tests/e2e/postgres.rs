@@ -1,0 +1,664 @@
+//! atp-server on PostgreSQL (a throwaway server from `infra`): a toolkit's
+//! registration outlives the server; an OAuth flow started on one server
+//! finishes on another sharing the database, and a token two servers want
+//! refreshed at once is refreshed once; a PostgreSQL restart under a
+//! running server.
+//!
+//! Each test skips (saying so) where PostgreSQL is not installed.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use atp_registry::{llm::LlmProtocol, runtime::Transport};
+use atp_server::{Config, DbLocation, OAuthPlatform};
+use axum::{
+    Router,
+    extract::{RawQuery, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::{common::*, infra};
+
+fn pg_config(pg: &infra::Postgres) -> Config {
+    Config {
+        db: DbLocation::Postgres(pg.url.clone()),
+        ..keyed_config()
+    }
+}
+
+fn llm_auth() -> String {
+    format!("ApiKey {LLM_KEY}")
+}
+
+/// Runs a blocking `infra` step (starting or killing PostgreSQL) without
+/// stalling the runtime's other tasks (the servers under test).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+// ---------------------------------------------------------------------------
+// (a) Registrations live in PostgreSQL.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_toolkit_registered_on_postgres_outlives_the_server() {
+    let Some(pg) = blocking(infra::Postgres::start) else {
+        return;
+    };
+    bounded(Duration::from_secs(90), async {
+        let server = TestServer::start_connected(pg_config(&pg)).await;
+        let toolkit = demo_toolkit(TK_KEY, "pgkit", &server.base);
+        let _stop = StopOnDrop(toolkit.clone());
+        let runtime = serve_toolkit(&toolkit, Transport::WebSocket);
+        server.wait_served("pgkit").await;
+        for protocol in [LlmProtocol::WebSocket, LlmProtocol::Http] {
+            let out = server
+                .llm(protocol)
+                .call_tool(
+                    "pgkit",
+                    &json!({"type": "tool_use", "id": "t1", "name": "echo", "input": {"text": "hi"}}),
+                    "anthropic",
+                    "",
+                )
+                .await
+                .expect("call");
+            let out = outputs(&out);
+            assert_eq!(
+                serde_json::from_str::<Value>(&out[0]).expect("JSON"),
+                json!({"app": "pgkit", "echo": "hi"}),
+                "{protocol:?}"
+            );
+        }
+        toolkit.stop();
+        tokio::time::timeout(WAIT, runtime)
+            .await
+            .expect("stops")
+            .expect("no panic");
+        server.stop().await;
+
+        // A new server on the same database knows the toolkit and its tools.
+        let server = TestServer::start_connected(pg_config(&pg)).await;
+        assert!(server.server.is_registered("pgkit"));
+        assert!(!server.server.is_registered("other"));
+        let context = server
+            .llm(LlmProtocol::Http)
+            .get_toolkit_context("pgkit", "anthropic", "")
+            .await
+            .expect("context");
+        let names: Vec<&str> = context["tools"]
+            .as_array()
+            .expect("tools")
+            .iter()
+            .filter_map(|t| t["name"].as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "hello_world",
+                "get_weather",
+                "echo",
+                "whoami",
+                "slow",
+                "fails"
+            ]
+        );
+        assert_eq!(
+            context["tools"][4]["input_schema"]["properties"]["ms"]["type"],
+            "integer"
+        );
+        server.stop().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// (b) OAuth across servers: a small provider over real HTTP that rotates
+// refresh tokens (a refresh token works once, as many providers do).
+
+/// The URL both servers put in their OAuth callbacks: the load balancer
+/// in front of them (never contacted: the test delivers each redirect to
+/// the server it chooses).
+const PUBLIC: &str = "http://atp.invalid";
+const CALLBACK: &str = "/api/v1/atp/llm-client/oauth/callback/";
+
+#[derive(Default)]
+struct ProviderState {
+    /// code → (PKCE challenge, redirect_uri)
+    codes: Vec<(String, String, String)>,
+    issued: usize,
+    /// The one refresh token that works now.
+    refresh_token: Option<String>,
+    refreshes: usize,
+}
+
+struct Provider {
+    state: Mutex<ProviderState>,
+    /// Notified when a refresh request arrives.
+    refresh_started: Notify,
+    /// A refresh answers once it takes a permit.
+    refresh_gate: Semaphore,
+}
+
+type Shared = Arc<Provider>;
+
+fn query(q: &str) -> std::collections::HashMap<String, String> {
+    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
+}
+
+fn json_answer(status: StatusCode, v: Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+async fn authorize(State(p): State<Shared>, RawQuery(q): RawQuery) -> Response {
+    let q = query(&q.unwrap_or_default());
+    let (Some(redirect), Some(challenge), Some(state)) = (
+        q.get("redirect_uri"),
+        q.get("code_challenge"),
+        q.get("state"),
+    ) else {
+        return json_answer(StatusCode::BAD_REQUEST, json!({"error": "invalid_request"}));
+    };
+    let code = {
+        let mut p = p.state.lock().expect("lock");
+        p.issued += 1;
+        let code = format!("code-{}", p.issued);
+        p.codes
+            .push((code.clone(), challenge.clone(), redirect.clone()));
+        code
+    };
+    let location = format!(
+        "{redirect}?{}",
+        form_urlencoded::Serializer::new(String::new())
+            .append_pair("code", &code)
+            .append_pair("state", state)
+            .finish()
+    );
+    (StatusCode::FOUND, [(header::LOCATION, location)]).into_response()
+}
+
+async fn token(State(p): State<Shared>, body: String) -> Response {
+    let f = query(&body);
+    if f.get("client_id").map(String::as_str) != Some("cid")
+        || f.get("client_secret").map(String::as_str) != Some("csecret")
+    {
+        return json_answer(StatusCode::UNAUTHORIZED, json!({"error": "invalid_client"}));
+    }
+    match f.get("grant_type").map(String::as_str) {
+        Some("authorization_code") => {
+            let mut p = p.state.lock().expect("lock");
+            let code = f.get("code").cloned().unwrap_or_default();
+            let Some(i) = p.codes.iter().position(|(c, _, _)| *c == code) else {
+                return json_answer(StatusCode::BAD_REQUEST, json!({"error": "invalid_grant"}));
+            };
+            let (_, challenge, redirect) = p.codes.remove(i);
+            let verifier = f.get("code_verifier").cloned().unwrap_or_default();
+            let computed =
+                data_encoding::BASE64URL_NOPAD.encode(&Sha256::digest(verifier.as_bytes()));
+            if computed != challenge || f.get("redirect_uri") != Some(&redirect) {
+                return json_answer(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "invalid_grant", "error_description": "PKCE or redirect_uri mismatch"}),
+                );
+            }
+            p.refresh_token = Some("refresh-1".into());
+            // Expired at once, so that the first use refreshes it.
+            json_answer(
+                StatusCode::OK,
+                json!({"access_token": "access-1", "refresh_token": "refresh-1", "expires_in": 0,
+                       "token_type": "Bearer", "scope": "read"}),
+            )
+        }
+        Some("refresh_token") => {
+            let (access, refresh) = {
+                let mut p = p.state.lock().expect("lock");
+                if f.get("refresh_token") != p.refresh_token.as_ref() {
+                    return json_answer(
+                        StatusCode::BAD_REQUEST,
+                        json!({"error": "invalid_grant", "error_description": "refresh token already used"}),
+                    );
+                }
+                p.refreshes += 1;
+                let n = p.refreshes + 1;
+                let refresh = format!("refresh-{n}");
+                p.refresh_token = Some(refresh.clone());
+                (format!("access-{n}"), refresh)
+            };
+            p.refresh_started.notify_one();
+            let Ok(Ok(permit)) = tokio::time::timeout(WAIT, p.refresh_gate.acquire()).await else {
+                return json_answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": "temporarily_unavailable"}),
+                );
+            };
+            permit.forget();
+            json_answer(
+                StatusCode::OK,
+                json!({"access_token": access, "refresh_token": refresh, "expires_in": 3600,
+                       "token_type": "Bearer"}),
+            )
+        }
+        _ => json_answer(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "unsupported_grant_type"}),
+        ),
+    }
+}
+
+/// Starts the provider; refreshes answer at once when `gate_open`, else
+/// each waits for a permit.
+async fn start_provider(gate_open: bool) -> (Shared, String, tokio::task::JoinHandle<()>) {
+    let provider = Arc::new(Provider {
+        state: Mutex::default(),
+        refresh_started: Notify::new(),
+        refresh_gate: Semaphore::new(if gate_open { 1000 } else { 0 }),
+    });
+    let app = Router::new()
+        .route("/authorize", get(authorize))
+        .route("/token", post(token))
+        .with_state(provider.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (provider, base, task)
+}
+
+fn oauth_config(pg: &infra::Postgres, prov: &str) -> Config {
+    Config {
+        public_url: Some(PUBLIC.into()),
+        oauth_platforms: vec![OAuthPlatform {
+            id: "local-app".into(),
+            provider: Some("localprov".into()),
+            name: Some("Local Provider".into()),
+            authorize_url: format!("{prov}/authorize"),
+            token_url: format!("{prov}/token"),
+            client_id: "cid".into(),
+            client_secret: "csecret".into(),
+            scopes: vec!["read".into()],
+            extra_authorize_params: Vec::new(),
+        }],
+        ..pg_config(pg)
+    }
+}
+
+fn location(headers: &hyper::HeaderMap) -> String {
+    headers
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .expect("a Location header")
+        .to_owned()
+}
+
+/// The provider's redirect to the callback, as the user's browser gets it
+/// after starting the flow on `start`.
+async fn authorize_on(start: &TestServer, user: &str) -> String {
+    let (status, started) = http_json(
+        "POST",
+        &format!(
+            "{}/api/v1/atp/llm-client/oauth/confirmation/local-app/",
+            start.base
+        ),
+        &[("authorization", &llm_auth())],
+        Some(&json!({"external_user_id": user})),
+    )
+    .await;
+    assert_eq!(status, 200, "{started}");
+    let auth_url = started["authorization_url"]
+        .as_str()
+        .expect("authorization_url");
+    let (status, headers, body) = http("GET", auth_url, &[], None).await;
+    assert_eq!(status, 302, "{body}");
+    let callback = location(&headers);
+    assert!(
+        callback.starts_with(&format!("{PUBLIC}{CALLBACK}?")),
+        "{callback}"
+    );
+    callback
+}
+
+/// Delivers the callback (addressed to the load balancer) to `server`.
+async fn callback_on(server: &TestServer, callback: &str) -> (u16, Value) {
+    let url = callback.replacen(PUBLIC, &server.base, 1);
+    http_json("GET", &url, &[], None).await
+}
+
+async fn tokens_on(server: &TestServer, user: &str) -> (u16, Value) {
+    http_json(
+        "GET",
+        &format!(
+            "{}/api/v1/atp/llm-client/oauth/tokens/local-app/{user}/",
+            server.base
+        ),
+        &[("authorization", &llm_auth())],
+        None,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oauth_flow_started_on_one_server_finishes_on_another() {
+    let Some(pg) = blocking(infra::Postgres::start) else {
+        return;
+    };
+    bounded(Duration::from_secs(90), async {
+        let (provider, prov, provider_task) = start_provider(true).await;
+        let a = TestServer::start_connected(oauth_config(&pg, &prov)).await;
+        let b = TestServer::start_connected(oauth_config(&pg, &prov)).await;
+
+        // Started on A, the user comes back through B.
+        let callback = authorize_on(&a, "ada").await;
+        let (status, connected) = callback_on(&b, &callback).await;
+        assert_eq!(status, 200, "{connected}");
+        assert_eq!(connected["status"], "connected");
+        let integration_id = connected["integration_id"]
+            .as_str()
+            .expect("integration_id")
+            .to_owned();
+        // The state is used: on neither server does it work again.
+        for server in [&a, &b] {
+            let (status, answer) = callback_on(server, &callback).await;
+            assert_eq!(
+                (status, answer["code"].as_str()),
+                (400, Some("invalid_state")),
+                "{answer}"
+            );
+        }
+
+        // The tokens, from either server: A refreshes the expired one; B
+        // reads what A saved.
+        let (status, from_a) = tokens_on(&a, "ada").await;
+        assert_eq!(status, 200, "{from_a}");
+        let (status, from_b) = tokens_on(&b, "ada").await;
+        assert_eq!(status, 200, "{from_b}");
+        for t in [&from_a, &from_b] {
+            assert_eq!(t["access_token"], "access-2", "{t}");
+            assert_eq!(t["refresh_token"], "refresh-2", "{t}");
+            assert_eq!(t["integration_id"], integration_id.as_str(), "{t}");
+            assert_eq!(t["scope"], "read", "{t}");
+        }
+        assert_eq!(provider.state.lock().expect("lock").refreshes, 1);
+
+        // Connecting again (started on B, finished on A) keeps the
+        // integration id.
+        let callback = authorize_on(&b, "ada").await;
+        let (status, again) = callback_on(&a, &callback).await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["integration_id"], integration_id.as_str());
+
+        // An unknown state is refused.
+        let (status, answer) = callback_on(
+            &a,
+            &format!("{PUBLIC}{CALLBACK}?code=code-1&state=nonesuch"),
+        )
+        .await;
+        assert_eq!((status, answer["code"].as_str()), (400, Some("invalid_state")));
+
+        a.stop().await;
+        b.stop().await;
+        provider_task.abort();
+    })
+    .await;
+}
+
+/// How many sessions wait for an advisory lock in the database now.
+async fn advisory_waiters(db: &tokio_postgres::Client) -> i64 {
+    db.query_one(
+        "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        &[],
+    )
+    .await
+    .expect("pg_locks")
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_servers_refreshing_one_token_at_once_refresh_it_once() {
+    let Some(pg) = blocking(infra::Postgres::start) else {
+        return;
+    };
+    bounded(Duration::from_secs(90), async {
+        let (provider, prov, provider_task) = start_provider(false).await;
+        let a = TestServer::start_connected(oauth_config(&pg, &prov)).await;
+        let b = TestServer::start_connected(oauth_config(&pg, &prov)).await;
+        let callback = authorize_on(&a, "ada").await;
+        let (status, connected) = callback_on(&b, &callback).await;
+        assert_eq!(status, 200, "{connected}");
+
+        // Both servers find the token expired at the same time. One
+        // refreshes it (the provider holds that refresh until told to
+        // answer); the other must wait for it rather than spend the
+        // refresh token a second time (this provider, like many, refuses
+        // a refresh token used twice).
+        let started = provider.refresh_started.notified();
+        let from_a = tokio::spawn({
+            let base = a.base.clone();
+            async move { tokens_at(&base).await }
+        });
+        let from_b = tokio::spawn({
+            let base = b.base.clone();
+            async move { tokens_at(&base).await }
+        });
+        tokio::time::timeout(WAIT, started)
+            .await
+            .expect("a refresh reaches the provider");
+        let (db, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to PostgreSQL");
+        let conn = tokio::spawn(conn);
+        // The other server is seen waiting for the connection's lock
+        // (polled, with a bound).
+        let deadline = Instant::now() + WAIT;
+        while advisory_waiters(&db).await < 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the second server never waited for the first one's refresh \
+                 (refreshes so far: {})",
+                provider.state.lock().expect("lock").refreshes
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        provider.refresh_gate.add_permits(1000);
+        for answer in [from_a, from_b] {
+            let (status, tokens) = tokio::time::timeout(WAIT, answer)
+                .await
+                .expect("answered in time")
+                .expect("no panic");
+            assert_eq!(status, 200, "{tokens}");
+            assert_eq!(tokens["access_token"], "access-2", "{tokens}");
+            assert_eq!(tokens["refresh_token"], "refresh-2", "{tokens}");
+        }
+        assert_eq!(provider.state.lock().expect("lock").refreshes, 1);
+        // The lock was released: nobody waits, and a pooled connection is
+        // not left inside a transaction.
+        assert_eq!(advisory_waiters(&db).await, 0);
+        let held: i64 = db
+            .query_one(
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory'",
+                &[],
+            )
+            .await
+            .expect("pg_locks")
+            .get(0);
+        assert_eq!(held, 0);
+        drop(db);
+        let _ = conn.await;
+
+        a.stop().await;
+        b.stop().await;
+        provider_task.abort();
+    })
+    .await;
+}
+
+/// `tokens_on` for a server known by its base URL (for spawned tasks).
+async fn tokens_at(base: &str) -> (u16, Value) {
+    http_json(
+        "GET",
+        &format!("{base}/api/v1/atp/llm-client/oauth/tokens/local-app/ada/"),
+        &[("authorization", &llm_auth())],
+        None,
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------
+// (c) PostgreSQL restarts under a running server.
+
+/// The longest a call may take while the database is down (the pool's
+/// waits are 5 s).
+const DOWN_BOUND: Duration = Duration::from_secs(12);
+
+/// `GET /ready`: status and body.
+async fn ready(server: &TestServer) -> (u16, Value) {
+    http_json("GET", &format!("{}/ready", server.base), &[], None).await
+}
+
+/// Starting an OAuth flow (a write): status and body.
+async fn start_flow(server: &TestServer) -> (u16, Value) {
+    http_json(
+        "POST",
+        &format!(
+            "{}/api/v1/atp/llm-client/oauth/confirmation/local-app/",
+            server.base
+        ),
+        &[("authorization", &llm_auth())],
+        Some(&json!({"external_user_id": "ada"})),
+    )
+    .await
+}
+
+/// Registering a tool over HTTP (a write): status and body.
+async fn register(server: &TestServer) -> (u16, Value) {
+    http_json(
+        "POST",
+        &format!("{}/api/v1/register_tool", server.base),
+        &[],
+        Some(&json!({
+            "api_key": TK_KEY,
+            "app_name": "restarts",
+            "function_id": "ping",
+            "metadata": {"description": "Pings.", "params": [], "required_params": []},
+        })),
+    )
+    .await
+}
+
+/// `f`'s answer, which must come within [`DOWN_BOUND`].
+async fn quickly<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    let t0 = Instant::now();
+    let out = tokio::time::timeout(DOWN_BOUND, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within {DOWN_BOUND:?}"));
+    assert!(t0.elapsed() < DOWN_BOUND, "{what}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_restart_under_a_running_server() {
+    let Some(mut pg) = blocking(infra::Postgres::start) else {
+        return;
+    };
+    bounded(Duration::from_secs(120), async {
+        // The provider is never reached: flows are only started.
+        let server = TestServer::start_connected(oauth_config(&pg, "http://127.0.0.1:9")).await;
+        let toolkit = demo_toolkit(TK_KEY, "pgkit", &server.base);
+        let _stop = StopOnDrop(toolkit.clone());
+        let runtime = serve_toolkit(&toolkit, Transport::WebSocket);
+        server.wait_served("pgkit").await;
+        let echo = json!({"type": "tool_use", "id": "t1", "name": "echo", "input": {"text": "hi"}});
+        let call = || async {
+            let out = server
+                .llm(LlmProtocol::Http)
+                .call_tool("pgkit", &echo, "anthropic", "")
+                .await
+                .expect("call");
+            serde_json::from_str::<Value>(&outputs(&out)[0]).expect("JSON")
+        };
+
+        let (status, body) = ready(&server).await;
+        assert_eq!((status, &body["database"]), (200, &json!("ok")), "{body}");
+        assert_eq!(tokens_on(&server, "ada").await.0, 404);
+        assert_eq!(start_flow(&server).await.0, 200);
+
+        blocking(|| pg.kill());
+
+        // Down: what needs the database answers a clear error, in time.
+        let (status, body) = quickly("ready", ready(&server)).await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["status"], "unavailable");
+        assert_ne!(body["database"], "ok");
+        let (status, body) = quickly("tokens", tokens_on(&server, "ada")).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (500, Some("The connection could not be read")),
+            "{body}"
+        );
+        let (status, body) = quickly("confirmation", start_flow(&server)).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (500, Some("The OAuth flow could not be stored")),
+            "{body}"
+        );
+        let (status, body) = quickly("register_tool", register(&server)).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (500, Some("The registration could not be stored")),
+            "{body}"
+        );
+        assert!(!server.server.is_registered("restarts"));
+        // What does not need it goes on working.
+        assert_eq!(
+            quickly("a tool call", call()).await,
+            json!({"app": "pgkit", "echo": "hi"})
+        );
+
+        blocking(|| pg.restart());
+
+        // Back: the same server recovers (its pool reconnects); polled,
+        // with a bound.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (status, body) = quickly("ready", ready(&server)).await;
+            if status == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not ready again within {WAIT:?}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(quickly("tokens", tokens_on(&server, "ada")).await.0, 404);
+        let (status, body) = quickly("confirmation", start_flow(&server)).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = quickly("register_tool", register(&server)).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(server.server.is_registered("restarts"));
+        assert_eq!(
+            quickly("a tool call", call()).await,
+            json!({"app": "pgkit", "echo": "hi"})
+        );
+
+        toolkit.stop();
+        tokio::time::timeout(WAIT, runtime)
+            .await
+            .expect("stops")
+            .expect("no panic");
+        server.stop().await;
+    })
+    .await;
+}
