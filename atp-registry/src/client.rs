@@ -110,7 +110,11 @@ impl ToolKitClient {
 
     /// Sets the ATP server URL (the Python SDK's `base_url`).
     pub fn with_base_url(mut self, base_url: impl Into<String>) -> Self {
-        Arc::make_mut(&mut self.config).base_url = base_url.into();
+        let config = Arc::make_mut(&mut self.config);
+        config.base_url = base_url.into();
+        // One URL replaces a list given before (the last call wins).
+        #[cfg(feature = "runtime")]
+        config.runtime.forget_base_urls();
         self
     }
 

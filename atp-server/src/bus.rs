@@ -293,7 +293,11 @@ impl Bus {
     /// Starts the heartbeat, the listeners and the subscription keeper.
     pub fn start(&self, s: &Arc<State>) {
         let weak = Arc::downgrade(s);
-        tokio::spawn(own_subjects(weak.clone(), self.client.clone(), self.id.clone()));
+        tokio::spawn(own_subjects(
+            weak.clone(),
+            self.client.clone(),
+            self.id.clone(),
+        ));
         tokio::spawn(heartbeats(weak.clone(), self.client.clone()));
         tokio::spawn(changes(weak.clone(), self.client.clone()));
         tokio::spawn(keeper(weak, s.hub.subscribe(), s.shutdown.subscribe()));
@@ -359,7 +363,10 @@ impl Bus {
     async fn announce(&self, c: &Changed) {
         let sent = tokio::time::timeout(ACCEPT_WITHIN, self.client.publish("atp.changed", json(c)));
         if !matches!(sent.await, Ok(Ok(()))) {
-            tracing::warn!("could not tell the other servers of a change (they re-read everything every {} s)", RESYNC.as_secs());
+            tracing::warn!(
+                "could not tell the other servers of a change (they re-read everything every {} s)",
+                RESYNC.as_secs()
+            );
         }
     }
 
@@ -374,7 +381,10 @@ impl Bus {
     ) -> Result<(mpsc::Receiver<Back>, String), RouteError> {
         let rx = self.expect(rid);
         let body = json(&work);
-        for subject in [format!("atp.live.{key_hash}"), format!("atp.kit.{key_hash}")] {
+        for subject in [
+            format!("atp.live.{key_hash}"),
+            format!("atp.kit.{key_hash}"),
+        ] {
             match self.ask(&subject, body.clone()).await {
                 Ok(Ack::Accepted { holder }) => {
                     self.saw(&holder);
@@ -399,12 +409,16 @@ impl Bus {
         }
         match self.client.request(subject.to_owned(), body).await {
             Ok(m) => serde_json::from_slice(&m.payload).map_err(|_| {
-                Asked::Failed(RouteError::Unavailable("a server sent an unreadable answer".into()))
+                Asked::Failed(RouteError::Unavailable(
+                    "a server sent an unreadable answer".into(),
+                ))
             }),
             Err(e) if e.kind() == RequestErrorKind::NoResponders => Err(Asked::NoOne),
-            Err(e) if e.kind() == RequestErrorKind::TimedOut => Err(Asked::Failed(
-                RouteError::Unavailable("the server holding the toolkit did not accept the call in time".into()),
-            )),
+            Err(e) if e.kind() == RequestErrorKind::TimedOut => {
+                Err(Asked::Failed(RouteError::Unavailable(
+                    "the server holding the toolkit did not accept the call in time".into(),
+                )))
+            }
             Err(e) => Err(Asked::Failed(RouteError::Unavailable(format!("NATS: {e}")))),
         }
     }
@@ -494,7 +508,9 @@ impl Bus {
             .await?
         {
             Done::Value { value } => Ok(value),
-            _ => Err(RouteError::Unavailable("a server sent an unexpected answer".into())),
+            _ => Err(RouteError::Unavailable(
+                "a server sent an unexpected answer".into(),
+            )),
         }
     }
 
@@ -521,13 +537,18 @@ impl Bus {
         };
         let (rx, holder) = self.send_to_holder(app, key_hash, &rid, work).await?;
         let mut shutdown = s.shutdown.subscribe();
-        match self.wait(&rid, rx, &holder, timeout, None, &mut shutdown).await? {
+        match self
+            .wait(&rid, rx, &holder, timeout, None, &mut shutdown)
+            .await?
+        {
             Done::App {
                 session_id,
                 ui,
                 terminated,
             } => Ok((session_id, ui, terminated)),
-            _ => Err(RouteError::Unavailable("a server sent an unexpected answer".into())),
+            _ => Err(RouteError::Unavailable(
+                "a server sent an unexpected answer".into(),
+            )),
         }
     }
 
@@ -563,9 +584,14 @@ impl Bus {
         };
         self.saw(&holder);
         let mut shutdown = s.shutdown.subscribe();
-        match self.wait(&rid, rx, &holder, timeout, None, &mut shutdown).await? {
+        match self
+            .wait(&rid, rx, &holder, timeout, None, &mut shutdown)
+            .await?
+        {
             Done::Ui { ui, terminated } => Ok((ui, terminated)),
-            _ => Err(RouteError::Unavailable("a server sent an unexpected answer".into())),
+            _ => Err(RouteError::Unavailable(
+                "a server sent an unexpected answer".into(),
+            )),
         }
     }
 
@@ -605,7 +631,8 @@ impl Bus {
             terminated,
         };
         matches!(
-            self.ask(&format!("atp.i.{holder}.inbox"), json(&work)).await,
+            self.ask(&format!("atp.i.{holder}.inbox"), json(&work))
+                .await,
             Ok(Ack::Done { ok: true, .. })
         )
     }
@@ -643,7 +670,11 @@ impl Bus {
         let changed = dropped || !wanted.is_empty();
         for (kind, key) in wanted {
             let subject = format!("atp.{kind}.{key}");
-            let sub = match self.client.queue_subscribe(subject.clone(), HOLDERS.into()).await {
+            let sub = match self
+                .client
+                .queue_subscribe(subject.clone(), HOLDERS.into())
+                .await
+            {
                 Ok(sub) => sub,
                 Err(e) => {
                     tracing::warn!(%subject, "could not subscribe: {e}");
@@ -791,7 +822,9 @@ async fn handle(s: &Arc<State>, client: &Client, msg: Message) {
             result,
             terminated,
         } => {
-            let ok = s.hub.inbox_answer(&key_hash, &request_id, result, terminated);
+            let ok = s
+                .hub
+                .inbox_answer(&key_hash, &request_id, result, terminated);
             ack(Ack::Done { ok, error: None }).await;
         }
         work => {

@@ -357,8 +357,11 @@ impl Store {
         };
         let (app_name, key): (String, String) = (row.try_get(0)?, row.try_get(1)?);
         if !current(&app_name, &key, &function) {
-            tx.execute("DELETE FROM exchange_tokens WHERE token_hash = $1", &[&hash])
-                .await?;
+            tx.execute(
+                "DELETE FROM exchange_tokens WHERE token_hash = $1",
+                &[&hash],
+            )
+            .await?;
             tx.commit().await?;
             return Ok(None);
         }
@@ -416,9 +419,9 @@ async fn execute(s: &Arc<crate::State>, body: Body) -> Result<(), ApiError> {
     // The toolkit may since have been taken over by another key (dev
     // mode): the old key's tokens are void.
     let current = move |app_name: &str, key: &str, function: &str| {
-        state.toolkit(app_name).is_some_and(|k| {
-            k.key_hash == key && k.tools.iter().any(|t| t.spec.name == function)
-        })
+        state
+            .toolkit(app_name)
+            .is_some_and(|k| k.key_hash == key && k.tools.iter().any(|t| t.spec.name == function))
     };
     let accepted = s
         .store

@@ -109,7 +109,11 @@ impl State {
     /// Whether a toolkit with this key is connected to this server or
     /// (over NATS) to another.
     fn is_served(&self, key_hash: &str) -> bool {
-        self.hub.is_served(key_hash) || self.bus.as_ref().is_some_and(|b| b.served_elsewhere(key_hash))
+        self.hub.is_served(key_hash)
+            || self
+                .bus
+                .as_ref()
+                .is_some_and(|b| b.served_elsewhere(key_hash))
     }
 
     /// The toolkits registered with the toolkit key `key_hash`.
@@ -454,19 +458,41 @@ impl AtpServer {
         self.state.toolkit(app_name).is_some()
     }
 
-    /// Runs until Ctrl-C: a convenience for `main`.
+    /// Runs until Ctrl-C or SIGTERM: a convenience for `main`.
     pub async fn serve_until_ctrl_c(&self, listener: TcpListener) -> Result<(), ServerError> {
         let me = self.clone();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::info!("Ctrl-C: shutting down");
-                me.shutdown();
-            }
+            #[cfg(unix)]
+            let term = async {
+                use tokio::signal::unix::{SignalKind, signal};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let term = std::future::pending::<()>();
+            tokio::pin!(term);
+            let why = tokio::select! {
+                r = tokio::signal::ctrl_c() => match r {
+                    Ok(()) => "Ctrl-C",
+                    // No Ctrl-C handler here: SIGTERM still works.
+                    Err(_) => {
+                        (&mut term).await;
+                        "SIGTERM"
+                    }
+                },
+                () = &mut term => "SIGTERM",
+            };
+            tracing::info!("{why}: shutting down");
+            me.shutdown();
         });
         self.serve(listener).await
     }
 
-    /// Binds `addr` and serves until Ctrl-C.
+    /// Binds `addr` and serves until Ctrl-C or SIGTERM.
     pub async fn run(&self, addr: SocketAddr) -> Result<(), ServerError> {
         if self.state.config.dev && !addr.ip().is_loopback() {
             return Err(ServerError::DevModeNotLoopback(addr));

@@ -389,10 +389,21 @@ async fn app_action(
     } = req;
     let session_id = payload.session_id;
     let timeout = s.config.task_timeout;
-    let done = match s.bus.as_ref().and_then(|b| Some((b, b.holder_of(&session_id)?))) {
+    let done = match s
+        .bus
+        .as_ref()
+        .and_then(|b| Some((b, b.holder_of(&session_id)?)))
+    {
         Some((bus, holder)) => {
-            bus.app_action(s, holder, llm_key_hash, &session_id, payload.action_data, timeout)
-                .await
+            bus.app_action(
+                s,
+                holder,
+                llm_key_hash,
+                &session_id,
+                payload.action_data,
+                timeout,
+            )
+            .await
         }
         None => {
             s.hub
@@ -416,7 +427,11 @@ async fn app_terminate(
         payload,
     } = req;
     let session_id = payload.session_id;
-    let done = match s.bus.as_ref().and_then(|b| Some((b, b.holder_of(&session_id)?))) {
+    let done = match s
+        .bus
+        .as_ref()
+        .and_then(|b| Some((b, b.holder_of(&session_id)?)))
+    {
         Some((bus, holder)) => bus.app_terminate(holder, llm_key_hash, &session_id).await,
         None => s.hub.app_terminate(llm_key_hash, &session_id),
     };

@@ -116,13 +116,10 @@ pub(crate) async fn confirmation(
             redirect_url,
             created_at: now_secs(),
         };
-        s.store
-            .insert_flow(&state, &flow)
-            .await
-            .map_err(|e| {
-                tracing::error!("could not store an OAuth flow: {e}");
-                ApiError::internal("The OAuth flow could not be stored")
-            })?;
+        s.store.insert_flow(&state, &flow).await.map_err(|e| {
+            tracing::error!("could not store an OAuth flow: {e}");
+            ApiError::internal("The OAuth flow could not be stored")
+        })?;
         let redirect_uri = format!("{}{CALLBACK_PATH}", s.public_url().trim_end_matches('/'));
         let scope = platform.scopes.join(" ");
         let mut pairs: Vec<(&str, &str)> = vec![
@@ -464,7 +461,11 @@ async fn refresh_locked(
 ) -> Result<OAuthConnection, String> {
     let current = s
         .store
-        .get_connection(&seen.llm_key_hash, &seen.platform_id, &seen.external_user_id)
+        .get_connection(
+            &seen.llm_key_hash,
+            &seen.platform_id,
+            &seen.external_user_id,
+        )
         .await
         .map_err(|e| e.to_string())?
         .unwrap_or_else(|| seen.clone());

@@ -294,7 +294,9 @@ pub(crate) async fn inbox_respond(
             let reply: InboxReply = typed(m)?;
             let request_id = reply.request_id.to_string();
             let outcome = reply.outcome();
-            let here = s.hub.inbox_answer(&key_hash, &request_id, outcome.clone(), terminated);
+            let here = s
+                .hub
+                .inbox_answer(&key_hash, &request_id, outcome.clone(), terminated);
             // The request may wait on another server (its id says which).
             let there = match (&s.bus, here) {
                 (Some(bus), false) => match bus.holder_of(&request_id) {

@@ -571,7 +571,11 @@ fn list_webhooks(c: &mut Connection, key: &str) -> Result<Vec<Webhook>, rusqlite
 
 /// Deletes an LLM key's webhook (and, by `ON DELETE CASCADE`, its
 /// deliveries); returns whether there was one.
-fn delete_webhook(c: &mut Connection, webhook_id: &str, key: &str) -> Result<bool, rusqlite::Error> {
+fn delete_webhook(
+    c: &mut Connection,
+    webhook_id: &str,
+    key: &str,
+) -> Result<bool, rusqlite::Error> {
     let n = c.execute(
         "DELETE FROM webhooks WHERE webhook_id = ?1 AND llm_key_hash = ?2",
         params![webhook_id, key],
@@ -750,7 +754,7 @@ impl Store {
                            ORDER BY webhook_id, next_attempt_ms, delivery_id)
                      ORDER BY d.next_attempt_ms
                      LIMIT $3
-                     ",
+                     FOR UPDATE OF d SKIP LOCKED",
                     &[&now, &excluded, &limit],
                 )
                 .await?;
@@ -1383,7 +1387,13 @@ mod tests {
             .expect("claim");
         assert_eq!(jobs.len(), 2, "w3 is busy");
         let state = store
-            .record_attempt(jobs[0].delivery_id.clone(), 1, 5, base, Outcome::Delivered(200))
+            .record_attempt(
+                jobs[0].delivery_id.clone(),
+                1,
+                5,
+                base,
+                Outcome::Delivered(200),
+            )
             .await
             .expect("record");
         assert_eq!(state, "delivered");

@@ -253,6 +253,18 @@ impl Postgres {
             .is_ok_and(|s| s.success())
     }
 
+    /// The postmaster's process id, while it runs (its backends are its
+    /// children).
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.root.join("data").join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Kills the server (SIGKILL: a crash, no shutdown).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -362,6 +374,11 @@ impl Nats {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The nats-server process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Starts it again on the same port.

@@ -85,6 +85,14 @@ struct BaseUrls {
     base_url: String,
 }
 
+impl RuntimeOptions {
+    /// Forgets the list of [`ToolKitClient::with_base_urls`] (a later
+    /// `with_base_url` replaces it).
+    pub(crate) fn forget_base_urls(&mut self) {
+        self.base_urls = None;
+    }
+}
+
 impl Default for RuntimeOptions {
     fn default() -> Self {
         Self {
@@ -575,8 +583,9 @@ impl ToolKitClient {
     /// (requests run concurrently), serves the sessions of the toolkit's
     /// [apps](Self::register_app), pings every 30 s, and reconnects by
     /// itself with exponential backoff and jitter when the connection is
-    /// lost. A tool registered while it runs is announced at once and
-    /// served.
+    /// lost — moving on to the next server first, at once, when it was
+    /// given [several](Self::with_base_urls). A tool registered while it
+    /// runs is announced at once and served.
     ///
     /// Returns `Ok(())` after `stop`, once the calls in flight have finished
     /// (within the grace period) and the socket is closed.
@@ -1269,6 +1278,9 @@ mod tests {
                 "wss://b/ws/v1/atp/toolkit-client/k/"
             ]
         );
+        // A later single URL replaces the list, even its own first URL.
+        let back = list.clone().with_base_url("http://a");
+        assert_eq!(bases(&back).unwrap(), ["http://a"]);
         // Runtime options set afterwards keep the list.
         let list = list.with_runtime_options(RuntimeOptions::default());
         assert_eq!(bases(&list).unwrap(), ["http://a", "https://b"]);

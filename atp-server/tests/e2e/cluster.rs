@@ -80,20 +80,34 @@ async fn a_toolkit_on_one_server_is_called_through_the_others() {
             assert_eq!(context["tools"].as_array().map(Vec::len), Some(6));
         }
         // A failing tool's error crosses too, as the tool's error.
-        let calls = json!([{"type": "function_call", "call_id": "c1", "name": "fails", "arguments": "{}"}]);
-        let out = outputs(&b.llm(LlmProtocol::Http).call_tool("demo", &calls, "openai", "").await.expect("call"));
+        let calls =
+            json!([{"type": "function_call", "call_id": "c1", "name": "fails", "arguments": "{}"}]);
+        let out = outputs(
+            &b.llm(LlmProtocol::Http)
+                .call_tool("demo", &calls, "openai", "")
+                .await
+                .expect("call"),
+        );
         assert_eq!(out, ["this tool always fails"]);
         // Many at once, from both other servers.
         let mut calls = tokio::task::JoinSet::new();
         for i in 0..40 {
-            let base = if i % 2 == 0 { b.base.clone() } else { c.base.clone() };
+            let base = if i % 2 == 0 {
+                b.base.clone()
+            } else {
+                c.base.clone()
+            };
             calls.spawn(async move {
                 let llm = atp_registry::llm::LlmClient::new(LLM_KEY)
                     .with_base_url(&base)
                     .with_timeout(WAIT);
                 let calls = json!([{"type": "function_call", "call_id": "c", "name": "echo",
                     "arguments": json!({"text": format!("n{i}")}).to_string()}]);
-                let out = outputs(&llm.call_tool("demo", &calls, "openai", "").await.expect("call"));
+                let out = outputs(
+                    &llm.call_tool("demo", &calls, "openai", "")
+                        .await
+                        .expect("call"),
+                );
                 let v: Value = serde_json::from_str(&out[0]).expect("JSON");
                 assert_eq!(v["echo"], format!("n{i}"));
             });
@@ -197,4 +211,49 @@ async fn an_app_session_started_on_one_server_goes_on_through_the_others() {
         );
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_toolkits_and_clients_across_servers() {
+    use crate::python::{check_python_llm_output, python_llm, python_sdk, python_toolkit, scratch};
+    if !python_sdk() {
+        return;
+    }
+    bounded(Duration::from_secs(240), async {
+        let Some((_pg, _nats, servers)) = cluster(3).await else {
+            return;
+        };
+        let (a, b, c) = (&servers[0], &servers[1], &servers[2]);
+        // The published SDK's toolkit on A, over WebSocket and over its
+        // HTTP inbox; a Rust toolkit on A too.
+        let (mut ws_kit, ws_log) = python_toolkit("cluster", &a.base, "pyws", "ws");
+        let (mut inbox_kit, inbox_log) = python_toolkit("cluster", &a.base, "pyinbox", "http");
+        let rust_kit = demo_toolkit(TK_KEY, "rustapp", &a.base);
+        let _stop = StopOnDrop(rust_kit.clone());
+        let _runtime = serve_toolkit(&rust_kit, Transport::WebSocket);
+        for (app, log) in [("pyws", &ws_log), ("pyinbox", &inbox_log)] {
+            for s in [b, c] {
+                assert!(
+                    s.server
+                        .wait_until_served(app, Duration::from_secs(30))
+                        .await,
+                    "{app} never seen from {}; its log: {}",
+                    s.base,
+                    log.display()
+                );
+            }
+        }
+        c.wait_served("rustapp").await;
+        // The published SDK's LLM client, through B and C, both protocols.
+        for (app, s) in [("pyws", b), ("pyinbox", c), ("rustapp", b)] {
+            for protocol in ["ws", "http"] {
+                let out = python_llm("cluster", &s.base, app, protocol).await;
+                check_python_llm_output(&out, app);
+            }
+        }
+        let _ = ws_kit.kill().await;
+        let _ = inbox_kit.kill().await;
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(scratch("cluster"));
 }

@@ -4,6 +4,7 @@
 mod apps;
 mod cli;
 mod cluster;
+mod cluster_faults;
 mod common;
 mod failover_runtime;
 mod faults;

@@ -142,7 +142,10 @@ async fn two_servers_share_webhooks_and_deliver_each_event_once() {
         for _ in 0..2 {
             let w = register_hook(&one.base, LLM_KEY, &receiver.url()).await;
             registered.push(w["webhook_id"].as_str().expect("id").to_owned());
-            secrets.insert(registered[registered.len() - 1].clone(), w["secret"].clone());
+            secrets.insert(
+                registered[registered.len() - 1].clone(),
+                w["secret"].clone(),
+            );
         }
         let two = TestServer::start_connected(dev_config(&pg)).await;
         assert_eq!(list_hooks(&two.base, LLM_KEY).await, registered);
@@ -171,7 +174,12 @@ async fn two_servers_share_webhooks_and_deliver_each_event_once() {
             let ids: HashSet<String> = inbox
                 .accepted()
                 .iter()
-                .map(|r| r.json()["delivery_id"].as_str().unwrap_or_default().to_owned())
+                .map(|r| {
+                    r.json()["delivery_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned()
+                })
                 .collect();
             ids.len() >= want
         })
@@ -312,7 +320,12 @@ async fn the_store_and_execution_reports_work_on_postgres() {
     };
     bounded(Duration::from_secs(90), async {
         let one = TestServer::start_connected(two_developers(&pg)).await;
-        let token = |answer: &Value| answer["exchange_token"].as_str().expect("a token").to_owned();
+        let token = |answer: &Value| {
+            answer["exchange_token"]
+                .as_str()
+                .expect("a token")
+                .to_owned()
+        };
         let alpha = token(&register_tool(&one.base, "ada-tk", "ada-public", "alpha").await);
         let beta = token(&register_tool(&one.base, "ada-tk", "ada-public", "beta").await);
         register_tool(&one.base, "ada-tk", "ada-private", "secret").await;
@@ -349,7 +362,10 @@ async fn the_store_and_execution_reports_work_on_postgres() {
             report(&one.base, &alpha, "alpha", hello.clone()).await,
             (200, json!({"status": "ok"}))
         );
-        assert_eq!(report(&two.base, &alpha, "alpha", hello.clone()).await.0, 200);
+        assert_eq!(
+            report(&two.base, &alpha, "alpha", hello.clone()).await.0,
+            200
+        );
         assert_eq!(report(&two.base, &beta, "beta", json!([1, 2])).await.0, 200);
         for (t, tool) in [("forged-token", "alpha"), (beta.as_str(), "alpha")] {
             for b in [&one.base, &two.base] {
@@ -401,7 +417,10 @@ async fn the_store_and_execution_reports_work_on_postgres() {
         );
         assert!(log.iter().all(|r| r["app_name"] == "ada-public"));
         assert!(log[0]["reported_at"].as_str().expect("time").ends_with('Z'));
-        assert!(log.windows(2).all(|w| w[0]["id"].as_i64() < w[1]["id"].as_i64()));
+        assert!(
+            log.windows(2)
+                .all(|w| w[0]["id"].as_i64() < w[1]["id"].as_i64())
+        );
         let newest = executions(&["--db", &pg.url, "--limit", "1"]).await;
         assert_eq!(newest.len(), 1);
         assert_eq!(newest[0]["result"], json!({"n": 2}));

@@ -405,7 +405,10 @@ async fn an_oauth_flow_started_on_one_server_finishes_on_another() {
             &format!("{PUBLIC}{CALLBACK}?code=code-1&state=nonesuch"),
         )
         .await;
-        assert_eq!((status, answer["code"].as_str()), (400, Some("invalid_state")));
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (400, Some("invalid_state"))
+        );
 
         a.stop().await;
         b.stop().await;
@@ -559,12 +562,9 @@ async fn register(server: &TestServer) -> (u16, Value) {
 
 /// `f`'s answer, which must come within [`DOWN_BOUND`].
 async fn quickly<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    let t0 = Instant::now();
-    let out = tokio::time::timeout(DOWN_BOUND, f)
+    tokio::time::timeout(DOWN_BOUND, f)
         .await
-        .unwrap_or_else(|_| panic!("{what}: no answer within {DOWN_BOUND:?}"));
-    assert!(t0.elapsed() < DOWN_BOUND, "{what}");
-    out
+        .unwrap_or_else(|_| panic!("{what}: no answer within {DOWN_BOUND:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

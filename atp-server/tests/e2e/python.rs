@@ -125,7 +125,12 @@ pub(crate) fn script(test: &str, name: &str, text: &str) -> PathBuf {
 }
 
 /// Starts the Python toolkit; its log goes to a file named in failures.
-fn python_toolkit(test: &str, base: &str, app: &str, protocol: &str) -> (Child, PathBuf) {
+pub(crate) fn python_toolkit(
+    test: &str,
+    base: &str,
+    app: &str,
+    protocol: &str,
+) -> (Child, PathBuf) {
     let path = script(test, "toolkit.py", TOOLKIT_PY);
     let log = path.with_file_name(format!("toolkit-{app}.log"));
     let child = Command::new("python3")
@@ -142,7 +147,7 @@ fn python_toolkit(test: &str, base: &str, app: &str, protocol: &str) -> (Child, 
 }
 
 /// Runs the Python LLM client against `app`; returns what it printed.
-async fn python_llm(test: &str, base: &str, app: &str, protocol: &str) -> Value {
+pub(crate) async fn python_llm(test: &str, base: &str, app: &str, protocol: &str) -> Value {
     let path = script(test, "llm.py", LLM_PY);
     let out = tokio::time::timeout(
         Duration::from_secs(60),
@@ -165,7 +170,7 @@ async fn python_llm(test: &str, base: &str, app: &str, protocol: &str) -> Value 
     serde_json::from_str(stdout.trim()).expect("JSON from the Python client")
 }
 
-fn check_python_llm_output(out: &Value, app: &str) {
+pub(crate) fn check_python_llm_output(out: &Value, app: &str) {
     let context = &out["context"];
     assert_eq!(context["toolkit_id"], app);
     let hello = context["tools"]
