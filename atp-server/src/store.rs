@@ -1,4 +1,4 @@
-//! The SQLite database: toolkit registrations, OAuth platforms, pending
+//! The database (SQLite or PostgreSQL): toolkit registrations, OAuth platforms, pending
 //! OAuth flows and users' connections (tokens).
 
 use std::sync::{Arc, Mutex, PoisonError};

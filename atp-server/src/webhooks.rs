@@ -9,6 +9,12 @@
 //! attempt its row is leased (its next attempt pushed past the attempt's
 //! timeout), so an attempt that was in flight when the server died is
 //! made again after a restart: at least once.
+//!
+//! Servers sharing a PostgreSQL database share the queue: each runs a
+//! delivery task, a due row is claimed (locked, then leased) by one of
+//! them only, and a delivery queued by a server that died is made by
+//! another once its lease runs out. At most one delivery per webhook is in
+//! flight on each server.
 
 use std::{
     collections::HashMap,

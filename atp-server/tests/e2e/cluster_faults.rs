@@ -188,7 +188,7 @@ async fn cluster(names: &[&'static str]) -> Option<(Postgres, Nats, Vec<Proc>)> 
     // and a SIGKILL loses the last few hundred milliseconds of them). A
     // crash is the point here: this database commits as production does.
     assert!(
-        blocking(|| pg.sql("atp", "SELECT 1")),
+        blocking(|| pg.sql("atp", "ALTER DATABASE atp SET synchronous_commit = on")),
         "durable commits"
     );
     let nats = blocking(Nats::start)?;
