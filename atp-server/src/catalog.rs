@@ -279,10 +279,8 @@ fn record_execution(
 const PG_LOCK_TOKENS: i32 = 7_415_608;
 
 // The queries on either database: SQLite runs the functions above,
-// PostgreSQL the same SQL. PostgreSQL has no `rowid`: a tool's newest
-// tokens are the ones written by the youngest transactions (`age(xmin)`:
-// tokens are never updated, and `age` counts across transaction-id
-// wraparound); servers issuing tokens of one tool at once take turns (an
+// PostgreSQL the same SQL, with a `seq` column for SQLite's `rowid`
+// (migration 2); servers issuing tokens of one tool at once take turns (an
 // advisory lock), so that the tool keeps exactly its newest
 // [`TOKENS_PER_TOOL`].
 impl Store {
@@ -319,7 +317,7 @@ impl Store {
         tx.execute(
             "DELETE FROM exchange_tokens WHERE app_name = $1 AND function_id = $2 AND token_hash NOT IN (
                  SELECT token_hash FROM exchange_tokens WHERE app_name = $1 AND function_id = $2
-                 ORDER BY age(xmin), issued_at DESC LIMIT $3)",
+                 ORDER BY seq DESC LIMIT $3)",
             &[&app_name, &function_id, &TOKENS_PER_TOOL],
         )
         .await?;
@@ -522,17 +520,24 @@ impl Execution {
             DbLocation::Memory => Err(ServerError::Config(
                 "an in-memory database keeps no execution log to read: give --db FILE or a PostgreSQL URL".into(),
             )),
-            DbLocation::Postgres(url) => Ok(read_executions_pg(url, app_name, limit).await?),
+            DbLocation::Postgres(url) => read_executions_pg(url, app_name, limit)
+                .await?
+                .ok_or_else(|| {
+                    ServerError::Config(
+                        "the PostgreSQL database holds no execution log: is it an atp-server database?"
+                            .into(),
+                    )
+                }),
         }
     }
 }
 
-/// [`read_executions`] on PostgreSQL.
+/// [`read_executions`] on PostgreSQL (`None`: the database has no log).
 async fn read_executions_pg(
     url: &str,
     app_name: Option<&str>,
     limit: u64,
-) -> Result<Vec<Execution>, StoreError> {
+) -> Result<Option<Vec<Execution>>, StoreError> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     let connection = tokio::spawn(connection);
     let read = async {
@@ -544,10 +549,7 @@ async fn read_executions_pg(
             .await?
             .try_get(0)?;
         if !has_log {
-            return Err(StoreError::Pool(
-                "the PostgreSQL database holds no execution log: is it an atp-server database?"
-                    .into(),
-            ));
+            return Ok(None);
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = client
@@ -568,7 +570,7 @@ async fn read_executions_pg(
                 reported_at: rfc3339(r.try_get(4)?),
             });
         }
-        Ok(out)
+        Ok(Some(out))
     }
     .await;
     drop(client);
@@ -686,7 +688,7 @@ fn entry(s: &crate::State, kit: &ToolkitRecord) -> StoreToolkit {
             .map(|o| cat.devs[o].display_name.clone()),
         public: cat.is_public(&kit.key_hash, &kit.app_name),
         tools_count: kit.tools.len(),
-        connected: s.hub.is_served(&kit.key_hash) || kit.endpoint_url.is_some(),
+        connected: s.is_served(&kit.key_hash) || kit.endpoint_url.is_some(),
         programming_language: kit.language.clone(),
     }
 }

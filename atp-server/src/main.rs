@@ -72,8 +72,9 @@ enum Command {
     /// /api/v1/execute_function), oldest first, one JSON object a line:
     /// {"id", "app_name", "function_id", "result", "reported_at"}.
     Executions {
-        /// The SQLite database file [default: --config's db, else
-        /// atp-server.sqlite3]. Opened read-only; the server may be running.
+        /// The database: a SQLite file or a postgres:// URL [default:
+        /// --config's db, else atp-server.sqlite3]. Only read; the server
+        /// may be running.
         #[arg(long)]
         db: Option<String>,
         /// A TOML configuration file, for its `db`.

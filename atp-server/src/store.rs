@@ -1,5 +1,5 @@
-//! The database (SQLite or PostgreSQL): toolkit registrations, OAuth platforms, pending
-//! OAuth flows and users' connections (tokens).
+//! The database (SQLite or PostgreSQL): toolkit registrations, OAuth
+//! platforms, pending OAuth flows and users' connections (tokens).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -272,8 +272,10 @@ impl Store {
 }
 
 /// PostgreSQL's versioned migrations: (version, SQL), in order.
-const PG_MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../migrations/postgres/0001_initial.sql"))];
+const PG_MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/postgres/0001_initial.sql")),
+    (2, include_str!("../migrations/postgres/0002_insert_order.sql")),
+];
 
 /// The most connections one server holds to PostgreSQL.
 const PG_POOL_SIZE: usize = 16;

@@ -597,10 +597,8 @@ fn delete_webhook(
 //   takes (`FOR UPDATE SKIP LOCKED`): a due delivery is claimed by one
 //   server only, the others skip it. Its lease (the pushed
 //   `next_attempt_ms`) is committed with the claim, as on SQLite.
-// - PostgreSQL has no `rowid`. Rows created in the same second are put in
-//   insertion order by the age of the transaction that wrote them
-//   (`age(xmin)`: webhooks are never updated, so that is their insert;
-//   `age` counts across transaction-id wraparound).
+// - PostgreSQL has no `rowid`: its `seq` column (migration 2) keeps the
+//   insertion order.
 // - A registration takes an advisory lock on its key, so that servers
 //   registering at once can not pass [`MAX_WEBHOOKS_PER_KEY`] together.
 
@@ -646,7 +644,7 @@ impl Store {
                     .query(
                         "SELECT webhook_id, llm_key_hash, events FROM webhooks
                          WHERE $1::TEXT IS NULL OR llm_key_hash = $1::TEXT
-                         ORDER BY created_at, age(xmin) DESC, webhook_id",
+                         ORDER BY created_at, seq",
                         &[&key],
                     )
                     .await?;
@@ -774,9 +772,6 @@ impl Store {
                     body: r.try_get(5)?,
                     attempt: pg_u32(r.try_get(6)?).saturating_add(1),
                 };
-                if excluded.contains(&job.webhook_id) {
-                    continue;
-                }
                 // The lease: should the server die during this attempt, the
                 // delivery is retried (by any server) once it runs out.
                 let until = lease_until(now, lease, retry_base, job.attempt);
@@ -938,7 +933,7 @@ impl Store {
                     .await?
                     .query(
                         "SELECT webhook_id, url, events, created_at FROM webhooks
-                         WHERE llm_key_hash = $1 ORDER BY created_at, age(xmin) DESC, webhook_id",
+                         WHERE llm_key_hash = $1 ORDER BY created_at, seq",
                         &[&key],
                     )
                     .await?;

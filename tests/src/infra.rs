@@ -215,7 +215,10 @@ impl Postgres {
             ])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.root.display()))
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            // fsync off: only an OS crash could lose data, and tests do
+            // not crash the OS. Commits stay synchronous: a killed server
+            // must keep what it acknowledged (the fault runs check it).
+            .args(["-c", "fsync=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

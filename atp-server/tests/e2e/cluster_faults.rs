@@ -183,18 +183,10 @@ impl Drop for Proc {
 /// installed, and the harness said so).
 async fn cluster(names: &[&'static str]) -> Option<(Postgres, Nats, Vec<Proc>)> {
     let pg = blocking(Postgres::start)?;
-    // The harness runs PostgreSQL with `synchronous_commit=off` (fast,
-    // not crash-safe: a commit is acknowledged before its WAL is written,
-    // and a SIGKILL loses the last few hundred milliseconds of them). A
-    // crash is the point here: this database commits as production does.
-    assert!(
-        blocking(|| pg.sql("atp", "ALTER DATABASE atp SET synchronous_commit = on")),
-        "durable commits"
-    );
     let nats = blocking(Nats::start)?;
     let mut servers = Vec::new();
     for name in names {
-        servers.push(Proc::start(*name, &pg, &nats).await);
+        servers.push(Proc::start(name, &pg, &nats).await);
     }
     Some((pg, nats, servers))
 }
@@ -532,7 +524,7 @@ async fn kill_the_toolkits_instance_mid_call() {
                 unreachable!()
             };
             wait_connected(&[a, b, c], app).await;
-            // Served by A (the first URL): a call through A runs there.
+            // The runtime connects to A, its first URL.
             assert!(echoed(
                 &echo_ok(a, LlmProtocol::Http, app, "on A").await,
                 app,

@@ -287,7 +287,21 @@ async fn report(base: &str, token: &str, tool: &str, result: Value) -> (u16, Val
 
 /// `atp-server executions ARGS…`: its JSON lines.
 async fn executions(args: &[&str]) -> Vec<Value> {
-    let out = tokio::time::timeout(
+    let out = run_executions(args).await;
+    assert!(
+        out.status.success(),
+        "atp-server executions failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("UTF-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+async fn run_executions(args: &[&str]) -> std::process::Output {
+    tokio::time::timeout(
         WAIT,
         tokio::process::Command::new(env!("CARGO_BIN_EXE_atp-server"))
             .arg("executions")
@@ -300,17 +314,7 @@ async fn executions(args: &[&str]) -> Vec<Value> {
     )
     .await
     .expect("in time")
-    .expect("runs");
-    assert!(
-        out.status.success(),
-        "atp-server executions failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("UTF-8")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect()
+    .expect("runs")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -429,6 +433,12 @@ async fn the_store_and_execution_reports_work_on_postgres() {
                 .await
                 .is_empty()
         );
+        // A database that is not atp-server's: a clear error.
+        let other = pg.url.replace("/atp", "/postgres");
+        let out = run_executions(&["--db", &other]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains("holds no execution log"), "{stderr}");
         one.stop().await;
         two.stop().await;
     })

@@ -567,6 +567,37 @@ async fn quickly<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("{what}: no answer within {DOWN_BOUND:?}"))
 }
 
+/// The process ids of the database's client connections (this one's
+/// aside).
+async fn client_backends(url: &str) -> Vec<i32> {
+    let (db, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    let conn = tokio::spawn(conn);
+    let pids = db
+        .query(
+            "SELECT pid FROM pg_stat_activity
+             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    drop(db);
+    let _ = conn.await;
+    pids
+}
+
+/// Whether process `pid` runs (a zombie does not).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+        !matches!(state.and_then(|r| r.chars().next()), Some('Z' | 'X') | None)
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_restart_under_a_running_server() {
     let Some(mut pg) = blocking(infra::Postgres::start) else {
@@ -594,7 +625,20 @@ async fn a_postgres_restart_under_a_running_server() {
         assert_eq!(tokens_on(&server, "ada").await.0, 404);
         assert_eq!(start_flow(&server).await.0, 200);
 
+        let backends = client_backends(&pg.url).await;
+        assert!(!backends.is_empty(), "the server holds connections");
         blocking(|| pg.kill());
+        // The postmaster is gone at once, its backends a moment later
+        // (polled, with a bound): until then the server's pooled
+        // connections still answer.
+        let deadline = Instant::now() + WAIT;
+        while let Some(pid) = backends.iter().find(|p| alive(**p)) {
+            assert!(
+                Instant::now() < deadline,
+                "backend {pid} outlived the postmaster"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
 
         // Down: what needs the database answers a clear error, in time.
         let (status, body) = quickly("ready", ready(&server)).await;
