@@ -123,22 +123,7 @@ impl Store {
         }
     }
 
-    /// TRANSITIONAL (removed once every query has a PostgreSQL form):
-    /// runs `f` on SQLite.
-    // Every call site has been ported; kept until its removal is agreed.
-    #[allow(dead_code)]
-    pub async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
-    {
-        match self {
-            Store::Sqlite(s) => s.call(f).await,
-            Store::Postgres(_) => Err(StoreError::Pool("not available on PostgreSQL yet".into())),
-        }
-    }
-
-    /// TRANSITIONAL: runs `f` on SQLite now (tests).
+    /// Runs `f` on SQLite now (the unit tests of the SQLite functions).
     #[cfg(test)]
     pub fn call_now<T>(
         &self,
@@ -274,7 +259,10 @@ impl Store {
 /// PostgreSQL's versioned migrations: (version, SQL), in order.
 const PG_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/postgres/0001_initial.sql")),
-    (2, include_str!("../migrations/postgres/0002_insert_order.sql")),
+    (
+        2,
+        include_str!("../migrations/postgres/0002_insert_order.sql"),
+    ),
 ];
 
 /// The most connections one server holds to PostgreSQL.

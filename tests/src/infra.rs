@@ -268,13 +268,21 @@ impl Postgres {
             .ok()
     }
 
-    /// Kills the server (SIGKILL: a crash, no shutdown).
+    /// Kills the server (SIGKILL: a crash, no shutdown), and waits until
+    /// nothing answers on its port any more (its backends outlive the
+    /// postmaster for a moment).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             // runuser forwards no SIGKILL: kill the postmaster by its pid file.
             kill_postmaster(&self.root.join("data"));
             let _ = c.kill();
             let _ = c.wait();
+            let deadline = Instant::now() + START;
+            while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 

@@ -129,6 +129,21 @@ impl Infra {
     }
 }
 
+impl Drop for Infra {
+    fn drop(&mut self) {
+        // `Postgres` removes its own cluster; the template cluster it was
+        // copied from (made once per process) is ours to remove.
+        let prefix = format!("atp-pg-template-{}-", std::process::id());
+        if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+            for entry in dir.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    }
+}
+
 /// `taskset -a -p -c CPU` on `pid` and each of its descendants.
 fn pin_tree(cpu: usize, pid: u32) -> Result<(), Box<dyn std::error::Error>> {
     for p in procfs::process_tree(pid) {
@@ -323,6 +338,8 @@ struct Run {
     latencies: Vec<Duration>,
     failed: usize,
     server: CpuTimes,
+    /// Each server process's CPU time (user + system), by instance.
+    per_server: Vec<Duration>,
     nats: Duration,
     pg: Duration,
     clients: Duration,
@@ -385,14 +402,11 @@ struct Pids {
 }
 
 impl Pids {
-    fn servers_cpu(&self) -> CpuTimes {
+    fn servers_cpu(&self) -> Vec<CpuTimes> {
         self.servers
             .iter()
             .map(|&p| procfs::tree_cpu_times(p))
-            .fold(CpuTimes::default(), |a, b| CpuTimes {
-                user: a.user + b.user,
-                system: a.system + b.system,
-            })
+            .collect()
     }
 }
 
@@ -408,12 +422,24 @@ async fn measure(llms: &[LlmClient], pids: &Pids, concurrency: usize, seconds: f
     let t0 = Instant::now();
     let (latencies, failed) = calls(llms, concurrency, seconds).await;
     let wall = t0.elapsed().as_secs_f64();
+    let per_server: Vec<CpuTimes> = pids
+        .servers_cpu()
+        .into_iter()
+        .zip(server0)
+        .map(|(now, before)| now.since(before))
+        .collect();
     Run {
         calls: latencies.len(),
         wall,
         latencies,
         failed,
-        server: pids.servers_cpu().since(server0),
+        server: per_server
+            .iter()
+            .fold(CpuTimes::default(), |a, b| CpuTimes {
+                user: a.user + b.user,
+                system: a.system + b.system,
+            }),
+        per_server: per_server.iter().map(|t| t.total()).collect(),
         nats: tree_cpu(pids.nats).saturating_sub(nats0),
         pg: tree_cpu(pids.pg).saturating_sub(pg0),
         clients: procfs::self_cpu_time().saturating_sub(clients0),
@@ -530,6 +556,7 @@ async fn drive(
         );
         println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     }
+    let mut by_instance = Vec::new();
     for &c in &args.concurrency {
         calls(&llms, c, args.warmup).await;
         let mut runs = Vec::new();
@@ -558,9 +585,20 @@ async fn drive(
             r.per_call_us(r.server.system),
             r.per_call_us(r.clients),
         );
+        let each: Vec<String> = r
+            .per_server
+            .iter()
+            .enumerate()
+            .map(|(i, d)| format!("#{i} {:.1}", r.per_call_us(*d)))
+            .collect();
+        by_instance.push(format!("{c}: {}", each.join(", ")));
     }
 
     if shared {
+        println!(
+            "\nServer CPU µs/call by instance (#0 holds the toolkit), same runs: {}.",
+            by_instance.join("; ")
+        );
         println!("\nMemory per connected toolkit: not measured with --instances (run without it).");
         tk.stop();
         let _ = runtime.await;
