@@ -131,20 +131,38 @@ fn give_to_postgres(dir: &Path) {
     }
 }
 
-/// An initialised, never started cluster, made once per test binary and
-/// copied for each server (initdb takes seconds; a copy, milliseconds).
+/// An initialised, never started cluster, copied for each server (initdb
+/// takes seconds; a copy, milliseconds). Made once per PostgreSQL build
+/// and user, and kept in the temporary directory for the next runs.
 fn template() -> Option<&'static PathBuf> {
     static TEMPLATE: OnceLock<Option<PathBuf>> = OnceLock::new();
     TEMPLATE
         .get_or_init(|| {
             let initdb = pg_bin("initdb")?;
             pg_bin("postgres")?;
-            let root = temp_dir("pg-template");
-            give_to_postgres(&root);
+            let version = Command::new(&initdb)
+                .arg("--version")
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                .unwrap_or_default();
+            let tag: String = version
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            let uid = if is_root() { "root" } else { "user" };
+            let root = std::env::temp_dir().join(format!("atp-pg-template-{tag}-{uid}"));
             let data = root.join("data");
+            if data.join("PG_VERSION").is_file() {
+                return Some(data);
+            }
+            // Made aside and renamed into place: test binaries running at
+            // once never see half a template.
+            let aside = temp_dir("pg-template");
+            give_to_postgres(&aside);
             let out = pg_command(&initdb)
                 .arg("-D")
-                .arg(&data)
+                .arg(aside.join("data"))
                 .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
                 .stdout(Stdio::null())
                 .output()
@@ -154,7 +172,11 @@ fn template() -> Option<&'static PathBuf> {
                 "initdb failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            Some(data)
+            if std::fs::rename(&aside, &root).is_err() {
+                // Another binary was first: use its template.
+                let _ = std::fs::remove_dir_all(&aside);
+            }
+            data.join("PG_VERSION").is_file().then_some(data)
         })
         .as_ref()
 }

@@ -129,21 +129,6 @@ impl Infra {
     }
 }
 
-impl Drop for Infra {
-    fn drop(&mut self) {
-        // `Postgres` removes its own cluster; the template cluster it was
-        // copied from (made once per process) is ours to remove.
-        let prefix = format!("atp-pg-template-{}-", std::process::id());
-        if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
-            for entry in dir.flatten() {
-                if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = std::fs::remove_dir_all(entry.path());
-                }
-            }
-        }
-    }
-}
-
 /// `taskset -a -p -c CPU` on `pid` and each of its descendants.
 fn pin_tree(cpu: usize, pid: u32) -> Result<(), Box<dyn std::error::Error>> {
     for p in procfs::process_tree(pid) {
