@@ -22,6 +22,14 @@ atp_registry::define_adapter! {
 impl HttpServiceFactory for Atp {
     fn register(self, config: &mut AppService) {
         let prefix = self.0.get_prefix().to_owned();
+        // The MCP endpoints, `{mcp}/{toolkit}` (under the root prefix, the
+        // ATP scope takes them too).
+        if let Some(mcp) = self.0.get_mcp_path().filter(|_| !prefix.is_empty()) {
+            web::scope(mcp)
+                .app_data(web::Data::new(self.0.clone()))
+                .default_service(web::to(handle))
+                .register(config);
+        }
         web::scope(&prefix)
             .app_data(web::Data::new(self.0))
             .default_service(web::to(handle))

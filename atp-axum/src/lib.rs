@@ -25,6 +25,7 @@ impl Atp {
     /// A `Router` with the endpoints, to `merge` into an app.
     pub fn router<S: Clone + Send + Sync + 'static>(self) -> Router<S> {
         let prefix = self.0.get_prefix().to_owned();
+        let mcp = self.0.get_mcp_path().map(str::to_owned);
         let handler = any(handle).with_state(self.0);
         let router = Router::new().route(&format!("{prefix}/"), handler.clone());
         let router = if prefix.is_empty() {
@@ -32,7 +33,12 @@ impl Atp {
         } else {
             router.route(&prefix, handler.clone())
         };
-        router.route(&format!("{prefix}/{{*rest}}"), handler)
+        let router = router.route(&format!("{prefix}/{{*rest}}"), handler.clone());
+        match mcp {
+            // The MCP endpoints, `{mcp}/{toolkit}`.
+            Some(mcp) if !prefix.is_empty() => router.route(&format!("{mcp}/{{*rest}}"), handler),
+            _ => router,
+        }
     }
 }
 

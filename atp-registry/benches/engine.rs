@@ -70,8 +70,7 @@ fn post(path: &str) -> RequestHead<'_> {
         query: None,
         content_type: Some(b"application/json"),
         content_length: Some(BODY.len() as u64),
-        authorization: None,
-        endpoint_key: None,
+        ..RequestHead::default()
     }
 }
 
@@ -233,8 +232,7 @@ fn schemas(c: &mut Criterion) {
         query: Some("provider=openai"),
         content_type: None,
         content_length: None,
-        authorization: None,
-        endpoint_key: None,
+        ..RequestHead::default()
     };
     g.bench_function("http_get_provider_openai", |b| {
         b.iter(|| rt.block_on(engine.handle(black_box(&head), b"")))

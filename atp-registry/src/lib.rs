@@ -8,6 +8,9 @@ pub mod http;
 #[cfg(feature = "llm")]
 #[cfg_attr(docsrs, doc(cfg(feature = "llm")))]
 pub mod llm;
+#[cfg(feature = "mcp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mcp")))]
+pub mod mcp;
 #[cfg(feature = "_http")]
 #[doc(hidden)]
 pub mod net;
@@ -33,8 +36,8 @@ pub use registry::{Registry, get_client, list_clients, register_client};
 pub use schema::{Provider, UnknownProvider, strict_schema};
 pub use secret::{AuthToken, Secret};
 pub use tool::{
-    AUTH_TOKEN_PARAM, Call, Progress, Tool, ToolError, ToolSpec, is_valid_tool_name,
-    is_valid_toolkit_name,
+    AUTH_TOKEN_PARAM, Call, LogLevel, Progress, Tool, ToolError, ToolEvent, ToolSpec,
+    is_valid_tool_name, is_valid_toolkit_name,
 };
 
 // Re-exported so that typed tools can derive `JsonSchema` without naming

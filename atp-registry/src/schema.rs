@@ -105,6 +105,9 @@ impl fmt::Display for Provider {
 /// The input schema of an untyped tool: every param `{"type": "string"}`
 /// unless the tool gave a schema for it.
 pub(crate) fn untyped_schema(tool: &Tool) -> Value {
+    if let Some(schema) = &tool.schema {
+        return schema.clone();
+    }
     let mut properties = Map::new();
     for p in &tool.params {
         let schema = tool

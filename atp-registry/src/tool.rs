@@ -59,6 +59,7 @@ pub struct Tool {
     pub(crate) auth_type: Option<String>,
     pub(crate) auth_with: Option<String>,
     pub(crate) param_schemas: Vec<(String, Value)>,
+    pub(crate) schema: Option<Value>,
 }
 
 impl Tool {
@@ -123,6 +124,43 @@ impl Tool {
         self
     }
 
+    /// The whole input schema, as it is (JSON Schema 2020-12, `$defs`
+    /// and all), instead of one built from the params: the params become
+    /// its `properties`' names and the required params its `required`.
+    ///
+    /// ```
+    /// use atp_registry::Tool;
+    /// use serde_json::json;
+    ///
+    /// let tool = Tool::new("ship").schema(json!({
+    ///     "type": "object",
+    ///     "$defs": {"address": {"type": "object", "properties": {"city": {"type": "string"}}}},
+    ///     "properties": {"to": {"$ref": "#/$defs/address"}},
+    ///     "required": ["to"],
+    ///     "additionalProperties": false
+    /// }));
+    /// assert_eq!(tool.input_schema()["required"], json!(["to"]));
+    /// ```
+    pub fn schema(mut self, schema: Value) -> Self {
+        if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+            self.params = props.keys().cloned().collect();
+        } else {
+            self.params.clear();
+        }
+        self.required_params = schema
+            .get("required")
+            .and_then(Value::as_array)
+            .map(|r| {
+                r.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.schema = Some(schema);
+        self
+    }
+
     /// The tool's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -132,6 +170,11 @@ impl Tool {
     /// name, its params, its param schemas).
     pub fn validate(&self) -> Result<(), RegisterError> {
         check_rules(&self.name, &self.params, &self.required_params)?;
+        if let Some(schema) = &self.schema
+            && !(schema.is_object() && schema.get("type").is_none_or(|t| t == "object"))
+        {
+            return Err(RegisterError::InvalidInputSchema);
+        }
         for (p, schema) in &self.param_schemas {
             if !self.params.contains(p) {
                 return Err(RegisterError::SchemaForUnknownParam(p.clone()));
@@ -406,6 +449,22 @@ impl Call {
         self.progress.report(progress, total, message)
     }
 
+    /// Logs a message at `level`: an MCP client calling the tool gets it
+    /// as a `notifications/message`; ATP callers get nothing (ATP has no
+    /// log message). Like [`progress`](Self::progress) it never waits.
+    ///
+    /// ```
+    /// use atp_registry::{Call, LogLevel, ToolError};
+    ///
+    /// async fn sync(call: Call) -> Result<&'static str, ToolError> {
+    ///     call.log(LogLevel::Info, "sync started");
+    ///     Ok("done")
+    /// }
+    /// ```
+    pub fn log(&self, level: LogLevel, data: impl Into<Value>) -> bool {
+        self.progress.log(level, data)
+    }
+
     /// The call's progress handle, to report from another task or thread.
     pub fn progress_handle(&self) -> Progress {
         self.progress.clone()
@@ -437,9 +496,94 @@ pub struct Progress {
 }
 
 struct ProgressSink {
-    request_id: crate::wire::RequestId,
-    tx: tokio::sync::mpsc::Sender<String>,
+    target: Target,
     done: std::sync::atomic::AtomicBool,
+}
+
+/// Where reports go.
+enum Target {
+    /// `tool_progress` frames of one request, for the WebSocket runtime.
+    Frames {
+        request_id: crate::wire::RequestId,
+        tx: tokio::sync::mpsc::Sender<String>,
+    },
+    /// Reports as they are, for the MCP endpoints.
+    Events(tokio::sync::mpsc::Sender<ToolEvent>),
+}
+
+/// A report of a running tool: what [`Call::progress`] and [`Call::log`]
+/// send.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolEvent {
+    /// How far the tool is.
+    Progress {
+        /// How far along (in units of `total`, when given).
+        progress: f64,
+        /// The whole, when known.
+        total: Option<f64>,
+        /// A line for people.
+        message: Option<String>,
+    },
+    /// A log message of the tool.
+    Log {
+        /// Its level.
+        level: LogLevel,
+        /// What it says: a string or any JSON value.
+        data: Value,
+    },
+}
+
+/// The level of a tool's log message ([`Call::log`]): the syslog levels
+/// MCP uses, least severe first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LogLevel {
+    /// Detailed debugging information.
+    Debug,
+    /// Normal operation.
+    Info,
+    /// Normal but significant.
+    Notice,
+    /// A warning.
+    Warning,
+    /// An error.
+    Error,
+    /// A critical condition.
+    Critical,
+    /// Action must be taken at once.
+    Alert,
+    /// The system is unusable.
+    Emergency,
+}
+
+impl LogLevel {
+    /// The level's name on the wire (`"debug"`, `"info"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Notice => "notice",
+            LogLevel::Warning => "warning",
+            LogLevel::Error => "error",
+            LogLevel::Critical => "critical",
+            LogLevel::Alert => "alert",
+            LogLevel::Emergency => "emergency",
+        }
+    }
+
+    /// The level of a wire name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "debug" => LogLevel::Debug,
+            "info" => LogLevel::Info,
+            "notice" => LogLevel::Notice,
+            "warning" => LogLevel::Warning,
+            "error" => LogLevel::Error,
+            "critical" => LogLevel::Critical,
+            "alert" => LogLevel::Alert,
+            "emergency" => LogLevel::Emergency,
+            _ => return None,
+        })
+    }
 }
 
 impl fmt::Debug for Progress {
@@ -460,8 +604,17 @@ impl Progress {
     ) -> Self {
         Self {
             sink: Some(Arc::new(ProgressSink {
-                request_id,
-                tx,
+                target: Target::Frames { request_id, tx },
+                done: Default::default(),
+            })),
+        }
+    }
+
+    /// A handle whose reports (progress and logs) go to `tx` as they are.
+    pub fn events(tx: tokio::sync::mpsc::Sender<ToolEvent>) -> Self {
+        Self {
+            sink: Some(Arc::new(ProgressSink {
+                target: Target::Events(tx),
                 done: Default::default(),
             })),
         }
@@ -479,7 +632,11 @@ impl Progress {
     /// been answered yet).
     pub fn is_listened(&self) -> bool {
         self.sink.as_ref().is_some_and(|s| {
-            !s.done.load(std::sync::atomic::Ordering::Acquire) && !s.tx.is_closed()
+            !s.done.load(std::sync::atomic::Ordering::Acquire)
+                && match &s.target {
+                    Target::Frames { tx, .. } => !tx.is_closed(),
+                    Target::Events(tx) => !tx.is_closed(),
+                }
         })
     }
 
@@ -497,13 +654,46 @@ impl Progress {
         {
             return false;
         }
-        let frame = crate::wire::ToolkitToServer::ToolProgress(crate::wire::ToolProgress {
-            request_id: sink.request_id.clone(),
-            progress,
-            total,
-            message: message.map(str::to_owned),
-        });
-        sink.tx.try_send(frame.to_json()).is_ok()
+        match &sink.target {
+            Target::Frames { request_id, tx } => {
+                let frame = crate::wire::ToolkitToServer::ToolProgress(crate::wire::ToolProgress {
+                    request_id: request_id.clone(),
+                    progress,
+                    total,
+                    message: message.map(str::to_owned),
+                });
+                tx.try_send(frame.to_json()).is_ok()
+            }
+            Target::Events(tx) => tx
+                .try_send(ToolEvent::Progress {
+                    progress,
+                    total,
+                    message: message.map(str::to_owned),
+                })
+                .is_ok(),
+        }
+    }
+
+    /// Sends a log message at `level`. Returns whether it was queued:
+    /// `false` when nobody listens for logs (only the MCP endpoints do;
+    /// ATP has no log message), the call is answered already, or the queue
+    /// is full.
+    pub fn log(&self, level: LogLevel, data: impl Into<Value>) -> bool {
+        let Some(sink) = &self.sink else {
+            return false;
+        };
+        if sink.done.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        match &sink.target {
+            Target::Frames { .. } => false,
+            Target::Events(tx) => tx
+                .try_send(ToolEvent::Log {
+                    level,
+                    data: data.into(),
+                })
+                .is_ok(),
+        }
     }
 }
 

@@ -25,7 +25,7 @@ impl Atp {
     /// The routes, to `mount` at `/`.
     pub fn routes(self) -> Vec<Route> {
         let prefix = self.0.get_prefix().to_owned();
-        let handler = AtpHandler(self.0);
+        let handler = AtpHandler(self.0.clone());
         let methods = [
             Method::Get,
             Method::Head,
@@ -37,10 +37,20 @@ impl Atp {
             Method::Trace,
             Method::Connect,
         ];
+        let mut paths = vec![(100, format!("{prefix}/<_..>"))];
+        // The MCP endpoints, `{mcp}/{toolkit}` (under the root prefix, the
+        // ATP routes take them too).
+        if let Some(mcp) = self.0.get_mcp_path().filter(|_| !prefix.is_empty()) {
+            paths.push((99, format!("{mcp}/<_..>")));
+        }
         // `<_..>` also matches no segment at all: the prefix itself.
-        methods
-            .into_iter()
-            .map(|method| Route::ranked(100, method, &format!("{prefix}/<_..>"), handler.clone()))
+        paths
+            .iter()
+            .flat_map(|(rank, path)| {
+                methods
+                    .iter()
+                    .map(|method| Route::ranked(*rank, *method, path, handler.clone()))
+            })
             .collect()
     }
 }

@@ -10,6 +10,9 @@ use serde_json::{Value, json};
 pub const TOOLKIT: &str = "conformance";
 /// The open toolkit's app name.
 pub const APP_NAME: &str = "Conformance";
+/// The MCP conformance toolkit's name: the tools the official MCP
+/// conformance suite calls, served at `/mcp/mcp_conformance`.
+pub const MCP_TOOLKIT: &str = "mcp_conformance";
 /// The locked toolkit's name.
 pub const LOCKED_TOOLKIT: &str = "locked";
 /// The locked toolkit's app name.
@@ -31,7 +34,7 @@ struct AddArgs {
     b: i64,
 }
 
-/// The conformance fixture: a registry with two toolkits.
+/// The conformance fixture: a registry with three toolkits.
 ///
 /// - `conformance` (app name `Conformance`, tool timeout 1000 ms), with,
 ///   in this order:
@@ -47,6 +50,8 @@ struct AddArgs {
 ///     `{"slept": ms}`
 ///   - `secure()` (auth provider `demo`, type `OAuth2`, with
 ///     `access_token`) → `{"token_length": N}`
+/// - `mcp_conformance` (app name `MCP Conformance`): the tools the
+///   official MCP conformance suite calls (see `mcp_fixture.rs`).
 /// - `locked` (app name `Locked`), which requires `X-ATP-Key:
 ///   conformance-key`, with the same `echo`.
 ///
@@ -62,6 +67,9 @@ pub fn fixture() -> Registry {
     let registry = Registry::new();
     registry
         .register_client(TOOLKIT, conformance_toolkit())
+        .expect("the fixture's toolkit name is valid");
+    registry
+        .register_client(MCP_TOOLKIT, crate::mcp_fixture::mcp_toolkit())
         .expect("the fixture's toolkit name is valid");
     registry
         .register_client(LOCKED_TOOLKIT, locked_toolkit())

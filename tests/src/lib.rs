@@ -5,6 +5,7 @@ pub mod cases;
 pub mod client;
 pub mod fixture;
 pub mod infra;
+pub mod mcp_fixture;
 pub mod server;
 
 use std::{future::Future, net::SocketAddr, pin::Pin};

@@ -81,12 +81,22 @@ pub const ALLOW_READ: &str = "GET, HEAD";
 /// The header names an adapter must pass to [`RequestHead::new`], in
 /// lowercase ([`RequestHead::from_headers`] picks them out of all the
 /// request's headers).
-pub const HEADERS: [&str; 4] = [
+pub const HEADERS: [&str; 8] = [
     "content-type",
     "content-length",
     "authorization",
     ENDPOINT_KEY_HEADER,
+    "host",
+    "origin",
+    "accept",
+    "mcp-protocol-version",
 ];
+
+/// The default mount point of the MCP endpoints (`/mcp/{toolkit}`).
+pub const DEFAULT_MCP_PATH: &str = "/mcp";
+
+/// The `Allow` header of an MCP endpoint.
+pub const ALLOW_MCP: &str = "POST";
 
 /// The ATP endpoints over a [`Registry`], under a prefix.
 ///
@@ -104,6 +114,17 @@ pub const HEADERS: [&str; 4] = [
 pub struct Engine {
     registry: Registry,
     prefix: Arc<str>,
+    /// Where the MCP endpoints are, and which hosts they answer.
+    #[cfg(feature = "mcp")]
+    mcp: Option<Arc<McpSettings>>,
+}
+
+/// The MCP endpoints' settings.
+#[cfg(feature = "mcp")]
+#[derive(Debug)]
+struct McpSettings {
+    path: Arc<str>,
+    allowed_hosts: Vec<Arc<str>>,
 }
 
 impl Default for Engine {
@@ -125,7 +146,7 @@ impl fmt::Debug for Engine {
 ///
 /// Its `Debug` output shows whether `Authorization` and `X-ATP-Key` are
 /// there, never their values.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct RequestHead<'a> {
     /// The method, e.g. `"GET"`.
     pub method: &'a str,
@@ -141,6 +162,14 @@ pub struct RequestHead<'a> {
     pub authorization: Option<&'a [u8]>,
     /// The `X-ATP-Key` header.
     pub endpoint_key: Option<&'a [u8]>,
+    /// The `Host` header (the MCP endpoints' DNS-rebinding check).
+    pub host: Option<&'a [u8]>,
+    /// The `Origin` header (the same check).
+    pub origin: Option<&'a [u8]>,
+    /// The `Accept` header.
+    pub accept: Option<&'a [u8]>,
+    /// The `MCP-Protocol-Version` header.
+    pub mcp_protocol_version: Option<&'a [u8]>,
 }
 
 impl fmt::Debug for RequestHead<'_> {
@@ -157,6 +186,13 @@ impl fmt::Debug for RequestHead<'_> {
             .field("content_length", &self.content_length)
             .field("authorization", &hidden(self.authorization))
             .field("endpoint_key", &hidden(self.endpoint_key))
+            .field("host", &self.host.map(String::from_utf8_lossy))
+            .field("origin", &self.origin.map(String::from_utf8_lossy))
+            .field("accept", &self.accept.map(String::from_utf8_lossy))
+            .field(
+                "mcp_protocol_version",
+                &self.mcp_protocol_version.map(String::from_utf8_lossy),
+            )
             .finish()
     }
 }
@@ -236,8 +272,16 @@ impl<'a> RequestHead<'a> {
         query: Option<&'a str>,
         found: [Option<&'a [u8]>; HEADERS.len()],
     ) -> Self {
-        let [content_type, content_length, authorization, endpoint_key] =
-            found.map(|v| v.filter(|v| std::str::from_utf8(v).is_ok()));
+        let [
+            content_type,
+            content_length,
+            authorization,
+            endpoint_key,
+            host,
+            origin,
+            accept,
+            mcp_protocol_version,
+        ] = found.map(|v| v.filter(|v| std::str::from_utf8(v).is_ok()));
         Self {
             method,
             path,
@@ -248,6 +292,10 @@ impl<'a> RequestHead<'a> {
                 .and_then(|v| v.trim().parse().ok()),
             authorization,
             endpoint_key,
+            host,
+            origin,
+            accept,
+            mcp_protocol_version,
         }
     }
 }
@@ -285,6 +333,8 @@ pub enum Step {
 pub struct Response {
     status: u16,
     allow: Option<&'static str>,
+    /// `None`: no body (a 202).
+    content_type: Option<&'static str>,
     body: Bytes,
 }
 
@@ -299,7 +349,8 @@ impl fmt::Debug for Response {
 }
 
 impl Response {
-    /// The content type of every answer.
+    /// The content type of the answers (all of them but an MCP answer
+    /// with notifications, and an MCP 202).
     pub const CONTENT_TYPE: &'static str = "application/json";
 
     fn json(status: u16, body: &impl Serialize) -> Self {
@@ -310,6 +361,7 @@ impl Response {
         Self {
             status,
             allow: None,
+            content_type: Some(Self::CONTENT_TYPE),
             body,
         }
     }
@@ -336,9 +388,13 @@ impl Response {
         self.status
     }
 
-    /// The headers to send (`Content-Type`, and `Allow` on a 405).
+    /// The headers to send (`Content-Type` — JSON, or server-sent events
+    /// for an MCP answer with notifications; none on a 202 —, and `Allow`
+    /// on a 405).
     pub fn headers(&self) -> impl Iterator<Item = (&'static str, &'static str)> + use<> {
-        std::iter::once(("content-type", Self::CONTENT_TYPE))
+        self.content_type
+            .map(|c| ("content-type", c))
+            .into_iter()
             .chain(self.allow.map(|a| ("allow", a)))
     }
 
@@ -358,17 +414,34 @@ impl Response {
 /// body; read the body and [`run`](PendingCall::run) it.
 pub struct PendingCall {
     client: ToolKitClient,
-    tool: Arc<RegisteredTool>,
+    kind: Pending,
     media: Media,
     header_token: Option<AuthToken>,
     limit: usize,
     size_hint: usize,
 }
 
+/// What a body is for.
+enum Pending {
+    /// A tool's ATP endpoint.
+    Tool(Arc<RegisteredTool>),
+    /// The toolkit's MCP endpoint: its `Accept` and `MCP-Protocol-Version`.
+    #[cfg(feature = "mcp")]
+    Mcp {
+        accept: Option<Vec<u8>>,
+        protocol_version: Option<Vec<u8>>,
+    },
+}
+
 impl fmt::Debug for PendingCall {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tool = match &self.kind {
+            Pending::Tool(t) => t.name(),
+            #[cfg(feature = "mcp")]
+            Pending::Mcp { .. } => "(MCP)",
+        };
         f.debug_struct("PendingCall")
-            .field("tool", &self.tool.name())
+            .field("tool", &tool)
             .field("media", &self.media)
             .field("header_token", &self.header_token)
             .field("limit", &self.limit)
@@ -421,6 +494,10 @@ impl PendingCall {
 
     /// The answer when the body is over the limit.
     pub fn too_large(self) -> Response {
+        #[cfg(feature = "mcp")]
+        if let Pending::Mcp { .. } = self.kind {
+            return mcp_too_large(self.limit);
+        }
         too_large(self.media, self.limit)
     }
 
@@ -435,6 +512,23 @@ impl PendingCall {
         if body.len() > self.limit {
             return self.too_large();
         }
+        let tool = match self.kind {
+            Pending::Tool(tool) => tool,
+            #[cfg(feature = "mcp")]
+            Pending::Mcp {
+                accept,
+                protocol_version,
+            } => {
+                let head = crate::mcp::McpHead {
+                    accept: accept.as_deref(),
+                    protocol_version: protocol_version.as_deref(),
+                    bearer: self.header_token.as_ref(),
+                };
+                return Response::from_mcp(
+                    crate::mcp::handle(&EngineMcp(&self.client), &head, body).await,
+                );
+            }
+        };
         let mut params = if body.is_empty() {
             Map::new()
         } else {
@@ -463,8 +557,7 @@ impl PendingCall {
             }
         };
         let token = token.or(self.header_token);
-        match self
-            .tool
+        match tool
             .call(&self.client, params, token, Default::default())
             .await
         {
@@ -517,6 +610,73 @@ fn media(content_type: Option<&[u8]>) -> Media {
         }
     }
     media
+}
+
+/// The rest of `path` when it is `base` or under it.
+#[cfg(feature = "mcp")]
+fn under<'p>(path: &'p str, base: &str) -> Option<&'p str> {
+    path.strip_prefix(base)
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+#[cfg(feature = "mcp")]
+fn mcp_too_large(limit: usize) -> Response {
+    Response::from_mcp(crate::mcp::McpAnswer::http_error(
+        413,
+        -32000,
+        &format!("Request body is larger than the limit of {limit} bytes"),
+        "payload_too_large",
+    ))
+}
+
+#[cfg(feature = "mcp")]
+impl Response {
+    fn from_mcp(a: crate::mcp::McpAnswer) -> Self {
+        Self {
+            status: a.status,
+            allow: None,
+            content_type: a.content_type,
+            body: a.body,
+        }
+    }
+}
+
+/// A toolkit of this process as an MCP server.
+#[cfg(feature = "mcp")]
+struct EngineMcp<'a>(&'a ToolKitClient);
+
+#[cfg(feature = "mcp")]
+impl crate::mcp::McpBackend for EngineMcp<'_> {
+    fn name(&self) -> &str {
+        self.0.app_name()
+    }
+
+    fn tools(&self) -> Vec<crate::ToolSpec> {
+        self.0
+            .registered_tools()
+            .iter()
+            .filter(|t| !t.is_app())
+            .map(|t| t.spec().clone())
+            .collect()
+    }
+
+    async fn call(
+        &self,
+        name: &str,
+        params: Map<String, Value>,
+        auth_token: Option<AuthToken>,
+        events: crate::Progress,
+    ) -> Result<Value, crate::mcp::McpCallError> {
+        let Some(tool) = self.0.tool(name).filter(|t| !t.is_app()) else {
+            return Err(crate::mcp::McpCallError::UnknownTool);
+        };
+        tool.call(self.0, params, auth_token, events)
+            .await
+            .map_err(|e| crate::mcp::McpCallError::Failed {
+                code: e.code().as_str().to_owned(),
+                message: e.to_string(),
+            })
+    }
 }
 
 fn unsupported_media_type() -> Response {
@@ -677,6 +837,11 @@ impl Engine {
         Self {
             registry,
             prefix: Arc::from(DEFAULT_PREFIX),
+            #[cfg(feature = "mcp")]
+            mcp: Some(Arc::new(McpSettings {
+                path: Arc::from(DEFAULT_MCP_PATH),
+                allowed_hosts: crate::mcp::loopback_hosts(),
+            })),
         }
     }
 
@@ -690,6 +855,62 @@ impl Engine {
             Arc::from(format!("/{p}"))
         };
         self
+    }
+
+    /// Mounts the MCP endpoints at `{path}/{toolkit}` instead of
+    /// `/mcp/{toolkit}` (a leading `/` is added and a trailing one
+    /// dropped; it may not be the root).
+    #[cfg(feature = "mcp")]
+    pub fn mcp_path(mut self, path: impl AsRef<str>) -> Self {
+        let p = path.as_ref().trim_matches('/');
+        let p = if p.is_empty() { "mcp" } else { p };
+        let hosts = self.mcp_hosts();
+        self.mcp = Some(Arc::new(McpSettings {
+            path: Arc::from(format!("/{p}")),
+            allowed_hosts: hosts,
+        }));
+        self
+    }
+
+    /// Serves no MCP endpoints.
+    #[cfg(feature = "mcp")]
+    pub fn without_mcp(mut self) -> Self {
+        self.mcp = None;
+        self
+    }
+
+    /// The host names the MCP endpoints answer (their `Host` header, and
+    /// the `Origin` header's host when there is one): loopback only
+    /// (`localhost`, `127.0.0.1`, `::1`) by default, so that a web page
+    /// can not make a browser talk to a local MCP server (DNS rebinding).
+    /// Give the names a public server is reached by; `"*"` allows any.
+    #[cfg(feature = "mcp")]
+    pub fn mcp_allowed_hosts<S: AsRef<str>>(mut self, hosts: impl IntoIterator<Item = S>) -> Self {
+        let path = self
+            .mcp
+            .as_ref()
+            .map_or_else(|| Arc::from(DEFAULT_MCP_PATH), |m| m.path.clone());
+        self.mcp = Some(Arc::new(McpSettings {
+            path,
+            allowed_hosts: hosts.into_iter().map(|h| Arc::from(h.as_ref())).collect(),
+        }));
+        self
+    }
+
+    #[cfg(feature = "mcp")]
+    fn mcp_hosts(&self) -> Vec<Arc<str>> {
+        self.mcp
+            .as_ref()
+            .map_or_else(crate::mcp::loopback_hosts, |m| m.allowed_hosts.clone())
+    }
+
+    /// Where the MCP endpoints are (`/mcp` by default), or `None` when
+    /// they are switched off.
+    pub fn get_mcp_path(&self) -> Option<&str> {
+        #[cfg(feature = "mcp")]
+        return self.mcp.as_ref().map(|m| &*m.path);
+        #[cfg(not(feature = "mcp"))]
+        None
     }
 
     /// The prefix, without a trailing slash (`""` for the root).
@@ -730,6 +951,12 @@ impl Engine {
     /// needs no body, in the spec's order), or with a [`PendingCall`] that
     /// wants the body.
     pub fn begin(&self, req: &RequestHead<'_>) -> Step {
+        #[cfg(feature = "mcp")]
+        if let Some(mcp) = &self.mcp
+            && let Some(rest) = under(req.path, &mcp.path)
+        {
+            return self.begin_mcp(mcp, rest, req);
+        }
         Step::Respond(match self.route(req.path) {
             Route::NotFound => Response::error(ErrorCode::NotFound, "Not found"),
             Route::Root => match req.method {
@@ -784,7 +1011,7 @@ impl Engine {
                                 limit,
                                 size_hint: declared as usize,
                                 client,
-                                tool,
+                                kind: Pending::Tool(tool),
                                 media,
                             });
                         }
@@ -836,6 +1063,88 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// An MCP endpoint's request (`rest`: the path after the MCP path).
+    #[cfg(feature = "mcp")]
+    fn begin_mcp(&self, mcp: &McpSettings, rest: &str, req: &RequestHead<'_>) -> Step {
+        use crate::mcp::{McpAnswer, host_allowed};
+        let refuse = |status: u16, code: i32, message: &str, atp: &str| {
+            Step::Respond(Response::from_mcp(McpAnswer::http_error(
+                status, code, message, atp,
+            )))
+        };
+        // DNS rebinding: a page elsewhere must not reach a local server.
+        let host_ok = req.host.is_none_or(|h| host_allowed(h, &mcp.allowed_hosts));
+        let origin_ok = req
+            .origin
+            .is_none_or(|o| o == b"null" || host_allowed(o, &mcp.allowed_hosts));
+        if !host_ok || !origin_ok {
+            return refuse(
+                403,
+                -32000,
+                "Forbidden: this host or origin is not allowed",
+                "forbidden_host",
+            );
+        }
+        let raw = rest.trim_matches('/');
+        if raw.is_empty() || raw.contains('/') {
+            return refuse(
+                404,
+                -32000,
+                "Not found: the MCP endpoints are at /mcp/{toolkit}",
+                "not_found",
+            );
+        }
+        let client = match self.toolkit(raw, req) {
+            Ok(c) => c,
+            Err(r) => {
+                let status = r.status();
+                let (code, message) = match status {
+                    401 => (
+                        "unauthorized",
+                        "This toolkit requires a valid X-ATP-Key header",
+                    ),
+                    _ => ("toolkit_not_found", "Toolkit not found"),
+                };
+                return refuse(status, -32000, message, code);
+            }
+        };
+        if req.method != "POST" {
+            let mut r = Response::from_mcp(McpAnswer::http_error(
+                405,
+                -32000,
+                "Method not allowed: this MCP endpoint is sessionless and takes POST only",
+                "method_not_allowed",
+            ));
+            r.allow = Some(ALLOW_MCP);
+            return Step::Respond(r);
+        }
+        let media = media(req.content_type);
+        if media != Media::Json || req.content_type.is_none() {
+            return refuse(
+                415,
+                -32000,
+                "Unsupported media type: send application/json",
+                "unsupported_media_type",
+            );
+        }
+        let limit = client.body_limit();
+        let declared = req.content_length.unwrap_or(0);
+        if declared > limit as u64 {
+            return Step::Respond(mcp_too_large(limit));
+        }
+        Step::ReadBody(PendingCall {
+            header_token: bearer_token(req.authorization),
+            limit,
+            size_hint: declared as usize,
+            client,
+            kind: Pending::Mcp {
+                accept: req.accept.map(<[u8]>::to_vec),
+                protocol_version: req.mcp_protocol_version.map(<[u8]>::to_vec),
+            },
+            media,
+        })
     }
 
     /// The toolkit of a raw path segment, after its endpoint key check.

@@ -25,20 +25,17 @@ use atp_registry::{
     runtime::Transport,
     wire::WebhookEvent,
 };
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
-    task::JoinSet,
+    task::{JoinHandle, JoinSet},
 };
 
 use crate::{
     common::*,
-    infra::{Nats, Postgres, free_port},
+    infra::{Nats, Postgres, blocking, free_port},
 };
 
 /// The task timeout the servers run with: every answer asserted here
@@ -191,12 +188,6 @@ async fn cluster(names: &[&'static str]) -> Option<(Postgres, Nats, Vec<Proc>)> 
     Some((pg, nats, servers))
 }
 
-/// Runs blocking harness code (PostgreSQL, NATS) without stalling the
-/// runtime's other tasks.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
-
 // ---------------------------------------------------------------------------
 // HTTP that may fail (a dead server is no panic here).
 
@@ -209,23 +200,10 @@ async fn try_http(
     body: Option<&Value>,
     bound: Duration,
 ) -> Result<(u16, Value), String> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut req = Request::builder()
-        .method(Method::from_bytes(method.as_bytes()).expect("method"))
-        .uri(url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
-    }
-    let req = req
-        .body(Full::new(Bytes::from(
-            body.map(Value::to_string).unwrap_or_default(),
-        )))
-        .expect("request");
     let exchange = async {
-        let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        let resp = send(method, url, headers, body.map(Value::to_string))
+            .await
+            .map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
         let bytes = resp
             .into_body()
@@ -286,6 +264,42 @@ fn llm(base: &str, protocol: LlmProtocol) -> LlmClient {
         .with_base_url(base)
         .with_protocol(protocol)
         .with_timeout(CALL_BOUND)
+}
+
+/// The toolkit of the runs, served (WebSocket) until dropped.
+struct FaultKit {
+    /// How many `counted_slow` calls have started.
+    started: Arc<AtomicUsize>,
+    _stop: StopOnDrop,
+    _runtime: JoinHandle<()>,
+}
+
+impl FaultKit {
+    /// Serves toolkit `app`, given every server's URL (its runtime
+    /// connects to the first), and waits until each server sees it
+    /// connected.
+    async fn serve(servers: &[Proc], app: &str) -> Self {
+        let started = Arc::new(AtomicUsize::new(0));
+        let urls: Vec<&str> = servers.iter().map(|p| p.base.as_str()).collect();
+        let toolkit = fault_toolkit(app, &urls, &started);
+        let kit = Self {
+            started,
+            _runtime: serve_toolkit(&toolkit, Transport::WebSocket),
+            _stop: StopOnDrop(toolkit),
+        };
+        wait_connected(servers, app).await;
+        kit
+    }
+
+    /// Waits until `n` `counted_slow` calls are in the toolkit's hands.
+    async fn wait_started(&self, n: usize) {
+        poll_until(
+            &format!("{n} calls in the toolkit's hands"),
+            START_BOUND,
+            || async { (self.started.load(Ordering::SeqCst) >= n).then_some(()) },
+        )
+        .await;
+    }
 }
 
 /// The demo toolkit, given several servers, with `counted_slow`: `slow`
@@ -406,7 +420,7 @@ async fn connected_through(base: &str, app: &str) -> bool {
         .is_ok_and(|c| c["toolkit_connected"] == json!(true))
 }
 
-async fn wait_connected(servers: &[&Proc], app: &str) {
+async fn wait_connected(servers: &[Proc], app: &str) {
     for p in servers {
         poll_until(
             &format!("{app} connected through {}", p.name),
@@ -415,15 +429,6 @@ async fn wait_connected(servers: &[&Proc], app: &str) {
         )
         .await;
     }
-}
-
-async fn wait_started(started: &AtomicUsize, n: usize) {
-    poll_until(
-        &format!("{n} calls in the toolkit's hands"),
-        START_BOUND,
-        || async { (started.load(Ordering::SeqCst) >= n).then_some(()) },
-    )
-    .await;
 }
 
 const PROTOCOLS: [LlmProtocol; 2] = [LlmProtocol::Http, LlmProtocol::WebSocket];
@@ -514,28 +519,18 @@ async fn kill_the_toolkits_instance_mid_call() {
             return;
         };
         let app = "fault-kill-holder";
-        let started = Arc::new(AtomicUsize::new(0));
-        let urls: Vec<&str> = servers.iter().map(|p| p.base.as_str()).collect();
-        let toolkit = fault_toolkit(app, &urls, &started);
-        let _stop = StopOnDrop(toolkit.clone());
-        let _runtime = serve_toolkit(&toolkit, Transport::WebSocket);
-        {
-            let [a, b, c] = &servers[..] else {
-                unreachable!()
-            };
-            wait_connected(&[a, b, c], app).await;
-            // The runtime connects to A, its first URL.
-            assert!(echoed(
-                &echo_ok(a, LlmProtocol::Http, app, "on A").await,
-                app,
-                "on A"
-            ));
-        }
+        let kit = FaultKit::serve(&servers, app).await;
+        // The runtime connects to A, its first URL.
+        assert!(echoed(
+            &echo_ok(&servers[0], LlmProtocol::Http, app, "on A").await,
+            app,
+            "on A"
+        ));
 
         // N slow calls from B and C, HTTP and WebSocket; A dies meanwhile.
         const N: usize = 20;
         let calls = slow_calls(&[&servers[1], &servers[2]], N, app, SLOW_MS);
-        wait_started(&started, N).await;
+        kit.wait_started(N).await;
         let killed = servers[0].kill().await;
         let answers = all(calls).await;
 
@@ -604,19 +599,14 @@ async fn kill_a_callers_instance() {
             return;
         };
         let app = "fault-kill-caller";
-        let started = Arc::new(AtomicUsize::new(0));
-        let urls: Vec<&str> = servers.iter().map(|p| p.base.as_str()).collect();
-        let toolkit = fault_toolkit(app, &urls, &started);
-        let _stop = StopOnDrop(toolkit.clone());
-        let _runtime = serve_toolkit(&toolkit, Transport::WebSocket);
-        wait_connected(&[&servers[0], &servers[1], &servers[2]], app).await;
+        let kit = FaultKit::serve(&servers, app).await;
 
         // Half the calls through B (which dies), half through C; all still
         // in the toolkit's hands (4 s each) when B dies.
         const N: usize = 20;
         const MS: u64 = 4000;
         let calls = slow_calls(&[&servers[1], &servers[2]], N, app, MS);
-        wait_started(&started, N).await;
+        kit.wait_started(N).await;
         let killed = servers[1].kill().await;
         let answers = all(calls).await;
 
@@ -678,21 +668,16 @@ async fn kill_nats_mid_traffic_then_restart_it() {
             return;
         };
         let app = "fault-nats";
-        let started = Arc::new(AtomicUsize::new(0));
-        let urls: Vec<&str> = servers.iter().map(|p| p.base.as_str()).collect();
-        let toolkit = fault_toolkit(app, &urls, &started);
-        let _stop = StopOnDrop(toolkit.clone());
-        let _runtime = serve_toolkit(&toolkit, Transport::WebSocket);
+        let kit = FaultKit::serve(&servers, app).await;
         let [a, b, c] = &servers[..] else {
             unreachable!()
         };
-        wait_connected(&[a, b, c], app).await;
         assert!(echoed(&echo_ok(b, LlmProtocol::Http, app, "before").await, app, "before"));
 
         // Calls in flight from B and C to the toolkit on A; NATS dies.
         const N: usize = 10;
         let inflight = slow_calls(&[b, c], N, app, SLOW_MS);
-        wait_started(&started, N).await;
+        kit.wait_started(N).await;
         let killed = Instant::now();
         blocking(|| nats.kill());
 
@@ -837,15 +822,10 @@ async fn restart_postgres_under_the_servers() {
             return;
         };
         let app = "fault-pg";
-        let started = Arc::new(AtomicUsize::new(0));
-        let urls: Vec<&str> = servers.iter().map(|p| p.base.as_str()).collect();
-        let toolkit = fault_toolkit(app, &urls, &started);
-        let _stop = StopOnDrop(toolkit.clone());
-        let _runtime = serve_toolkit(&toolkit, Transport::WebSocket);
+        let _kit = FaultKit::serve(&servers, app).await;
         let [a, b, c] = &servers[..] else {
             unreachable!()
         };
-        wait_connected(&[a, b, c], app).await;
         let tools_before = tools_of(c, app).await.expect("registered");
 
         // Acknowledged before the restart: the toolkit's registration and a

@@ -11,7 +11,7 @@ use atp_registry::{
 use atp_server::{AtpServer, Config, DbLocation};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{HeaderMap, Method, Request};
+use hyper::{HeaderMap, Method, Request, Response, body::Incoming};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -42,27 +42,23 @@ pub struct TestServer {
 impl TestServer {
     pub async fn start(config: Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let server = AtpServer::open(config).expect("open");
-        let s = server.clone();
-        let join = tokio::spawn(async move { s.serve(listener).await });
-        Self {
-            server,
-            addr,
-            base: format!("http://{addr}"),
-            join: Some(join),
-        }
+        Self::serve(server, listener)
     }
 
     /// Like [`start`](Self::start), through `AtpServer::connect` (which
     /// opens PostgreSQL and NATS too).
     pub async fn start_connected(config: Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let server = tokio::time::timeout(WAIT, AtpServer::connect(config))
             .await
             .expect("connected in time")
             .expect("connect");
+        Self::serve(server, listener)
+    }
+
+    fn serve(server: AtpServer, listener: TcpListener) -> Self {
+        let addr = listener.local_addr().expect("addr");
         let s = server.clone();
         let join = tokio::spawn(async move { s.serve(listener).await });
         Self {
@@ -106,13 +102,14 @@ impl Drop for TestServer {
     }
 }
 
-/// A plain HTTP/1.1 call: status, headers and body text.
-pub async fn http(
+/// Sends one HTTP/1.1 request (a JSON body when there is one) on a new
+/// client; no bound.
+pub async fn send(
     method: &str,
     url: &str,
     headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> (u16, HeaderMap, String) {
+    body: Option<String>,
+) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut req = Request::builder()
         .method(Method::from_bytes(method.as_bytes()).expect("method"))
@@ -124,9 +121,19 @@ pub async fn http(
         req = req.header("content-type", "application/json");
     }
     let req = req
-        .body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .expect("request");
-    let resp = tokio::time::timeout(WAIT, client.request(req))
+    client.request(req).await
+}
+
+/// A plain HTTP/1.1 call: status, headers and body text.
+pub async fn http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, HeaderMap, String) {
+    let resp = tokio::time::timeout(WAIT, send(method, url, headers, body.map(str::to_owned)))
         .await
         .expect("answer in time")
         .expect("answer");
@@ -230,6 +237,50 @@ pub fn demo_toolkit(key: &str, app: &str, base: &str) -> ToolKitClient {
     client
 }
 
+/// The demo toolkit's tools, in the order it registers them.
+pub const DEMO_TOOLS: [&str; 6] = [
+    "hello_world",
+    "get_weather",
+    "echo",
+    "whoami",
+    "slow",
+    "fails",
+];
+
+/// The context (HTTP, Anthropic's format) `server` gives of `app`, checked
+/// to be the demo toolkit's: its tools in order, `slow`'s `ms` an integer.
+pub async fn demo_context(server: &TestServer, app: &str) -> Value {
+    let context = server
+        .llm(LlmProtocol::Http)
+        .get_toolkit_context(app, "anthropic", "")
+        .await
+        .expect("context");
+    let names: Vec<&str> = context["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, DEMO_TOOLS);
+    assert_eq!(
+        context["tools"][4]["input_schema"]["properties"]["ms"]["type"],
+        "integer"
+    );
+    context
+}
+
+/// Calls the demo toolkit `app`'s `echo` with `text` through `server`
+/// (Anthropic's format): the JSON it answered.
+pub async fn echo(server: &TestServer, protocol: LlmProtocol, app: &str, text: &str) -> Value {
+    let call = json!({"type": "tool_use", "id": "t1", "name": "echo", "input": {"text": text}});
+    let out = server
+        .llm(protocol)
+        .call_tool(app, &call, "anthropic", "")
+        .await
+        .expect("call");
+    serde_json::from_str(&outputs(&out)[0]).expect("JSON")
+}
+
 /// Starts a toolkit's runtime (WebSocket or inbox) in the background.
 ///
 /// `ToolKitClient::start`'s future is not `Send` (atp-registry's runtime
@@ -249,6 +300,16 @@ pub fn serve_toolkit(client: &ToolKitClient, transport: Transport) -> JoinHandle
             eprintln!("toolkit runtime ended: {e}");
         }
     })
+}
+
+/// Stops a toolkit and waits until its runtime (from [`serve_toolkit`])
+/// has ended.
+pub async fn stop_toolkit(toolkit: &ToolKitClient, runtime: JoinHandle<()>) {
+    toolkit.stop();
+    tokio::time::timeout(WAIT, runtime)
+        .await
+        .expect("stops")
+        .expect("no panic");
 }
 
 /// Reads a provider sample (a realistic API response with two tool calls).

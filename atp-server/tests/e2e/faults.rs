@@ -251,11 +251,7 @@ async fn many_toolkits_and_clients_at_once_get_their_own_answers() {
         assert!(!slow.is_finished());
         slow.abort();
         for (kit, runtime) in toolkits {
-            kit.stop();
-            tokio::time::timeout(WAIT, runtime)
-                .await
-                .expect("stops")
-                .expect("no panic");
+            stop_toolkit(&kit, runtime).await;
         }
         server.stop().await;
     })

@@ -3,6 +3,13 @@
 
 pub use atp_conformance::infra::*;
 
+/// Runs a blocking harness step (starting, killing or restarting
+/// PostgreSQL or NATS) without stalling the runtime's other tasks (the
+/// servers under test); needs the multi-threaded runtime.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
 #[test]
 fn postgres_and_nats_start_and_stop() {
     if let Some(mut pg) = Postgres::start() {

@@ -127,8 +127,7 @@ async fn dev_mode_takes_any_key_on_loopback_only() {
             .await
             .expect("call");
         assert_eq!(outputs(&out), [r#"{"message":"Hello, Dev!"}"#]);
-        toolkit.stop();
-        tokio::time::timeout(WAIT, runtime).await.expect("stops").expect("no panic");
+        stop_toolkit(&toolkit, runtime).await;
         server.stop().await;
     })
     .await;
@@ -202,11 +201,7 @@ async fn secrets_never_reach_the_logs() {
                     .is_err()
             );
         }
-        toolkit.stop();
-        tokio::time::timeout(WAIT, runtime)
-            .await
-            .expect("stops")
-            .expect("no panic");
+        stop_toolkit(&toolkit, runtime).await;
         server.stop().await;
     })
     .await;

@@ -12,6 +12,7 @@ mod infra;
 mod keys;
 mod llm_parity;
 mod oauth;
+mod oauth_provider;
 mod pg_webhooks;
 mod postgres;
 mod python;

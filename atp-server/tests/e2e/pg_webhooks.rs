@@ -8,29 +8,23 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    process::Stdio,
     time::Duration,
 };
 
-use atp_registry::{Secret, webhook};
-use atp_server::{Config, DbLocation, Developer};
+use atp_registry::webhook;
+use atp_server::{Config, DbLocation};
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
 use crate::{
     apps::toolkit_ws,
     common::*,
-    infra,
+    infra::{self, blocking},
+    store::{executions, get, ids, register, report, run_executions, two_developers},
     webhooks::{Hook, Receiver},
 };
 
 const LLM: &str = "/api/v1/atp/llm-client";
-
-/// Runs a blocking `infra` step (starting PostgreSQL) without stalling the
-/// runtime's other tasks.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
 
 /// Dev mode (any key) on the database, with fast retries.
 fn dev_config(pg: &infra::Postgres) -> Config {
@@ -39,36 +33,6 @@ fn dev_config(pg: &infra::Postgres) -> Config {
     c.webhook_timeout = Duration::from_secs(2);
     c.webhook_max_attempts = 1000;
     c
-}
-
-/// Registers one tool of `app` under the toolkit key `key`, as the Python
-/// client does; the answer.
-async fn register_tool(base: &str, key: &str, app: &str, tool: &str) -> Value {
-    let body = json!({
-        "function_id": tool,
-        "api_key": key,
-        "app_name": app,
-        "programming_language": "Python",
-        "code_hash": "h",
-        "toolkit_hash": "th",
-        "metadata": {
-            "params": ["text"],
-            "required_params": ["text"],
-            "description": format!("{tool} does things."),
-            "auth_provider": null,
-            "auth_type": null,
-            "auth_with": null,
-        },
-    });
-    let (status, answer) = http_json(
-        "POST",
-        &format!("{base}/api/v1/register_tool"),
-        &[],
-        Some(&body),
-    )
-    .await;
-    assert_eq!(status, 200, "{answer}");
-    answer
 }
 
 async fn register_hook(base: &str, key: &str, url: &str) -> Value {
@@ -163,7 +127,7 @@ async fn two_servers_share_webhooks_and_deliver_each_event_once() {
         for (n, server) in [&one, &two].into_iter().enumerate() {
             for i in 0..KITS_PER_SERVER {
                 let (key, app) = (format!("tk-{n}-{i}"), format!("kit-{n}-{i}"));
-                register_tool(&server.base, &key, &app, "alpha").await;
+                register(&server.base, &key, &app, "alpha").await;
                 kits.push((server, key, app));
             }
         }
@@ -232,89 +196,13 @@ async fn two_servers_share_webhooks_and_deliver_each_event_once() {
     .await;
 }
 
-fn developer(name: &str, public: &[&str]) -> Developer {
-    Developer {
-        display_name: name.into(),
-        name: format!("{name} (full name)"),
-        bio: format!("{name} writes toolkits"),
-        toolkit_api_keys: vec![Secret::new(format!("{name}-tk"))],
-        llm_api_keys: vec![Secret::new(format!("{name}-llm"))],
-        public_toolkits: public.iter().map(|p| (*p).to_owned()).collect(),
-    }
-}
-
-/// Ada and Bob, each with a public and a private toolkit, on the database.
-fn two_developers(pg: &infra::Postgres) -> Config {
-    Config {
-        db: DbLocation::Postgres(pg.url.clone()),
-        developers: vec![
-            developer("ada", &["ada-public"]),
-            developer("bob", &["bob-public"]),
-        ],
-        ..keyed_config()
-    }
-}
-
-async fn get(base: &str, path: &str, key: &str) -> (u16, Value) {
-    http_json(
-        "GET",
-        &format!("{base}{LLM}/{path}"),
-        &[("authorization", &format!("ApiKey {key}"))],
-        None,
+/// An execution report to `base`: `result` of `tool`, with `token`.
+async fn report_result(base: &str, token: &str, tool: &str, result: Value) -> (u16, Value) {
+    report(
+        base,
+        &json!({"exchange_token": token, "result": result, "function_id": tool}),
     )
     .await
-}
-
-fn ids(page: &Value) -> Vec<&str> {
-    page["results"]
-        .as_array()
-        .or_else(|| page["toolkits"].as_array())
-        .expect("a list")
-        .iter()
-        .map(|t| t["toolkit_id"].as_str().expect("toolkit_id"))
-        .collect()
-}
-
-async fn report(base: &str, token: &str, tool: &str, result: Value) -> (u16, Value) {
-    http_json(
-        "POST",
-        &format!("{base}/api/v1/execute_function"),
-        &[],
-        Some(&json!({"exchange_token": token, "result": result, "function_id": tool})),
-    )
-    .await
-}
-
-/// `atp-server executions ARGS…`: its JSON lines.
-async fn executions(args: &[&str]) -> Vec<Value> {
-    let out = run_executions(args).await;
-    assert!(
-        out.status.success(),
-        "atp-server executions failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("UTF-8")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect()
-}
-
-async fn run_executions(args: &[&str]) -> std::process::Output {
-    tokio::time::timeout(
-        WAIT,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_atp-server"))
-            .arg("executions")
-            .args(args)
-            .env("NO_COLOR", "1")
-            .env_remove("ATP_DB_URL")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("in time")
-    .expect("runs")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -323,19 +211,20 @@ async fn the_store_and_execution_reports_work_on_postgres() {
         return;
     };
     bounded(Duration::from_secs(90), async {
-        let one = TestServer::start_connected(two_developers(&pg)).await;
+        let config = || two_developers(DbLocation::Postgres(pg.url.clone()));
+        let one = TestServer::start_connected(config()).await;
         let token = |answer: &Value| {
             answer["exchange_token"]
                 .as_str()
                 .expect("a token")
                 .to_owned()
         };
-        let alpha = token(&register_tool(&one.base, "ada-tk", "ada-public", "alpha").await);
-        let beta = token(&register_tool(&one.base, "ada-tk", "ada-public", "beta").await);
-        register_tool(&one.base, "ada-tk", "ada-private", "secret").await;
-        register_tool(&one.base, "bob-tk", "bob-public", "alpha").await;
+        let alpha = token(&register(&one.base, "ada-tk", "ada-public", "alpha").await);
+        let beta = token(&register(&one.base, "ada-tk", "ada-public", "beta").await);
+        register(&one.base, "ada-tk", "ada-private", "secret").await;
+        register(&one.base, "bob-tk", "bob-public", "alpha").await;
         // A second server on the database knows them.
-        let two = TestServer::start_connected(two_developers(&pg)).await;
+        let two = TestServer::start_connected(config()).await;
 
         for b in [&one.base, &two.base] {
             let (status, page) = get(b, "store/toolkits/list/", "bob-llm").await;
@@ -363,17 +252,24 @@ async fn the_store_and_execution_reports_work_on_postgres() {
         // Reports: to either server, with a token either issued.
         let hello = json!({"message": "Hello, Ada!"});
         assert_eq!(
-            report(&one.base, &alpha, "alpha", hello.clone()).await,
+            report_result(&one.base, &alpha, "alpha", hello.clone()).await,
             (200, json!({"status": "ok"}))
         );
         assert_eq!(
-            report(&two.base, &alpha, "alpha", hello.clone()).await.0,
+            report_result(&two.base, &alpha, "alpha", hello.clone())
+                .await
+                .0,
             200
         );
-        assert_eq!(report(&two.base, &beta, "beta", json!([1, 2])).await.0, 200);
+        assert_eq!(
+            report_result(&two.base, &beta, "beta", json!([1, 2]))
+                .await
+                .0,
+            200
+        );
         for (t, tool) in [("forged-token", "alpha"), (beta.as_str(), "alpha")] {
             for b in [&one.base, &two.base] {
-                let (status, answer) = report(b, t, tool, json!(1)).await;
+                let (status, answer) = report_result(b, t, tool, json!(1)).await;
                 assert_eq!(
                     (status, answer["code"].as_str()),
                     (403, Some("invalid_exchange_token"))
@@ -382,24 +278,28 @@ async fn the_store_and_execution_reports_work_on_postgres() {
         }
         // The newest 16 tokens of a tool stay valid, however fast they are
         // issued (most within one second here).
-        let first = token(&register_tool(&one.base, "ada-tk", "ada-public", "alpha").await);
+        let first = token(&register(&one.base, "ada-tk", "ada-public", "alpha").await);
         for _ in 0..14 {
-            register_tool(&one.base, "ada-tk", "ada-public", "alpha").await;
+            register(&one.base, "ada-tk", "ada-public", "alpha").await;
         }
         assert_eq!(
-            report(&two.base, &alpha, "alpha", json!({"n": 1})).await.0,
+            report_result(&two.base, &alpha, "alpha", json!({"n": 1}))
+                .await
+                .0,
             200,
             "the 16th newest token"
         );
-        register_tool(&one.base, "ada-tk", "ada-public", "alpha").await;
-        let (status, answer) = report(&two.base, &alpha, "alpha", json!({"n": 0})).await;
+        register(&one.base, "ada-tk", "ada-public", "alpha").await;
+        let (status, answer) = report_result(&two.base, &alpha, "alpha", json!({"n": 0})).await;
         assert_eq!(
             (status, answer["code"].as_str()),
             (403, Some("invalid_exchange_token")),
             "the 17th newest token"
         );
         assert_eq!(
-            report(&one.base, &first, "alpha", json!({"n": 2})).await.0,
+            report_result(&one.base, &first, "alpha", json!({"n": 2}))
+                .await
+                .0,
             200
         );
 

@@ -6,25 +6,17 @@
 //!
 //! Each test skips (saying so) where PostgreSQL is not installed.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use atp_registry::{llm::LlmProtocol, runtime::Transport};
 use atp_server::{Config, DbLocation, OAuthPlatform};
-use axum::{
-    Router,
-    extract::{RawQuery, State},
-    http::{StatusCode, header},
-    response::{IntoResponse, Response},
-    routing::{get, post},
-};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, Semaphore};
 
-use crate::{common::*, infra};
+use crate::{
+    common::*,
+    infra::{self, blocking},
+    oauth_provider::{self, Provider, location},
+};
 
 fn pg_config(pg: &infra::Postgres) -> Config {
     Config {
@@ -35,12 +27,6 @@ fn pg_config(pg: &infra::Postgres) -> Config {
 
 fn llm_auth() -> String {
     format!("ApiKey {LLM_KEY}")
-}
-
-/// Runs a blocking `infra` step (starting or killing PostgreSQL) without
-/// stalling the runtime's other tasks (the servers under test).
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
 }
 
 // ---------------------------------------------------------------------------
@@ -58,60 +44,20 @@ async fn a_toolkit_registered_on_postgres_outlives_the_server() {
         let runtime = serve_toolkit(&toolkit, Transport::WebSocket);
         server.wait_served("pgkit").await;
         for protocol in [LlmProtocol::WebSocket, LlmProtocol::Http] {
-            let out = server
-                .llm(protocol)
-                .call_tool(
-                    "pgkit",
-                    &json!({"type": "tool_use", "id": "t1", "name": "echo", "input": {"text": "hi"}}),
-                    "anthropic",
-                    "",
-                )
-                .await
-                .expect("call");
-            let out = outputs(&out);
             assert_eq!(
-                serde_json::from_str::<Value>(&out[0]).expect("JSON"),
+                echo(&server, protocol, "pgkit", "hi").await,
                 json!({"app": "pgkit", "echo": "hi"}),
                 "{protocol:?}"
             );
         }
-        toolkit.stop();
-        tokio::time::timeout(WAIT, runtime)
-            .await
-            .expect("stops")
-            .expect("no panic");
+        stop_toolkit(&toolkit, runtime).await;
         server.stop().await;
 
         // A new server on the same database knows the toolkit and its tools.
         let server = TestServer::start_connected(pg_config(&pg)).await;
         assert!(server.server.is_registered("pgkit"));
         assert!(!server.server.is_registered("other"));
-        let context = server
-            .llm(LlmProtocol::Http)
-            .get_toolkit_context("pgkit", "anthropic", "")
-            .await
-            .expect("context");
-        let names: Vec<&str> = context["tools"]
-            .as_array()
-            .expect("tools")
-            .iter()
-            .filter_map(|t| t["name"].as_str())
-            .collect();
-        assert_eq!(
-            names,
-            [
-                "hello_world",
-                "get_weather",
-                "echo",
-                "whoami",
-                "slow",
-                "fails"
-            ]
-        );
-        assert_eq!(
-            context["tools"][4]["input_schema"]["properties"]["ms"]["type"],
-            "integer"
-        );
+        demo_context(&server, "pgkit").await;
         server.stop().await;
     })
     .await;
@@ -127,195 +73,60 @@ async fn a_toolkit_registered_on_postgres_outlives_the_server() {
 const PUBLIC: &str = "http://atp.invalid";
 const CALLBACK: &str = "/api/v1/atp/llm-client/oauth/callback/";
 
-#[derive(Default)]
-struct ProviderState {
-    /// code → (PKCE challenge, redirect_uri)
-    codes: Vec<(String, String, String)>,
-    issued: usize,
-    /// The one refresh token that works now.
-    refresh_token: Option<String>,
-    refreshes: usize,
+/// The provider of these tests (`oauth_provider`): scope `read`, refresh
+/// tokens that rotate; each refresh held until released when `hold`.
+async fn rotating_provider(hold: bool) -> Provider {
+    Provider::start(oauth_provider::Options {
+        scopes: &["read"],
+        rotate_refresh_tokens: true,
+        hold_refreshes: hold,
+    })
+    .await
 }
 
-struct Provider {
-    state: Mutex<ProviderState>,
-    /// Notified when a refresh request arrives.
-    refresh_started: Notify,
-    /// A refresh answers once it takes a permit.
-    refresh_gate: Semaphore,
-}
-
-type Shared = Arc<Provider>;
-
-fn query(q: &str) -> std::collections::HashMap<String, String> {
-    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
-}
-
-fn json_answer(status: StatusCode, v: Value) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        v.to_string(),
-    )
-        .into_response()
-}
-
-async fn authorize(State(p): State<Shared>, RawQuery(q): RawQuery) -> Response {
-    let q = query(&q.unwrap_or_default());
-    let (Some(redirect), Some(challenge), Some(state)) = (
-        q.get("redirect_uri"),
-        q.get("code_challenge"),
-        q.get("state"),
-    ) else {
-        return json_answer(StatusCode::BAD_REQUEST, json!({"error": "invalid_request"}));
-    };
-    let code = {
-        let mut p = p.state.lock().expect("lock");
-        p.issued += 1;
-        let code = format!("code-{}", p.issued);
-        p.codes
-            .push((code.clone(), challenge.clone(), redirect.clone()));
-        code
-    };
-    let location = format!(
-        "{redirect}?{}",
-        form_urlencoded::Serializer::new(String::new())
-            .append_pair("code", &code)
-            .append_pair("state", state)
-            .finish()
-    );
-    (StatusCode::FOUND, [(header::LOCATION, location)]).into_response()
-}
-
-async fn token(State(p): State<Shared>, body: String) -> Response {
-    let f = query(&body);
-    if f.get("client_id").map(String::as_str) != Some("cid")
-        || f.get("client_secret").map(String::as_str) != Some("csecret")
-    {
-        return json_answer(StatusCode::UNAUTHORIZED, json!({"error": "invalid_client"}));
-    }
-    match f.get("grant_type").map(String::as_str) {
-        Some("authorization_code") => {
-            let mut p = p.state.lock().expect("lock");
-            let code = f.get("code").cloned().unwrap_or_default();
-            let Some(i) = p.codes.iter().position(|(c, _, _)| *c == code) else {
-                return json_answer(StatusCode::BAD_REQUEST, json!({"error": "invalid_grant"}));
-            };
-            let (_, challenge, redirect) = p.codes.remove(i);
-            let verifier = f.get("code_verifier").cloned().unwrap_or_default();
-            let computed =
-                data_encoding::BASE64URL_NOPAD.encode(&Sha256::digest(verifier.as_bytes()));
-            if computed != challenge || f.get("redirect_uri") != Some(&redirect) {
-                return json_answer(
-                    StatusCode::BAD_REQUEST,
-                    json!({"error": "invalid_grant", "error_description": "PKCE or redirect_uri mismatch"}),
-                );
-            }
-            p.refresh_token = Some("refresh-1".into());
-            // Expired at once, so that the first use refreshes it.
-            json_answer(
-                StatusCode::OK,
-                json!({"access_token": "access-1", "refresh_token": "refresh-1", "expires_in": 0,
-                       "token_type": "Bearer", "scope": "read"}),
-            )
-        }
-        Some("refresh_token") => {
-            let (access, refresh) = {
-                let mut p = p.state.lock().expect("lock");
-                if f.get("refresh_token") != p.refresh_token.as_ref() {
-                    return json_answer(
-                        StatusCode::BAD_REQUEST,
-                        json!({"error": "invalid_grant", "error_description": "refresh token already used"}),
-                    );
-                }
-                p.refreshes += 1;
-                let n = p.refreshes + 1;
-                let refresh = format!("refresh-{n}");
-                p.refresh_token = Some(refresh.clone());
-                (format!("access-{n}"), refresh)
-            };
-            p.refresh_started.notify_one();
-            let Ok(Ok(permit)) = tokio::time::timeout(WAIT, p.refresh_gate.acquire()).await else {
-                return json_answer(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"error": "temporarily_unavailable"}),
-                );
-            };
-            permit.forget();
-            json_answer(
-                StatusCode::OK,
-                json!({"access_token": access, "refresh_token": refresh, "expires_in": 3600,
-                       "token_type": "Bearer"}),
-            )
-        }
-        _ => json_answer(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "unsupported_grant_type"}),
-        ),
-    }
-}
-
-/// Starts the provider; refreshes answer at once when `gate_open`, else
-/// each waits for a permit.
-async fn start_provider(gate_open: bool) -> (Shared, String, tokio::task::JoinHandle<()>) {
-    let provider = Arc::new(Provider {
-        state: Mutex::default(),
-        refresh_started: Notify::new(),
-        refresh_gate: Semaphore::new(if gate_open { 1000 } else { 0 }),
-    });
-    let app = Router::new()
-        .route("/authorize", get(authorize))
-        .route("/token", post(token))
-        .with_state(provider.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (provider, base, task)
-}
-
-fn oauth_config(pg: &infra::Postgres, prov: &str) -> Config {
+fn oauth_config(pg: &infra::Postgres, platform: OAuthPlatform) -> Config {
     Config {
         public_url: Some(PUBLIC.into()),
-        oauth_platforms: vec![OAuthPlatform {
-            id: "local-app".into(),
-            provider: Some("localprov".into()),
-            name: Some("Local Provider".into()),
-            authorize_url: format!("{prov}/authorize"),
-            token_url: format!("{prov}/token"),
-            client_id: "cid".into(),
-            client_secret: "csecret".into(),
-            scopes: vec!["read".into()],
-            extra_authorize_params: Vec::new(),
-        }],
+        oauth_platforms: vec![platform],
         ..pg_config(pg)
     }
 }
 
-fn location(headers: &hyper::HeaderMap) -> String {
-    headers
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .expect("a Location header")
-        .to_owned()
+/// Two servers (A, B) on the database with `provider`'s platform.
+async fn two_servers(pg: &infra::Postgres, provider: &Provider) -> (TestServer, TestServer) {
+    (
+        TestServer::start_connected(oauth_config(pg, provider.platform())).await,
+        TestServer::start_connected(oauth_config(pg, provider.platform())).await,
+    )
+}
+
+/// `user` connects: the flow started on `start`, the user's browser comes
+/// back through `finish`. The callback (used) and its answer.
+async fn connect_across(start: &TestServer, finish: &TestServer, user: &str) -> (String, Value) {
+    let callback = authorize_on(start, user).await;
+    let (status, connected) = callback_on(finish, &callback).await;
+    assert_eq!(status, 200, "{connected}");
+    (callback, connected)
+}
+
+/// Starting an OAuth flow for `user` (a write): status and body.
+async fn start_flow(server: &TestServer, user: &str) -> (u16, Value) {
+    http_json(
+        "POST",
+        &format!(
+            "{}/api/v1/atp/llm-client/oauth/confirmation/local-app/",
+            server.base
+        ),
+        &[("authorization", &llm_auth())],
+        Some(&json!({"external_user_id": user})),
+    )
+    .await
 }
 
 /// The provider's redirect to the callback, as the user's browser gets it
 /// after starting the flow on `start`.
 async fn authorize_on(start: &TestServer, user: &str) -> String {
-    let (status, started) = http_json(
-        "POST",
-        &format!(
-            "{}/api/v1/atp/llm-client/oauth/confirmation/local-app/",
-            start.base
-        ),
-        &[("authorization", &llm_auth())],
-        Some(&json!({"external_user_id": user})),
-    )
-    .await;
+    let (status, started) = start_flow(start, user).await;
     assert_eq!(status, 200, "{started}");
     let auth_url = started["authorization_url"]
         .as_str()
@@ -336,13 +147,11 @@ async fn callback_on(server: &TestServer, callback: &str) -> (u16, Value) {
     http_json("GET", &url, &[], None).await
 }
 
-async fn tokens_on(server: &TestServer, user: &str) -> (u16, Value) {
+/// `user`'s tokens, read from the server at `base`.
+async fn tokens_at(base: &str, user: &str) -> (u16, Value) {
     http_json(
         "GET",
-        &format!(
-            "{}/api/v1/atp/llm-client/oauth/tokens/local-app/{user}/",
-            server.base
-        ),
+        &format!("{base}/api/v1/atp/llm-client/oauth/tokens/local-app/{user}/"),
         &[("authorization", &llm_auth())],
         None,
     )
@@ -355,14 +164,10 @@ async fn an_oauth_flow_started_on_one_server_finishes_on_another() {
         return;
     };
     bounded(Duration::from_secs(90), async {
-        let (provider, prov, provider_task) = start_provider(true).await;
-        let a = TestServer::start_connected(oauth_config(&pg, &prov)).await;
-        let b = TestServer::start_connected(oauth_config(&pg, &prov)).await;
-
+        let provider = rotating_provider(false).await;
+        let (a, b) = two_servers(&pg, &provider).await;
         // Started on A, the user comes back through B.
-        let callback = authorize_on(&a, "ada").await;
-        let (status, connected) = callback_on(&b, &callback).await;
-        assert_eq!(status, 200, "{connected}");
+        let (callback, connected) = connect_across(&a, &b, "ada").await;
         assert_eq!(connected["status"], "connected");
         let integration_id = connected["integration_id"]
             .as_str()
@@ -380,9 +185,9 @@ async fn an_oauth_flow_started_on_one_server_finishes_on_another() {
 
         // The tokens, from either server: A refreshes the expired one; B
         // reads what A saved.
-        let (status, from_a) = tokens_on(&a, "ada").await;
+        let (status, from_a) = tokens_at(&a.base, "ada").await;
         assert_eq!(status, 200, "{from_a}");
-        let (status, from_b) = tokens_on(&b, "ada").await;
+        let (status, from_b) = tokens_at(&b.base, "ada").await;
         assert_eq!(status, 200, "{from_b}");
         for t in [&from_a, &from_b] {
             assert_eq!(t["access_token"], "access-2", "{t}");
@@ -390,13 +195,11 @@ async fn an_oauth_flow_started_on_one_server_finishes_on_another() {
             assert_eq!(t["integration_id"], integration_id.as_str(), "{t}");
             assert_eq!(t["scope"], "read", "{t}");
         }
-        assert_eq!(provider.state.lock().expect("lock").refreshes, 1);
+        assert_eq!(provider.refreshes(), 1);
 
         // Connecting again (started on B, finished on A) keeps the
         // integration id.
-        let callback = authorize_on(&b, "ada").await;
-        let (status, again) = callback_on(&a, &callback).await;
-        assert_eq!(status, 200, "{again}");
+        let (_, again) = connect_across(&b, &a, "ada").await;
         assert_eq!(again["integration_id"], integration_id.as_str());
 
         // An unknown state is refused.
@@ -412,7 +215,6 @@ async fn an_oauth_flow_started_on_one_server_finishes_on_another() {
 
         a.stop().await;
         b.stop().await;
-        provider_task.abort();
     })
     .await;
 }
@@ -434,26 +236,23 @@ async fn two_servers_refreshing_one_token_at_once_refresh_it_once() {
         return;
     };
     bounded(Duration::from_secs(90), async {
-        let (provider, prov, provider_task) = start_provider(false).await;
-        let a = TestServer::start_connected(oauth_config(&pg, &prov)).await;
-        let b = TestServer::start_connected(oauth_config(&pg, &prov)).await;
-        let callback = authorize_on(&a, "ada").await;
-        let (status, connected) = callback_on(&b, &callback).await;
-        assert_eq!(status, 200, "{connected}");
+        let provider = rotating_provider(true).await;
+        let (a, b) = two_servers(&pg, &provider).await;
+        connect_across(&a, &b, "ada").await;
 
         // Both servers find the token expired at the same time. One
         // refreshes it (the provider holds that refresh until told to
         // answer); the other must wait for it rather than spend the
         // refresh token a second time (this provider, like many, refuses
         // a refresh token used twice).
-        let started = provider.refresh_started.notified();
+        let started = provider.refresh_started();
         let from_a = tokio::spawn({
             let base = a.base.clone();
-            async move { tokens_at(&base).await }
+            async move { tokens_at(&base, "ada").await }
         });
         let from_b = tokio::spawn({
             let base = b.base.clone();
-            async move { tokens_at(&base).await }
+            async move { tokens_at(&base, "ada").await }
         });
         tokio::time::timeout(WAIT, started)
             .await
@@ -470,11 +269,11 @@ async fn two_servers_refreshing_one_token_at_once_refresh_it_once() {
                 Instant::now() < deadline,
                 "the second server never waited for the first one's refresh \
                  (refreshes so far: {})",
-                provider.state.lock().expect("lock").refreshes
+                provider.refreshes()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        provider.refresh_gate.add_permits(1000);
+        provider.release_refreshes();
         for answer in [from_a, from_b] {
             let (status, tokens) = tokio::time::timeout(WAIT, answer)
                 .await
@@ -484,7 +283,7 @@ async fn two_servers_refreshing_one_token_at_once_refresh_it_once() {
             assert_eq!(tokens["access_token"], "access-2", "{tokens}");
             assert_eq!(tokens["refresh_token"], "refresh-2", "{tokens}");
         }
-        assert_eq!(provider.state.lock().expect("lock").refreshes, 1);
+        assert_eq!(provider.refreshes(), 1);
         // The lock was released: nobody waits, and a pooled connection is
         // not left inside a transaction.
         assert_eq!(advisory_waiters(&db).await, 0);
@@ -502,20 +301,8 @@ async fn two_servers_refreshing_one_token_at_once_refresh_it_once() {
 
         a.stop().await;
         b.stop().await;
-        provider_task.abort();
     })
     .await;
-}
-
-/// `tokens_on` for a server known by its base URL (for spawned tasks).
-async fn tokens_at(base: &str) -> (u16, Value) {
-    http_json(
-        "GET",
-        &format!("{base}/api/v1/atp/llm-client/oauth/tokens/local-app/ada/"),
-        &[("authorization", &llm_auth())],
-        None,
-    )
-    .await
 }
 
 // ---------------------------------------------------------------------------
@@ -528,20 +315,6 @@ const DOWN_BOUND: Duration = Duration::from_secs(12);
 /// `GET /ready`: status and body.
 async fn ready(server: &TestServer) -> (u16, Value) {
     http_json("GET", &format!("{}/ready", server.base), &[], None).await
-}
-
-/// Starting an OAuth flow (a write): status and body.
-async fn start_flow(server: &TestServer) -> (u16, Value) {
-    http_json(
-        "POST",
-        &format!(
-            "{}/api/v1/atp/llm-client/oauth/confirmation/local-app/",
-            server.base
-        ),
-        &[("authorization", &llm_auth())],
-        Some(&json!({"external_user_id": "ada"})),
-    )
-    .await
 }
 
 /// Registering a tool over HTTP (a write): status and body.
@@ -605,25 +378,18 @@ async fn a_postgres_restart_under_a_running_server() {
     };
     bounded(Duration::from_secs(120), async {
         // The provider is never reached: flows are only started.
-        let server = TestServer::start_connected(oauth_config(&pg, "http://127.0.0.1:9")).await;
+        let platform = oauth_provider::platform("http://127.0.0.1:9", &["read"]);
+        let server = TestServer::start_connected(oauth_config(&pg, platform)).await;
         let toolkit = demo_toolkit(TK_KEY, "pgkit", &server.base);
         let _stop = StopOnDrop(toolkit.clone());
         let runtime = serve_toolkit(&toolkit, Transport::WebSocket);
         server.wait_served("pgkit").await;
-        let echo = json!({"type": "tool_use", "id": "t1", "name": "echo", "input": {"text": "hi"}});
-        let call = || async {
-            let out = server
-                .llm(LlmProtocol::Http)
-                .call_tool("pgkit", &echo, "anthropic", "")
-                .await
-                .expect("call");
-            serde_json::from_str::<Value>(&outputs(&out)[0]).expect("JSON")
-        };
+        let call = || echo(&server, LlmProtocol::Http, "pgkit", "hi");
 
         let (status, body) = ready(&server).await;
         assert_eq!((status, &body["database"]), (200, &json!("ok")), "{body}");
-        assert_eq!(tokens_on(&server, "ada").await.0, 404);
-        assert_eq!(start_flow(&server).await.0, 200);
+        assert_eq!(tokens_at(&server.base, "ada").await.0, 404);
+        assert_eq!(start_flow(&server, "ada").await.0, 200);
 
         let backends = client_backends(&pg.url).await;
         assert!(!backends.is_empty(), "the server holds connections");
@@ -645,13 +411,13 @@ async fn a_postgres_restart_under_a_running_server() {
         assert_eq!(status, 503, "{body}");
         assert_eq!(body["status"], "unavailable");
         assert_ne!(body["database"], "ok");
-        let (status, body) = quickly("tokens", tokens_on(&server, "ada")).await;
+        let (status, body) = quickly("tokens", tokens_at(&server.base, "ada")).await;
         assert_eq!(
             (status, body["error"].as_str()),
             (500, Some("The connection could not be read")),
             "{body}"
         );
-        let (status, body) = quickly("confirmation", start_flow(&server)).await;
+        let (status, body) = quickly("confirmation", start_flow(&server, "ada")).await;
         assert_eq!(
             (status, body["error"].as_str()),
             (500, Some("The OAuth flow could not be stored")),
@@ -686,8 +452,11 @@ async fn a_postgres_restart_under_a_running_server() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(quickly("tokens", tokens_on(&server, "ada")).await.0, 404);
-        let (status, body) = quickly("confirmation", start_flow(&server)).await;
+        assert_eq!(
+            quickly("tokens", tokens_at(&server.base, "ada")).await.0,
+            404
+        );
+        let (status, body) = quickly("confirmation", start_flow(&server, "ada")).await;
         assert_eq!(status, 200, "{body}");
         let (status, body) = quickly("register_tool", register(&server)).await;
         assert_eq!(status, 200, "{body}");
@@ -697,11 +466,7 @@ async fn a_postgres_restart_under_a_running_server() {
             json!({"app": "pgkit", "echo": "hi"})
         );
 
-        toolkit.stop();
-        tokio::time::timeout(WAIT, runtime)
-            .await
-            .expect("stops")
-            .expect("no panic");
+        stop_toolkit(&toolkit, runtime).await;
         server.stop().await;
     })
     .await;

@@ -250,8 +250,7 @@ async fn python_toolkit_and_llm_client_interoperate() {
                 check_python_llm_output(&out, app);
             }
         }
-        rust_toolkit.stop();
-        tokio::time::timeout(WAIT, runtime).await.expect("stops").expect("no panic");
+        stop_toolkit(&rust_toolkit, runtime).await;
         let _ = py_toolkit.kill().await;
         server.stop().await;
     })

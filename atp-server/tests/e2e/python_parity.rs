@@ -300,11 +300,7 @@ async fn python_llm_client_streams_lists_the_store_and_gets_signed_webhooks() {
         .await;
         assert_eq!(left, json!([]));
 
-        toolkit.stop();
-        tokio::time::timeout(WAIT, runtime)
-            .await
-            .expect("stops")
-            .expect("no panic");
+        stop_toolkit(&toolkit, runtime).await;
         receiver.stop().await;
         provider_task.abort();
         server.stop().await;

@@ -108,8 +108,7 @@ async fn websocket_toolkit_serves_every_provider_over_ws_and_http() {
         let context = llm.get_toolkit_context("nope", "openai", "").await;
         assert!(matches!(context, Err(e) if e.to_string().contains("Toolkit not found")));
 
-        toolkit.stop();
-        tokio::time::timeout(WAIT, runtime).await.expect("stops").expect("no panic");
+        stop_toolkit(&toolkit, runtime).await;
         server.stop().await;
     })
     .await;
@@ -161,11 +160,7 @@ async fn inbox_toolkit_is_served() {
             (status, body["code"].as_str()),
             (404, Some("request_not_found"))
         );
-        toolkit.stop();
-        tokio::time::timeout(WAIT, runtime)
-            .await
-            .expect("stops")
-            .expect("no panic");
+        stop_toolkit(&toolkit, runtime).await;
         server.stop().await;
     })
     .await;
@@ -271,41 +266,12 @@ async fn a_restart_keeps_the_registrations() {
         let toolkit = demo_toolkit(TK_KEY, "durable", &server.base);
         let runtime = serve_toolkit(&toolkit, Transport::WebSocket);
         server.wait_served("durable").await;
-        toolkit.stop();
-        tokio::time::timeout(WAIT, runtime)
-            .await
-            .expect("stops")
-            .expect("no panic");
+        stop_toolkit(&toolkit, runtime).await;
         server.stop().await;
 
         let server = TestServer::start(config()).await;
         assert!(server.server.is_registered("durable"));
-        let context = server
-            .llm(LlmProtocol::Http)
-            .get_toolkit_context("durable", "anthropic", "")
-            .await
-            .expect("context");
-        let names: Vec<&str> = context["tools"]
-            .as_array()
-            .expect("tools")
-            .iter()
-            .filter_map(|t| t["name"].as_str())
-            .collect();
-        assert_eq!(
-            names,
-            [
-                "hello_world",
-                "get_weather",
-                "echo",
-                "whoami",
-                "slow",
-                "fails"
-            ]
-        );
-        assert_eq!(
-            context["tools"][4]["input_schema"]["properties"]["ms"]["type"],
-            "integer"
-        );
+        let context = demo_context(&server, "durable").await;
         assert_eq!(context["toolkit_connected"], false);
         // Not connected after the restart: an error result, at once.
         let out = server
@@ -323,26 +289,11 @@ async fn a_restart_keeps_the_registrations() {
         let toolkit = demo_toolkit(TK_KEY, "durable", &server.base);
         let runtime = serve_toolkit(&toolkit, Transport::WebSocket);
         server.wait_served("durable").await;
-        let out = server
-            .llm(LlmProtocol::WebSocket)
-            .call_tool(
-                "durable",
-                &json!({"type": "tool_use", "id": "t1", "name": "echo", "input": {"text": "x"}}),
-                "anthropic",
-                "",
-            )
-            .await
-            .expect("call");
-        let out = outputs(&out);
         assert_eq!(
-            serde_json::from_str::<Value>(&out[0]).expect("JSON"),
+            echo(&server, LlmProtocol::WebSocket, "durable", "x").await,
             json!({"app": "durable", "echo": "x"})
         );
-        toolkit.stop();
-        tokio::time::timeout(WAIT, runtime)
-            .await
-            .expect("stops")
-            .expect("no panic");
+        stop_toolkit(&toolkit, runtime).await;
         server.stop().await;
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));

@@ -27,7 +27,7 @@ fn developer(name: &str, public: &[&str]) -> Developer {
 /// Ada and Bob, each with one public toolkit (`{name}-public`) and one
 /// private one (`{name}-private`); plus the top-level keys of
 /// `keyed_config` (the implicit developer `default`).
-fn two_developers(db: DbLocation) -> Config {
+pub(crate) fn two_developers(db: DbLocation) -> Config {
     Config {
         db,
         developers: vec![
@@ -38,8 +38,9 @@ fn two_developers(db: DbLocation) -> Config {
     }
 }
 
-/// Registers one tool as the Python client does; the answer.
-async fn register(base: &str, key: &str, app: &str, tool: &str) -> Value {
+/// Registers one tool of `app` under the toolkit key `key`, as the Python
+/// client does; the answer.
+pub(crate) async fn register(base: &str, key: &str, app: &str, tool: &str) -> Value {
     let body = json!({
         "function_id": tool,
         "api_key": key,
@@ -69,7 +70,8 @@ async fn register(base: &str, key: &str, app: &str, tool: &str) -> Value {
     answer
 }
 
-async fn get(base: &str, path: &str, key: &str) -> (u16, Value) {
+/// `GET` of an LLM-client path as `key`.
+pub(crate) async fn get(base: &str, path: &str, key: &str) -> (u16, Value) {
     let auth = format!("ApiKey {key}");
     http_json(
         "GET",
@@ -80,7 +82,8 @@ async fn get(base: &str, path: &str, key: &str) -> (u16, Value) {
     .await
 }
 
-fn ids(page: &Value) -> Vec<&str> {
+/// The toolkit ids of a page of toolkits.
+pub(crate) fn ids(page: &Value) -> Vec<&str> {
     page["results"]
         .as_array()
         .or_else(|| page["toolkits"].as_array())
@@ -304,20 +307,8 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 /// `atp-server executions ARGS…`: its JSON lines.
-async fn executions(args: &[&str]) -> Vec<Value> {
-    let out = tokio::time::timeout(
-        WAIT,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_atp-server"))
-            .arg("executions")
-            .args(args)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("in time")
-    .expect("runs");
+pub(crate) async fn executions(args: &[&str]) -> Vec<Value> {
+    let out = run_executions(args).await;
     assert!(
         out.status.success(),
         "atp-server executions failed: {}",
@@ -330,7 +321,26 @@ async fn executions(args: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-async fn report(base: &str, body: &Value) -> (u16, Value) {
+/// `atp-server executions ARGS…` (whatever its outcome).
+pub(crate) async fn run_executions(args: &[&str]) -> std::process::Output {
+    tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_atp-server"))
+            .arg("executions")
+            .args(args)
+            .env("NO_COLOR", "1")
+            .env_remove("ATP_DB_URL")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("in time")
+    .expect("runs")
+}
+
+/// `POST /api/v1/execute_function` (an execution report).
+pub(crate) async fn report(base: &str, body: &Value) -> (u16, Value) {
     http_json(
         "POST",
         &format!("{base}/api/v1/execute_function"),

@@ -159,7 +159,10 @@ pub(crate) fn tool_context(name: &str) -> Value {
 
 /// `GET /atp/`.
 pub(crate) fn listing() -> Value {
-    json!({"toolkits": [{"toolkit": "conformance", "app_name": "Conformance", "tools": TOOL_COUNT}]})
+    json!({"toolkits": [
+        {"toolkit": "conformance", "app_name": "Conformance", "tools": TOOL_COUNT},
+        {"toolkit": "mcp_conformance", "app_name": "MCP Conformance", "tools": crate::mcp_fixture::TOOL_COUNT}
+    ]})
 }
 
 /// `GET /atp/conformance/`.
