@@ -563,6 +563,45 @@ impl Content {
     }
 }
 
+/// A toolkit of this process as an MCP server: what the
+/// [`Engine`](crate::Engine)'s `/mcp/{toolkit}` endpoints and
+/// [`ToolKitClient::serve_stdio`](crate::ToolKitClient) serve.
+#[derive(Debug, Clone, Copy)]
+pub struct ToolkitMcp<'a>(pub &'a crate::ToolKitClient);
+
+impl McpBackend for ToolkitMcp<'_> {
+    fn name(&self) -> &str {
+        self.0.app_name()
+    }
+
+    fn tools(&self) -> Vec<ToolSpec> {
+        self.0
+            .registered_tools()
+            .iter()
+            .filter(|t| !t.is_app())
+            .map(|t| t.spec().clone())
+            .collect()
+    }
+
+    async fn call(
+        &self,
+        name: &str,
+        params: Map<String, Value>,
+        auth_token: Option<AuthToken>,
+        events: Progress,
+    ) -> Result<Value, McpCallError> {
+        let Some(tool) = self.0.tool(name).filter(|t| !t.is_app()) else {
+            return Err(McpCallError::UnknownTool);
+        };
+        tool.call(self.0, params, auth_token, events)
+            .await
+            .map_err(|e| McpCallError::Failed {
+                code: e.code().as_str().to_owned(),
+                message: e.to_string(),
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

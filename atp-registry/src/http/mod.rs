@@ -525,7 +525,7 @@ impl PendingCall {
                     bearer: self.header_token.as_ref(),
                 };
                 return Response::from_mcp(
-                    crate::mcp::handle(&EngineMcp(&self.client), &head, body).await,
+                    crate::mcp::handle(&crate::mcp::ToolkitMcp(&self.client), &head, body).await,
                 );
             }
         };
@@ -638,44 +638,6 @@ impl Response {
             content_type: a.content_type,
             body: a.body,
         }
-    }
-}
-
-/// A toolkit of this process as an MCP server.
-#[cfg(feature = "mcp")]
-struct EngineMcp<'a>(&'a ToolKitClient);
-
-#[cfg(feature = "mcp")]
-impl crate::mcp::McpBackend for EngineMcp<'_> {
-    fn name(&self) -> &str {
-        self.0.app_name()
-    }
-
-    fn tools(&self) -> Vec<crate::ToolSpec> {
-        self.0
-            .registered_tools()
-            .iter()
-            .filter(|t| !t.is_app())
-            .map(|t| t.spec().clone())
-            .collect()
-    }
-
-    async fn call(
-        &self,
-        name: &str,
-        params: Map<String, Value>,
-        auth_token: Option<AuthToken>,
-        events: crate::Progress,
-    ) -> Result<Value, crate::mcp::McpCallError> {
-        let Some(tool) = self.0.tool(name).filter(|t| !t.is_app()) else {
-            return Err(crate::mcp::McpCallError::UnknownTool);
-        };
-        tool.call(self.0, params, auth_token, events)
-            .await
-            .map_err(|e| crate::mcp::McpCallError::Failed {
-                code: e.code().as_str().to_owned(),
-                message: e.to_string(),
-            })
     }
 }
 
