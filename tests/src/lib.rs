@@ -30,6 +30,18 @@ pub type CaseFn = fn(String) -> CaseFuture;
 macro_rules! __for_each_case {
     ($($mode:tt)*) => {
         $crate::__expand_cases! { [$($mode)*]
+            // The MCP face.
+            mcp_initialize,
+            mcp_tools_list,
+            mcp_tools_call,
+            mcp_tool_error_is_a_result,
+            mcp_bearer_token,
+            mcp_protocol_errors,
+            mcp_notification_accepted,
+            mcp_get_and_delete_not_allowed,
+            mcp_foreign_origin_refused,
+            mcp_toolkit_rules,
+            mcp_progress_as_events,
             // GET and HEAD.
             root_lists_toolkits,
             root_without_trailing_slash,

@@ -13,15 +13,15 @@ pub(crate) const TYPED_TOOL: &str = "add";
 const MASK: &str = "<the typed tool's schema, checked separately>";
 
 /// One tool of the fixture.
-struct ToolSpec {
-    name: &'static str,
+pub(crate) struct ToolSpec {
+    pub(crate) name: &'static str,
     description: &'static str,
     params: &'static [&'static str],
     required: &'static [&'static str],
     auth: Option<(&'static str, &'static str, &'static str)>,
 }
 
-const TOOLS: &[ToolSpec] = &[
+pub(crate) const TOOLS: &[ToolSpec] = &[
     ToolSpec {
         name: "echo",
         description: "Echoes the text back.",

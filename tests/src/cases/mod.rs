@@ -13,12 +13,13 @@
 mod body;
 mod call;
 mod expected;
+mod mcp;
 mod read;
 mod routing;
 
 use serde_json::Value;
 
-pub use self::{body::*, call::*, read::*, routing::*};
+pub use self::{body::*, call::*, mcp::*, read::*, routing::*};
 use crate::client::{self, Request, Response, preview};
 
 /// The prefix the fixture is served under.
