@@ -14,6 +14,10 @@
 //! `Mcp-Session-Id`), so are `ping`, `logging/setLevel`, `tools/list`,
 //! `tools/call` and, for 2026-07-28 clients, `server/discover`. A GET (no
 //! stream to listen to) and a DELETE (no session to end) are 405.
+//!
+//! The same core serves a toolkit over stdio, for desktop agents:
+//! [`ToolKitClient::serve_stdio`](crate::ToolKitClient::serve_stdio) and
+//! [`serve_lines`] on top of [`handle_message`].
 
 use std::{borrow::Cow, future::Future, sync::Arc};
 
@@ -25,6 +29,9 @@ use rmcp::model::{
 use serde_json::{Map, Value, json};
 
 use crate::{AuthToken, LogLevel, ToolEvent, ToolSpec, tool::Progress};
+
+mod stdio;
+pub use stdio::{AUTH_TOKEN_ENV, serve_lines};
 
 /// The protocol versions answered, newest first (2026-07-28 has no
 /// `initialize`: its clients call `server/discover`, or nothing).
@@ -166,64 +173,124 @@ fn accepts_sse(accept: Option<&[u8]>) -> bool {
         .is_some_and(|a| a.to_ascii_lowercase().contains("text/event-stream"))
 }
 
+/// The answer to one JSON-RPC message, whatever carries it: the
+/// notifications of a `tools/call` (its progress and logs, in order), then
+/// the response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct McpReply {
+    /// Notifications to send before the response (`notifications/progress`
+    /// when the call has a `progressToken`, `notifications/message`).
+    pub notifications: Vec<Value>,
+    /// The JSON-RPC response (a `result` or an `error`).
+    pub response: Value,
+    /// Whether the message could not be read as a request (a parse error,
+    /// not an object, no method, a bad id): Streamable HTTP answers 400.
+    pub malformed: bool,
+}
+
+impl McpReply {
+    fn ok(response: Value) -> Self {
+        Self {
+            notifications: Vec::new(),
+            response,
+            malformed: false,
+        }
+    }
+
+    fn malformed(response: Value) -> Self {
+        Self {
+            notifications: Vec::new(),
+            response,
+            malformed: true,
+        }
+    }
+}
+
 /// Handles one POST to an MCP endpoint (its body read).
 pub async fn handle(backend: &impl McpBackend, head: &McpHead<'_>, body: &[u8]) -> McpAnswer {
+    let Some(reply) = handle_message(backend, head, body).await else {
+        return McpAnswer::accepted();
+    };
+    if reply.malformed {
+        return McpAnswer::json(400, &reply.response);
+    }
+    if reply.notifications.is_empty() || !accepts_sse(head.accept) {
+        return McpAnswer::json(200, &reply.response);
+    }
+    // The notifications, then the answer, as server-sent events.
+    let mut body = Vec::new();
+    for n in reply
+        .notifications
+        .iter()
+        .chain(std::iter::once(&reply.response))
+    {
+        body.extend_from_slice(b"event: message\ndata: ");
+        body.extend_from_slice(&serde_json::to_vec(n).unwrap_or_default());
+        body.extend_from_slice(b"\n\n");
+    }
+    McpAnswer {
+        status: 200,
+        content_type: Some("text/event-stream"),
+        body: Bytes::from(body),
+    }
+}
+
+/// Handles one JSON-RPC message, for any transport (Streamable HTTP,
+/// stdio): `None` for a message that gets no answer (a notification, a
+/// response to the server), else the call's notifications and the
+/// response. `head.accept` is not read.
+pub async fn handle_message(
+    backend: &impl McpBackend,
+    head: &McpHead<'_>,
+    body: &[u8],
+) -> Option<McpReply> {
     let message: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => {
-            return McpAnswer::json(
-                400,
-                &rpc_error(None, RpcCode::PARSE_ERROR, &format!("Parse error: {e}")),
-            );
+            return Some(McpReply::malformed(rpc_error(
+                None,
+                RpcCode::PARSE_ERROR,
+                &format!("Parse error: {e}"),
+            )));
         }
     };
     let Value::Object(message) = message else {
-        return McpAnswer::json(
-            400,
-            &rpc_error(
-                None,
-                RpcCode::INVALID_REQUEST,
-                "Invalid request: send one JSON-RPC message (an object); batches are not supported",
-            ),
-        );
+        return Some(McpReply::malformed(rpc_error(
+            None,
+            RpcCode::INVALID_REQUEST,
+            "Invalid request: send one JSON-RPC message (an object); batches are not supported",
+        )));
     };
     let id = message.get("id").cloned().filter(|id| !id.is_null());
     let Some(method) = message.get("method").and_then(Value::as_str) else {
         // A response to us (we send no requests) or garbage.
         if id.is_some() && (message.contains_key("result") || message.contains_key("error")) {
-            return McpAnswer::accepted();
+            return None;
         }
-        return McpAnswer::json(
-            400,
-            &rpc_error(id, RpcCode::INVALID_REQUEST, "Invalid request: no method"),
-        );
+        return Some(McpReply::malformed(rpc_error(
+            id,
+            RpcCode::INVALID_REQUEST,
+            "Invalid request: no method",
+        )));
     };
-    let Some(id) = id else {
-        // A notification: nothing to answer.
-        return McpAnswer::accepted();
-    };
+    // A notification: nothing to answer.
+    let id = id?;
     if !(id.is_string() || id.is_i64() || id.is_u64()) {
-        return McpAnswer::json(
-            400,
-            &rpc_error(
-                None,
-                RpcCode::INVALID_REQUEST,
-                "Invalid request: the id must be a string or an integer",
-            ),
-        );
+        return Some(McpReply::malformed(rpc_error(
+            None,
+            RpcCode::INVALID_REQUEST,
+            "Invalid request: the id must be a string or an integer",
+        )));
     }
     let params = match message.get("params") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(p)) => p.clone(),
         Some(_) => {
-            return McpAnswer::json(
-                200,
-                &rpc_error(
-                    Some(id),
-                    RpcCode::INVALID_PARAMS,
-                    "params must be an object",
-                ),
-            );
+            return Some(McpReply::ok(rpc_error(
+                Some(id),
+                RpcCode::INVALID_PARAMS,
+                "params must be an object",
+            )));
         }
     };
     let version = request_version(head, &params);
@@ -247,7 +314,7 @@ pub async fn handle(backend: &impl McpBackend, head: &McpHead<'_>, body: &[u8]) 
         "server/discover" => Ok(discover(backend, modern)),
         "tools/list" => Ok(tools_list(backend, modern)),
         "tools/call" => {
-            return call(backend, head, id, &params, modern).await;
+            return Some(call(backend, head, id, &params, modern).await);
         }
         _ => Err(ErrorData::new(
             RpcCode::METHOD_NOT_FOUND,
@@ -255,7 +322,7 @@ pub async fn handle(backend: &impl McpBackend, head: &McpHead<'_>, body: &[u8]) 
             None,
         )),
     };
-    McpAnswer::json(200, &respond(id, result))
+    Some(McpReply::ok(respond(id, result)))
 }
 
 /// The protocol version of a request: the header, else `_meta`'s.
@@ -316,10 +383,21 @@ fn discover(backend: &impl McpBackend, modern: bool) -> Value {
         "capabilities": serde_json::to_value(capabilities()).unwrap_or_else(|_| json!({})),
         "_meta": {"io.modelcontextprotocol/serverInfo": serde_json::to_value(server_info(backend)).unwrap_or_default()},
     });
-    if modern && let Some(o) = v.as_object_mut() {
-        o.insert("resultType".into(), "complete".into());
+    if modern {
+        complete(&mut v);
     }
     v
+}
+
+/// Marks a 2026-07-28 result complete, with its cache hints: not to be
+/// kept (`ttlMs` 0; tools come and go with their toolkits) and, as the
+/// tools a caller sees may depend on its key, private.
+fn complete(v: &mut Value) {
+    if let Some(o) = v.as_object_mut() {
+        o.insert("resultType".into(), "complete".into());
+        o.insert("ttlMs".into(), 0.into());
+        o.insert("cacheScope".into(), "private".into());
+    }
 }
 
 /// A tool as MCP describes it.
@@ -341,8 +419,8 @@ pub fn tool_description(spec: &ToolSpec) -> m::Tool {
 fn tools_list(backend: &impl McpBackend, modern: bool) -> Value {
     let tools: Vec<m::Tool> = backend.tools().iter().map(tool_description).collect();
     let mut v = json!({"tools": tools});
-    if modern && let Some(o) = v.as_object_mut() {
-        o.insert("resultType".into(), "complete".into());
+    if modern {
+        complete(&mut v);
     }
     v
 }
@@ -353,17 +431,17 @@ async fn call(
     id: Value,
     params: &Map<String, Value>,
     modern: bool,
-) -> McpAnswer {
+) -> McpReply {
     let Some(name) = params.get("name").and_then(Value::as_str) else {
         let e = ErrorData::invalid_params("tools/call needs the tool's name", None);
-        return McpAnswer::json(200, &respond(id, Err(e)));
+        return McpReply::ok(respond(id, Err(e)));
     };
     let mut arguments = match params.get("arguments") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(a)) => a.clone(),
         Some(_) => {
             let e = ErrorData::invalid_params("arguments must be an object", None);
-            return McpAnswer::json(200, &respond(id, Err(e)));
+            return McpReply::ok(respond(id, Err(e)));
         }
     };
     // The token: `Authorization: Bearer`, or the call's `auth_token`
@@ -420,21 +498,10 @@ async fn call(
         )),
         Err(McpCallError::Failed { code, message }) => Ok(error_result(&code, &message, modern)),
     };
-    let response = respond(id, result);
-    if notifications.is_empty() || !accepts_sse(head.accept) {
-        return McpAnswer::json(200, &response);
-    }
-    // The notifications, then the answer, as server-sent events.
-    let mut body = Vec::new();
-    for n in notifications.iter().chain(std::iter::once(&response)) {
-        body.extend_from_slice(b"event: message\ndata: ");
-        body.extend_from_slice(&serde_json::to_vec(n).unwrap_or_default());
-        body.extend_from_slice(b"\n\n");
-    }
-    McpAnswer {
-        status: 200,
-        content_type: Some("text/event-stream"),
-        body: Bytes::from(body),
+    McpReply {
+        notifications,
+        response: respond(id, result),
+        malformed: false,
     }
 }
 
@@ -565,7 +632,7 @@ impl Content {
 
 /// A toolkit of this process as an MCP server: what the
 /// [`Engine`](crate::Engine)'s `/mcp/{toolkit}` endpoints and
-/// [`ToolKitClient::serve_stdio`](crate::ToolKitClient) serve.
+/// [`ToolKitClient::serve_stdio`](crate::ToolKitClient::serve_stdio) serve.
 #[derive(Debug, Clone, Copy)]
 pub struct ToolkitMcp<'a>(pub &'a crate::ToolKitClient);
 

@@ -8,6 +8,7 @@ mod hub;
 mod keys;
 mod listen;
 mod llm;
+mod mcp;
 mod oauth;
 mod store;
 mod toolkit;
@@ -358,6 +359,13 @@ impl AtpServer {
             r,
             "/api/v1/execute_function",
             post(catalog::execute_function),
+        );
+        r = both(
+            r,
+            "/mcp/{toolkit}",
+            post(mcp::post)
+                .get(mcp::not_allowed)
+                .delete(mcp::not_allowed),
         );
         r = both(r, "/health", get(health));
         r = both(r, "/ready", get(ready));

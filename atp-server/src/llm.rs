@@ -171,7 +171,48 @@ async fn run_task(
     let kit = s
         .visible_toolkit(llm_key_hash, &req.toolkit_id)
         .ok_or_else(|| Failure::new("toolkit_not_found", "Toolkit not found"))?;
-    let function = req.payload.function.as_str();
+    let call = ToolCall {
+        function: req.payload.function.as_str(),
+        params,
+        auth_token: req.auth_token().cloned(),
+        user: req.external_user_id(),
+    };
+    call_tool(s, llm_key_hash, &kit, call, progress).await
+}
+
+/// One call of a tool by an LLM client, its toolkit found (and visible to
+/// the client).
+pub(crate) struct ToolCall<'a> {
+    /// The tool's name.
+    pub function: &'a str,
+    /// Its arguments.
+    pub params: Map<String, Value>,
+    /// The token the caller gave, if any.
+    pub auth_token: Option<Secret>,
+    /// The end user whose stored OAuth token a tool that needs one gets
+    /// when no token is given (`external_user_id`).
+    pub user: Option<&'a str>,
+}
+
+/// Runs a tool of `kit` for the LLM key `llm_key_hash`, wherever its
+/// toolkit is served (a WebSocket or inbox here, an endpoint URL, another
+/// server over NATS), within the task timeout: the tool is looked up, the
+/// auth token resolved (the given one, else the user's stored one), the
+/// call checked, then routed. Progress reports go to `progress` when
+/// given. What `task_request` and `/mcp/{toolkit}` share.
+pub(crate) async fn call_tool(
+    s: &crate::State,
+    llm_key_hash: &str,
+    kit: &ToolkitRecord,
+    call: ToolCall<'_>,
+    progress: Option<mpsc::Sender<ProgressBody>>,
+) -> Result<Value, Failure> {
+    let ToolCall {
+        function,
+        params,
+        auth_token,
+        user,
+    } = call;
     let tool = kit
         .tools
         .iter()
@@ -180,12 +221,8 @@ async fn run_task(
 
     let mut not_connected = None;
     let mut other_developer = false;
-    let auth_token = match (
-        req.auth_token(),
-        req.external_user_id(),
-        tool.spec.auth_provider.as_deref(),
-    ) {
-        (Some(t), _, _) => Some(t.clone()),
+    let auth_token = match (auth_token, user, tool.spec.auth_provider.as_deref()) {
+        (Some(t), _, _) => Some(t),
         // A user's stored token goes only to a toolkit of the caller's own
         // developer, never to another developer's public toolkit.
         (None, Some(_), Some(_)) if !s.catalog.same_developer(llm_key_hash, &kit.key_hash) => {
@@ -243,7 +280,7 @@ async fn run_task(
             }
             None => return Err(RouteError::NotConnected(kit.app_name.clone()).into()),
         },
-        Some(Route::Endpoint) => call_endpoint(s, &kit, &request).await?,
+        Some(Route::Endpoint) => call_endpoint(s, kit, &request).await?,
         Some(Route::Socket | Route::Inbox) => {
             s.hub
                 .dispatch(

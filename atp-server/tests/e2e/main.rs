@@ -11,6 +11,7 @@ mod faults;
 mod infra;
 mod keys;
 mod llm_parity;
+mod mcp;
 mod oauth;
 mod oauth_provider;
 mod pg_webhooks;

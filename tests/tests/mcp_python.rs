@@ -1,0 +1,161 @@
+//! The official Python MCP client (PyPI `mcp`) against the fixture's
+//! `conformance` toolkit served as an MCP server at `/mcp/conformance` by
+//! each adapter: one test per adapter, running `tests/python/mcp_client.py`
+//! (initialize, tools/list, echo, add, fail, secure without and with an
+//! `Authorization: Bearer` token, an unknown tool).
+//!
+//! Skipped, loudly, when `python3 -c 'import mcp'` fails — unless
+//! `ATP_REQUIRE_MCP=1`, when that fails the tests instead: `.ci/run`
+//! installs the package (`python3 -m pip install mcp`) and sets it, so that
+//! CI cannot pass without it.
+
+use std::{
+    io::{Read, Write},
+    path::PathBuf,
+    process::{Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use atp_conformance::{serve_fixture, server::Framework};
+
+/// Set to `1`, a missing `mcp` package fails the tests instead of skipping
+/// them.
+const REQUIRE: &str = "ATP_REQUIRE_MCP";
+
+/// How long the script may take (it takes well under a second).
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The token sent as `Authorization: Bearer …` to `secure`.
+const TOKEN: &str = "python-mcp-token-1234";
+
+/// Whether `ATP_REQUIRE_MCP=1`; any other non-empty value but `0` is a
+/// mistake, and panics.
+fn required() -> bool {
+    match std::env::var(REQUIRE) {
+        Ok(v) if v == "1" => true,
+        Ok(v) if !v.is_empty() && v != "0" => {
+            panic!("{REQUIRE}={v:?}: set it to 1 to require the MCP suites, or unset it")
+        }
+        _ => false,
+    }
+}
+
+/// Whether the `mcp` package can be imported; says so loudly when not, and
+/// panics instead when [`REQUIRE`] is `1`.
+fn python_mcp() -> bool {
+    let why = match Command::new("python3")
+        .args(["-c", "import mcp, mcp.client.streamable_http"])
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(out) if out.status.success() => return true,
+        Ok(out) => format!("{}: {}", out.status, last_line(&out.stderr)),
+        Err(e) => format!("python3 did not start: {e}"),
+    };
+    let what = format!(
+        "official Python MCP client: `python3 -c 'import mcp'` failed ({why}); \
+         install it with `python3 -m pip install mcp`"
+    );
+    if required() {
+        panic!("{REQUIRE}=1, so not skipped: {what}");
+    }
+    // Written to the real stderr, past the test harness's capture, in one
+    // write so that the line stays whole beside the harness's output.
+    let line = format!("*** SKIPPED: {what} (with {REQUIRE}=1 this fails instead)\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    false
+}
+
+/// The last non-blank line of `bytes`, trimmed.
+fn last_line(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_owned()
+}
+
+/// What the script did: its exit status (`None` when it ran out of time,
+/// and was killed), its stdout and its stderr.
+fn run_script(url: &str) -> (Option<ExitStatus>, String, String) {
+    let script: PathBuf = [env!("CARGO_MANIFEST_DIR"), "python", "mcp_client.py"]
+        .iter()
+        .collect();
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .args([url, TOKEN])
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 starts");
+    let reader = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = reader(Box::new(child.stdout.take().expect("piped stdout")));
+    let err = reader(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = Instant::now() + SCRIPT_TIMEOUT;
+    let status = loop {
+        match child.try_wait().expect("wait for python3") {
+            Some(status) => break Some(status),
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            None => thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    (
+        status,
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    )
+}
+
+/// Runs the script against the fixture served by `framework`.
+fn python_client(framework: Framework) {
+    if !python_mcp() {
+        return;
+    }
+    let base = serve_fixture(framework).expect("the server starts");
+    // `localhost`: the MCP endpoints accept loopback hosts only.
+    let port = base.rsplit(':').next().expect("a port");
+    let url = format!("http://localhost:{port}/mcp/conformance");
+    let (status, stdout, stderr) = run_script(&url);
+    let passed = status.is_some_and(|s| s.success()) && stdout.lines().any(|l| l == "ALL OK");
+    for line in stdout.lines() {
+        println!("mcp-python {framework:<6} {line}");
+    }
+    assert!(
+        passed,
+        "the Python MCP client failed against {framework} ({url}): {}\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}",
+        match status {
+            Some(s) => s.to_string(),
+            None => format!("no end within {SCRIPT_TIMEOUT:?}"),
+        }
+    );
+}
+
+#[test]
+fn mcp_python_axum() {
+    python_client(Framework::Axum);
+}
+
+#[test]
+fn mcp_python_actix() {
+    python_client(Framework::Actix);
+}
+
+#[test]
+fn mcp_python_rocket() {
+    python_client(Framework::Rocket);
+}
