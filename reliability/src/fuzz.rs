@@ -265,10 +265,12 @@ impl EngineInput {
 
     fn head_with_method<'a>(&'a self, method: &'a str) -> RequestHead<'a> {
         RequestHead::new(method, &self.path, self.query.as_deref(), |name| {
+            // The input carries the first headers of the list (the ATP
+            // endpoints'); the later ones (the MCP endpoints') are absent.
             let i = atp_registry::http::HEADERS
                 .iter()
                 .position(|h| *h == name)?;
-            self.headers[i].as_deref()
+            self.headers.get(i)?.as_deref()
         })
     }
 }
