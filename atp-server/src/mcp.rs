@@ -44,10 +44,13 @@ const SERVER_ERROR: i32 = -32000;
 /// `POST /mcp/{toolkit}`: one JSON-RPC message.
 pub(crate) async fn post(
     State(s): State<Arc<crate::State>>,
-    Path(toolkit): Path<String>,
+    toolkit: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // A name that is not UTF-8 names no toolkit (after the checks that
+    // come first, like any unknown toolkit).
+    let toolkit = toolkit.map(|Path(t)| t).unwrap_or_default();
     if let Some(r) = host_refusal(&s, &headers) {
         return r;
     }

@@ -299,7 +299,48 @@ impl<'a> BodySource for Chunked<'a> {
     }
 }
 
+/// Whether `path` is one of the MCP endpoints' (`/mcp` or under it).
+fn is_mcp_path(path: &str) -> bool {
+    path.strip_prefix(atp_registry::http::DEFAULT_MCP_PATH)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// An MCP endpoint's answer: JSON-RPC (or its events, or a bare 202),
+/// never an ATP error body; 405 says `Allow: POST`.
+fn check_mcp_response(r: &Response) {
+    let status = r.status();
+    let headers: Vec<(&str, &str)> = r.headers().collect();
+    let content_type = headers
+        .iter()
+        .find(|(k, _)| *k == "content-type")
+        .map(|(_, v)| *v);
+    let allow = headers.iter().find(|(k, _)| *k == "allow").map(|(_, v)| *v);
+    assert!(
+        [200, 202, 400, 401, 403, 404, 405, 413, 415].contains(&status),
+        "{r:?}"
+    );
+    assert_eq!(status == 405, allow == Some("POST"), "{r:?}");
+    match content_type {
+        None => assert!(status == 202 && r.body().is_empty(), "{r:?}"),
+        Some("text/event-stream") => assert_eq!(status, 200, "{r:?}"),
+        Some("application/json") => {
+            let body: Value = serde_json::from_slice(r.body())
+                .unwrap_or_else(|e| panic!("the body is not JSON ({e}): {r:?}"));
+            assert_eq!(body["jsonrpc"], "2.0", "{r:?}");
+            if status != 200 {
+                assert!(body["error"]["code"].is_i64(), "{r:?}");
+                assert!(body["error"]["message"].is_string(), "{r:?}");
+            }
+        }
+        Some(other) => panic!("content type {other}: {r:?}"),
+    }
+}
+
 fn check_response(input: &EngineInput, raw: &[u8], r: &Response) {
+    if is_mcp_path(&input.path) {
+        check_mcp_response(r);
+        return check_secrets(input, raw, r);
+    }
     let status = r.status();
     let headers: Vec<(&str, &str)> = r.headers().collect();
     assert_eq!(
@@ -329,6 +370,11 @@ fn check_response(input: &EngineInput, raw: &[u8], r: &Response) {
             assert!(a == ALLOW_TOOL || a == ALLOW_READ, "{r:?}");
         }
     }
+    check_secrets(input, raw, r);
+}
+
+/// No panic's text and nothing of the locked toolkit without its key.
+fn check_secrets(input: &EngineInput, raw: &[u8], r: &Response) {
     let text = String::from_utf8_lossy(r.body());
     let sent = String::from_utf8_lossy(raw);
     assert!(
@@ -720,6 +766,35 @@ pub fn server_http_sent(data: &[u8]) -> bool {
     });
     let text = String::from_utf8_lossy(&body);
     assert!(status < 500, "HTTP {status}: {text}");
+    // The MCP endpoints answer JSON-RPC: an error's ATP code is its
+    // `error.data.code`; a notification gets a bare 202; a call with
+    // notifications may be server-sent events.
+    if is_mcp_path(&input.path) {
+        match content_type.as_deref() {
+            None => assert!(status == 202 && body.is_empty(), "HTTP {status}: {text}"),
+            Some("text/event-stream") => assert_eq!(status, 200, "{text}"),
+            _ if is_head => {}
+            Some("application/json") => {
+                let value: Value = serde_json::from_slice(&body)
+                    .unwrap_or_else(|e| panic!("not JSON ({e}): HTTP {status}: {text}"));
+                // The router's own answers (a method it has no route for)
+                // are ATP errors; the endpoint's are JSON-RPC.
+                if value.get("jsonrpc").is_some() {
+                    assert_eq!(value["jsonrpc"], "2.0", "HTTP {status}: {text}");
+                    if status >= 400 {
+                        assert!(value["error"]["code"].is_i64(), "HTTP {status}: {text}");
+                    }
+                } else {
+                    assert!(
+                        status >= 400 && value.get("code").is_some_and(Value::is_string),
+                        "HTTP {status}: {text}"
+                    );
+                }
+            }
+            Some(other) => panic!("content type {other}: HTTP {status}: {text}"),
+        }
+        return true;
+    }
     assert_eq!(
         content_type.as_deref(),
         Some("application/json"),
