@@ -13,10 +13,9 @@
 
 use std::{
     ffi::OsString,
-    io::{Read, Write},
+    io::Write,
     path::{Path, PathBuf},
-    process::{Command, ExitStatus, Stdio},
-    thread,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -128,48 +127,6 @@ fn path_with(bin: &Path) -> OsString {
     std::env::join_paths(dirs).expect("PATH entries have no separator")
 }
 
-/// What one bounded child process did.
-struct Run {
-    /// Its exit status; `None` when it ran out of time (and was killed).
-    status: Option<ExitStatus>,
-    /// Its stdout and stderr, in that order.
-    output: String,
-}
-
-/// Runs `cmd` to its end or for at most `timeout` (then kills it).
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> Run {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd:?} did not start: {e}"));
-    let reader = |mut pipe: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
-            String::from_utf8_lossy(&buf).into_owned()
-        })
-    };
-    let out = reader(Box::new(child.stdout.take().expect("piped stdout")));
-    let err = reader(Box::new(child.stderr.take().expect("piped stderr")));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait().expect("wait for the child") {
-            Some(status) => break Some(status),
-            None if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            None => thread::sleep(Duration::from_millis(50)),
-        }
-    };
-    let mut output = out.join().unwrap_or_default();
-    output.push_str(&err.join().unwrap_or_default());
-    Run { status, output }
-}
-
 /// `s` without ANSI colour sequences (`ESC [ … m`).
 fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -204,7 +161,7 @@ fn official_suite(framework: Framework) {
     let mut failures = Vec::new();
     for scenario in SCENARIOS {
         let started = Instant::now();
-        let run = run_bounded(
+        let run = atp_conformance::process::run_bounded(
             Command::new(bin.join("conformance"))
                 .args(["server", "--url", &url, "--scenario", scenario])
                 .env("PATH", &path)
@@ -212,7 +169,7 @@ fn official_suite(framework: Framework) {
                 .env("FORCE_COLOR", "0"),
             SCENARIO_TIMEOUT,
         );
-        let output = strip_ansi(&run.output);
+        let output = strip_ansi(&format!("{}{}", run.stdout, run.stderr));
         // "Passed: 1/1, 0 failed, 0 warnings"
         let score = output
             .lines()

@@ -10,11 +10,10 @@
 //! CI cannot pass without it.
 
 use std::{
-    io::{Read, Write},
+    io::Write,
     path::PathBuf,
     process::{Command, ExitStatus, Stdio},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use atp_conformance::{serve_fixture, server::Framework};
@@ -84,41 +83,14 @@ fn run_script(url: &str) -> (Option<ExitStatus>, String, String) {
     let script: PathBuf = [env!("CARGO_MANIFEST_DIR"), "python", "mcp_client.py"]
         .iter()
         .collect();
-    let mut child = Command::new("python3")
-        .arg(&script)
-        .args([url, TOKEN])
-        .env("PYTHONUNBUFFERED", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 starts");
-    let reader = |mut pipe: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
-            String::from_utf8_lossy(&buf).into_owned()
-        })
-    };
-    let out = reader(Box::new(child.stdout.take().expect("piped stdout")));
-    let err = reader(Box::new(child.stderr.take().expect("piped stderr")));
-    let deadline = Instant::now() + SCRIPT_TIMEOUT;
-    let status = loop {
-        match child.try_wait().expect("wait for python3") {
-            Some(status) => break Some(status),
-            None if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            None => thread::sleep(Duration::from_millis(50)),
-        }
-    };
-    (
-        status,
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default(),
-    )
+    let run = atp_conformance::process::run_bounded(
+        Command::new("python3")
+            .arg(&script)
+            .args([url, TOKEN])
+            .env("PYTHONUNBUFFERED", "1"),
+        SCRIPT_TIMEOUT,
+    );
+    (run.status, run.stdout, run.stderr)
 }
 
 /// Runs the script against the fixture served by `framework`.
