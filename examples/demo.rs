@@ -1,95 +1,91 @@
 #![doc = include_str!("../README.md")]
 //!
 //! The demo toolkit the examples serve: the Python SDK's `hello_world` and
-//! `echo`, a typed `add`, and `get_contacts`, which needs an OAuth token.
+//! `echo`, `add`, `get_weather`, and `get_contacts`, which needs an OAuth
+//! token — each a plain function under `#[tool]`.
 
 use std::net::SocketAddr;
 
-use atp_registry::{Call, RegisterError, Tool, ToolError, ToolKitClient, register_client};
+use atp_registry::{AuthToken, RegisterError, ToolError, ToolKitClient, register_client, tool};
 use serde_json::{Value, json};
 
 /// The toolkit's name in URLs.
 pub const TOOLKIT: &str = "demo";
 
-/// Returns a greeting (the Python SDK's `hello_world`).
-pub async fn hello_world(call: Call) -> Result<Value, ToolError> {
-    let name = call.str("name").unwrap_or("World");
-    Ok(json!({"message": format!("Hello, {name}!")}))
-}
-
-/// Echoes the input text (the Python SDK's `echo`).
-pub async fn echo(call: Call) -> Result<Value, ToolError> {
-    Ok(json!({"echo": call.param("text")}))
-}
-
-/// Stands in for the Python SDK's HubSpot `get_contacts`: it needs the user's
-/// OAuth token, and shows only its length (a token is never echoed).
-pub async fn get_contacts(call: Call) -> Result<Value, ToolError> {
-    let token = call
-        .auth_token()
-        .ok_or_else(|| ToolError::new("no token"))?;
-    Ok(json!({"contacts": [], "token_length": token.expose().len()}))
-}
-
-/// A stand-in weather service (no network): the forecast for a city.
-pub async fn get_weather(call: Call) -> Result<Value, ToolError> {
-    let city = call
-        .str("city")
-        .ok_or_else(|| ToolError::new("city must be a string"))?;
-    Ok(json!({"city": city, "forecast": "sunny", "temperature_c": 21}))
-}
-
-/// The arguments of `add`.
-#[derive(serde::Deserialize, atp_registry::schemars::JsonSchema)]
+/// What `hello_world` answers; its schema is the tool's output schema
+/// (MCP clients see it as `outputSchema`).
+#[derive(serde::Serialize, atp_registry::schemars::JsonSchema)]
 #[schemars(crate = "atp_registry::schemars")]
-pub struct AddArgs {
+pub struct Greeting {
+    /// The greeting.
+    pub message: String,
+}
+
+/// Returns a greeting.
+#[tool]
+pub async fn hello_world(
+    /// Who to greet.
+    name: String,
+) -> Greeting {
+    Greeting {
+        message: format!("Hello, {name}!"),
+    }
+}
+
+/// Echoes the input text.
+#[tool]
+pub async fn echo(
+    /// The text to echo.
+    text: String,
+) -> Value {
+    json!({"echo": text})
+}
+
+/// Adds two integers.
+#[tool]
+pub async fn add(
     /// The first addend.
-    pub a: i64,
+    a: i64,
     /// The second addend.
-    pub b: i64,
+    b: i64,
+) -> Result<Value, ToolError> {
+    a.checked_add(b)
+        .map(|sum| json!({"sum": sum}))
+        .ok_or_else(|| ToolError::new("the sum overflows"))
+}
+
+/// Returns today's forecast for a city.
+#[tool]
+pub async fn get_weather(
+    /// The city.
+    city: String,
+) -> Value {
+    // A stand-in weather service (no network).
+    json!({"city": city, "forecast": "sunny", "temperature_c": 21})
+}
+
+/// Fetches contacts from HubSpot.
+#[tool(
+    auth_provider = "hubspot",
+    auth_type = "OAuth2",
+    auth_with = "access_token"
+)]
+pub async fn get_contacts(token: AuthToken) -> Value {
+    // Stands in for the Python SDK's HubSpot call: it shows only the
+    // token's length (a token is never echoed).
+    json!({"contacts": [], "token_length": token.expose().len()})
 }
 
 /// Builds the demo toolkit.
 pub fn demo_client() -> Result<ToolKitClient, RegisterError> {
     let client = ToolKitClient::new("YOUR_ATP_TOOLKIT_API_KEY", APP_NAME);
-    client.register_tool(
-        Tool::new("hello_world")
-            .description("Returns a greeting.")
-            .params(["name"])
-            .required_params(["name"]),
-        hello_world,
-    )?;
-    client.register_tool(
-        Tool::new("echo")
-            .description("Echoes the input text.")
-            .params(["text"])
-            .required_params(["text"]),
-        echo,
-    )?;
-    client.register_typed_tool(
-        Tool::new("add").description("Adds two integers."),
-        |args: AddArgs, _token| async move {
-            args.a
-                .checked_add(args.b)
-                .map(|sum| json!({"sum": sum}))
-                .ok_or_else(|| ToolError::new("the sum overflows"))
-        },
-    )?;
-    client.register_tool(
-        Tool::new("get_weather")
-            .description("Returns today's forecast for a city.")
-            .params(["city"])
-            .required_params(["city"]),
-        get_weather,
-    )?;
-    client.register_tool(
-        Tool::new("get_contacts")
-            .description("Fetches contacts from HubSpot.")
-            .auth_provider("hubspot")
-            .auth_type("OAuth2")
-            .auth_with("access_token"),
-        get_contacts,
-    )?;
+    client.register_all([
+        hello_world::tool(),
+        echo::tool(),
+        add::tool(),
+        get_weather::tool(),
+        get_contacts::tool(),
+    ])?;
     Ok(client)
 }
 

@@ -32,25 +32,29 @@
 
 use std::time::Duration;
 
-use atp_registry::{Call, LogLevel, Tool, ToolError};
+use atp_registry::{LogLevel, Progress, ToolError, tool};
 use serde_json::{Value, json};
 
-/// Downloads `files` files (pretend), reporting each one.
-async fn download(call: Call) -> Result<Value, ToolError> {
-    let files = call.param("files").and_then(Value::as_u64).unwrap_or(3);
+/// Downloads some files (pretend), reporting each.
+#[tool]
+async fn download(
+    /// How many files, at most 100 (3 if not given).
+    files: Option<u32>,
+    /// How long each file takes, in milliseconds (100 if not given).
+    delay_ms: Option<u64>,
+    progress: Progress,
+) -> Result<Value, ToolError> {
+    let files = files.unwrap_or(3);
     if files > 100 {
         return Err(ToolError::new("at most 100 files"));
     }
-    let delay = call
-        .param("delay_ms")
-        .and_then(Value::as_u64)
-        .unwrap_or(100);
+    let delay = delay_ms.unwrap_or(100);
     for i in 1..=files {
         tokio::time::sleep(Duration::from_millis(delay.min(10_000))).await;
-        call.log(LogLevel::Info, format!("downloaded file {i}"));
-        call.progress(
-            i as f64,
-            Some(files as f64),
+        progress.log(LogLevel::Info, format!("downloaded file {i}"));
+        progress.report(
+            i.into(),
+            Some(files.into()),
             Some(&format!("file {i} of {files}")),
         );
     }
@@ -62,12 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // stdout is the protocol's: logs go to stderr.
     atp_examples::init_logging();
     let toolkit = atp_examples::demo_client()?;
-    toolkit.register_tool(
-        Tool::new("download")
-            .description("Downloads some files (pretend), reporting each.")
-            .params(["files", "delay_ms"]),
-        download,
-    )?;
+    toolkit.register(download::tool())?;
     toolkit.serve_stdio().await?;
     Ok(())
 }

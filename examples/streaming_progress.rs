@@ -9,24 +9,31 @@
 use std::time::Duration;
 
 use atp_registry::{
-    Call, Tool, ToolError, ToolKitClient,
+    Progress, ToolKitClient,
     llm::{LlmClient, LlmProtocol, StreamEvent},
+    tool,
 };
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-/// Downloads `files` files (pretend), reporting each one.
-async fn download(call: Call) -> Result<Value, ToolError> {
-    let files = call.param("files").and_then(Value::as_u64).unwrap_or(3);
+/// Downloads some files, reporting each.
+#[tool]
+async fn download(
+    /// How many files (3 if not given).
+    files: Option<u32>,
+    // The call's progress handle: not a param.
+    progress: Progress,
+) -> Value {
+    let files = files.unwrap_or(3);
     for i in 1..=files {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        call.progress(
-            i as f64,
-            Some(files as f64),
+        progress.report(
+            i.into(),
+            Some(files.into()),
             Some(&format!("file {i} of {files}")),
         );
     }
-    Ok(json!({"downloaded": files}))
+    json!({"downloaded": files})
 }
 
 #[tokio::main]
@@ -34,12 +41,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (base, local) = atp_examples::atp_server().await?;
 
     let toolkit = ToolKitClient::new("YOUR_ATP_TOOLKIT_API_KEY", "Files").with_base_url(&base);
-    toolkit.register_tool(
-        Tool::new("download")
-            .description("Downloads some files, reporting each.")
-            .params(["files"]),
-        download,
-    )?;
+    toolkit.register(download::tool())?;
     let runtime = atp_examples::serve_in_background(&toolkit, local.as_ref()).await?;
 
     // What a model asked for (OpenAI Responses API function calls).

@@ -9,7 +9,9 @@ use actix_web::{
 use atp_registry::http::{BodySource, RequestHead, Response as AtpResponse};
 use futures_util::StreamExt;
 
-pub use atp_registry::{self, Engine, Registry};
+// `#[tool]` and `#[toolkit]` too: with `crate = "atp_actix::atp_registry"`
+// (this crate's name), no other dependency is needed.
+pub use atp_registry::{self, Engine, Registry, tool, toolkit};
 
 atp_registry::define_adapter! {
     /// The ATP endpoints as an actix-web service: `App::new().service(Atp::new())`.

@@ -11,7 +11,9 @@ use axum::{
 };
 use http_body_util::BodyExt;
 
-pub use atp_registry::{self, Engine, Registry};
+// `#[tool]` and `#[toolkit]` too: with `crate = "atp_axum::atp_registry"`
+// (this crate's name), no other dependency is needed.
+pub use atp_registry::{self, Engine, Registry, tool, toolkit};
 
 atp_registry::define_adapter! {
     /// The ATP endpoints as an axum service: `Router::new().merge(Atp::new())`.

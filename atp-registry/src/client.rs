@@ -19,10 +19,11 @@ use crate::ToolSpec;
 
 use crate::{
     app::{self, AppCall, AppReply},
+    define::{ToolDef, Toolkit, ToolkitState},
     error::{CallError, RegisterError},
     schema::{Provider, typed_schema, untyped_schema},
     secret::{AuthToken, Secret},
-    tool::{BoxFuture, Call, Handler, HandlerOutput, Progress, Tool},
+    tool::{BlockingJob, BoxFuture, Call, Handler, HandlerOutput, Progress, Tool},
 };
 
 /// The ATP server the Python SDK's client talks to by default.
@@ -366,25 +367,134 @@ impl ToolKitClient {
         self.insert(app, schema, Handler::App(app::typed_handler(handler)))
     }
 
+    /// Registers a tool made by [`#[tool]`](crate::tool): the function's
+    /// `tool()` (`hello_world::tool()`), with the same checks as the
+    /// builder's `register_tool`.
+    ///
+    /// ```
+    /// use atp_registry::{ToolKitClient, tool};
+    ///
+    /// /// Returns a greeting.
+    /// #[tool]
+    /// async fn hello_world(name: String) -> String {
+    ///     format!("Hello, {name}!")
+    /// }
+    ///
+    /// let client = ToolKitClient::new("YOUR_ATP_TOOLKIT_API_KEY", "my_app");
+    /// client.register(hello_world::tool())?;
+    /// assert_eq!(client.tool("hello_world").unwrap().description(), "Returns a greeting.");
+    /// # Ok::<(), atp_registry::RegisterError>(())
+    /// ```
+    pub fn register(&self, tool: ToolDef) -> Result<(), RegisterError> {
+        self.register_all([tool])
+    }
+
+    /// Registers several tools made by [`#[tool]`](crate::tool) at once:
+    /// all of them, or (when one breaks a rule or a name is taken) none.
+    ///
+    /// ```
+    /// use atp_registry::{ToolKitClient, tool};
+    ///
+    /// /// Echoes the input text.
+    /// #[tool]
+    /// async fn echo(text: String) -> String { text }
+    ///
+    /// /// Returns a greeting.
+    /// #[tool]
+    /// async fn hello_world(name: String) -> String { format!("Hello, {name}!") }
+    ///
+    /// let client = ToolKitClient::new("YOUR_ATP_TOOLKIT_API_KEY", "my_app");
+    /// client.register_all([hello_world::tool(), echo::tool()])?;
+    /// assert!(client.register_all([echo::tool()]).is_err());
+    /// assert_eq!(client.tool_names(), ["hello_world", "echo"]);
+    /// # Ok::<(), atp_registry::RegisterError>(())
+    /// ```
+    pub fn register_all(
+        &self,
+        tools: impl IntoIterator<Item = ToolDef>,
+    ) -> Result<(), RegisterError> {
+        let entries = tools
+            .into_iter()
+            .map(|def| {
+                let (tool, handler) = def.into_parts()?;
+                let schema = untyped_schema(&tool);
+                Ok((tool, schema, handler))
+            })
+            .collect::<Result<_, RegisterError>>()?;
+        self.insert_all(entries)
+    }
+
+    /// Registers every tool of a [`#[toolkit]`](crate::toolkit) `impl`
+    /// block, sharing `state` (the value, or an `Arc` of it) between
+    /// their calls; all of them or none, as
+    /// [`register_all`](Self::register_all).
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    ///
+    /// use atp_registry::{ToolKitClient, toolkit};
+    ///
+    /// #[derive(Default)]
+    /// struct Counter {
+    ///     hits: AtomicU64,
+    /// }
+    ///
+    /// #[toolkit]
+    /// impl Counter {
+    ///     /// Counts a hit and returns the count.
+    ///     #[tool]
+    ///     async fn hit(&self) -> u64 {
+    ///         self.hits.fetch_add(1, Ordering::Relaxed) + 1
+    ///     }
+    /// }
+    ///
+    /// let client = ToolKitClient::new("YOUR_ATP_TOOLKIT_API_KEY", "my_app");
+    /// client.register_toolkit(Counter::default())?;
+    /// assert_eq!(client.tool_names(), ["hit"]);
+    /// # Ok::<(), atp_registry::RegisterError>(())
+    /// ```
+    pub fn register_toolkit<K: Toolkit>(
+        &self,
+        state: impl ToolkitState<K>,
+    ) -> Result<(), RegisterError> {
+        self.register_all(K::tools(state.into_shared()))
+    }
+
     fn insert(
         &self,
         tool: Tool,
         input_schema: Value,
         handler: Handler,
     ) -> Result<(), RegisterError> {
-        tool.validate()?;
-        let mut tools = self.tools.write().unwrap_or_else(PoisonError::into_inner);
-        if tools.by_name.contains_key(&tool.name) {
-            return Err(RegisterError::DuplicateTool(tool.name));
+        self.insert_all(vec![(tool, input_schema, handler)])
+    }
+
+    /// Registers all of `entries` or, when one breaks a rule or its name
+    /// is taken, none.
+    fn insert_all(&self, entries: Vec<(Tool, Value, Handler)>) -> Result<(), RegisterError> {
+        for (tool, _, _) in &entries {
+            tool.validate()?;
         }
-        let index = tools.list.len();
-        tools.by_name.insert(tool.name.clone(), index);
-        tools.list.push(Arc::new(RegisteredTool {
-            spec: tool.spec_with(input_schema),
-            handler,
-        }));
+        let mut tools = self.tools.write().unwrap_or_else(PoisonError::into_inner);
+        for (i, (tool, _, _)) in entries.iter().enumerate() {
+            if tools.by_name.contains_key(&tool.name)
+                || entries[..i].iter().any(|(t, _, _)| t.name == tool.name)
+            {
+                return Err(RegisterError::DuplicateTool(tool.name.clone()));
+            }
+        }
+        for (mut tool, input_schema, handler) in entries {
+            let index = tools.list.len();
+            tools.by_name.insert(tool.name.clone(), index);
+            let output_schema = tool.output_schema.take();
+            tools.list.push(Arc::new(RegisteredTool {
+                spec: tool.spec_with(input_schema),
+                output_schema,
+                handler,
+            }));
+        }
         drop(tools);
-        // A running toolkit announces the new tool to its server.
+        // A running toolkit announces the new tools to its server.
         #[cfg(feature = "runtime")]
         self.control.tool_added();
         Ok(())
@@ -525,6 +635,7 @@ impl fmt::Debug for ToolKitClient {
 #[derive(Debug)]
 pub struct RegisteredTool {
     spec: ToolSpec,
+    output_schema: Option<Value>,
     handler: Handler,
 }
 
@@ -577,6 +688,13 @@ impl RegisteredTool {
     /// The JSON Schema of the tool's input.
     pub fn input_schema(&self) -> &Value {
         &self.spec.input_schema
+    }
+
+    /// The JSON Schema of the tool's result, if it has one
+    /// ([`Tool::output_schema`]; `#[tool]` sets it from an object result
+    /// type). Only the MCP face shows it.
+    pub fn output_schema(&self) -> Option<&Value> {
+        self.output_schema.as_ref()
     }
 
     /// The tool's context, as `GET /atp/{toolkit}/{tool}/` answers it.
@@ -695,18 +813,13 @@ impl RegisteredTool {
             },
             Handler::Blocking(f) => {
                 let f = f.clone();
-                match tokio::task::spawn_blocking(move || {
-                    catch_unwind(AssertUnwindSafe(|| f(call)))
-                })
-                .await
-                {
-                    Ok(outcome) => outcome,
-                    Err(join) if join.is_panic() => Err(join.into_panic()),
-                    Err(_) => {
-                        Err(Box::new("the blocking task was cancelled") as Box<dyn Any + Send>)
-                    }
-                }
+                run_blocking(Box::new(move || f(call))).await
             }
+            Handler::TypedBlocking(f) => match catch_unwind(AssertUnwindSafe(|| f(call))) {
+                Ok(Ok(job)) => run_blocking(job).await,
+                Ok(Err(message)) => return Err(CallError::InvalidParams(message)),
+                Err(panic) => Err(panic),
+            },
         };
         match outcome {
             Ok(Ok(value)) => Ok(value),
@@ -766,6 +879,15 @@ pub fn check_params(
         return Err(CallError::UnknownParams(unknown));
     }
     Ok(())
+}
+
+/// Runs `job` on tokio's blocking pool, turning a panic into an `Err`.
+async fn run_blocking(job: BlockingJob) -> Result<HandlerOutput, Box<dyn Any + Send>> {
+    match tokio::task::spawn_blocking(move || catch_unwind(AssertUnwindSafe(job))).await {
+        Ok(outcome) => outcome,
+        Err(join) if join.is_panic() => Err(join.into_panic()),
+        Err(_) => Err(Box::new("the blocking task was cancelled") as Box<dyn Any + Send>),
+    }
 }
 
 /// The error of a tool call to an app.
@@ -1100,6 +1222,82 @@ mod tests {
             c.call_tool_by_name("steps", json!({"n": "x"}), None).await,
             Err(CallError::InvalidParams(_))
         ));
+    }
+
+    /// Sleeps its thread, then answers.
+    #[crate::tool]
+    fn sleepy(ms: u64) -> &'static str {
+        std::thread::sleep(Duration::from_millis(ms));
+        "done"
+    }
+
+    /// Panics.
+    #[crate::tool]
+    fn boom_fn() -> u8 {
+        panic!("blocking secret")
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn plain_fns_under_tool_run_on_the_blocking_pool() {
+        let c = ToolKitClient::new("k", "a");
+        c.register_all([sleepy::tool(), boom_fn::tool()])
+            .expect("valid");
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        assert_eq!(
+            c.call_tool_by_name("sleepy", json!({"ms": 300}), None)
+                .await,
+            Ok(json!("done"))
+        );
+        ticker.abort();
+        assert!(ticks.load(Ordering::Relaxed) >= 5);
+        // Params are read before the pool is asked for a thread.
+        assert!(matches!(
+            c.call_tool_by_name("sleepy", json!({"ms": "x"}), None)
+                .await,
+            Err(CallError::InvalidParams(_))
+        ));
+        assert_eq!(
+            c.call_tool_by_name("boom_fn", json!({}), None).await,
+            Err(CallError::Panicked)
+        );
+    }
+
+    #[test]
+    fn register_all_is_all_or_nothing() {
+        let c = ToolKitClient::new("k", "a");
+        c.register(sleepy::tool()).expect("valid");
+        // One name taken: none registered.
+        assert_eq!(
+            c.register_all([boom_fn::tool(), sleepy::tool()]),
+            Err(RegisterError::DuplicateTool("sleepy".into()))
+        );
+        // The same name twice in one call.
+        assert_eq!(
+            c.register_all([boom_fn::tool(), boom_fn::tool()]),
+            Err(RegisterError::DuplicateTool("boom_fn".into()))
+        );
+        assert_eq!(c.tool_names(), ["sleepy"]);
+        // A builder tool and a macro tool share the names.
+        assert!(matches!(
+            c.register_tool(Tool::new("sleepy"), echo),
+            Err(RegisterError::DuplicateTool(_))
+        ));
+        assert_eq!(
+            c.register_tool(
+                Tool::new("o").output_schema(json!({"type": "string"})),
+                echo
+            ),
+            Err(RegisterError::InvalidOutputSchema)
+        );
     }
 
     #[tokio::test]

@@ -124,6 +124,17 @@ pub enum RegisterError {
     /// An announced input schema is not a JSON Schema of type `object`.
     #[error("input_schema must be a JSON Schema of type object")]
     InvalidInputSchema,
+    /// An output schema is not a JSON Schema of type `object` (MCP's
+    /// `structuredContent` is an object).
+    #[error("output_schema must be a JSON Schema of type object")]
+    InvalidOutputSchema,
+    /// A `#[tool]` function's param has a type whose schema needs
+    /// definitions (a recursive type): input schemas are inline.
+    #[error(
+        "the type of param {0:?} is recursive, and input schemas are inline: take a \
+         serde_json::Value and describe it with Tool::param_schema"
+    )]
+    RecursiveParam(String),
     /// A typed tool's argument type is not a struct with named fields.
     #[error("the argument type of a typed tool must be a struct with named fields: {0}")]
     TypedArgsNotObject(String),

@@ -1,8 +1,14 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+// The macros' generated code names this crate `::atp_registry`, also
+// in this crate's own tests.
+#[cfg(test)]
+extern crate self as atp_registry;
+
 mod app;
 mod client;
+mod define;
 mod error;
 pub mod http;
 #[cfg(feature = "llm")]
@@ -27,9 +33,13 @@ pub mod webhook;
 pub mod wire;
 
 pub use app::{AppCall, AppReply};
+pub use atp_macros::{tool, toolkit};
 pub use client::{
     DEFAULT_BASE_URL, DEFAULT_BODY_LIMIT, RegisteredTool, ToolKitClient, check_params,
 };
+#[doc(hidden)]
+pub use define::__private;
+pub use define::{ToolDef, Toolkit, ToolkitState};
 pub use error::{CallError, ErrorCode, RegisterError, RegistryError};
 pub use http::Engine;
 pub use registry::{Registry, get_client, list_clients, register_client};

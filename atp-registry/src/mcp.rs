@@ -75,6 +75,15 @@ pub trait McpBackend: Send + Sync {
     /// has no sessions of an app).
     fn tools(&self) -> Vec<ToolSpec>;
 
+    /// The JSON Schema of tool `name`'s result, if it has one (an object
+    /// schema, [`Tool::output_schema`](crate::Tool::output_schema)): it
+    /// is advertised as the tool's `outputSchema`, and the tool's results
+    /// are answered as `structuredContent`. None by default.
+    fn output_schema(&self, name: &str) -> Option<Value> {
+        let _ = name;
+        None
+    }
+
     /// Runs tool `name` with `params` and `auth_token`, sending its
     /// progress and logs to `events`.
     fn call(
@@ -417,7 +426,19 @@ pub fn tool_description(spec: &ToolSpec) -> m::Tool {
 }
 
 fn tools_list(backend: &impl McpBackend, modern: bool) -> Value {
-    let tools: Vec<m::Tool> = backend.tools().iter().map(tool_description).collect();
+    let tools: Vec<m::Tool> = backend
+        .tools()
+        .iter()
+        .map(|spec| {
+            let tool = tool_description(spec);
+            match backend.output_schema(&spec.name) {
+                Some(Value::Object(schema)) if crate::tool::is_object_schema_map(&schema) => {
+                    tool.with_raw_output_schema(Arc::new(schema))
+                }
+                _ => tool,
+            }
+        })
+        .collect();
     let mut v = json!({"tools": tools});
     if modern {
         complete(&mut v);
@@ -457,6 +478,7 @@ async fn call(
         .cloned();
     let (tx, mut rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
     let events = Progress::events(tx);
+    let structured = backend.output_schema(name).is_some();
     let outcome = backend.call(name, arguments, token, events.clone()).await;
     events.finish();
     drop(events);
@@ -491,7 +513,7 @@ async fn call(
         }
     }
     let result = match outcome {
-        Ok(value) => Ok(call_result(value, modern)),
+        Ok(value) => Ok(call_result(value, modern, structured)),
         Err(McpCallError::UnknownTool) => Err(ErrorData::invalid_params(
             format!("Unknown tool: {name}"),
             None,
@@ -507,9 +529,16 @@ async fn call(
 
 /// A tool's result as an MCP result: content it gave as MCP content
 /// (`{"content": [blocks]}`, see [`Content`]), else its JSON as text and
-/// as `structuredContent` when it is an object.
-fn call_result(value: Value, modern: bool) -> Value {
-    let mut result = match as_content(&value) {
+/// as `structuredContent` when it is an object. The result of a tool
+/// with an output schema (`structured`) is always its JSON, as text and
+/// as `structuredContent`, even when it looks like MCP content.
+fn call_result(value: Value, modern: bool, structured: bool) -> Value {
+    let content = if structured && value.is_object() {
+        None
+    } else {
+        as_content(&value)
+    };
+    let mut result = match content {
         Some(content) => {
             let mut r = CallToolResult::success(content);
             if let Some(s) = value.get("structuredContent") {
@@ -650,6 +679,13 @@ impl McpBackend for ToolkitMcp<'_> {
             .collect()
     }
 
+    fn output_schema(&self, name: &str) -> Option<Value> {
+        self.0
+            .tool(name)
+            .filter(|t| !t.is_app())
+            .and_then(|t| t.output_schema().cloned())
+    }
+
     async fn call(
         &self,
         name: &str,
@@ -686,13 +722,79 @@ mod tests {
         assert!(host_allowed(b"anything", &[Arc::from("*")]));
     }
 
+    #[derive(serde::Serialize, schemars::JsonSchema)]
+    struct Blocks {
+        content: Vec<Text>,
+    }
+
+    #[derive(serde::Serialize, schemars::JsonSchema)]
+    struct Text {
+        r#type: String,
+        text: String,
+    }
+
+    /// Looks like MCP content, but has an output schema.
+    #[crate::tool]
+    async fn blocks() -> Blocks {
+        Blocks {
+            content: vec![Text {
+                r#type: "text".into(),
+                text: "a".into(),
+            }],
+        }
+    }
+
+    /// Looks like MCP content, without an output schema.
+    #[crate::tool]
+    async fn raw() -> Value {
+        json!({"content": [{"type": "text", "text": "a"}]})
+    }
+
+    async fn rpc(client: &crate::ToolKitClient, request: Value) -> Value {
+        let body = serde_json::to_vec(&request).unwrap();
+        handle_message(&ToolkitMcp(client), &McpHead::default(), &body)
+            .await
+            .unwrap()
+            .response
+    }
+
+    #[tokio::test]
+    async fn output_schemas_are_advertised_and_answered_as_structured_content() {
+        let client = crate::ToolKitClient::new("k", "a");
+        client.register_all([blocks::tool(), raw::tool()]).unwrap();
+        let list = rpc(
+            &client,
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+        )
+        .await;
+        let tools = &list["result"]["tools"];
+        assert_eq!(tools[0]["outputSchema"]["type"], "object");
+        assert_eq!(tools[0]["outputSchema"]["required"], json!(["content"]));
+        assert!(tools[1].get("outputSchema").is_none(), "{list}");
+        let call = |name: &str| json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": name}});
+        let structured = rpc(&client, call("blocks")).await;
+        let value = json!({"content": [{"type": "text", "text": "a"}]});
+        assert_eq!(structured["result"]["structuredContent"], value);
+        assert_eq!(
+            structured["result"]["content"][0]["text"],
+            value.to_string()
+        );
+        // Without an output schema, content is content.
+        let content = rpc(&client, call("raw")).await;
+        assert_eq!(content["result"]["content"][0]["text"], "a");
+        assert!(
+            content["result"].get("structuredContent").is_none(),
+            "{content}"
+        );
+    }
+
     #[test]
     fn content_is_recognised() {
         let v = serde_json::to_value(Content::new().text("a").image("AA==", "image/png")).unwrap();
         assert_eq!(as_content(&v).map(|c| c.len()), Some(2));
         assert!(as_content(&json!({"content": [{"type": "nope"}]})).is_none());
         assert!(as_content(&json!({"content": [], "other": 1})).is_none());
-        let plain = call_result(json!({"a": 1}), false);
+        let plain = call_result(json!({"a": 1}), false, false);
         assert_eq!(plain["structuredContent"], json!({"a": 1}));
         assert_eq!(plain["content"][0]["text"], "{\"a\":1}");
         assert!(plain.get("resultType").is_none());

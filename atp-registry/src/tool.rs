@@ -18,11 +18,46 @@ pub const MAX_TOOLKIT_NAME_LEN: usize = 128;
 
 /// Whether `name` is a valid tool name: 1–64 characters from
 /// `A-Z a-z 0-9 _ -` (the rule OpenAI, Anthropic and Mistral share).
-pub fn is_valid_tool_name(name: &str) -> bool {
-    (1..=MAX_TOOL_NAME_LEN).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+///
+/// It is a `const fn`: `#[tool]` checks a name with it at compile time,
+/// so the macro and the builder share this one rule.
+///
+/// ```
+/// const OK: bool = atp_registry::is_valid_tool_name("hello_world");
+/// assert!(OK);
+/// assert!(!atp_registry::is_valid_tool_name("hello world"));
+/// ```
+pub const fn is_valid_tool_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() > MAX_TOOL_NAME_LEN {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if !(b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Whether `name` is reserved and can not name a param: it is
+/// [`AUTH_TOKEN_PARAM`]. A `const fn`, for `#[tool]`'s compile-time check.
+pub const fn is_reserved_param(name: &str) -> bool {
+    let (a, b) = (name.as_bytes(), AUTH_TOKEN_PARAM.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// Whether `name` is a valid toolkit name: 1–128 characters from
@@ -60,6 +95,7 @@ pub struct Tool {
     pub(crate) auth_with: Option<String>,
     pub(crate) param_schemas: Vec<(String, Value)>,
     pub(crate) schema: Option<Value>,
+    pub(crate) output_schema: Option<Value>,
 }
 
 impl Tool {
@@ -161,19 +197,48 @@ impl Tool {
         self
     }
 
+    /// The JSON Schema of the tool's result, when it is an object: the
+    /// MCP face advertises it as the tool's `outputSchema` and answers
+    /// its calls with `structuredContent`. ATP itself has no output
+    /// schema: the tool's context and provider schemas do not change.
+    /// `#[tool]` sets it from the result type when that type has an
+    /// object schema.
+    ///
+    /// ```
+    /// use atp_registry::Tool;
+    /// use serde_json::json;
+    ///
+    /// let tool = Tool::new("greet").output_schema(json!({
+    ///     "type": "object",
+    ///     "properties": {"message": {"type": "string"}},
+    ///     "required": ["message"]
+    /// }));
+    /// assert!(tool.validate().is_ok());
+    /// assert!(Tool::new("n").output_schema(json!({"type": "integer"})).validate().is_err());
+    /// ```
+    pub fn output_schema(mut self, schema: Value) -> Self {
+        self.output_schema = Some(schema);
+        self
+    }
+
     /// The tool's name.
     pub fn name(&self) -> &str {
         &self.name
     }
 
     /// Checks every registration rule that concerns the tool alone (its
-    /// name, its params, its param schemas).
+    /// name, its params, its param schemas, its output schema).
     pub fn validate(&self) -> Result<(), RegisterError> {
         check_rules(&self.name, &self.params, &self.required_params)?;
         if let Some(schema) = &self.schema
             && !(schema.is_object() && schema.get("type").is_none_or(|t| t == "object"))
         {
             return Err(RegisterError::InvalidInputSchema);
+        }
+        if let Some(schema) = &self.output_schema
+            && !is_object_schema(schema)
+        {
+            return Err(RegisterError::InvalidOutputSchema);
         }
         for (p, schema) in &self.param_schemas {
             if !self.params.contains(p) {
@@ -219,6 +284,16 @@ impl Tool {
     }
 }
 
+/// Whether `schema` is a JSON Schema of type `object` (`"type": "object"`).
+pub(crate) fn is_object_schema(schema: &Value) -> bool {
+    schema.as_object().is_some_and(is_object_schema_map)
+}
+
+/// [`is_object_schema`] of a schema that is a JSON object.
+pub(crate) fn is_object_schema_map(schema: &Map<String, Value>) -> bool {
+    schema.get("type").and_then(Value::as_str) == Some("object")
+}
+
 fn requires_auth(provider: Option<&str>, auth_type: Option<&str>) -> bool {
     provider.is_some() || auth_type.is_some()
 }
@@ -230,7 +305,7 @@ fn check_rules(name: &str, params: &[String], required: &[String]) -> Result<(),
     }
     let mut seen = std::collections::HashSet::new();
     for p in params {
-        if p == AUTH_TOKEN_PARAM {
+        if is_reserved_param(p) {
             return Err(RegisterError::ReservedParam(p.clone()));
         }
         if p.is_empty() {
@@ -723,6 +798,9 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 /// handler's error message.
 pub(crate) type HandlerOutput = Result<Value, String>;
 
+/// The work of a blocking handler whose params are read already.
+pub(crate) type BlockingJob = Box<dyn FnOnce() -> HandlerOutput + Send>;
+
 /// A handler, with its kind.
 #[derive(Clone)]
 pub(crate) enum Handler {
@@ -733,6 +811,9 @@ pub(crate) enum Handler {
     /// Deserializes the params first; the error is an `invalid_params`
     /// message.
     Typed(Arc<dyn Fn(Call) -> Result<BoxFuture<HandlerOutput>, String> + Send + Sync>),
+    /// Deserializes the params first (an `invalid_params` message), then
+    /// runs the job on tokio's blocking pool: a plain `fn` under `#[tool]`.
+    TypedBlocking(Arc<dyn Fn(Call) -> Result<BlockingJob, String> + Send + Sync>),
     /// An interactive app: not callable as a tool.
     App(crate::app::AppHandler),
 }
@@ -816,6 +897,7 @@ impl Handler {
             Handler::Async(_) => "async",
             Handler::Blocking(_) => "blocking",
             Handler::Typed(_) => "typed",
+            Handler::TypedBlocking(_) => "typed blocking",
             Handler::App(_) => "app",
         }
     }

@@ -10,7 +10,9 @@ use rocket::{
     route::{Handler, Outcome},
 };
 
-pub use atp_registry::{self, Engine, Registry};
+// `#[tool]` and `#[toolkit]` too: with `crate = "atp_rocket::atp_registry"`
+// (this crate's name), no other dependency is needed.
+pub use atp_registry::{self, Engine, Registry, tool, toolkit};
 
 atp_registry::define_adapter! {
     /// The ATP endpoints as Rocket routes: `rocket::build().mount("/", Atp::new())`.

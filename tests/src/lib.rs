@@ -7,6 +7,7 @@ pub mod fixture;
 pub mod infra;
 pub mod mcp_fixture;
 pub mod process;
+pub mod seed;
 pub mod server;
 
 use std::{future::Future, net::SocketAddr, pin::Pin};

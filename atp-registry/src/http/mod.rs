@@ -512,6 +512,8 @@ impl PendingCall {
         if body.len() > self.limit {
             return self.too_large();
         }
+        // Without `mcp`, a tool is all there is to run.
+        #[cfg_attr(not(feature = "mcp"), allow(clippy::infallible_destructuring_match))]
         let tool = match self.kind {
             Pending::Tool(tool) => tool,
             #[cfg(feature = "mcp")]
