@@ -1,6 +1,6 @@
 //! The official MCP conformance suite (`@modelcontextprotocol/conformance`,
 //! pinned to 0.1.16) against an MCP endpoint serving the fixture's
-//! `mcp_conformance` toolkit: each adapter's (`tests/tests/mcp_official.rs`)
+//! `mcp_conformance` toolkit: each adapter's (`tests/tests/conformance/mcp_official.rs`)
 //! and atp-server's (its e2e tests). One `conformance server --url …
 //! --scenario …` process per scenario. See docs/MCP-CONFORMANCE.md.
 //!
