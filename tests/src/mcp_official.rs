@@ -22,8 +22,9 @@ use std::{
 /// The suite's directory (see the module's documentation).
 const DIR: &str = "ATP_MCP_CONFORMANCE_DIR";
 
-/// Set to `1`, a missing suite fails the tests instead of skipping them.
-const REQUIRE: &str = "ATP_REQUIRE_MCP";
+/// Set to `1`, a missing suite (or Python MCP client) fails the tests
+/// instead of skipping them.
+pub const REQUIRE: &str = "ATP_REQUIRE_MCP";
 
 /// The scenarios run, in this order: the 0.1.16 suite's server scenarios
 /// for tools, logging and the transport (its `active` suite less the
@@ -51,9 +52,10 @@ const SCENARIOS: [&str; 14] = [
 /// start-up).
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Whether `ATP_REQUIRE_MCP=1`; any other non-empty value but `0` is a
-/// mistake, and panics.
-fn required() -> bool {
+/// Whether `ATP_REQUIRE_MCP=1` (for every MCP test that needs software
+/// from outside: the suite, the Python client); any other non-empty value
+/// but `0` is a mistake, and panics.
+pub fn required() -> bool {
     match std::env::var(REQUIRE) {
         Ok(v) if v == "1" => true,
         Ok(v) if !v.is_empty() && v != "0" => {
