@@ -61,8 +61,10 @@ async fn download(
     Ok(json!({"downloaded": files}))
 }
 
+/// Serves the demo toolkit over stdin and stdout until stdin ends (`pub`:
+/// the example's test runs it as its child process).
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+pub async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // stdout is the protocol's: logs go to stderr.
     atp_examples::init_logging();
     let toolkit = atp_examples::demo_client()?;

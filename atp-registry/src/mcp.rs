@@ -176,10 +176,15 @@ pub fn loopback_hosts() -> Vec<Arc<str>> {
         .collect()
 }
 
-fn accepts_sse(accept: Option<&[u8]>) -> bool {
-    accept
-        .and_then(|a| std::str::from_utf8(a).ok())
-        .is_some_and(|a| a.to_ascii_lowercase().contains("text/event-stream"))
+impl McpHead<'_> {
+    /// Whether the client reads an event stream (its `Accept` has
+    /// `text/event-stream`): only then does a call's answer carry its
+    /// notifications (progress, logs).
+    pub fn accepts_event_stream(&self) -> bool {
+        self.accept
+            .and_then(|a| std::str::from_utf8(a).ok())
+            .is_some_and(|a| a.to_ascii_lowercase().contains("text/event-stream"))
+    }
 }
 
 /// The answer to one JSON-RPC message, whatever carries it: the
@@ -223,7 +228,7 @@ pub async fn handle(backend: &impl McpBackend, head: &McpHead<'_>, body: &[u8]) 
     if reply.malformed {
         return McpAnswer::json(400, &reply.response);
     }
-    if reply.notifications.is_empty() || !accepts_sse(head.accept) {
+    if reply.notifications.is_empty() || !head.accepts_event_stream() {
         return McpAnswer::json(200, &reply.response);
     }
     // The notifications, then the answer, as server-sent events.

@@ -577,10 +577,12 @@ struct ProgressSink {
 
 /// Where reports go.
 enum Target {
-    /// `tool_progress` frames of one request, for the WebSocket runtime.
+    /// `tool_progress` (and, when the request asked, `tool_log`) frames
+    /// of one request, for the WebSocket runtime.
     Frames {
         request_id: crate::wire::RequestId,
         tx: tokio::sync::mpsc::Sender<String>,
+        logs: bool,
     },
     /// Reports as they are, for the MCP endpoints.
     Events(tokio::sync::mpsc::Sender<ToolEvent>),
@@ -610,7 +612,10 @@ pub enum ToolEvent {
 
 /// The level of a tool's log message ([`Call::log`]): the syslog levels
 /// MCP uses, least severe first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum LogLevel {
     /// Detailed debugging information.
     Debug,
@@ -671,15 +676,20 @@ impl fmt::Debug for Progress {
 
 impl Progress {
     /// A handle whose reports go to `tx` as `tool_progress` frames of
-    /// `request_id`.
+    /// `request_id`, and its log messages as `tool_log` frames when `logs`.
     #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
     pub(crate) fn channel(
         request_id: crate::wire::RequestId,
         tx: tokio::sync::mpsc::Sender<String>,
+        logs: bool,
     ) -> Self {
         Self {
             sink: Some(Arc::new(ProgressSink {
-                target: Target::Frames { request_id, tx },
+                target: Target::Frames {
+                    request_id,
+                    tx,
+                    logs,
+                },
                 done: Default::default(),
             })),
         }
@@ -730,7 +740,7 @@ impl Progress {
             return false;
         }
         match &sink.target {
-            Target::Frames { request_id, tx } => {
+            Target::Frames { request_id, tx, .. } => {
                 let frame = crate::wire::ToolkitToServer::ToolProgress(crate::wire::ToolProgress {
                     request_id: request_id.clone(),
                     progress,
@@ -750,9 +760,10 @@ impl Progress {
     }
 
     /// Sends a log message at `level`. Returns whether it was queued:
-    /// `false` when nobody listens for logs (only the MCP endpoints do;
-    /// ATP has no log message), the call is answered already, or the queue
-    /// is full.
+    /// `false` when nobody listens for logs (MCP clients do, directly or
+    /// through atp-server, which asks a WebSocket toolkit for `tool_log`
+    /// frames; ATP callers have no log message), the call is answered
+    /// already, or the queue is full.
     pub fn log(&self, level: LogLevel, data: impl Into<Value>) -> bool {
         let Some(sink) = &self.sink else {
             return false;
@@ -761,7 +772,19 @@ impl Progress {
             return false;
         }
         match &sink.target {
-            Target::Frames { .. } => false,
+            Target::Frames {
+                request_id,
+                tx,
+                logs: true,
+            } => {
+                let frame = crate::wire::ToolkitToServer::ToolLog(crate::wire::ToolLog {
+                    request_id: request_id.clone(),
+                    level,
+                    data: data.into(),
+                });
+                tx.try_send(frame.to_json()).is_ok()
+            }
+            Target::Frames { logs: false, .. } => false,
             Target::Events(tx) => tx
                 .try_send(ToolEvent::Log {
                     level,
@@ -994,7 +1017,7 @@ mod tests {
     #[tokio::test]
     async fn progress_goes_out_until_the_call_is_answered_and_never_waits() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
-        let progress = Progress::channel("r1".into(), tx);
+        let progress = Progress::channel("r1".into(), tx, false);
         let call = Call::new(Map::new(), None).with_progress(progress.clone());
         assert!(call.progress_handle().is_listened());
         assert!(call.progress(1.0, Some(4.0), Some("one")));

@@ -37,7 +37,7 @@ use std::{
 };
 
 use async_nats::{Client, Message, RequestErrorKind, Subscriber};
-use atp_registry::{Secret, wire::ProgressBody};
+use atp_registry::{LogLevel, Secret, wire::ProgressBody};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -51,7 +51,7 @@ use crate::{
     State,
     config::{Config, NatsUrl},
     error::ServerError,
-    hub::{Answer, RouteError, ToolRequest},
+    hub::{Answer, Report, RouteError, ToolRequest},
 };
 
 /// How often a server says it is alive.
@@ -82,6 +82,10 @@ enum Work {
         auth_token: Option<Secret>,
         timeout_ms: u64,
         progress: bool,
+        /// Whether the caller reads log messages (older servers send
+        /// none: absent is `false`).
+        #[serde(default)]
+        logs: bool,
     },
     /// An app session's start; the answer goes to `reply`.
     AppStart {
@@ -133,7 +137,17 @@ enum Ack {
 #[serde(tag = "t", rename_all = "snake_case")]
 enum Back {
     Progress { progress: ProgressBody },
+    Log { level: LogLevel, data: Value },
     Answer { outcome: Result<Done, WireError> },
+}
+
+impl From<Report> for Back {
+    fn from(report: Report) -> Self {
+        match report {
+            Report::Progress(progress) => Back::Progress { progress },
+            Report::Log { level, data } => Back::Log { level, data },
+        }
+    }
 }
 
 /// A successful answer.
@@ -445,7 +459,7 @@ impl Bus {
         mut rx: mpsc::Receiver<Back>,
         holder: &str,
         timeout: Duration,
-        progress: Option<&mpsc::Sender<ProgressBody>>,
+        progress: Option<&mpsc::Sender<Report>>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Done, RouteError> {
         struct Forget<'a>(&'a Bus, &'a str);
@@ -462,7 +476,12 @@ impl Bus {
                 back = rx.recv() => match back {
                     Some(Back::Progress { progress: p }) => {
                         if let Some(tx) = progress {
-                            let _ = tx.try_send(p);
+                            let _ = tx.try_send(Report::Progress(p));
+                        }
+                    }
+                    Some(Back::Log { level, data }) => {
+                        if let Some(tx) = progress {
+                            let _ = tx.try_send(Report::Log { level, data });
                         }
                     }
                     Some(Back::Answer { outcome }) => return outcome.map_err(|e| e.into_route(holder)),
@@ -488,7 +507,7 @@ impl Bus {
         key_hash: &str,
         request: &ToolRequest,
         timeout: Duration,
-        progress: Option<mpsc::Sender<ProgressBody>>,
+        progress: Option<mpsc::Sender<Report>>,
     ) -> Result<Value, RouteError> {
         let rid = crate::keys::uuid4();
         let work = Work::Call {
@@ -500,6 +519,7 @@ impl Bus {
             auth_token: request.auth_token.clone(),
             timeout_ms: millis(timeout),
             progress: progress.is_some(),
+            logs: request.logs,
         };
         let (rx, holder) = self.send_to_holder(app, key_hash, &rid, work).await?;
         let mut shutdown = s.shutdown.subscribe();
@@ -775,8 +795,8 @@ async fn handle(s: &Arc<State>, client: &Client, msg: Message) {
         let tx = lock(&bus.waiters).get(rid).cloned();
         if let Some(tx) = tx {
             match back {
-                // Progress never holds anything up.
-                Back::Progress { .. } => {
+                // Progress and logs never hold anything up.
+                Back::Progress { .. } | Back::Log { .. } => {
                     let _ = tx.try_send(back);
                 }
                 // The answer always gets through (the caller reads on).
@@ -866,11 +886,13 @@ async fn run(s: Arc<State>, client: Client, work: Work) {
             auth_token,
             timeout_ms,
             progress,
+            logs,
         } => {
             let request = ToolRequest {
                 tool_name,
                 params,
                 auth_token,
+                logs,
             };
             let (tx, mut rx) = mpsc::channel(crate::hub::PROGRESS_BUFFER);
             let work = s.hub.dispatch(
@@ -884,12 +906,12 @@ async fn run(s: Arc<State>, client: Client, work: Work) {
             let outcome = loop {
                 tokio::select! {
                     biased;
-                    Some(p) = rx.recv() => send(reply.clone(), Back::Progress { progress: p }).await,
+                    Some(r) = rx.recv() => send(reply.clone(), Back::from(r)).await,
                     answer = &mut work => break answer,
                 }
             };
-            while let Ok(p) = rx.try_recv() {
-                send(reply.clone(), Back::Progress { progress: p }).await;
+            while let Ok(r) = rx.try_recv() {
+                send(reply.clone(), Back::from(r)).await;
             }
             let outcome = outcome
                 .map(|value| Done::Value { value })
@@ -910,6 +932,7 @@ async fn run(s: Arc<State>, client: Client, work: Work) {
                 tool_name,
                 params,
                 auth_token,
+                logs: false,
             };
             crate::hub::ensure_sweeper(&s);
             let outcome = s

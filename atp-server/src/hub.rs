@@ -46,7 +46,7 @@ use std::{
 };
 
 use atp_registry::{
-    Secret,
+    LogLevel, Secret,
     wire::{self, ProgressBody, RequestId, ServerToToolkit},
 };
 use serde_json::{Map, Value};
@@ -124,6 +124,24 @@ pub(crate) struct ToolRequest {
     pub tool_name: String,
     pub params: Map<String, Value>,
     pub auth_token: Option<Secret>,
+    /// Whether the caller reads the tool's log messages (an MCP client):
+    /// a WebSocket toolkit is asked for `tool_log` frames.
+    pub logs: bool,
+}
+
+/// What a running tool reports before its answer, on its way from the
+/// toolkit to the caller.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Report {
+    /// Progress (`tool_progress`).
+    Progress(ProgressBody),
+    /// A log message (`tool_log`, sent when the request asked for logs).
+    Log {
+        /// Its level.
+        level: LogLevel,
+        /// What it says.
+        data: Value,
+    },
 }
 
 impl ToolRequest {
@@ -134,6 +152,7 @@ impl ToolRequest {
             tool_name: self.tool_name.clone(),
             params: self.params.clone(),
             auth_token: self.auth_token.clone(),
+            logs: self.logs,
         }
     }
 }
@@ -222,8 +241,8 @@ struct Pending {
     key_hash: String,
     via: Via,
     tx: oneshot::Sender<Result<Answer, RouteError>>,
-    /// Where the toolkit's progress reports go, if the caller wants them.
-    progress: Option<mpsc::Sender<ProgressBody>>,
+    /// Where the toolkit's reports go, if the caller wants them.
+    progress: Option<mpsc::Sender<Report>>,
 }
 
 /// Where an app session lives.
@@ -590,7 +609,7 @@ impl Hub {
         key_hash: &str,
         request: &ToolRequest,
         timeout: Duration,
-        progress: Option<mpsc::Sender<ProgressBody>>,
+        progress: Option<mpsc::Sender<Report>>,
     ) -> Result<Value, RouteError> {
         let request_id = format!("{}{}", self.id_prefix, uuid4());
         let (tx, rx) = oneshot::channel();
@@ -668,16 +687,16 @@ impl Hub {
         }
     }
 
-    /// A progress report that came over WebSocket `id`: passed on to the
-    /// request's caller if the request was sent there and the caller
-    /// asked for progress (and has room for it). Whether it was.
-    pub fn socket_progress(&self, id: u64, request_id: &str, progress: ProgressBody) -> bool {
+    /// A report (progress, a log message) that came over WebSocket `id`:
+    /// passed on to the request's caller if the request was sent there and
+    /// the caller asked for reports (and has room for it). Whether it was.
+    pub fn socket_report(&self, id: u64, request_id: &str, report: Report) -> bool {
         let inner = self.lock();
         match inner.pending.get(request_id) {
             Some(p) if matches!(p.via, Via::Socket(s) if s == id) => p
                 .progress
                 .as_ref()
-                .is_some_and(|tx| tx.try_send(progress).is_ok()),
+                .is_some_and(|tx| tx.try_send(report).is_ok()),
             _ => false,
         }
     }
@@ -1304,6 +1323,7 @@ mod tests {
             tool_name: "echo".into(),
             params: Map::new(),
             auth_token: None,
+            logs: false,
         }
     }
 
@@ -1379,12 +1399,12 @@ mod tests {
         Arc::new(Hub::new(rx, Duration::from_secs(60), None))
     }
 
-    fn progress(n: f64) -> ProgressBody {
-        ProgressBody {
+    fn progress(n: f64) -> Report {
+        Report::Progress(ProgressBody {
             progress: n,
             total: None,
             message: None,
-        }
+        })
     }
 
     #[tokio::test]
@@ -1403,15 +1423,15 @@ mod tests {
             .expect("id")
             .to_owned();
         assert!(
-            !hub.socket_progress(id + 1, &rid, progress(1.0)),
+            !hub.socket_report(id + 1, &rid, progress(1.0)),
             "another socket"
         );
-        assert!(hub.socket_progress(id, &rid, progress(2.0)));
+        assert!(hub.socket_report(id, &rid, progress(2.0)));
         // A full channel drops the report rather than wait.
-        assert!(!hub.socket_progress(id, &rid, progress(3.0)));
+        assert!(!hub.socket_report(id, &rid, progress(3.0)));
         assert!(hub.socket_answer(id, &rid, Ok(json!(1))));
         assert_eq!(call.await.expect("join"), Ok(json!(1)));
-        assert_eq!(prx.recv().await.map(|p| p.progress), Some(2.0));
+        assert_eq!(prx.recv().await, Some(progress(2.0)));
         assert!(
             prx.recv().await.is_none(),
             "nothing more, and the sender is gone"
@@ -1428,7 +1448,7 @@ mod tests {
             .as_str()
             .expect("id")
             .to_owned();
-        assert!(!hub.socket_progress(id, &rid, progress(1.0)));
+        assert!(!hub.socket_report(id, &rid, progress(1.0)));
         assert!(hub.socket_answer(id, &rid, Ok(json!(2))));
         assert_eq!(call.await.expect("join"), Ok(json!(2)));
     }

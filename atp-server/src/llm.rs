@@ -13,8 +13,8 @@ use atp_registry::{
     },
     wire::{
         AppActionRequest, AppRequest, AppResponse, AppTerminateRequest, ContextPayload,
-        ContextRequest, ContextResponse, ErrorFrame, LlmToServer, ProgressBody, RequestId,
-        ServerToLlm, TaskProgress, TaskRequest, TaskResponse, WireError,
+        ContextRequest, ContextResponse, ErrorFrame, LlmToServer, RequestId, ServerToLlm,
+        TaskProgress, TaskRequest, TaskResponse, WireError,
     },
 };
 use axum::{
@@ -35,7 +35,7 @@ use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
     error::{ApiError, json_text_response},
-    hub::{PROGRESS_BUFFER, Route, RouteError, ToolRequest},
+    hub::{PROGRESS_BUFFER, Report, Route, RouteError, ToolRequest},
     keys::{Role, api_key_header, key_hash},
     not_a_websocket, oauth, read_object,
     store::ToolkitRecord,
@@ -130,7 +130,7 @@ pub(crate) async fn task(
     s: &crate::State,
     llm_key_hash: &str,
     req: TaskRequest,
-    progress: Option<mpsc::Sender<ProgressBody>>,
+    progress: Option<mpsc::Sender<Report>>,
 ) -> TaskResponse {
     let outcome = run_task(s, llm_key_hash, &req, progress).await;
     let TaskRequest {
@@ -162,7 +162,7 @@ async fn run_task(
     s: &crate::State,
     llm_key_hash: &str,
     req: &TaskRequest,
-    progress: Option<mpsc::Sender<ProgressBody>>,
+    progress: Option<mpsc::Sender<Report>>,
 ) -> Result<Value, Failure> {
     let params = req
         .payload
@@ -176,6 +176,7 @@ async fn run_task(
         params,
         auth_token: req.auth_token().cloned(),
         user: req.external_user_id(),
+        logs: false,
     };
     call_tool(s, llm_key_hash, &kit, call, progress).await
 }
@@ -192,6 +193,9 @@ pub(crate) struct ToolCall<'a> {
     /// The end user whose stored OAuth token a tool that needs one gets
     /// when no token is given (`external_user_id`).
     pub user: Option<&'a str>,
+    /// Whether the caller reads the tool's log messages (MCP clients do;
+    /// ATP has no log message for its callers).
+    pub logs: bool,
 }
 
 /// Runs a tool of `kit` for the LLM key `llm_key_hash`, wherever its
@@ -205,13 +209,14 @@ pub(crate) async fn call_tool(
     llm_key_hash: &str,
     kit: &ToolkitRecord,
     call: ToolCall<'_>,
-    progress: Option<mpsc::Sender<ProgressBody>>,
+    progress: Option<mpsc::Sender<Report>>,
 ) -> Result<Value, Failure> {
     let ToolCall {
         function,
         params,
         auth_token,
         user,
+        logs,
     } = call;
     let tool = kit
         .tools
@@ -263,6 +268,7 @@ pub(crate) async fn call_tool(
         tool_name: tool.spec.name.clone(),
         params,
         auth_token,
+        logs,
     };
     let result = match s.hub.route(&kit.key_hash, kit.endpoint_url.is_some()) {
         // Not here: maybe on another server.
@@ -308,11 +314,14 @@ async fn task_with_progress(
 ) -> TaskResponse {
     let request_id = req.request_id.clone();
     let (tx, mut rx) = mpsc::channel(PROGRESS_BUFFER);
-    let forward = |payload: ProgressBody| {
-        emit(ServerToLlm::TaskProgress(TaskProgress {
-            request_id: request_id.clone(),
-            payload,
-        }));
+    let forward = |report: Report| {
+        // ATP callers get progress; a log message reaches MCP clients only.
+        if let Report::Progress(payload) = report {
+            emit(ServerToLlm::TaskProgress(TaskProgress {
+                request_id: request_id.clone(),
+                payload,
+            }));
+        }
     };
     let work = task(s, llm_key_hash, req, Some(tx));
     tokio::pin!(work);
@@ -381,6 +390,7 @@ async fn app_start(s: &Arc<crate::State>, llm_key_hash: &str, req: AppRequest) -
         tool_name: payload.app,
         params: payload.parameters,
         auth_token: payload.auth_token,
+        logs: false,
     };
     let started = match &s.bus {
         // Not here: maybe on another server.

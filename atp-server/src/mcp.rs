@@ -29,7 +29,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use crate::{
-    hub::PROGRESS_BUFFER,
+    hub::{PROGRESS_BUFFER, Report},
     keys::{self, Role},
     llm::{ToolCall, call_tool},
     store::ToolkitRecord,
@@ -37,6 +37,10 @@ use crate::{
 
 /// The header naming the end user whose stored OAuth tokens a tool gets.
 const USER_HEADER: &str = "x-atp-user";
+
+/// Who a keyless MCP request is in dev mode (as the hash of this "key":
+/// any key is the one developer's in dev mode).
+const DEV_CALLER: &str = "dev-mode-keyless-mcp-client";
 
 /// A generic JSON-RPC error code for the HTTP refusals.
 const SERVER_ERROR: i32 = -32000;
@@ -84,12 +88,6 @@ pub(crate) async fn post(
         .map(str::trim)
         .filter(|u| !u.is_empty())
         .map(str::to_owned);
-    let backend = Backend {
-        s: &s,
-        llm_key_hash: &llm_key_hash,
-        kit: &kit,
-        user: user.as_deref(),
-    };
     let head = McpHead {
         accept: headers.get(header::ACCEPT).map(HeaderValue::as_bytes),
         protocol_version: headers
@@ -97,6 +95,15 @@ pub(crate) async fn post(
             .map(HeaderValue::as_bytes),
         // The bearer token is the caller's LLM key: never a tool's token.
         bearer: None,
+    };
+    let backend = Backend {
+        s: &s,
+        llm_key_hash: &llm_key_hash,
+        kit: &kit,
+        user: user.as_deref(),
+        // Log messages reach only a client that reads an event stream:
+        // only then is the toolkit asked for them.
+        logs: head.accepts_event_stream(),
     };
     answer(mcp::handle(&backend, &head, &body).await)
 }
@@ -126,6 +133,8 @@ struct Backend<'a> {
     llm_key_hash: &'a str,
     kit: &'a ToolkitRecord,
     user: Option<&'a str>,
+    /// Whether the client reads notifications (the toolkit's logs).
+    logs: bool,
 }
 
 impl McpBackend for Backend<'_> {
@@ -155,6 +164,7 @@ impl McpBackend for Backend<'_> {
             params,
             auth_token,
             user: self.user,
+            logs: self.logs,
         };
         let (tx, mut rx) = mpsc::channel(PROGRESS_BUFFER);
         let work = call_tool(self.s, self.llm_key_hash, self.kit, call, Some(tx));
@@ -162,15 +172,13 @@ impl McpBackend for Backend<'_> {
         let outcome = loop {
             tokio::select! {
                 biased;
-                Some(p) = rx.recv() => {
-                    events.report(p.progress, p.total, p.message.as_deref());
-                }
+                Some(r) = rx.recv() => pass_on(&events, r),
                 outcome = &mut work => break outcome,
             }
         };
         // The reports that came before the answer.
-        while let Ok(p) = rx.try_recv() {
-            events.report(p.progress, p.total, p.message.as_deref());
+        while let Ok(r) = rx.try_recv() {
+            pass_on(&events, r);
         }
         outcome.map_err(|f| {
             if f.code == "tool_not_found" {
@@ -182,6 +190,18 @@ impl McpBackend for Backend<'_> {
                 }
             }
         })
+    }
+}
+
+/// A toolkit's report, to the MCP client (which gets it if it listens).
+fn pass_on(events: &Progress, report: Report) {
+    match report {
+        Report::Progress(p) => {
+            events.report(p.progress, p.total, p.message.as_deref());
+        }
+        Report::Log { level, data } => {
+            events.log(level, data);
+        }
     }
 }
 
@@ -233,9 +253,15 @@ fn host_refusal(s: &crate::State, headers: &HeaderMap) -> Option<Response> {
 }
 
 /// The calling LLM client's key, checked, as its hash: `Authorization:
-/// Bearer KEY` or `Authorization: ApiKey KEY`.
+/// Bearer KEY` or `Authorization: ApiKey KEY`. In dev mode (loopback
+/// only, one developer) a request without `Authorization` is let in too,
+/// as the developer's keyless client: desktop agents and the MCP
+/// Inspector then need no key to try a toolkit.
 fn caller(s: &crate::State, headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return s.config.dev.then(|| keys::key_hash(DEV_CALLER));
+    };
+    let value = value.to_str().ok()?;
     let (scheme, key) = value.trim().split_once(' ')?;
     let key = key.trim();
     let known = scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("apikey");

@@ -32,7 +32,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     error::{ApiError, json_response},
-    hub::AppAnswer,
+    hub::{AppAnswer, Report},
     keys::{Role, key_hash},
     not_a_websocket, read_object,
     store::{ToolRecord, ToolkitRecord},
@@ -438,8 +438,23 @@ impl Handler for ToolkitSocket<'_> {
                     total: p.total,
                     message: p.message,
                 };
-                if !self.s.hub.socket_progress(socket, &request_id, progress) {
+                if !self
+                    .s
+                    .hub
+                    .socket_report(socket, &request_id, Report::Progress(progress))
+                {
                     tracing::trace!(socket, %request_id, "progress nobody takes (not asked for, unknown, or a slow reader)");
+                }
+                Flow::Continue
+            }
+            Ok(ToolkitToServer::ToolLog(l)) => {
+                let request_id = l.request_id.to_string();
+                let report = Report::Log {
+                    level: l.level,
+                    data: l.data,
+                };
+                if !self.s.hub.socket_report(socket, &request_id, report) {
+                    tracing::trace!(socket, %request_id, "a log message nobody takes (not asked for, unknown, or a slow reader)");
                 }
                 Flow::Continue
             }

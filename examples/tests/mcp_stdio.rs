@@ -1,5 +1,5 @@
 //! `cargo run --example mcp_stdio`, driven over pipes as a desktop agent
-//! drives it: the example's binary as a child process, JSON-RPC lines on
+//! drives it: the example's program as a child process, JSON-RPC lines on
 //! its stdin and stdout. Then, when the official Python SDK is installed
 //! (`pip install mcp`), its stdio client against the same binary.
 
@@ -17,29 +17,58 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// The example's binary: built by `cargo test` next to the test binaries
-/// (`target/debug/examples/mcp_stdio`), else built now.
+/// Set in the environment of the child process: the test binary then runs
+/// the example's `main` instead of the tests.
+const CHILD: &str = "ATP_MCP_STDIO_EXAMPLE_CHILD";
+
+/// The example itself, compiled into this test binary (a harness-less
+/// test: `main` below decides). Running this binary with [`CHILD`] set is
+/// running `cargo run --example mcp_stdio`, without a nested `cargo build`
+/// (which, with other features than the workspace's, rebuilt half the
+/// dependency tree).
+#[path = "../mcp_stdio.rs"]
+mod example;
+
+fn main() {
+    if std::env::var_os(CHILD).is_some() {
+        if let Err(e) = example::main() {
+            eprintln!("mcp_stdio: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    // The tests, one after the other (each bounds its own waits).
+    let tests: [(&str, fn()); 2] = [
+        ("stdio_protocol", stdio_protocol),
+        ("official_python_client", official_python_client),
+    ];
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let mut failed = 0;
+    println!("\nrunning {} tests", tests.len());
+    for (name, test) in tests {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let outcome = std::panic::catch_unwind(test);
+        println!(
+            "test {name} ... {}",
+            if outcome.is_ok() { "ok" } else { "FAILED" }
+        );
+        failed += usize::from(outcome.is_err());
+    }
+    if failed > 0 {
+        println!("\ntest result: FAILED. {failed} failed");
+        std::process::exit(101);
+    }
+    println!("\ntest result: ok.");
+}
+
+/// The program the agent starts: this test binary, as the example.
 fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/debug/deps/mcp_stdio-HASH → target/debug/examples/mcp_stdio
-    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
-    let path = dir.join(format!("mcp_stdio{}", std::env::consts::EXE_SUFFIX));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    // Up to date when `cargo test` built it; built when only this test was.
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "atp-examples",
-            "--example",
-            "mcp_stdio",
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success(), "cargo build --example mcp_stdio failed");
-    assert!(path.exists(), "no example binary at {}", path.display());
-    path
+    std::env::current_exe().unwrap()
 }
 
 struct Server {
@@ -51,7 +80,8 @@ struct Server {
 impl Server {
     fn start(env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(example_binary());
-        cmd.stdin(Stdio::piped())
+        cmd.env(CHILD, "1")
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .env_remove("ATP_MCP_AUTH_TOKEN")
@@ -138,7 +168,6 @@ impl Server {
     }
 }
 
-#[test]
 fn stdio_protocol() {
     let mut s = Server::start(&[("ATP_MCP_AUTH_TOKEN", "env-token-12")]);
 
@@ -311,7 +340,7 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
 async def main(binary):
-    params = StdioServerParameters(command=binary, args=[], env={"RUST_LOG": "warn", "ATP_MCP_AUTH_TOKEN": "py-token"})
+    params = StdioServerParameters(command=binary, args=[], env={"RUST_LOG": "warn", "ATP_MCP_AUTH_TOKEN": "py-token", "ATP_MCP_STDIO_EXAMPLE_CHILD": "1"})
     async with stdio_client(params) as (read, write):
         async with ClientSession(read, write) as session:
             if hasattr(session, "initialize"):
@@ -349,7 +378,6 @@ async def main(binary):
 asyncio.run(asyncio.wait_for(main(sys.argv[1]), 60))
 "#;
 
-#[test]
 fn official_python_client() {
     let importable = Command::new("python3")
         .args(["-c", "import mcp.client.stdio"])

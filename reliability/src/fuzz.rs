@@ -1,7 +1,7 @@
 //! The logic of the three fuzz targets, as plain functions.
 //!
 //! The `cargo fuzz` crate in `fuzz/` calls them on libFuzzer's inputs; the
-//! workspace test `tests/corpus.rs` replays the committed seed corpus
+//! workspace test `tests/reliability/corpus.rs` replays the committed seed corpus
 //! (`fuzz/corpus/<target>/`) through the same functions on every
 //! `cargo test`; `fuzz-random` feeds them bounded random inputs. Each one
 //! panics — which a fuzzer reports as a crash — when the code under test

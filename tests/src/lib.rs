@@ -6,6 +6,7 @@ pub mod client;
 pub mod fixture;
 pub mod infra;
 pub mod mcp_fixture;
+pub mod mcp_official;
 pub mod process;
 pub mod seed;
 pub mod server;

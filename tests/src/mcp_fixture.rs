@@ -24,7 +24,13 @@ type Out = Result<Content, String>;
 
 /// The toolkit (`mcp_conformance`).
 pub fn mcp_toolkit() -> ToolKitClient {
-    let client = ToolKitClient::new("", APP_NAME);
+    mcp_toolkit_named("", APP_NAME)
+}
+
+/// The same toolkit with its ATP key and app name, to connect it to an
+/// ATP server (which routes toolkits by app name).
+pub fn mcp_toolkit_named(api_key: &str, app_name: &str) -> ToolKitClient {
+    let client = ToolKitClient::new(api_key, app_name);
     let step = Duration::from_millis(50);
     let registered = [
         client.register_tool(

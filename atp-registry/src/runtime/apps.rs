@@ -338,6 +338,7 @@ mod tests {
             tool_name: name.into(),
             params: params.as_object().cloned().unwrap_or_default(),
             auth_token: None,
+            logs: false,
         }
     }
 

@@ -1149,7 +1149,7 @@ impl Handler for SocketHandler {
             Dispatch::Run(req) => {
                 let busy = Busy::new(&self.shared);
                 let held = self.permit.take();
-                let progress = Progress::channel(req.request_id.clone(), self.tx.clone());
+                let progress = Progress::channel(req.request_id.clone(), self.tx.clone(), req.logs);
                 let (shared, tx) = (self.shared.clone(), self.tx.clone());
                 self.tasks.spawn(async move {
                     let reply = shared.answer(req, progress).await;

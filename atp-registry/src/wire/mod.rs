@@ -64,8 +64,8 @@ pub use llm::{
 };
 pub use provider::{FunctionDef, ProviderTool, ResultMessage, ToolResultBlock};
 pub use toolkit::{
-    AppAction, ServerToToolkit, ToolProgress, ToolRequest, ToolResponse, ToolkitAppResponse,
-    ToolkitToServer,
+    AppAction, ServerToToolkit, ToolLog, ToolProgress, ToolRequest, ToolResponse,
+    ToolkitAppResponse, ToolkitToServer,
 };
 
 /// A request id: a string or a number, echoed exactly as it was sent.

@@ -233,12 +233,13 @@ fn token() -> impl Strategy<Value = Option<Secret>> {
 }
 
 fn tool_request() -> impl Strategy<Value = ToolRequest> {
-    (id(), "[a-z_]{1,10}", params(), token()).prop_map(
-        |(request_id, tool_name, params, auth_token)| ToolRequest {
+    (id(), "[a-z_]{1,10}", params(), token(), any::<bool>()).prop_map(
+        |(request_id, tool_name, params, auth_token, logs)| ToolRequest {
             request_id,
             tool_name,
             params,
             auth_token,
+            logs,
         },
     )
 }
@@ -289,6 +290,23 @@ fn toolkit_to_server() -> impl Strategy<Value = ToolkitToServer> {
                     message,
                 })
             ),
+        (id(), 0usize..8, json_value()).prop_map(|(request_id, level, data)| {
+            let levels = [
+                crate::LogLevel::Debug,
+                crate::LogLevel::Info,
+                crate::LogLevel::Notice,
+                crate::LogLevel::Warning,
+                crate::LogLevel::Error,
+                crate::LogLevel::Critical,
+                crate::LogLevel::Alert,
+                crate::LogLevel::Emergency,
+            ];
+            ToolkitToServer::ToolLog(ToolLog {
+                request_id,
+                level: levels[level],
+                data,
+            })
+        }),
         (id(), json_value()).prop_map(|(request_id, result)| ToolkitToServer::AppResponse(
             ToolkitAppResponse {
                 request_id,
@@ -457,4 +475,31 @@ fn provider_formats_round_trip() {
         let typed: ResultMessage = serde_json::from_value(v.clone()).unwrap();
         assert_eq!(serde_json::to_value(&typed).unwrap(), v);
     }
+}
+
+#[test]
+fn tool_log_frames_are_typed() {
+    let m = ToolkitToServer::parse(
+        r#"{"type":"tool_log","request_id":"r1","level":"warning","data":{"n":1}}"#,
+    );
+    assert_eq!(
+        m.ok(),
+        Some(ToolkitToServer::ToolLog(ToolLog {
+            request_id: "r1".into(),
+            level: crate::LogLevel::Warning,
+            data: json!({"n": 1}),
+        }))
+    );
+    // An unknown level is an error, not a message at some level.
+    assert!(
+        ToolkitToServer::parse(
+            r#"{"type":"tool_log","request_id":"r1","level":"loud","data":"x"}"#
+        )
+        .is_err()
+    );
+    // A request asks for logs only when it says so; `false` is not written.
+    let req: ToolRequest =
+        serde_json::from_str(r#"{"request_id":"r","tool_name":"t","params":{}}"#).unwrap();
+    assert!(!req.logs);
+    assert!(!to_json(&req).contains("logs"));
 }

@@ -21,6 +21,11 @@ pub struct ToolRequest {
     /// The user's auth token (`null` and `""` are none).
     #[serde(default, deserialize_with = "super::token")]
     pub auth_token: Option<Secret>,
+    /// Whether the caller reads the tool's log messages: the toolkit then
+    /// sends them as `tool_log` frames. Only atp-server sets it (for an
+    /// MCP client); absent is `false`, and a `false` is not written.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub logs: bool,
 }
 
 /// `atp_app_action`: a user's action in an app session.
@@ -274,6 +279,19 @@ pub struct ToolProgress {
     pub message: Option<String>,
 }
 
+/// `tool_log`: a tool's log message on a request, from the toolkit; sent
+/// only when the request asked for logs ([`ToolRequest::logs`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolLog {
+    /// The request the message is about.
+    pub request_id: RequestId,
+    /// Its level (`"debug"` … `"emergency"`, MCP's names).
+    pub level: crate::LogLevel,
+    /// What it says: a string or any JSON value.
+    #[serde(default)]
+    pub data: Value,
+}
+
 /// `app_response`: an app session's UI (or `{"error": MESSAGE}`), from the
 /// toolkit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -300,6 +318,8 @@ pub enum ToolkitToServer {
     ToolResponse(ToolResponse),
     /// Progress on a request.
     ToolProgress(ToolProgress),
+    /// A log message on a request.
+    ToolLog(ToolLog),
     /// An app session's UI.
     AppResponse(ToolkitAppResponse),
     /// A keep-alive the server answers with `pong`.
@@ -315,6 +335,7 @@ impl ToolkitToServer {
         Ok(match kind.as_deref() {
             Some("tool_response") => Self::ToolResponse(typed("tool_response", v)?),
             Some("tool_progress") => Self::ToolProgress(typed("tool_progress", v)?),
+            Some("tool_log") => Self::ToolLog(typed("tool_log", v)?),
             Some("app_response") => Self::AppResponse(typed("app_response", v)?),
             Some("ping") => Self::Ping,
             Some(other) => return Err(super::unknown(other, v.get("request_id"))),

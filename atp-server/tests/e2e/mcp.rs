@@ -1,8 +1,10 @@
 //! `/mcp/{toolkit}`: every toolkit the server routes is an MCP server
 //! (Streamable HTTP, sessionless). Raw JSON-RPC over HTTP against Rust
 //! toolkits over the WebSocket and the inbox, the refusals (key, host,
-//! method, media type, size), progress as server-sent events, and the
-//! official Python MCP client against a Python ATP toolkit.
+//! method, media type, size), progress as server-sent events, the
+//! official MCP conformance suite against a Rust toolkit connected over
+//! WebSocket, and the official Python MCP client against a Python ATP
+//! toolkit.
 
 use std::{io::Write, process::Stdio, time::Duration};
 
@@ -635,6 +637,17 @@ async fn mcp_across_instances() {
         };
         let (a, b) = (&servers[0], &servers[1]);
         let toolkit = demo_toolkit(TK_KEY, "farkit", &a.base);
+        toolkit
+            .register_tool(
+                Tool::new("chatty").description("Logs, reports, answers."),
+                |call: Call| async move {
+                    call.log(atp_registry::LogLevel::Warning, json!({"step": 1}));
+                    call.progress(1.0, Some(2.0), None);
+                    call.log(atp_registry::LogLevel::Info, "done");
+                    Ok::<_, ToolError>(json!({"ok": true}))
+                },
+            )
+            .expect("valid");
         let _stop = StopOnDrop(toolkit.clone());
         let _runtime = serve_toolkit(&toolkit, Transport::WebSocket);
         a.wait_served("farkit").await;
@@ -648,7 +661,7 @@ async fn mcp_across_instances() {
                     &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
                 )
                 .await;
-                if out["result"]["tools"].as_array().map(Vec::len) == Some(DEMO_TOOLS.len()) {
+                if out["result"]["tools"].as_array().map(Vec::len) == Some(DEMO_TOOLS.len() + 1) {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -676,6 +689,100 @@ async fn mcp_across_instances() {
             out["result"]["structuredContent"],
             json!({"token": "far-token"})
         );
+
+        // The toolkit's logs and progress cross over too, in order, before
+        // the answer (`tool_log` asked for: the client reads events).
+        let bearer = format!("Bearer {LLM_KEY}");
+        let message = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+            "params": {"name": "chatty", "arguments": {}, "_meta": {"progressToken": 7}}})
+        .to_string();
+        let (status, _, body) = http(
+            "POST",
+            &url(b, "farkit"),
+            &[
+                ("authorization", bearer.as_str()),
+                ("accept", "application/json, text/event-stream"),
+            ],
+            Some(&message),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let got = events(&body);
+        let methods: Vec<&str> = got
+            .iter()
+            .map(|e| e["method"].as_str().unwrap_or("response"))
+            .collect();
+        assert_eq!(
+            methods,
+            [
+                "notifications/message",
+                "notifications/progress",
+                "notifications/message",
+                "response"
+            ],
+            "{body}"
+        );
+        assert_eq!(got[0]["params"]["level"], "warning", "{body}");
+        assert_eq!(got[0]["params"]["data"], json!({"step": 1}), "{body}");
+        assert_eq!(got[2]["params"]["data"], "done", "{body}");
+        assert_eq!(got[3]["result"]["structuredContent"], json!({"ok": true}));
+
+        // A client that reads no events gets the answer alone.
+        let (status, out) = http_json(
+            "POST",
+            &url(b, "farkit"),
+            &[
+                ("authorization", bearer.as_str()),
+                ("accept", "application/json"),
+            ],
+            Some(&call(6, "chatty", json!({}))),
+        )
+        .await;
+        assert_eq!(status, 200, "{out}");
+        assert_eq!(out["result"]["structuredContent"], json!({"ok": true}));
+    })
+    .await;
+}
+
+/// The official MCP conformance suite, through the server: the fixture's
+/// `mcp_conformance` toolkit (content of every kind, logs, progress,
+/// errors) connected over WebSocket, the server in dev mode (a keyless MCP
+/// client on loopback is the developer's, as a desktop agent's would be).
+/// Skipped, loudly, when the suite is not installed (see
+/// `atp_conformance::mcp_official`); `ATP_REQUIRE_MCP=1` fails instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_mcp_suite_passes_through_the_server() {
+    bounded(Duration::from_secs(300), async {
+        let server = TestServer::start(Config {
+            dev: true,
+            ..keyed_config()
+        })
+        .await;
+        let kit = atp_conformance::mcp_fixture::mcp_toolkit_named(TK_KEY, "mcp_conformance")
+            .with_base_url(&server.base);
+        let runtime = serve_toolkit(&kit, Transport::WebSocket);
+        let _stop = StopOnDrop(kit.clone());
+        server.wait_served("mcp_conformance").await;
+
+        // A keyless request is refused outside dev mode (the other tests'
+        // servers), and let in here.
+        let ping = json!({"jsonrpc": "2.0", "id": 1, "method": "ping"});
+        let (status, out) =
+            http_json("POST", &url(&server, "mcp_conformance"), &[], Some(&ping)).await;
+        assert_eq!(status, 200, "{out}");
+
+        let port = server.base.rsplit(':').next().expect("a port").to_owned();
+        let url = format!("http://localhost:{port}/mcp/mcp_conformance");
+        let ran = tokio::task::spawn_blocking(move || {
+            atp_conformance::mcp_official::run("atp-server", &url)
+        })
+        .await
+        .expect("the suite's runner did not panic");
+        if ran {
+            println!("the official MCP suite passed through atp-server");
+        }
+        stop_toolkit(&kit, runtime).await;
+        server.stop().await;
     })
     .await;
 }

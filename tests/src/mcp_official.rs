@@ -1,8 +1,8 @@
 //! The official MCP conformance suite (`@modelcontextprotocol/conformance`,
-//! pinned to 0.1.16) against the fixture's `mcp_conformance` toolkit, served
-//! as an MCP server at `/mcp/mcp_conformance` by each adapter: one test per
-//! adapter, one `conformance server --url … --scenario …` process per
-//! scenario. See docs/MCP-CONFORMANCE.md.
+//! pinned to 0.1.16) against an MCP endpoint serving the fixture's
+//! `mcp_conformance` toolkit: each adapter's (`tests/tests/conformance/mcp_official.rs`)
+//! and atp-server's (its e2e tests). One `conformance server --url …
+//! --scenario …` process per scenario. See docs/MCP-CONFORMANCE.md.
 //!
 //! Where the suite is: `ATP_MCP_CONFORMANCE_DIR`, a directory whose
 //! `node_modules/.bin` has `node` (22 or newer) and `conformance`
@@ -19,13 +19,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use atp_conformance::{serve_fixture, server::Framework};
-
 /// The suite's directory (see the module's documentation).
 const DIR: &str = "ATP_MCP_CONFORMANCE_DIR";
 
-/// Set to `1`, a missing suite fails the tests instead of skipping them.
-const REQUIRE: &str = "ATP_REQUIRE_MCP";
+/// Set to `1`, a missing suite (or Python MCP client) fails the tests
+/// instead of skipping them.
+pub const REQUIRE: &str = "ATP_REQUIRE_MCP";
 
 /// The scenarios run, in this order: the 0.1.16 suite's server scenarios
 /// for tools, logging and the transport (its `active` suite less the
@@ -53,9 +52,10 @@ const SCENARIOS: [&str; 14] = [
 /// start-up).
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Whether `ATP_REQUIRE_MCP=1`; any other non-empty value but `0` is a
-/// mistake, and panics.
-fn required() -> bool {
+/// Whether `ATP_REQUIRE_MCP=1` (for every MCP test that needs software
+/// from outside: the suite, the Python client); any other non-empty value
+/// but `0` is a mistake, and panics.
+pub fn required() -> bool {
     match std::env::var(REQUIRE) {
         Ok(v) if v == "1" => true,
         Ok(v) if !v.is_empty() && v != "0" => {
@@ -145,25 +145,23 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// Runs the [`SCENARIOS`] against the fixture served by `framework`;
-/// prints a line per scenario and panics, with the failures' output, when
-/// any fails.
-fn official_suite(framework: Framework) {
+/// Runs the [`SCENARIOS`] against the MCP endpoint at `url` (which should
+/// name `localhost`: dns-rebinding-protection sends its good request with
+/// the URL's host, and expects a loopback name), `label` naming it in the
+/// output; prints a line per scenario and panics, with the failures'
+/// output, when any fails. Returns whether the suite ran (`false`: it is
+/// not installed, and said so; see the module's documentation).
+pub fn run(label: &str, url: &str) -> bool {
     let Some(bin) = suite_bin() else {
-        return;
+        return false;
     };
-    let base = serve_fixture(framework).expect("the server starts");
-    // `localhost`, not 127.0.0.1: dns-rebinding-protection sends its good
-    // request with the URL's host, and expects a loopback name.
-    let port = base.rsplit(':').next().expect("a port");
-    let url = format!("http://localhost:{port}/mcp/mcp_conformance");
     let path = path_with(&bin);
     let mut failures = Vec::new();
     for scenario in SCENARIOS {
         let started = Instant::now();
-        let run = atp_conformance::process::run_bounded(
+        let run = crate::process::run_bounded(
             Command::new(bin.join("conformance"))
-                .args(["server", "--url", &url, "--scenario", scenario])
+                .args(["server", "--url", url, "--scenario", scenario])
                 .env("PATH", &path)
                 .env("NO_COLOR", "1")
                 .env("FORCE_COLOR", "0"),
@@ -183,7 +181,7 @@ fn official_suite(framework: Framework) {
             None => "TIME",
         };
         println!(
-            "mcp-official {framework:<6} {verdict} {scenario:<30} {score} ({:.1} s)",
+            "mcp-official {label:<6} {verdict} {scenario:<30} {score} ({:.1} s)",
             started.elapsed().as_secs_f64()
         );
         if verdict != "ok  " {
@@ -195,31 +193,17 @@ fn official_suite(framework: Framework) {
         }
     }
     println!(
-        "mcp-official {framework}: {} passed, {} failed (of {}) against {url}",
+        "mcp-official {label}: {} passed, {} failed (of {}) against {url}",
         SCENARIOS.len() - failures.len(),
         failures.len(),
         SCENARIOS.len()
     );
     assert!(
         failures.is_empty(),
-        "{} of {} official MCP conformance scenarios failed on {framework} ({url}):\n{}",
+        "{} of {} official MCP conformance scenarios failed on {label} ({url}):\n{}",
         failures.len(),
         SCENARIOS.len(),
         failures.join("\n")
     );
-}
-
-#[test]
-fn mcp_official_axum() {
-    official_suite(Framework::Axum);
-}
-
-#[test]
-fn mcp_official_actix() {
-    official_suite(Framework::Actix);
-}
-
-#[test]
-fn mcp_official_rocket() {
-    official_suite(Framework::Rocket);
+    true
 }

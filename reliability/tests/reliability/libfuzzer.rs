@@ -215,7 +215,7 @@ fn enabled(target: &str) -> bool {
             // line stays whole beside the harness's own output.
             let line = format!(
                 "SKIPPED: libFuzzer target {target}: {ENABLE} is not 1. Run it with \
-                 `{ENABLE}=1 cargo test -p atp-reliability --test libfuzzer -- --nocapture` \
+                 `{ENABLE}=1 cargo test -p atp-reliability --test reliability -- libfuzzer:: --nocapture` \
                  (builds fuzz/ with SanitizerCoverage, ~5 min on 2 cores, then runs each \
                  target ATP_LIBFUZZER_SECONDS={SECONDS} s); `.ci/run` sets it\n"
             );

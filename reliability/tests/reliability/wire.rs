@@ -4,8 +4,6 @@
 //! (slowloris) while real requests must still be served. After each abuse
 //! the server must still answer a valid request correctly.
 
-mod common;
-
 use std::{
     sync::{
         Arc,
@@ -14,8 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::common::{Check, Target, WAIT, open_files_limit, target};
 use atp_reliability::http::{Conn, RawResponse, request};
-use common::{Check, Target, WAIT, open_files_limit, target};
 use tokio::io::AsyncWriteExt;
 
 /// What came back on a connection.
@@ -439,7 +437,7 @@ async fn server_closes_silent_connections(t: Target) {
     }
     let took = started.elapsed();
     assert!(
-        took >= common::SERVER_HEADER_TIMEOUT / 2,
+        took >= crate::common::SERVER_HEADER_TIMEOUT / 2,
         "closed after {took:?}: too soon for the timeout"
     );
     eprintln!(
@@ -471,7 +469,7 @@ const ACTIX_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// (`axum::serve` and Rocket 0.5: a known limitation, docs/RELIABILITY.md).
 fn header_timeout(t: &Target) -> Option<Duration> {
     match t.name {
-        "server" => Some(common::SERVER_HEADER_TIMEOUT),
+        "server" => Some(crate::common::SERVER_HEADER_TIMEOUT),
         "actix" => Some(ACTIX_HEADER_TIMEOUT),
         _ => None,
     }

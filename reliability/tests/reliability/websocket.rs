@@ -4,16 +4,14 @@
 //! with an id is answered exactly once, nothing crashes, and a valid call
 //! goes through afterwards.
 
-mod common;
-
 use std::collections::BTreeMap;
 
+use crate::common::{LLM_KEY, SERVER_LIMIT, TK_KEY, TK_KEY_2, WAIT, server_addr};
 use atp_registry::llm::{LlmClient, LlmProtocol};
 use atp_reliability::{
     http::request,
     node::{test_runtime_options, test_toolkit},
 };
-use common::{LLM_KEY, SERVER_LIMIT, TK_KEY, TK_KEY_2, WAIT, server_addr};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::{
@@ -115,7 +113,7 @@ async fn server_still_routes(key: &str, app: &str) {
         .with_protocol(LlmProtocol::WebSocket)
         .with_timeout(WAIT);
     assert!(
-        common::server().0.wait_until_served(app, WAIT).await,
+        crate::common::server().0.wait_until_served(app, WAIT).await,
         "{app} got connected"
     );
     let call =

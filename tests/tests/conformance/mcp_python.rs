@@ -16,29 +16,17 @@ use std::{
     time::Duration,
 };
 
-use atp_conformance::{serve_fixture, server::Framework};
-
-/// Set to `1`, a missing `mcp` package fails the tests instead of skipping
-/// them.
-const REQUIRE: &str = "ATP_REQUIRE_MCP";
+use atp_conformance::{
+    mcp_official::{REQUIRE, required},
+    serve_fixture,
+    server::Framework,
+};
 
 /// How long the script may take (it takes well under a second).
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The token sent as `Authorization: Bearer …` to `secure`.
 const TOKEN: &str = "python-mcp-token-1234";
-
-/// Whether `ATP_REQUIRE_MCP=1`; any other non-empty value but `0` is a
-/// mistake, and panics.
-fn required() -> bool {
-    match std::env::var(REQUIRE) {
-        Ok(v) if v == "1" => true,
-        Ok(v) if !v.is_empty() && v != "0" => {
-            panic!("{REQUIRE}={v:?}: set it to 1 to require the MCP suites, or unset it")
-        }
-        _ => false,
-    }
-}
 
 /// Whether the `mcp` package can be imported; says so loudly when not, and
 /// panics instead when [`REQUIRE`] is `1`.

@@ -1,0 +1,13 @@
+//! The conformance tests, one test binary (one link, and its tests run in
+//! parallel): the case suite against each adapter over real HTTP
+//! (`axum::`, `actix::`, `rocket::`), the adapters' agreement with each
+//! other, and the official MCP software against each adapter's MCP
+//! endpoint. `cargo test -p atp-conformance --test conformance -- axum::`
+//! runs one part.
+
+mod actix;
+mod agreement;
+mod axum;
+mod mcp_official;
+mod mcp_python;
+mod rocket;
