@@ -4,7 +4,7 @@
 //! failing), registered twice: with `#[tool]` ([`macro_toolkit`]) and
 //! with the builder ([`builder_toolkit`]). Both must be described with the
 //! same bytes and answer the same bytes on every transport
-//! (`tests/macro_parity.rs`).
+//! (`tests/tests/conformance/macro_parity.rs`).
 //!
 //! The HubSpot calls are stand-ins: they echo what they would send and
 //! the token's length, never the token.
