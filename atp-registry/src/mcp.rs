@@ -168,6 +168,35 @@ pub fn host_allowed(value: &[u8], allowed: &[Arc<str>]) -> bool {
     allowed.iter().any(|a| a.eq_ignore_ascii_case(host))
 }
 
+/// A tool's report as an MCP notification: progress only when the request
+/// gave a progress token; a log message always.
+fn notification(event: ToolEvent, progress_token: Option<&Value>, tool: &str) -> Option<Value> {
+    match event {
+        ToolEvent::Progress {
+            progress,
+            total,
+            message,
+        } => {
+            let token = progress_token?;
+            let mut p = json!({"progressToken": token, "progress": progress});
+            if let Some(o) = p.as_object_mut() {
+                if let Some(t) = total {
+                    o.insert("total".into(), t.into());
+                }
+                if let Some(m) = message {
+                    o.insert("message".into(), m.into());
+                }
+            }
+            Some(json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": p}))
+        }
+        ToolEvent::Log { level, data } => Some(json!({
+            "jsonrpc": "2.0",
+            "method": "notifications/message",
+            "params": {"level": level.as_str(), "logger": tool, "data": data},
+        })),
+    }
+}
+
 /// The hosts allowed by default: loopback only.
 pub fn loopback_hosts() -> Vec<Arc<str>> {
     ["localhost", "127.0.0.1", "::1"]
@@ -258,6 +287,31 @@ pub async fn handle_message(
     head: &McpHead<'_>,
     body: &[u8],
 ) -> Option<McpReply> {
+    handle_message_with(backend, head, body, None).await
+}
+
+/// [`handle_message`], with a `tools/call`'s notifications (progress,
+/// logs) sent to `live` as the tool makes them, rather than gathered in
+/// the reply (whose `notifications` are then empty): what a transport
+/// that can write them at once, such as stdio, uses. A notification that
+/// finds `live` full is dropped (a report never holds up a tool). Every
+/// notification is sent before this returns, so the response comes after
+/// them.
+pub async fn handle_message_live(
+    backend: &impl McpBackend,
+    head: &McpHead<'_>,
+    body: &[u8],
+    live: &tokio::sync::mpsc::Sender<Value>,
+) -> Option<McpReply> {
+    handle_message_with(backend, head, body, Some(live)).await
+}
+
+async fn handle_message_with(
+    backend: &impl McpBackend,
+    head: &McpHead<'_>,
+    body: &[u8],
+    live: Option<&tokio::sync::mpsc::Sender<Value>>,
+) -> Option<McpReply> {
     let message: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => {
@@ -328,7 +382,7 @@ pub async fn handle_message(
         "server/discover" => Ok(discover(backend, modern)),
         "tools/list" => Ok(tools_list(backend, modern)),
         "tools/call" => {
-            return Some(call(backend, head, id, &params, modern).await);
+            return Some(call(backend, head, id, &params, modern, live).await);
         }
         _ => Err(ErrorData::new(
             RpcCode::METHOD_NOT_FOUND,
@@ -457,6 +511,7 @@ async fn call(
     id: Value,
     params: &Map<String, Value>,
     modern: bool,
+    live: Option<&tokio::sync::mpsc::Sender<Value>>,
 ) -> McpReply {
     let Some(name) = params.get("name").and_then(Value::as_str) else {
         let e = ErrorData::invalid_params("tools/call needs the tool's name", None);
@@ -484,38 +539,33 @@ async fn call(
     let (tx, mut rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
     let events = Progress::events(tx);
     let structured = backend.output_schema(name).is_some();
-    let outcome = backend.call(name, arguments, token, events.clone()).await;
+    let work = backend.call(name, arguments, token, events.clone());
+    let mut work = std::pin::pin!(work);
+    let mut notifications = Vec::new();
+    let mut emit = |event: ToolEvent| {
+        let Some(n) = notification(event, progress_token.as_ref(), name) else {
+            return;
+        };
+        match live {
+            Some(tx) => {
+                let _ = tx.try_send(n);
+            }
+            None => notifications.push(n),
+        }
+    };
+    // The tool runs; its reports are taken as they come (so that a long
+    // call's reports neither wait for its end nor overflow the buffer).
+    let outcome = std::future::poll_fn(|cx| {
+        while let std::task::Poll::Ready(Some(event)) = rx.poll_recv(cx) {
+            emit(event);
+        }
+        work.as_mut().poll(cx)
+    })
+    .await;
     events.finish();
     drop(events);
-    let mut notifications = Vec::new();
     while let Ok(event) = rx.try_recv() {
-        match event {
-            ToolEvent::Progress {
-                progress,
-                total,
-                message,
-            } => {
-                if let Some(token) = &progress_token {
-                    let mut p = json!({"progressToken": token, "progress": progress});
-                    if let Some(o) = p.as_object_mut() {
-                        if let Some(t) = total {
-                            o.insert("total".into(), t.into());
-                        }
-                        if let Some(m) = message {
-                            o.insert("message".into(), m.into());
-                        }
-                    }
-                    notifications.push(
-                        json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": p}),
-                    );
-                }
-            }
-            ToolEvent::Log { level, data } => notifications.push(json!({
-                "jsonrpc": "2.0",
-                "method": "notifications/message",
-                "params": {"level": level.as_str(), "logger": name, "data": data},
-            })),
-        }
+        emit(event);
     }
     let result = match outcome {
         Ok(value) => Ok(call_result(value, modern, structured)),

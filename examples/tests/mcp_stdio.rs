@@ -261,8 +261,12 @@ fn stdio_protocol() {
     );
     let mut progress = Vec::new();
     let mut logs = Vec::new();
+    let mut first_report = None;
     let done = loop {
         let m = s.next();
+        if m["method"].is_string() {
+            first_report.get_or_insert_with(Instant::now);
+        }
         match m["method"].as_str() {
             Some("notifications/progress") => {
                 assert_eq!(m["params"]["progressToken"], "dl", "{m}");
@@ -278,6 +282,13 @@ fn stdio_protocol() {
         }
     };
     assert_eq!(done["id"], 9, "{done}");
+    // Live: the first file's reports come as it is done, two files (400 ms)
+    // before the answer, not with it.
+    let ahead = first_report.map(|t| t.elapsed()).unwrap_or_default();
+    assert!(
+        ahead >= Duration::from_millis(200),
+        "the first report came only {ahead:?} before the answer"
+    );
     assert_eq!(
         done["result"]["structuredContent"],
         json!({"downloaded": 3})

@@ -5,7 +5,8 @@
 //! on stdin, one per line on stdout, nothing else on stdout (logs go to
 //! stderr, through `tracing`). Requests are served concurrently — a slow
 //! tool does not hold up `ping` — and a call's notifications (progress,
-//! logs) are written, in order, just before its response.
+//! logs) are written, in order, as the tool makes them, all before its
+//! response.
 
 use std::{io, sync::Arc, time::Duration};
 
@@ -17,7 +18,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use super::{McpHead, ToolkitMcp, handle_message};
+use super::{McpHead, ToolkitMcp, handle_message_live};
 use crate::{AuthToken, Secret, ToolKitClient};
 
 /// The environment variable [`ToolKitClient::serve_stdio`] reads the
@@ -30,6 +31,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How many answers may wait for the writer.
 const WRITE_QUEUE: usize = 256;
+
+/// How many notifications of one call may wait for the writer; more are
+/// dropped (a report never holds up a tool).
+const NOTIFICATION_QUEUE: usize = 64;
 
 impl ToolKitClient {
     /// Serves the toolkit as an MCP server over stdio (the MCP stdio
@@ -111,7 +116,7 @@ where
                 }
                 let (toolkit, token, tx) = (toolkit.clone(), token.clone(), tx.clone());
                 calls.spawn(async move {
-                    let out = answer(toolkit, token, body).await;
+                    let out = answer(toolkit, token, body, tx.clone()).await;
                     if !out.is_empty() {
                         // The writer is gone only when the output is.
                         let _ = tx.send(out).await;
@@ -147,19 +152,37 @@ where
     read.and(written)
 }
 
-/// Runs one message; its lines (notifications, then the response), or
+/// Runs one message: its notifications (progress, logs) are written as
+/// the tool makes them, through `out`; returns the response's line, or
 /// nothing. A tool that panics gets an internal error.
-async fn answer(toolkit: ToolKitClient, token: Option<Arc<AuthToken>>, body: Bytes) -> Vec<u8> {
+async fn answer(
+    toolkit: ToolKitClient,
+    token: Option<Arc<AuthToken>>,
+    body: Bytes,
+    out: mpsc::Sender<Vec<u8>>,
+) -> Vec<u8> {
     let message = body.clone();
+    let (live, mut notifications) = mpsc::channel::<Value>(NOTIFICATION_QUEUE);
+    // Each notification to the writer as it comes; done (and so written
+    // before the response) once the call has dropped its sender.
+    let forward = tokio::spawn(async move {
+        while let Some(n) = notifications.recv().await {
+            if out.send(to_line(&n)).await.is_err() {
+                break;
+            }
+        }
+    });
     let run = tokio::spawn(async move {
         let head = McpHead {
             accept: None,
             protocol_version: None,
             bearer: token.as_deref(),
         };
-        handle_message(&ToolkitMcp(&toolkit), &head, &message).await
+        handle_message_live(&ToolkitMcp(&toolkit), &head, &message, &live).await
     });
-    let reply = match run.await {
+    let reply = run.await;
+    let _ = forward.await;
+    let reply = match reply {
         Ok(reply) => reply,
         Err(e) => {
             tracing::error!(error = %e, "MCP stdio: a call failed");
@@ -178,11 +201,11 @@ async fn answer(toolkit: ToolKitClient, token: Option<Arc<AuthToken>>, body: Byt
     let Some(reply) = reply else {
         return Vec::new();
     };
-    let mut out = Vec::new();
+    let mut lines = Vec::new();
     for m in reply.notifications.iter().chain([&reply.response]) {
-        out.extend(to_line(m));
+        lines.extend(to_line(m));
     }
-    out
+    lines
 }
 
 fn to_line(v: &Value) -> Vec<u8> {
