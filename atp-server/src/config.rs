@@ -222,6 +222,9 @@ pub struct Config {
     /// Webhook deliveries: how many attempts before a delivery is given up
     /// (12 by default).
     pub webhook_max_attempts: u32,
+    /// The bearer token `GET /metrics` asks for. Unset, the endpoint is
+    /// off (404) — except in dev mode, where it is open (loopback only).
+    pub metrics_token: Option<Secret>,
 }
 
 /// The developer who owns the top-level `toolkit_api_keys` and
@@ -286,6 +289,7 @@ impl Default for Config {
             webhook_timeout: Duration::from_secs(10),
             webhook_retry_base: Duration::from_secs(1),
             webhook_max_attempts: 12,
+            metrics_token: None,
         }
     }
 }
@@ -316,6 +320,7 @@ struct FileConfig {
     webhook_timeout_secs: Option<f64>,
     webhook_retry_base_secs: Option<f64>,
     webhook_max_attempts: Option<u32>,
+    metrics_token: Option<String>,
 }
 
 /// The longest duration a setting may have (a year): far beyond any
@@ -412,6 +417,7 @@ impl Config {
         if let Some(v) = file.webhook_max_attempts {
             c.webhook_max_attempts = v.max(1);
         }
+        c.metrics_token = file.metrics_token.map(Secret::new);
         c.validate()?;
         Ok(c)
     }
@@ -450,6 +456,15 @@ impl Config {
             if key.is_empty() {
                 return Err(ServerError::Config("an API key is empty".into()));
             }
+        }
+        if self
+            .metrics_token
+            .as_ref()
+            .is_some_and(|t| t.expose().len() < 16)
+        {
+            return Err(ServerError::Config(
+                "metrics_token must be at least 16 characters".into(),
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for p in &self.oauth_platforms {

@@ -540,6 +540,15 @@ impl Hub {
         self.presence.subscribe()
     }
 
+    /// The load on this server: (toolkit WebSockets open, inbox entries
+    /// waiting to be taken).
+    pub fn load(&self) -> (usize, usize) {
+        let inner = self.lock();
+        let sockets = inner.sockets.values().map(Vec::len).sum();
+        let depth = inner.inboxes.values().map(|i| i.queue.len()).sum();
+        (sockets, depth)
+    }
+
     /// Whether a toolkit with this key is reachable right now: a live
     /// WebSocket, or an inbox that is being polled or was polled lately.
     pub fn is_served(&self, key_hash: &str) -> bool {

@@ -9,6 +9,7 @@ mod keys;
 mod listen;
 mod llm;
 mod mcp;
+mod metrics;
 mod oauth;
 mod store;
 mod toolkit;
@@ -72,6 +73,8 @@ pub(crate) struct State {
     catalog: catalog::Catalog,
     /// The other servers sharing this one's database, over NATS.
     bus: Option<bus::Bus>,
+    /// What `GET /metrics` shows.
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl State {
@@ -259,6 +262,7 @@ impl AtpServer {
             refresh_lock: tokio::sync::Mutex::new(()),
             shutdown,
             public_url: RwLock::new(config.public_url.clone()),
+            metrics: Arc::default(),
             webhooks,
             catalog,
             bus,
@@ -369,6 +373,7 @@ impl AtpServer {
         );
         r = both(r, "/health", get(health));
         r = both(r, "/ready", get(ready));
+        r = r.route("/metrics", get(metrics::get));
         r.fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::disable())

@@ -37,6 +37,7 @@ use crate::{
     error::{ApiError, json_text_response},
     hub::{PROGRESS_BUFFER, Report, Route, RouteError, ToolRequest},
     keys::{Role, api_key_header, key_hash},
+    metrics::Transport,
     not_a_websocket, oauth, read_object,
     store::ToolkitRecord,
 };
@@ -270,36 +271,54 @@ pub(crate) async fn call_tool(
         auth_token,
         logs,
     };
-    let result = match s.hub.route(&kit.key_hash, kit.endpoint_url.is_some()) {
-        // Not here: maybe on another server.
-        None => match &s.bus {
-            Some(bus) => {
-                bus.call(
-                    s,
-                    &kit.app_name,
-                    &kit.key_hash,
-                    &request,
-                    s.config.task_timeout,
-                    progress,
-                )
-                .await?
-            }
-            None => return Err(RouteError::NotConnected(kit.app_name.clone()).into()),
-        },
-        Some(Route::Endpoint) => call_endpoint(s, kit, &request).await?,
-        Some(Route::Socket | Route::Inbox) => {
-            s.hub
-                .dispatch(
-                    &kit.app_name,
-                    &kit.key_hash,
-                    &request,
-                    s.config.task_timeout,
-                    progress,
-                )
-                .await?
-        }
+    let route = s.hub.route(&kit.key_hash, kit.endpoint_url.is_some());
+    let transport = match route {
+        None => Transport::remote,
+        Some(Route::Endpoint) => Transport::endpoint,
+        Some(Route::Socket) => Transport::websocket,
+        Some(Route::Inbox) => Transport::inbox,
     };
-    Ok(result)
+    let started = std::time::Instant::now();
+    let result: Result<Value, Failure> = async {
+        Ok(match route {
+            // Not here: maybe on another server.
+            None => match &s.bus {
+                Some(bus) => {
+                    bus.call(
+                        s,
+                        &kit.app_name,
+                        &kit.key_hash,
+                        &request,
+                        s.config.task_timeout,
+                        progress,
+                    )
+                    .await?
+                }
+                None => return Err(RouteError::NotConnected(kit.app_name.clone()).into()),
+            },
+            Some(Route::Endpoint) => call_endpoint(s, kit, &request).await?,
+            Some(Route::Socket | Route::Inbox) => {
+                s.hub
+                    .dispatch(
+                        &kit.app_name,
+                        &kit.key_hash,
+                        &request,
+                        s.config.task_timeout,
+                        progress,
+                    )
+                    .await?
+            }
+        })
+    }
+    .await;
+    s.metrics.call(
+        &kit.app_name,
+        &tool.spec.name,
+        transport,
+        result.as_ref().map(|_| ()).map_err(|f| f.code.as_str()),
+        started.elapsed(),
+    );
+    result
 }
 
 /// Runs a `task_request` with progress: each progress report of the tool
@@ -705,6 +724,7 @@ fn error_frame(request_id: Option<RequestId>, code: &str, message: &str) -> Stri
 }
 
 async fn serve_socket(s: Arc<crate::State>, key: Secret, socket: WebSocket) {
+    let _counted = s.metrics.llm_socket();
     let (sink, stream) = socket.split();
     let (tx, rx) = session::outbox();
     let mut shutdown = s.shutdown.subscribe();

@@ -64,6 +64,10 @@ struct Cli {
         value_delimiter = ','
     )]
     llm_api_keys: Vec<String>,
+    /// The bearer token `GET /metrics` asks for (at least 16 characters);
+    /// without it the endpoint is off, except in dev mode.
+    #[arg(long, env = "ATP_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -164,6 +168,14 @@ fn config(cli: Cli) -> Result<Config, atp_server::ServerError> {
     }
     if cli.public_url.is_some() {
         c.public_url = cli.public_url;
+    }
+    if let Some(t) = cli
+        .metrics_token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        c.metrics_token = Some(Secret::new(t));
     }
     let keep = |k: &String| !k.trim().is_empty();
     c.toolkit_api_keys.extend(

@@ -1111,6 +1111,11 @@ async fn attempt(s: Arc<crate::State>, job: Job) {
         .record_attempt(id, n, max_attempts, retry_in, outcome.clone())
         .await;
     let (webhook_id, delivery_id) = (&job.webhook_id, &job.delivery_id);
+    s.metrics.delivery(match (&recorded, &outcome) {
+        (_, Outcome::Delivered(_)) => "delivered",
+        (Ok("failed"), _) => "failed",
+        _ => "retry",
+    });
     match (recorded, &outcome) {
         (Ok(_), Outcome::Delivered(status)) => {
             tracing::debug!(%webhook_id, %delivery_id, attempt = n, status, "webhook delivered")

@@ -12,6 +12,7 @@ mod infra;
 mod keys;
 mod llm_parity;
 mod mcp;
+mod metrics;
 mod oauth;
 mod oauth_provider;
 mod pg_webhooks;
