@@ -21,6 +21,7 @@ mod python_parity;
 mod routing;
 mod runtime;
 mod runtime_parity;
+mod secrets;
 mod store;
 mod streaming;
 mod webhooks;
