@@ -391,14 +391,15 @@ pub(crate) async fn callback(State(s): AppState, RawQuery(query): RawQuery) -> R
     finish(Ok(integration_id))
 }
 
-/// What a caller is told when a stored connection can not be read: the
-/// server log has the details (the column and the key id).
-fn read_failure(e: &StoreError) -> &'static str {
+/// What a caller is told when a stored connection can not be read
+/// (`otherwise` unless its tokens do not open): the server log has the
+/// details (the column and the key id).
+fn read_failure(e: &StoreError, otherwise: &'static str) -> &'static str {
     match e {
         StoreError::Sealed(_) => {
             "The user's stored tokens could not be opened with the server's secrets key (see the server log)"
         }
-        _ => "The user's connection could not be read",
+        _ => otherwise,
     }
 }
 
@@ -533,7 +534,7 @@ pub(crate) async fn tokens(
             .await
             .map_err(|e| {
                 tracing::error!(platform = %platform_id, "could not read an OAuth connection: {e}");
-                ApiError::internal(read_failure(&e))
+                ApiError::internal(read_failure(&e, "The connection could not be read"))
             })?
             .ok_or_else(|| {
                 ApiError::not_found(
@@ -593,7 +594,10 @@ pub(crate) async fn token_for(
             .await
             .map_err(|e| {
                 tracing::error!(platform = %platform.id, "could not read an OAuth connection: {e}");
-                Failure::new("internal_error", read_failure(&e))
+                Failure::new(
+                    "internal_error",
+                    read_failure(&e, "The user's connection could not be read"),
+                )
             })?;
         if let Some(conn) = conn {
             let conn = fresh(s, &platform, conn).await.map_err(|why| {
