@@ -111,6 +111,11 @@ impl Store {
                 let c = Connection::open(path)?;
                 c.pragma_update(None, "journal_mode", "WAL")?;
                 c.pragma_update(None, "synchronous", "NORMAL")?;
+                // What a row held before it was updated or deleted is
+                // zeroed, not left in the file's free space: a token
+                // sealed at start (or re-sealed by a rotation) leaves no
+                // plain (or old-key) copy behind.
+                c.pragma_update(None, "secure_delete", "ON")?;
                 c
             }
             DbLocation::Postgres(_) => {
@@ -942,6 +947,12 @@ pub(crate) fn reseal_sqlite(
         }
     }
     tx.commit()?;
+    if report.total() > 0 {
+        // The old values are in the WAL until a checkpoint: write the
+        // pages back now and empty the WAL (best effort: a reader may
+        // hold it; the next checkpoint does it then).
+        let _ = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    }
     Ok(report)
 }
 

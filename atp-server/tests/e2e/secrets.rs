@@ -269,6 +269,81 @@ async fn no_secret_reaches_the_sqlite_files_and_a_moved_token_does_not_open() {
     .await;
 }
 
+/// What `atp-server` stores instead of an API key.
+fn key_hash(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"atp-server/key/v1\0");
+    h.update(key.as_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn a_database_from_before_is_sealed_at_start_and_keeps_no_plain_copy() {
+    bounded(Duration::from_secs(60), async {
+        let dir = temp_dir("old");
+        let db = dir.join("atp.sqlite3");
+        // What an earlier atp-server left: its schema, in WAL mode, with
+        // tokens and webhook secrets in plain text.
+        let users: Vec<String> = (0..20).map(|i| format!("user-{i}")).collect();
+        let plain = |what: &str, user: &str| format!("{TAG}{what}-{user}");
+        {
+            let c = rusqlite::Connection::open(&db).expect("open");
+            c.pragma_update(None, "journal_mode", "WAL").expect("WAL");
+            c.execute_batch(
+                "CREATE TABLE oauth_connections (llm_key_hash TEXT NOT NULL, platform_id TEXT NOT NULL,
+                     external_user_id TEXT NOT NULL, integration_id TEXT NOT NULL, access_token TEXT NOT NULL,
+                     refresh_token TEXT, token_type TEXT, scope TEXT, expires_at INTEGER,
+                     created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
+                     PRIMARY KEY (llm_key_hash, platform_id, external_user_id));
+                 CREATE TABLE webhooks (webhook_id TEXT PRIMARY KEY, llm_key_hash TEXT NOT NULL, url TEXT NOT NULL,
+                     events TEXT NOT NULL, secret TEXT NOT NULL, created_at INTEGER NOT NULL);",
+            )
+            .expect("schema");
+            for user in &users {
+                c.execute(
+                    "INSERT INTO oauth_connections VALUES (?1, ?2, ?3, 'i', ?4, ?5, 'Bearer', 'read', NULL, 0, 0)",
+                    [
+                        key_hash(LLM_KEY),
+                        PLATFORM.to_owned(),
+                        user.clone(),
+                        plain("access", user),
+                        plain("refresh", user),
+                    ],
+                )
+                .expect("a connection");
+                c.execute(
+                    "INSERT INTO webhooks VALUES (?1, ?2, 'http://127.0.0.1:9/', '[]', ?3, 0)",
+                    [format!("w-{user}"), key_hash(LLM_KEY), plain("whsec", user)],
+                )
+                .expect("a webhook");
+            }
+        }
+        let secrets: Vec<String> = users
+            .iter()
+            .flat_map(|u| [plain("access", u), plain("refresh", u), plain("whsec", u)])
+            .collect();
+        let server = TestServer::start(Config {
+            db: DbLocation::File(db.clone()),
+            oauth_platforms: vec![oauth_provider::platform("http://127.0.0.1:9", &["read"])],
+            ..keyed_config()
+        })
+        .await;
+        // Sealed at start, and read back as they were.
+        assert_sealed_only(&sqlite_files(&db), &secrets, "SQLite, sealed at start");
+        for user in &users {
+            let (status, t) = tokens(&server, user).await;
+            assert_eq!(status, 200, "{t}");
+            assert_eq!(t["access_token"], plain("access", user));
+            assert_eq!(t["refresh_token"], plain("refresh", user));
+        }
+        server.stop().await;
+        assert_sealed_only(&sqlite_files(&db), &secrets, "SQLite, stopped");
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_secret_reaches_postgres_and_rotation_moves_them_to_the_new_key() {
     let Some(pg) = blocking(infra::Postgres::start) else {
