@@ -876,7 +876,7 @@ mod tests {
 
     #[test]
     fn tokens_are_bounded_per_tool() {
-        let store = Store::open(&DbLocation::Memory).expect("open");
+        let store = Store::memory();
         let (n, oldest) = store
             .call_now(|c| {
                 for i in 0..(TOKENS_PER_TOOL + 5) {

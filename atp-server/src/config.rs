@@ -10,7 +10,7 @@ use std::{
 use atp_registry::Secret;
 use serde::Deserialize;
 
-use crate::error::ServerError;
+use crate::{error::ServerError, secrets::SecretsKey};
 
 /// The address `atp-server` listens on by default.
 pub const DEFAULT_ADDR: SocketAddr =
@@ -225,6 +225,19 @@ pub struct Config {
     /// The bearer token `GET /metrics` asks for. Unset, the endpoint is
     /// off (404) — except in dev mode, where it is open (loopback only).
     pub metrics_token: Option<Secret>,
+    /// The keys that seal the secrets the server stores (OAuth tokens and
+    /// client secrets, webhook secrets, endpoint keys): the first seals,
+    /// every one opens (docs/OPERATIONS.md, "Secrets at rest"). The keys
+    /// of [`secrets_key_file`](Self::secrets_key_file) come after these.
+    ///
+    /// With none at all, an in-memory database gets a key that lives only
+    /// in the process; in dev mode, a SQLite file gets a generated key
+    /// file beside it (`<db>.secrets-key`, logged at WARN); otherwise the
+    /// server refuses to start. `Debug` shows only the keys' ids.
+    pub secrets_keys: Vec<SecretsKey>,
+    /// A file of secrets keys, one a line (base64 or hex of 32 bytes; the
+    /// first seals, the others only open), read when the server starts.
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 /// The developer who owns the top-level `toolkit_api_keys` and
@@ -290,6 +303,8 @@ impl Default for Config {
             webhook_retry_base: Duration::from_secs(1),
             webhook_max_attempts: 12,
             metrics_token: None,
+            secrets_keys: Vec::new(),
+            secrets_key_file: None,
         }
     }
 }
@@ -321,6 +336,7 @@ struct FileConfig {
     webhook_retry_base_secs: Option<f64>,
     webhook_max_attempts: Option<u32>,
     metrics_token: Option<String>,
+    secrets_key_file: Option<PathBuf>,
 }
 
 /// The longest duration a setting may have (a year): far beyond any
@@ -418,6 +434,7 @@ impl Config {
             c.webhook_max_attempts = v.max(1);
         }
         c.metrics_token = file.metrics_token.map(Secret::new);
+        c.secrets_key_file = file.secrets_key_file;
         c.validate()?;
         Ok(c)
     }

@@ -31,6 +31,10 @@ pub enum ServerError {
     /// Listening or serving failed.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The secrets key is missing or invalid, or a stored secret could not
+    /// be sealed or opened (docs/OPERATIONS.md, "Secrets at rest").
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
 }
 
 impl From<rusqlite::Error> for ServerError {
@@ -41,7 +45,10 @@ impl From<rusqlite::Error> for ServerError {
 
 impl From<crate::store::StoreError> for ServerError {
     fn from(e: crate::store::StoreError) -> Self {
-        ServerError::Db(e.to_string())
+        match e {
+            crate::store::StoreError::Sealed(e) => ServerError::Secrets(e),
+            e => ServerError::Db(e.to_string()),
+        }
     }
 }
 

@@ -11,6 +11,7 @@ mod llm;
 mod mcp;
 mod metrics;
 mod oauth;
+mod secrets;
 mod store;
 mod toolkit;
 mod webhooks;
@@ -38,6 +39,7 @@ use tokio::{net::TcpListener, sync::watch};
 pub use catalog::{Execution, read_executions};
 pub use config::{Config, DEFAULT_ADDR, DEFAULT_DB, DbLocation, Developer, NatsUrl, OAuthPlatform};
 pub use error::ServerError;
+pub use secrets::{RotationReport, SecretsError, SecretsKey, dev_secrets_key_path, rotate_secrets};
 
 use crate::{
     error::{ApiError, json_response},
@@ -188,16 +190,21 @@ impl AtpServer {
                 "a PostgreSQL database or NATS is opened with AtpServer::connect".into(),
             ));
         }
-        let store = Store::open(&config.db)?;
+        let keyring = Arc::new(secrets::Keyring::for_config(&config)?);
+        let store = Store::open(&config.db, keyring.clone())?;
         let Some(sqlite) = store.sqlite() else {
             return Err(ServerError::Config("not a SQLite database".into()));
         };
+        sqlite
+            .call_now(|c| store::reseal_sqlite(c, &keyring, secrets::Pass::SealPlaintext))?
+            .log_startup();
         for p in &config.oauth_platforms {
-            sqlite.call_now(|c| store::save_platform(c, p))?;
+            let json = store.platform_json(p)?;
+            sqlite.call_now(|c| store::save_platform(c, &p.id, &json))?;
         }
         let loaded = Loaded {
-            kits: sqlite.call_now(store::load_toolkits)?,
-            platforms: sqlite.call_now(store::load_platforms)?,
+            kits: sqlite.call_now(|c| store::load_toolkits(c, &keyring))?,
+            platforms: sqlite.call_now(|c| store::load_platforms(c, &keyring))?,
             webhooks: sqlite.call_now(webhooks::count_sqlite)?,
         };
         Ok(Self::assemble(config, store, loaded, None))
@@ -209,7 +216,12 @@ impl AtpServer {
     /// sharing the database (docs/DEPLOY.md).
     pub async fn connect(config: Config) -> Result<Self, ServerError> {
         config.validate()?;
-        let store = Store::connect(&config.db).await?;
+        let keyring = Arc::new(secrets::Keyring::for_config(&config)?);
+        let store = Store::connect(&config.db, keyring).await?;
+        store
+            .reseal(secrets::Pass::SealPlaintext)
+            .await?
+            .log_startup();
         for p in &config.oauth_platforms {
             store.save_platform(p).await?;
         }

@@ -9,8 +9,14 @@ use std::{
 };
 
 use atp_registry::Secret;
-use atp_server::{AtpServer, Config, DbLocation, ServerError};
+use atp_server::{AtpServer, Config, DbLocation, SecretsKey, ServerError};
 use clap::{Parser, Subcommand};
+
+/// The environment variable that may hold the secrets key itself (base64
+/// or hex; several comma-separated during a rotation, the first sealing).
+const SECRETS_KEY_ENV: &str = "ATP_SECRETS_KEY";
+/// The environment variable that may hold the new key of a rotation.
+const NEW_SECRETS_KEY_ENV: &str = "ATP_NEW_SECRETS_KEY";
 
 /// An Agent Tool Protocol server: toolkits connect to it, LLM-side clients
 /// fetch tool schemas from it and run tools through it.
@@ -68,6 +74,12 @@ struct Cli {
     /// without it the endpoint is off, except in dev mode.
     #[arg(long, env = "ATP_METRICS_TOKEN", hide_env_values = true)]
     metrics_token: Option<String>,
+    /// The file of the key that seals the secrets stored in the database
+    /// (OAuth tokens and client secrets, webhook secrets): one key a line,
+    /// the first sealing (make one with `atp-server keys
+    /// generate-secrets-key`). Or the key itself in ATP_SECRETS_KEY.
+    #[arg(long, env = "ATP_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,6 +103,158 @@ enum Command {
         #[arg(long)]
         app: Option<String>,
     },
+    /// Manages keys: the secrets key that seals the secrets stored in the
+    /// database (docs/OPERATIONS.md, "Secrets at rest").
+    Keys {
+        /// What to do.
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Makes a new random secrets key (32 bytes, base64) and writes it to
+    /// a new file that only its owner may read, or prints it.
+    GenerateSecretsKey {
+        /// The file to write (never overwritten); without it the key is
+        /// printed on standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Seals every secret stored in the database again under a new key,
+    /// in one transaction, opening them with the current key(s). The
+    /// server then needs only the new key. Servers running meanwhile must
+    /// have the new key among theirs (docs/OPERATIONS.md).
+    RotateSecrets {
+        /// The file of the new key (its first key seals; made with
+        /// `generate-secrets-key`). Or the key itself in
+        /// ATP_NEW_SECRETS_KEY.
+        #[arg(long, env = "ATP_NEW_SECRETS_KEY_FILE")]
+        new_key_file: Option<PathBuf>,
+        /// The database: a SQLite file or a postgres:// URL [default:
+        /// --config's db, else atp-server.sqlite3].
+        #[arg(long)]
+        db: Option<String>,
+        /// A TOML configuration file, for its `db` and `secrets_key_file`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The file of the current key(s) [default: --config's
+        /// secrets_key_file; or the key itself in ATP_SECRETS_KEY; or, for
+        /// a SQLite file, the dev-mode key file beside it].
+        #[arg(long, env = "ATP_SECRETS_KEY_FILE")]
+        secrets_key_file: Option<PathBuf>,
+    },
+}
+
+/// The keys in an environment variable (comma-separated), if it is set.
+fn env_keys(name: &str) -> Result<Vec<SecretsKey>, ServerError> {
+    let Ok(text) = std::env::var(name) else {
+        return Ok(Vec::new());
+    };
+    text.split(',')
+        .filter(|k| !k.trim().is_empty())
+        .map(|k| SecretsKey::parse(k).map_err(|e| ServerError::Config(format!("{name}: {e}"))))
+        .collect()
+}
+
+/// The current secrets keys of a command: the key file given, else the
+/// environment's keys; never both.
+fn current_keys(file: Option<&Path>) -> Result<(Vec<SecretsKey>, Option<PathBuf>), ServerError> {
+    let from_env = env_keys(SECRETS_KEY_ENV)?;
+    match file {
+        Some(_) if !from_env.is_empty() => Err(ServerError::Config(format!(
+            "the secrets key is given twice, in {SECRETS_KEY_ENV} and in a key file: give one"
+        ))),
+        Some(path) => Ok((Vec::new(), Some(path.to_path_buf()))),
+        None => Ok((from_env, None)),
+    }
+}
+
+/// `atp-server keys generate-secrets-key`.
+fn generate_secrets_key(out: Option<&Path>) -> Result<(), ServerError> {
+    let key = SecretsKey::generate()?;
+    match out {
+        Some(path) => {
+            key.write_file(path)?;
+            eprintln!(
+                "wrote secrets key {} to {} (mode 0600); give it to the server with --secrets-key-file {}",
+                key.id(),
+                path.display(),
+                path.display()
+            );
+        }
+        None => println!("{}", key.expose()),
+    }
+    Ok(())
+}
+
+/// `atp-server keys rotate-secrets`.
+async fn rotate_secrets(
+    new_key_file: Option<&Path>,
+    db: Option<String>,
+    config: Option<&Path>,
+    secrets_key_file: Option<PathBuf>,
+) -> Result<(), ServerError> {
+    let file_config = config.map(Config::load).transpose()?;
+    let location = match (db, &file_config) {
+        (Some(db), _) => DbLocation::parse(&db),
+        (None, Some(c)) => c.db.clone(),
+        (None, None) => Config::default().db,
+    };
+    if let DbLocation::File(path) = &location
+        && !path.exists()
+    {
+        return Err(ServerError::Config(format!(
+            "no database at {}",
+            path.display()
+        )));
+    }
+    let key_file = secrets_key_file.or_else(|| {
+        file_config
+            .as_ref()
+            .and_then(|c| c.secrets_key_file.clone())
+    });
+    let (mut current, key_file) = current_keys(key_file.as_deref())?;
+    if let Some(path) = &key_file {
+        current.extend(SecretsKey::read_file(path)?);
+    }
+    if current.is_empty()
+        && let DbLocation::File(db) = &location
+    {
+        let dev = atp_server::dev_secrets_key_path(db);
+        if dev.exists() {
+            eprintln!(
+                "using the dev-mode key file {} as the current key",
+                dev.display()
+            );
+            current.extend(SecretsKey::read_file(&dev)?);
+        }
+    }
+    let new = match (new_key_file, env_keys(NEW_SECRETS_KEY_ENV)?) {
+        (Some(_), keys) if !keys.is_empty() => {
+            return Err(ServerError::Config(format!(
+                "the new key is given twice, in {NEW_SECRETS_KEY_ENV} and --new-key-file: give one"
+            )));
+        }
+        (Some(path), _) => SecretsKey::read_file(path)?,
+        (None, keys) if !keys.is_empty() => keys,
+        (None, _) => {
+            return Err(ServerError::Config(format!(
+                "no new key: give --new-key-file FILE (made with `atp-server keys generate-secrets-key --out FILE`) or {NEW_SECRETS_KEY_ENV}"
+            )));
+        }
+    };
+    let report = atp_server::rotate_secrets(&location, current, new).await?;
+    for (column, n) in &report.resealed {
+        println!("{column}: {n} sealed again");
+    }
+    println!(
+        "every stored secret is sealed under key {} ({} values sealed again); the server now needs only the new key",
+        report.key_id,
+        report.total()
+    );
+    Ok(())
 }
 
 /// `atp-server executions`: the newest reports as JSON lines on stdout,
@@ -177,6 +341,10 @@ fn config(cli: Cli) -> Result<Config, atp_server::ServerError> {
     {
         c.metrics_token = Some(Secret::new(t));
     }
+    let key_file = cli.secrets_key_file.or(c.secrets_key_file.take());
+    let (keys, key_file) = current_keys(key_file.as_deref())?;
+    c.secrets_keys = keys;
+    c.secrets_key_file = key_file;
     let keep = |k: &String| !k.trim().is_empty();
     c.toolkit_api_keys.extend(
         cli.toolkit_api_keys
@@ -213,22 +381,52 @@ async fn main() -> ExitCode {
         )
         .init();
     let mut cli = Cli::parse();
-    if let Some(Command::Executions {
-        db,
-        config,
-        limit,
-        app,
-    }) = cli.command.take()
-    {
-        let db = db.or_else(|| cli.db.clone());
-        let config = config.or_else(|| cli.config.clone());
-        return match print_executions(db, config.as_deref(), limit, app.as_deref()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("atp-server executions: {e}");
-                ExitCode::FAILURE
-            }
-        };
+    match cli.command.take() {
+        Some(Command::Executions {
+            db,
+            config,
+            limit,
+            app,
+        }) => {
+            let db = db.or_else(|| cli.db.clone());
+            let config = config.or_else(|| cli.config.clone());
+            return match print_executions(db, config.as_deref(), limit, app.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("atp-server executions: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Keys { command }) => {
+            let (name, result) = match command {
+                KeysCommand::GenerateSecretsKey { out } => {
+                    ("generate-secrets-key", generate_secrets_key(out.as_deref()))
+                }
+                KeysCommand::RotateSecrets {
+                    new_key_file,
+                    db,
+                    config,
+                    secrets_key_file,
+                } => {
+                    let db = db.or_else(|| cli.db.clone());
+                    let config = config.or_else(|| cli.config.clone());
+                    let key_file = secrets_key_file.or_else(|| cli.secrets_key_file.clone());
+                    let done =
+                        rotate_secrets(new_key_file.as_deref(), db, config.as_deref(), key_file)
+                            .await;
+                    ("rotate-secrets", done)
+                }
+            };
+            return match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("atp-server keys {name}: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        None => {}
     }
     let run = async {
         let config = config(cli)?;

@@ -25,7 +25,7 @@ use crate::{
     keys::{api_key_header, now_secs, random_token, rfc3339, uuid4},
     llm::Failure,
     read_object,
-    store::{OAuthConnection, PendingFlow},
+    store::{OAuthConnection, PendingFlow, StoreError},
     str_field,
     webhooks::{self, Audience},
 };
@@ -391,6 +391,18 @@ pub(crate) async fn callback(State(s): AppState, RawQuery(query): RawQuery) -> R
     finish(Ok(integration_id))
 }
 
+/// What a caller is told when a stored connection can not be read
+/// (`otherwise` unless its tokens do not open): the server log has the
+/// details (the column and the key id).
+fn read_failure(e: &StoreError, otherwise: &'static str) -> &'static str {
+    match e {
+        StoreError::Sealed(_) => {
+            "The user's stored tokens could not be opened with the server's secrets key (see the server log)"
+        }
+        _ => otherwise,
+    }
+}
+
 fn redirect(url: &str) -> Response {
     let mut r = Response::new(Body::empty());
     *r.status_mut() = StatusCode::SEE_OTHER;
@@ -521,8 +533,8 @@ pub(crate) async fn tokens(
             .get_connection(&llm_key_hash, &platform_id, &user)
             .await
             .map_err(|e| {
-                tracing::error!("could not read an OAuth connection: {e}");
-                ApiError::internal("The connection could not be read")
+                tracing::error!(platform = %platform_id, "could not read an OAuth connection: {e}");
+                ApiError::internal(read_failure(&e, "The connection could not be read"))
             })?
             .ok_or_else(|| {
                 ApiError::not_found(
@@ -581,8 +593,11 @@ pub(crate) async fn token_for(
             .get_connection(llm_key_hash, &platform.id, user)
             .await
             .map_err(|e| {
-                tracing::error!("could not read an OAuth connection: {e}");
-                Failure::new("internal_error", "The user's connection could not be read")
+                tracing::error!(platform = %platform.id, "could not read an OAuth connection: {e}");
+                Failure::new(
+                    "internal_error",
+                    read_failure(&e, "The user's connection could not be read"),
+                )
             })?;
         if let Some(conn) = conn {
             let conn = fresh(s, &platform, conn).await.map_err(|why| {

@@ -45,6 +45,7 @@ use crate::{
     error::{ApiError, json_response},
     keys::{api_key_header, now_secs, random_token, rfc3339, uuid4},
     read_object,
+    secrets::Field,
     store::{Store, StoreError},
 };
 
@@ -352,8 +353,9 @@ struct Job {
     webhook_id: String,
     event: String,
     url: String,
-    /// sealed at rest: #18
-    secret: Secret,
+    /// The webhook's signing secret as stored (sealed): opened when the
+    /// attempt is made.
+    sealed_secret: String,
     body: String,
     /// This attempt's number (from 1).
     attempt: u32,
@@ -402,7 +404,7 @@ fn claim(
                             webhook_id: r.get(1)?,
                             event: r.get(2)?,
                             url: r.get(3)?,
-                            secret: Secret::new(r.get::<_, String>(4)?),
+                            sealed_secret: r.get(4)?,
                             body: r.get(5)?,
                             attempt: r.get::<_, u32>(6)?.saturating_add(1),
                         })
@@ -528,9 +530,13 @@ struct NewWebhook {
     created_at: i64,
 }
 
-/// Stores a webhook, unless its key has [`MAX_WEBHOOKS_PER_KEY`] already
-/// (then `false`).
-fn insert_webhook(c: &mut Connection, w: &NewWebhook) -> Result<bool, rusqlite::Error> {
+/// Stores a webhook (its secret sealed: `secret`), unless its key has
+/// [`MAX_WEBHOOKS_PER_KEY`] already (then `false`).
+fn insert_webhook(
+    c: &mut Connection,
+    w: &NewWebhook,
+    secret: &str,
+) -> Result<bool, rusqlite::Error> {
     let tx = c.transaction()?;
     let count: i64 = tx.query_row(
         "SELECT COUNT(*) FROM webhooks WHERE llm_key_hash = ?1",
@@ -540,7 +546,6 @@ fn insert_webhook(c: &mut Connection, w: &NewWebhook) -> Result<bool, rusqlite::
     if count >= MAX_WEBHOOKS_PER_KEY {
         return Ok(false);
     }
-    // sealed at rest: #18
     tx.execute(
         "INSERT INTO webhooks (webhook_id, llm_key_hash, url, events, secret, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -549,7 +554,7 @@ fn insert_webhook(c: &mut Connection, w: &NewWebhook) -> Result<bool, rusqlite::
             w.llm_key_hash,
             w.url,
             w.events,
-            w.secret.expose(),
+            secret,
             w.created_at
         ],
     )?;
@@ -768,7 +773,7 @@ impl Store {
                     webhook_id: r.try_get(1)?,
                     event: r.try_get(2)?,
                     url: r.try_get(3)?,
-                    secret: Secret::new(r.try_get::<_, String>(4)?),
+                    sealed_secret: r.try_get(4)?,
                     body: r.try_get(5)?,
                     attempt: pg_u32(r.try_get(6)?).saturating_add(1),
                 };
@@ -883,8 +888,11 @@ impl Store {
     /// Stores a webhook, unless its key has [`MAX_WEBHOOKS_PER_KEY`]
     /// already (then `false`).
     async fn insert_webhook(&self, w: NewWebhook) -> Result<bool, StoreError> {
+        let secret =
+            self.keyring()
+                .seal(Field::WebhookSecret, &[&w.webhook_id], w.secret.expose())?;
         let p = match self {
-            Store::Sqlite(s) => return s.call(move |c| insert_webhook(c, &w)).await,
+            Store::Sqlite(s) => return s.call(move |c| insert_webhook(c, &w, &secret)).await,
             Store::Postgres(p) => p,
         };
         let mut c = p.client().await?;
@@ -905,7 +913,6 @@ impl Store {
         if count >= MAX_WEBHOOKS_PER_KEY {
             return Ok(false);
         }
-        // sealed at rest: #18
         tx.execute(
             "INSERT INTO webhooks (webhook_id, llm_key_hash, url, events, secret, created_at)
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -914,7 +921,7 @@ impl Store {
                 &w.llm_key_hash,
                 &w.url,
                 &w.events,
-                &w.secret.expose(),
+                &secret,
                 &w.created_at,
             ],
         )
@@ -1067,40 +1074,21 @@ async fn deliver(s: Arc<crate::State>) {
 
 /// Makes one attempt of a delivery and records it.
 async fn attempt(s: Arc<crate::State>, job: Job) {
-    let signature =
-        atp_registry::webhook::sign(job.secret.expose().as_bytes(), job.body.as_bytes());
-    let headers = [
-        ("x-atp-signature", signature.as_str()),
-        ("x-atp-event", job.event.as_str()),
-        ("x-atp-delivery", job.delivery_id.as_str()),
-        (
-            "user-agent",
-            concat!("atp-server/", env!("CARGO_PKG_VERSION")),
-        ),
-    ];
-    let sent = s
-        .outbound
-        .send(
-            Method::POST,
-            &job.url,
-            &headers,
-            Some(("application/json", Bytes::from(job.body))),
-            s.config.webhook_timeout,
-        )
-        .await;
-    let outcome = match sent {
-        Ok((status, _)) if (200..300).contains(&status) => Outcome::Delivered(status),
-        Ok((status, _)) => Outcome::Failed(Some(status), format!("HTTP {status}")),
+    let opened =
+        s.store
+            .keyring()
+            .open(Field::WebhookSecret, &[&job.webhook_id], &job.sealed_secret);
+    let outcome = match opened {
+        Ok(secret) => send(&s, &job, &secret).await,
         Err(e) => {
-            let mut text = e.to_string();
-            if text.len() > MAX_ERROR_LEN {
-                let mut end = MAX_ERROR_LEN;
-                while !text.is_char_boundary(end) {
-                    end -= 1;
-                }
-                text.truncate(end);
-            }
-            Outcome::Failed(None, text)
+            tracing::error!(
+                webhook_id = %job.webhook_id, delivery_id = %job.delivery_id,
+                "webhook delivery not sent: {e}"
+            );
+            Outcome::Failed(
+                None,
+                "the webhook's signing secret could not be opened (see the server log)".into(),
+            )
         }
     };
     let max_attempts = s.config.webhook_max_attempts.max(1);
@@ -1133,6 +1121,45 @@ async fn attempt(s: Arc<crate::State>, job: Job) {
             %webhook_id, %delivery_id,
             "could not record a webhook delivery attempt: {e}"
         ),
+    }
+}
+
+/// Sends one delivery, signed with `secret`.
+async fn send(s: &crate::State, job: &Job, secret: &Secret) -> Outcome {
+    let signature = atp_registry::webhook::sign(secret.expose().as_bytes(), job.body.as_bytes());
+    let headers = [
+        ("x-atp-signature", signature.as_str()),
+        ("x-atp-event", job.event.as_str()),
+        ("x-atp-delivery", job.delivery_id.as_str()),
+        (
+            "user-agent",
+            concat!("atp-server/", env!("CARGO_PKG_VERSION")),
+        ),
+    ];
+    let sent = s
+        .outbound
+        .send(
+            Method::POST,
+            &job.url,
+            &headers,
+            Some(("application/json", Bytes::from(job.body.clone()))),
+            s.config.webhook_timeout,
+        )
+        .await;
+    match sent {
+        Ok((status, _)) if (200..300).contains(&status) => Outcome::Delivered(status),
+        Ok((status, _)) => Outcome::Failed(Some(status), format!("HTTP {status}")),
+        Err(e) => {
+            let mut text = e.to_string();
+            if text.len() > MAX_ERROR_LEN {
+                let mut end = MAX_ERROR_LEN;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+            }
+            Outcome::Failed(None, text)
+        }
     }
 }
 
@@ -1316,7 +1343,6 @@ pub(crate) async fn delete(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DbLocation;
 
     #[test]
     fn backoff_doubles_up_to_a_cap() {
@@ -1356,7 +1382,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_store_methods_run_on_sqlite() {
-        let store = Store::open(&DbLocation::Memory).expect("open");
+        let store = Store::memory();
         let hook = |id: &str, key: &str| NewWebhook {
             webhook_id: id.into(),
             llm_key_hash: key.into(),
@@ -1392,6 +1418,26 @@ mod tests {
             .await
             .expect("claim");
         assert_eq!(jobs.len(), 2, "w3 is busy");
+        // The secret is sealed in the database, bound to its webhook.
+        for job in &jobs {
+            assert!(job.sealed_secret.starts_with("sealed:v1:"));
+            let secret = store
+                .keyring()
+                .open(Field::WebhookSecret, &[&job.webhook_id], &job.sealed_secret)
+                .expect("opens for its own webhook");
+            assert_eq!(secret.expose(), "s");
+        }
+        let other = if jobs[0].webhook_id == "w1" {
+            "w2"
+        } else {
+            "w1"
+        };
+        assert!(matches!(
+            store
+                .keyring()
+                .open(Field::WebhookSecret, &[other], &jobs[0].sealed_secret),
+            Err(crate::secrets::SecretsError::Unopenable { .. })
+        ));
         let state = store
             .record_attempt(
                 jobs[0].delivery_id.clone(),
@@ -1434,7 +1480,7 @@ mod tests {
 
     #[test]
     fn presence_events_can_not_crowd_out_oauth_events() {
-        let store = Store::open(&DbLocation::Memory).expect("open");
+        let store = Store::memory();
         let ids = vec!["w1".to_owned()];
         let data = serde_json::json!({"toolkit_id": "t"});
         let (flood, oauth) = store
@@ -1461,7 +1507,7 @@ mod tests {
 
     #[test]
     fn queue_claims_one_per_webhook_and_leases() {
-        let store = Store::open(&DbLocation::Memory).expect("open");
+        let store = Store::memory();
         store
             .call_now(|c| {
                 for id in ["w1", "w2"] {

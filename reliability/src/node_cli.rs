@@ -6,7 +6,7 @@
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
-use atp_server::{AtpServer, Config, DbLocation};
+use atp_server::{AtpServer, Config, DbLocation, SecretsKey};
 
 use crate::node::{test_runtime_options, test_toolkit_with};
 use clap::{Parser, Subcommand};
@@ -34,7 +34,9 @@ enum What {
         /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:0")]
         addr: SocketAddr,
-        /// The SQLite file, or `:memory:`.
+        /// The SQLite file, or `:memory:`. A file's secrets are sealed
+        /// under the key file beside it (`<db>.secrets-key`, made the
+        /// first time), so a restarted node reads them again.
         #[arg(long)]
         db: String,
         /// A toolkit API key.
@@ -136,8 +138,14 @@ pub fn main(args: impl IntoIterator<Item = String>) -> ExitCode {
                         .await
                         .map_err(|e| e.to_string())?;
                     let local = listener.local_addr().map_err(|e| e.to_string())?;
+                    let db = DbLocation::parse(&db);
+                    let secrets_key_file = match &db {
+                        DbLocation::File(path) => Some(node_secrets_key(path)?),
+                        _ => None,
+                    };
                     let server = AtpServer::open(Config {
-                        db: DbLocation::parse(&db),
+                        db,
+                        secrets_key_file,
                         toolkit_api_keys: vec![toolkit_key.into()],
                         llm_api_keys: vec![llm_key.into()],
                         task_timeout: Duration::from_millis(task_timeout_ms),
@@ -170,4 +178,19 @@ pub fn main(args: impl IntoIterator<Item = String>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The secrets key file of a node's database: the one beside it, made the
+/// first time.
+fn node_secrets_key(db: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    let path = atp_server::dev_secrets_key_path(db);
+    if !path.exists() {
+        let key = SecretsKey::generate().map_err(|e| e.to_string())?;
+        if let Err(e) = key.write_file(&path)
+            && !path.exists()
+        {
+            return Err(e.to_string());
+        }
+    }
+    Ok(path)
 }

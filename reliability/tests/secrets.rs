@@ -1,10 +1,17 @@
 //! Secrets: a run with endpoint keys, bearer and body tokens, API keys
-//! (right and wrong), a user's OAuth token and an OAuth client secret,
+//! (right and wrong), a user's OAuth tokens and an OAuth client secret,
 //! through the three adapters, `atp-server`, the toolkit runtime and the
 //! LLM client — with every `tracing` line of the process captured at TRACE
 //! (a process-wide subscriber: it sees every thread) — and none of the
 //! secrets may appear in a log line, an answer (status line, headers,
 //! body), an error's text or a `Debug` output.
+//!
+//! The server's secrets at rest (docs/OPERATIONS.md) are on the same
+//! paths: its database file starts with a user's tokens in plain text (as
+//! an earlier version wrote them), sealed at start and read back for a
+//! tool call; a webhook's secret is sealed; the secrets key itself, and
+//! the errors about keys and sealed values, never show either. Afterwards
+//! the database's files hold none of the secrets.
 
 use std::{
     io::Write,
@@ -23,7 +30,7 @@ use atp_reliability::{
     http::{self, RawResponse, request},
     node::test_runtime_options,
 };
-use atp_server::{AtpServer, Config, DbLocation, OAuthPlatform};
+use atp_server::{AtpServer, Config, DbLocation, OAuthPlatform, SecretsKey};
 use serde_json::{Value, json};
 
 const ENDPOINT_KEY: &str = "ek-SECRET-7f3a";
@@ -36,8 +43,11 @@ const LLM_KEY: &str = "llm-SECRET-e2f0";
 const WRONG_LLM_KEY: &str = "llmwrong-SECRET-77aa";
 const USER_TOKEN: &str = "user-SECRET-3c3c";
 const CLIENT_SECRET: &str = "csecret-SECRET-9d9d";
+const REFRESH_TOKEN: &str = "refresh-SECRET-4e4e";
+/// The server's secrets key, in hex (its base64 form is checked too).
+const SECRETS_KEY: &str = "5ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2";
 
-const SECRETS: [&str; 10] = [
+const SECRETS: [&str; 12] = [
     ENDPOINT_KEY,
     WRONG_ENDPOINT_KEY,
     BEARER,
@@ -48,7 +58,19 @@ const SECRETS: [&str; 10] = [
     WRONG_LLM_KEY,
     USER_TOKEN,
     CLIENT_SECRET,
+    REFRESH_TOKEN,
+    SECRETS_KEY,
 ];
+
+/// Every secret: [`SECRETS`], and the secrets key in base64.
+fn all_secrets() -> Vec<String> {
+    let key = SecretsKey::parse(SECRETS_KEY).expect("a key");
+    SECRETS
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain([key.expose().to_owned()])
+        .collect()
+}
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -98,8 +120,8 @@ fn forms(secret: &str) -> [String; 2] {
 }
 
 fn check(label: &str, text: &str) {
-    for secret in SECRETS {
-        for form in forms(secret) {
+    for secret in all_secrets() {
+        for form in forms(&secret) {
             assert!(!text.contains(&form), "{secret} shows in {label}:\n{text}");
         }
     }
@@ -313,14 +335,65 @@ fn toolkit(base: &str) -> ToolKitClient {
     client
 }
 
-async fn server_and_clients(seen: &mut Seen) {
+/// What `atp-server` stores instead of an API key (its `keys::key_hash`).
+fn key_hash(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"atp-server/key/v1\0");
+    h.update(key.as_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A database as an earlier atp-server left it: user-1's tokens (for the
+/// LLM key, platform `localprov`) in plain text.
+fn old_database(db: &std::path::Path) {
+    let c = rusqlite::Connection::open(db).expect("open");
+    c.execute_batch(
+        "CREATE TABLE oauth_connections (
+             llm_key_hash TEXT NOT NULL, platform_id TEXT NOT NULL, external_user_id TEXT NOT NULL,
+             integration_id TEXT NOT NULL, access_token TEXT NOT NULL, refresh_token TEXT,
+             token_type TEXT, scope TEXT, expires_at INTEGER, created_at INTEGER NOT NULL,
+             updated_at INTEGER NOT NULL,
+             PRIMARY KEY (llm_key_hash, platform_id, external_user_id))",
+    )
+    .expect("schema");
+    c.execute(
+        "INSERT INTO oauth_connections VALUES (?1, 'localprov', 'user-1', 'i-1', ?2, ?3, 'Bearer', 'read', NULL, 0, 0)",
+        [key_hash(LLM_KEY).as_str(), USER_TOKEN, REFRESH_TOKEN],
+    )
+    .expect("a connection");
+}
+
+/// The files of a SQLite database, as they are now.
+fn database_files(db: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    ["", "-wal", "-shm"]
+        .iter()
+        .filter_map(|suffix| {
+            let path = format!("{}{suffix}", db.display());
+            std::fs::read(&path).ok().map(|bytes| (path, bytes))
+        })
+        .collect()
+}
+
+/// Runs the server and its clients; returns the secret of the webhook it
+/// registered (shown once, in the registration's answer, and never
+/// anywhere else).
+async fn server_and_clients(seen: &mut Seen) -> String {
+    let dir = std::env::temp_dir().join(format!("atp-reliability-secrets-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let db = dir.join("atp.sqlite3");
+    old_database(&db);
+    let secrets_key = SecretsKey::parse(SECRETS_KEY).expect("a key");
+    seen.add("Debug of a SecretsKey", format!("{secrets_key:?}"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let base = format!("http://{addr}");
     let config = Config {
-        db: DbLocation::Memory,
+        db: DbLocation::File(db.clone()),
+        secrets_keys: vec![secrets_key.clone()],
         toolkit_api_keys: vec![TK_KEY.into()],
         llm_api_keys: vec![LLM_KEY.into()],
         oauth_platforms: vec![OAuthPlatform {
@@ -348,6 +421,47 @@ async fn server_and_clients(seen: &mut Seen) {
         async move { kit.start().await }
     });
     assert!(server.wait_until_served("secretkit", WAIT).await);
+    // The user's stored token (plain in the old database, sealed at
+    // start) reaches the tool.
+    let llm = LlmClient::new(LLM_KEY)
+        .with_base_url(&base)
+        .with_protocol(LlmProtocol::Http)
+        .with_timeout(WAIT);
+    let whoami = json!({"type": "tool_use", "id": "a", "name": "whoami", "input": {}});
+    let out = llm
+        .call_tool_as("secretkit", &whoami, "anthropic", "", Some("user-1"), None)
+        .await
+        .expect("answers");
+    assert_eq!(
+        out[0]["content"][0]["content"],
+        format!(r#"{{"token_length":{}}}"#, USER_TOKEN.len()),
+        "{out:?}"
+    );
+    seen.add("a call with a stored token", Value::Array(out).to_string());
+    let tokens = llm
+        .get_user_tokens("localprov", "user-1")
+        .await
+        .expect("tokens");
+    // The tokens endpoint is the one answer that must hold them.
+    assert_eq!(tokens["access_token"], USER_TOKEN, "{tokens}");
+    // A webhook: its secret is answered once, and sealed.
+    let hook = request(
+        "POST",
+        "/api/v1/atp/llm-client/webhooks/register/",
+        &[
+            ("Authorization", &format!("ApiKey {LLM_KEY}")),
+            ("Content-Type", "application/json"),
+        ],
+        br#"{"url": "http://127.0.0.1:9/hook", "events": ["connection_success"]}"#,
+    );
+    let r = http::once(addr, &hook, false, WAIT)
+        .await
+        .expect("an answer");
+    assert_eq!(r.status, 201, "{r:?}");
+    let webhook_secret = serde_json::from_slice::<Value>(&r.body).expect("JSON")["secret"]
+        .as_str()
+        .expect("a secret")
+        .to_owned();
     let user_token = Secret::new(USER_TOKEN);
     for protocol in [LlmProtocol::WebSocket, LlmProtocol::Http] {
         let llm = LlmClient::new(LLM_KEY)
@@ -446,6 +560,52 @@ async fn server_and_clients(seen: &mut Seen) {
     seen.add("a refused toolkit", format!("{e} / {e:?}"));
     server.shutdown();
     let _ = tokio::time::timeout(WAIT, serving).await;
+    drop(server);
+
+    // Errors about keys and sealed values.
+    let e = SecretsKey::parse(&format!("{USER_TOKEN}{USER_TOKEN}")).expect_err("not a key");
+    seen.add("a refused secrets key", format!("{e} / {e:?}"));
+    let e = AtpServer::open(Config {
+        db: DbLocation::File(dir.join("other.sqlite3")),
+        toolkit_api_keys: vec![TK_KEY.into()],
+        ..Config::default()
+    })
+    .expect_err("no secrets key");
+    seen.add("a server without a secrets key", format!("{e} / {e:?}"));
+    let other = SecretsKey::generate().expect("a key");
+    let e = atp_server::rotate_secrets(
+        &DbLocation::File(db.clone()),
+        vec![other.clone()],
+        vec![other],
+    )
+    .await
+    .expect_err("the current key is missing");
+    seen.add("a refused rotation", format!("{e} / {e:?}"));
+    let rotated = atp_server::rotate_secrets(
+        &DbLocation::File(db.clone()),
+        vec![secrets_key],
+        vec![SecretsKey::generate().expect("a key")],
+    )
+    .await
+    .expect("rotates");
+    seen.add("a rotation", format!("{rotated:?}"));
+
+    // The database's files: sealed values, no secret.
+    let files = database_files(&db);
+    assert!(
+        files
+            .iter()
+            .any(|(_, b)| String::from_utf8_lossy(b).contains("sealed:v1:")),
+        "the database holds sealed values"
+    );
+    for (path, bytes) in &files {
+        let text = String::from_utf8_lossy(bytes);
+        for secret in all_secrets().iter().chain([&webhook_secret]) {
+            assert!(!text.contains(secret.as_str()), "{secret} is in {path}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    webhook_secret
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,7 +621,7 @@ async fn no_secret_reaches_a_log_line_an_answer_an_error_or_a_debug_output() {
         .expect("the only subscriber of this process");
     let mut seen = Seen::default();
     adapters(&mut seen).await;
-    server_and_clients(&mut seen).await;
+    let webhook_secret = server_and_clients(&mut seen).await;
     for (what, text) in &seen.0 {
         check(what, text);
     }
@@ -472,15 +632,22 @@ async fn no_secret_reaches_a_log_line_an_answer_an_error_or_a_debug_output() {
         "tool registered",
         "toolkit connected",
         "connecting to the ATP server",
+        "secrets at rest are sealed",
+        "sealed the secrets an earlier version stored in plain text",
+        "stored secrets sealed under the new key",
     ] {
         assert!(logs.contains(line), "{line:?} is not in the logs:\n{logs}");
     }
     check("the logs", &logs);
+    assert!(
+        !logs.contains(&webhook_secret),
+        "the webhook secret is in the logs"
+    );
     eprintln!(
         "{} answers and outputs and {} log lines checked for {} secrets",
         seen.0.len(),
         logs.lines().count(),
-        SECRETS.len()
+        all_secrets().len() + 1
     );
 }
 

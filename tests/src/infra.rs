@@ -278,6 +278,11 @@ impl Postgres {
             .is_ok_and(|s| s.success())
     }
 
+    /// Its data directory (the cluster's files: tables, WAL).
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
     /// The postmaster's process id, while it runs (its backends are its
     /// children).
     pub fn pid(&self) -> Option<u32> {

@@ -38,6 +38,8 @@ fn binary() -> Command {
     c.env("NO_COLOR", "1")
         .env_remove("ATP_TOOLKIT_API_KEYS")
         .env_remove("ATP_LLM_API_KEYS")
+        .env_remove("ATP_SECRETS_KEY")
+        .env_remove("ATP_SECRETS_KEY_FILE")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

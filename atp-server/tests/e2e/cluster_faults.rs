@@ -78,6 +78,8 @@ impl Proc {
             .args(["--toolkit-api-keys", TK_KEY, "--llm-api-keys", LLM_KEY])
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
+            .env("ATP_SECRETS_KEY", secrets_key_hex())
+            .env_remove("ATP_SECRETS_KEY_FILE")
             .env_remove("ATP_DB_URL")
             .env_remove("ATP_NATS_URL")
             .env_remove("ATP_TOOLKIT_API_KEYS")

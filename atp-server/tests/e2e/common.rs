@@ -8,7 +8,7 @@ use atp_registry::{
     llm::{LlmClient, LlmProtocol},
     runtime::{RuntimeOptions, Transport},
 };
-use atp_server::{AtpServer, Config, DbLocation};
+use atp_server::{AtpServer, Config, DbLocation, SecretsKey};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Method, Request, Response, body::Incoming};
@@ -21,12 +21,26 @@ pub const LLM_KEY: &str = "llm-secret-key";
 /// The bound of every wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// A config with one toolkit key and one LLM key, in memory.
+/// A fixed secrets key of the tests (32 bytes of `byte`, in hex): what
+/// seals the secrets a test server stores.
+pub fn secrets_key(byte: u8) -> SecretsKey {
+    SecretsKey::parse(&format!("{byte:02x}").repeat(32)).expect("a key")
+}
+
+/// The secrets key of [`keyed_config`], in hex (for `ATP_SECRETS_KEY`).
+pub fn secrets_key_hex() -> String {
+    "5a".repeat(32)
+}
+
+/// A config with one toolkit key and one LLM key, in memory, with a
+/// secrets key (so that a database file or PostgreSQL may replace the
+/// in-memory one).
 pub fn keyed_config() -> Config {
     Config {
         db: DbLocation::Memory,
         toolkit_api_keys: vec![TK_KEY.into()],
         llm_api_keys: vec![LLM_KEY.into()],
+        secrets_keys: vec![secrets_key(0x5a)],
         ..Config::default()
     }
 }

@@ -22,6 +22,7 @@ mod python_parity;
 mod routing;
 mod runtime;
 mod runtime_parity;
+mod secrets;
 mod store;
 mod streaming;
 mod webhooks;

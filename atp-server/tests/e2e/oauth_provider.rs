@@ -42,6 +42,10 @@ pub(crate) struct Options {
     /// Each refresh waits (at most [`WAIT`]) until
     /// [`Provider::release_refreshes`] before it answers.
     pub hold_refreshes: bool,
+    /// A prefix of every token it issues and of its client secret
+    /// (`{tag}access-1`, `{tag}csecret`): values distinct enough to grep
+    /// a database file for.
+    pub tag: &'static str,
 }
 
 #[derive(Default)]
@@ -52,6 +56,8 @@ struct Grants {
     /// The refresh token that works now.
     refresh_token: Option<String>,
     refreshes: usize,
+    /// The PKCE verifiers of the codes exchanged.
+    verifiers: Vec<String>,
 }
 
 struct Shared {
@@ -95,7 +101,20 @@ impl Provider {
 
     /// The platform `local-app` on this provider.
     pub fn platform(&self) -> OAuthPlatform {
-        platform(&self.base, self.shared.options.scopes)
+        OAuthPlatform {
+            client_secret: self.client_secret().into(),
+            ..platform(&self.base, self.shared.options.scopes)
+        }
+    }
+
+    /// Its client secret.
+    pub fn client_secret(&self) -> String {
+        format!("{}csecret", self.shared.options.tag)
+    }
+
+    /// The PKCE verifiers of the codes it exchanged.
+    pub fn verifiers(&self) -> Vec<String> {
+        self.shared.grants.lock().expect("lock").verifiers.clone()
     }
 
     /// How many refreshes it has granted.
@@ -196,8 +215,9 @@ async fn authorize(State(p): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Respo
 
 async fn token(State(p): State<Arc<Shared>>, body: String) -> Response {
     let f = query(&body);
+    let tag = p.options.tag;
     if f.get("client_id").map(String::as_str) != Some("cid")
-        || f.get("client_secret").map(String::as_str) != Some("csecret")
+        || f.get("client_secret") != Some(&format!("{tag}csecret"))
     {
         return json_answer(StatusCode::UNAUTHORIZED, json!({"error": "invalid_client"}));
     }
@@ -216,12 +236,13 @@ async fn token(State(p): State<Arc<Shared>>, body: String) -> Response {
                     json!({"error": "invalid_grant", "error_description": "PKCE or redirect_uri mismatch"}),
                 );
             }
-            g.refresh_token = Some("refresh-1".into());
+            g.verifiers.push(verifier);
+            g.refresh_token = Some(format!("{tag}refresh-1"));
             // Expired at once, so that the first use refreshes it.
             json_answer(
                 StatusCode::OK,
-                json!({"access_token": "access-1", "refresh_token": "refresh-1", "expires_in": 0,
-                       "token_type": "Bearer", "scope": p.options.scopes.join(" ")}),
+                json!({"access_token": format!("{tag}access-1"), "refresh_token": format!("{tag}refresh-1"),
+                       "expires_in": 0, "token_type": "Bearer", "scope": p.options.scopes.join(" ")}),
             )
         }
         Some("refresh_token") => refresh(&p, f.get("refresh_token")).await,
@@ -243,14 +264,15 @@ async fn refresh(p: &Shared, presented: Option<&String>) -> Response {
         }
         g.refreshes += 1;
         let n = g.refreshes + 1;
+        let tag = p.options.tag;
         let rotated = p
             .options
             .rotate_refresh_tokens
-            .then(|| format!("refresh-{n}"));
+            .then(|| format!("{tag}refresh-{n}"));
         if let Some(r) = &rotated {
             g.refresh_token = Some(r.clone());
         }
-        (format!("access-{n}"), rotated)
+        (format!("{tag}access-{n}"), rotated)
     };
     p.refresh_started.notify_one();
     let mut released = p.released.subscribe();

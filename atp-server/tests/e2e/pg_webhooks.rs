@@ -29,6 +29,7 @@ const LLM: &str = "/api/v1/atp/llm-client";
 /// Dev mode (any key) on the database, with fast retries.
 fn dev_config(pg: &infra::Postgres) -> Config {
     let mut c = Config::dev().with_db(DbLocation::Postgres(pg.url.clone()));
+    c.secrets_keys = vec![secrets_key(0x5a)];
     c.webhook_retry_base = Duration::from_millis(50);
     c.webhook_timeout = Duration::from_secs(2);
     c.webhook_max_attempts = 1000;

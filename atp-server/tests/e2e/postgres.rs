@@ -80,6 +80,7 @@ async fn rotating_provider(hold: bool) -> Provider {
         scopes: &["read"],
         rotate_refresh_tokens: true,
         hold_refreshes: hold,
+        ..Default::default()
     })
     .await
 }

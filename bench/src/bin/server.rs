@@ -144,6 +144,9 @@ fn pin_tree(cpu: usize, pid: u32) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// How the bench hands its server processes their shared secrets key.
+const SECRETS_KEY_ENV: &str = "ATP_SECRETS_KEY";
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     if args.serve {
@@ -160,6 +163,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => None,
     };
     let exe = std::env::current_exe()?;
+    // The instances share one secrets key (PostgreSQL needs one).
+    let secrets_key = atp_server::SecretsKey::generate()?;
     let mut servers = Vec::new();
     // One after the other: each runs the migrations check before it listens.
     for _ in 0..args.instances.unwrap_or(1) {
@@ -168,7 +173,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         if let Some(infra) = &infra {
-            cmd.args(["--db-url", &infra.pg.url, "--nats-url", &infra.nats.url]);
+            cmd.args(["--db-url", &infra.pg.url, "--nats-url", &infra.nats.url])
+                .env(SECRETS_KEY_ENV, secrets_key.expose());
         }
         servers.push(ServerProcess::spawn(cmd)?);
     }
@@ -202,6 +208,9 @@ fn serve(
             Some((db, nats)) => {
                 let mut config = Config::dev().with_db(DbLocation::Postgres(db));
                 config.nats_url = Some(NatsUrl(nats));
+                let key = std::env::var(SECRETS_KEY_ENV)
+                    .map_err(|_| format!("{SECRETS_KEY_ENV} is not set"))?;
+                config.secrets_keys = vec![atp_server::SecretsKey::parse(&key)?];
                 AtpServer::connect(config).await?
             }
         };
