@@ -374,6 +374,9 @@ fn config(cli: Cli) -> Result<Config, atp_server::ServerError> {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // A closed stderr must not end the server: the subscriber would
+        // report the failed write with `eprintln!`, which panics on it.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
