@@ -366,3 +366,18 @@ impl Drop for StopOnDrop {
         self.0.stop();
     }
 }
+
+/// The events of a whole `text/event-stream` body: the JSON of each
+/// `data: ` line.
+pub fn events(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let data = e
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap_or_else(|| panic!("an event without data: {e:?}"));
+            serde_json::from_str(data).expect("JSON data")
+        })
+        .collect()
+}

@@ -386,21 +386,6 @@ async fn mcp_in_dev_mode_allows_loopback_only() {
     .await;
 }
 
-/// The events of a whole `text/event-stream` body: the JSON of each
-/// `data: ` line.
-fn events(body: &str) -> Vec<Value> {
-    body.split("\n\n")
-        .filter(|e| !e.trim().is_empty())
-        .map(|e| {
-            let data = e
-                .lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .unwrap_or_else(|| panic!("an event without data: {e:?}"));
-            serde_json::from_str(data).expect("JSON data")
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mcp_progress_is_streamed_before_the_result() {
     bounded(Duration::from_secs(60), async {

@@ -35,21 +35,6 @@ fn assert_progress(m: &Value, request_id: &str, step: u64, total: u64) {
     assert_eq!(p["message"], format!("step {step}"), "{m}");
 }
 
-/// The events of a whole `text/event-stream` body: the JSON of each
-/// `data: ` line.
-fn events(body: &str) -> Vec<Value> {
-    body.split("\n\n")
-        .filter(|e| !e.trim().is_empty())
-        .map(|e| {
-            let data = e
-                .lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .unwrap_or_else(|| panic!("an event without data: {e:?}"));
-            serde_json::from_str(data).expect("JSON data")
-        })
-        .collect()
-}
-
 /// `POST process/` asking for server-sent events.
 async fn sse(server: &TestServer, key: &str, body: &Value) -> (u16, hyper::HeaderMap, String) {
     let auth = format!("ApiKey {key}");
