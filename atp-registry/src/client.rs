@@ -1036,14 +1036,10 @@ mod tests {
         );
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn blocking_handlers_do_not_block_the_executor() {
-        let c = ToolKitClient::new("k", "a");
-        c.register_blocking_tool(Tool::new("sleepy"), |_call| {
-            std::thread::sleep(Duration::from_millis(300));
-            Ok::<_, String>("done")
-        })
-        .expect("valid");
+    /// Runs `work` beside a task that ticks every 10 ms: its output, and
+    /// how many times the ticker ran meanwhile (on a single-threaded
+    /// runtime, only while `work` is off the executor).
+    async fn ticking<T>(work: impl std::future::Future<Output = T>) -> (T, usize) {
         let ticks = Arc::new(AtomicUsize::new(0));
         let ticker = {
             let ticks = ticks.clone();
@@ -1054,18 +1050,24 @@ mod tests {
                 }
             })
         };
-        assert_eq!(
-            c.call_tool_by_name("sleepy", json!({}), None).await,
-            Ok(json!("done"))
-        );
+        let out = work.await;
         ticker.abort();
+        (out, ticks.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn blocking_handlers_do_not_block_the_executor() {
+        let c = ToolKitClient::new("k", "a");
+        c.register_blocking_tool(Tool::new("sleepy"), |_call| {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok::<_, String>("done")
+        })
+        .expect("valid");
+        let (answer, ticks) = ticking(c.call_tool_by_name("sleepy", json!({}), None)).await;
+        assert_eq!(answer, Ok(json!("done")));
         // On a single-threaded runtime the ticker only ran if the handler
         // was off the executor.
-        assert!(
-            ticks.load(Ordering::Relaxed) >= 5,
-            "ticks: {}",
-            ticks.load(Ordering::Relaxed)
-        );
+        assert!(ticks >= 5, "ticks: {ticks}");
     }
 
     #[tokio::test]
@@ -1242,23 +1244,10 @@ mod tests {
         let c = ToolKitClient::new("k", "a");
         c.register_all([sleepy::tool(), boom_fn::tool()])
             .expect("valid");
-        let ticks = Arc::new(AtomicUsize::new(0));
-        let ticker = {
-            let ticks = ticks.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    ticks.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        };
-        assert_eq!(
-            c.call_tool_by_name("sleepy", json!({"ms": 300}), None)
-                .await,
-            Ok(json!("done"))
-        );
-        ticker.abort();
-        assert!(ticks.load(Ordering::Relaxed) >= 5);
+        let (answer, ticks) =
+            ticking(c.call_tool_by_name("sleepy", json!({"ms": 300}), None)).await;
+        assert_eq!(answer, Ok(json!("done")));
+        assert!(ticks >= 5);
         // Params are read before the pool is asked for a thread.
         assert!(matches!(
             c.call_tool_by_name("sleepy", json!({"ms": "x"}), None)
