@@ -6,7 +6,7 @@
 use std::{convert::Infallible, sync::Arc};
 
 use atp_registry::{
-    CallError, Provider, Secret,
+    CallError, ErrorCode, Provider, Secret,
     net::{
         WS_READ_BUFFER,
         session::{self, Flow, Handler},
@@ -38,7 +38,9 @@ use crate::{
     hub::{PROGRESS_BUFFER, Report, Route, RouteError, ToolRequest},
     keys::{Role, api_key_header, key_hash},
     metrics::Transport,
-    not_a_websocket, oauth, read_object,
+    not_a_websocket, oauth,
+    rate_limit::{LimitKind, Refused},
+    read_object,
     store::ToolkitRecord,
 };
 
@@ -53,6 +55,17 @@ const SSE_BUFFER: usize = 64;
 pub(crate) struct Failure {
     pub code: String,
     pub message: String,
+    /// Set when a rate limit refused the call: how `process/` answers it.
+    pub limited: Option<Limited>,
+}
+
+/// How an HTTP request refused by a rate limit is answered.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limited {
+    /// 429, or 413 for arguments over the size limit.
+    pub status: StatusCode,
+    /// The `Retry-After`, when trying again can help.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl Failure {
@@ -60,6 +73,26 @@ impl Failure {
         Self {
             code: code.to_owned(),
             message: message.into(),
+            limited: None,
+        }
+    }
+
+    /// A call a rate limit refused: `rate_limited`, or
+    /// `payload_too_large` for arguments over the size limit.
+    fn refused(r: Refused) -> Self {
+        let code = if r.kind == LimitKind::RequestSize {
+            ErrorCode::PayloadTooLarge
+        } else {
+            ErrorCode::RateLimited
+        };
+        Self {
+            code: code.as_str().to_owned(),
+            message: r.message,
+            limited: Some(Limited {
+                status: StatusCode::from_u16(code.status())
+                    .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+                retry_after: r.retry_after,
+            }),
         }
     }
 }
@@ -73,7 +106,11 @@ impl From<CallError> for Failure {
 impl From<RouteError> for Failure {
     fn from(e: RouteError) -> Self {
         match e {
-            RouteError::Failed { code, message } => Self { code, message },
+            RouteError::Failed { code, message } => Self {
+                code,
+                message,
+                limited: None,
+            },
             other => Self::new(other.code(), other.to_string()),
         }
     }
@@ -133,6 +170,17 @@ pub(crate) async fn task(
     req: TaskRequest,
     progress: Option<mpsc::Sender<Report>>,
 ) -> TaskResponse {
+    task_or_limited(s, llm_key_hash, req, progress).await.0
+}
+
+/// [`task`], and whether a rate limit refused it (for `process/`'s
+/// status and `Retry-After`).
+async fn task_or_limited(
+    s: &crate::State,
+    llm_key_hash: &str,
+    req: TaskRequest,
+    progress: Option<mpsc::Sender<Report>>,
+) -> (TaskResponse, Option<Limited>) {
     let outcome = run_task(s, llm_key_hash, &req, progress).await;
     let TaskRequest {
         request_id,
@@ -140,21 +188,25 @@ pub(crate) async fn task(
         ..
     } = req;
     match outcome {
-        Ok(result) => TaskResponse::ok(
-            request_id,
-            Some(payload.function),
-            payload.tool_call_id,
-            result,
+        Ok(result) => (
+            TaskResponse::ok(
+                request_id,
+                Some(payload.function),
+                payload.tool_call_id,
+                result,
+            ),
+            None,
         ),
         Err(f) => {
             tracing::debug!(code = %f.code, "task failed: {}", f.message);
-            TaskResponse::failed(
+            let response = TaskResponse::failed(
                 request_id,
                 Some(payload.function),
                 payload.tool_call_id,
                 &f.code,
                 &f.message,
-            )
+            );
+            (response, f.limited)
         }
     }
 }
@@ -219,6 +271,20 @@ pub(crate) async fn call_tool(
         user,
         logs,
     } = call;
+    let request_bytes = serde_json::to_string(&params).map_or(0, |t| t.len());
+    let key_id = crate::api_keys::key_id(s, llm_key_hash);
+    let _permit = s
+        .limits
+        .admit(
+            llm_key_hash,
+            key_id.as_deref(),
+            &kit.app_name,
+            request_bytes,
+        )
+        .map_err(|r| {
+            s.metrics.rate_limited(r.kind, &kit.app_name);
+            Failure::refused(r)
+        })?;
     let tool = kit
         .tools
         .iter()
@@ -665,10 +731,18 @@ pub(crate) async fn process(
             let last = event(&ServerToLlm::TaskResponse(done));
             let _ = tokio::time::timeout(s.config.task_timeout, tx.send(last)).await;
         }),
-        Ok(LlmToServer::TaskRequest(req)) => answer(
-            StatusCode::OK,
-            &ServerToLlm::TaskResponse(task(&s, &llm_key_hash, req, None).await),
-        ),
+        Ok(LlmToServer::TaskRequest(req)) => {
+            let (done, limited) = task_or_limited(&s, &llm_key_hash, req, None).await;
+            let status = limited.map_or(StatusCode::OK, |l| l.status);
+            let mut response = answer(status, &ServerToLlm::TaskResponse(done));
+            if let Some(wait) = limited.and_then(|l| l.retry_after) {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(crate::rate_limit::retry_after_secs(wait)),
+                );
+            }
+            response
+        }
         Ok(
             m @ (LlmToServer::AppRequest(_)
             | LlmToServer::AppAction(_)
@@ -730,8 +804,17 @@ async fn serve_socket(s: Arc<crate::State>, key: Secret, socket: WebSocket) {
     let mut shutdown = s.shutdown.subscribe();
     let opts = crate::session_options(&s.config);
     tracing::debug!("LLM client connected");
+    let llm_key_hash = key_hash(key.expose());
+    let revoked = {
+        let (s, llm_key_hash, tx) = (s.clone(), llm_key_hash.clone(), tx.clone());
+        async move {
+            s.keys.revoked(&llm_key_hash).await;
+            tracing::info!("an LLM client's API key was revoked: closing its WebSocket");
+            let _ = tx.try_send(error_frame(None, "key_revoked", "API key revoked"));
+        }
+    };
     let mut conn = LlmSocket {
-        llm_key_hash: key_hash(key.expose()),
+        llm_key_hash,
         s: s.clone(),
         key,
         tx,
@@ -745,7 +828,12 @@ async fn serve_socket(s: Arc<crate::State>, key: Secret, socket: WebSocket) {
         &mut conn,
         &opts,
         None,
-        async move { crate::stopped(&mut shutdown).await },
+        async move {
+            tokio::select! {
+                () = crate::stopped(&mut shutdown) => {}
+                () = revoked => {}
+            }
+        },
     )
     .await;
     // Dropping the handler aborts its tasks in flight.

@@ -4,7 +4,8 @@
 //! What is counted: tool calls by toolkit, tool, the toolkit's transport
 //! and outcome (`ok` or the ATP error code), with their latency; the
 //! toolkit and LLM WebSockets open now; the inbox entries waiting; the
-//! webhook delivery attempts by outcome. Labels carry names and codes
+//! webhook delivery attempts by outcome; the calls refused by a rate
+//! limit, by limit and toolkit. Labels carry names and codes
 //! only: never a key, a token, an argument or a result.
 //!
 //! Who may read them: with `metrics_token` set, a request with
@@ -69,6 +70,14 @@ struct DeliveryLabels {
     outcome: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitedLabels {
+    /// Which limit: `key_rate`, `toolkit_rate`, `key_concurrency`,
+    /// `toolkit_concurrency` or `request_size`.
+    limit: &'static str,
+    toolkit: String,
+}
+
 type LatencyFamily = Family<LatencyLabels, Histogram, fn() -> Histogram>;
 
 /// The server's metrics.
@@ -77,6 +86,7 @@ pub(crate) struct Metrics {
     calls: Family<CallLabels, Counter>,
     latency: LatencyFamily,
     deliveries: Family<DeliveryLabels, Counter>,
+    limited: Family<LimitedLabels, Counter>,
     toolkit_sockets: Gauge,
     llm_sockets: Gauge,
     inbox_depth: Gauge,
@@ -92,6 +102,7 @@ impl Default for Metrics {
         let calls = Family::<CallLabels, Counter>::default();
         let latency: LatencyFamily = Family::new_with_constructor(latency_histogram);
         let deliveries = Family::<DeliveryLabels, Counter>::default();
+        let limited = Family::<LimitedLabels, Counter>::default();
         let (toolkit_sockets, llm_sockets, inbox_depth) =
             (Gauge::default(), Gauge::default(), Gauge::default());
         let mut registry = Registry::with_prefix("atp");
@@ -109,6 +120,11 @@ impl Default for Metrics {
             "webhook_delivery_attempts",
             "Webhook delivery attempts, by outcome (delivered, retry, failed)",
             deliveries.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Tool calls refused by a rate limit, by limit (key_rate, toolkit_rate, key_concurrency, toolkit_concurrency, request_size) and toolkit",
+            limited.clone(),
         );
         registry.register(
             "toolkit_websockets",
@@ -130,6 +146,7 @@ impl Default for Metrics {
             calls,
             latency,
             deliveries,
+            limited,
             toolkit_sockets,
             llm_sockets,
             inbox_depth,
@@ -138,6 +155,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a call a rate limit refused.
+    pub fn rate_limited(&self, limit: crate::rate_limit::LimitKind, toolkit: &str) {
+        self.limited
+            .get_or_create(&LimitedLabels {
+                limit: limit.as_str(),
+                toolkit: toolkit.to_owned(),
+            })
+            .inc();
+    }
+
     /// Counts a finished tool call.
     pub fn call(
         &self,

@@ -1,6 +1,7 @@
 //! End-to-end tests of `atp-server` over real sockets on loopback: Rust and
 //! Python toolkits and LLM clients as peers.
 
+mod api_keys;
 mod apps;
 mod cli;
 mod cluster;
@@ -10,6 +11,7 @@ mod failover_runtime;
 mod faults;
 mod infra;
 mod keys;
+mod limits;
 mod llm_parity;
 mod mcp;
 mod metrics;
