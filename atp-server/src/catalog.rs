@@ -791,7 +791,10 @@ pub(crate) async fn toolkit_details(
         };
         let kit = s
             .toolkit(&id)
-            .filter(|k| s.catalog.can_see(&me, &k.key_hash, &k.app_name))
+            .filter(|k| {
+                s.catalog.can_see(&me, &k.key_hash, &k.app_name)
+                    && crate::api_keys::in_scope(&s, &me, &k.app_name)
+            })
             .ok_or_else(not_found)?;
         Ok(StoreToolkitDetails {
             toolkit: entry(&s, &kit),
