@@ -19,6 +19,8 @@ const MAX_KEY_LEN: usize = 512;
 pub(crate) enum Role {
     Toolkit,
     Llm,
+    /// The admin API and the console.
+    Admin,
 }
 
 /// The accepted keys, or dev mode (any key).
@@ -27,6 +29,7 @@ pub(crate) struct Keys {
     dev: bool,
     toolkit: Vec<Secret>,
     llm: Vec<Secret>,
+    admin: Vec<Secret>,
 }
 
 impl Keys {
@@ -34,7 +37,7 @@ impl Keys {
     /// `llm_api_keys`, and every developer's keys.
     pub fn new(config: &Config) -> Self {
         let devs = &config.developers;
-        Self::from_lists(
+        let mut keys = Self::from_lists(
             config.dev,
             config
                 .toolkit_api_keys
@@ -48,11 +51,18 @@ impl Keys {
                 .chain(devs.iter().flat_map(|d| &d.llm_api_keys))
                 .cloned()
                 .collect(),
-        )
+        );
+        keys.admin = config.admin_api_keys.clone();
+        keys
     }
 
     fn from_lists(dev: bool, toolkit: Vec<Secret>, llm: Vec<Secret>) -> Self {
-        Self { dev, toolkit, llm }
+        Self {
+            dev,
+            toolkit,
+            llm,
+            admin: Vec::new(),
+        }
     }
 
     /// Whether `presented` is a valid key for `role`, compared in constant
@@ -67,6 +77,7 @@ impl Keys {
         let list = match role {
             Role::Toolkit => &self.toolkit,
             Role::Llm => &self.llm,
+            Role::Admin => &self.admin,
         };
         list.iter()
             .fold(false, |ok, k| ok | k.matches(presented.as_bytes()))
@@ -133,6 +144,14 @@ pub(crate) fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// A Unix time as RFC 3339 in UTC (`2025-01-31T12:00:00Z`).
 pub(crate) fn rfc3339(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
@@ -153,6 +172,20 @@ pub(crate) fn rfc3339(secs: i64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// The key of `Authorization: Bearer KEY` (the scheme without regard to
+/// case), as admins send it.
+pub(crate) fn bearer_header(headers: &HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, key) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| key.trim())
+        .filter(|k| !k.is_empty())
 }
 
 /// The key of `Authorization: ApiKey KEY` (the scheme without regard to
@@ -184,6 +217,8 @@ mod tests {
         assert!(dev.check(Role::Llm, "anything"));
         assert!(!dev.check(Role::Llm, ""));
         assert!(!dev.check(Role::Llm, &"x".repeat(600)));
+        assert!(!k.check(Role::Admin, "tk"), "no admin keys: none accepted");
+        assert!(dev.check(Role::Admin, "anything"));
         assert_ne!(key_hash("a"), key_hash("b"));
         assert_eq!(key_hash("a").len(), 64);
     }

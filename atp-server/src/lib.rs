@@ -1,9 +1,11 @@
 #![doc = include_str!("../README.md")]
 
+mod admin;
 mod bus;
 mod catalog;
 mod config;
 mod error;
+mod events;
 mod hub;
 mod keys;
 mod listen;
@@ -77,6 +79,8 @@ pub(crate) struct State {
     bus: Option<bus::Bus>,
     /// What `GET /metrics` shows.
     metrics: Arc<metrics::Metrics>,
+    /// Each finished tool call, for live listeners.
+    calls: events::CallEvents,
 }
 
 impl State {
@@ -275,6 +279,7 @@ impl AtpServer {
             shutdown,
             public_url: RwLock::new(config.public_url.clone()),
             metrics: Arc::default(),
+            calls: events::CallEvents::default(),
             webhooks,
             catalog,
             bus,
@@ -386,6 +391,7 @@ impl AtpServer {
         r = both(r, "/health", get(health));
         r = both(r, "/ready", get(ready));
         r = r.route("/metrics", get(metrics::get));
+        r = r.route("/admin/calls/live", get(admin::live_calls));
         r.fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::disable())
