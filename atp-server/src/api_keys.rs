@@ -47,7 +47,7 @@ impl std::str::FromStr for KeyKind {
         match Role::parse(s) {
             Some(Role::Toolkit) => Ok(KeyKind::Toolkit),
             Some(Role::Llm) => Ok(KeyKind::Llm),
-            None => Err(ServerError::Config(format!(
+            Some(Role::Admin) | None => Err(ServerError::Config(format!(
                 "a key's kind is toolkit or llm, not {s:?}"
             ))),
         }

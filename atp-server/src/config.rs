@@ -172,6 +172,11 @@ pub struct Config {
     pub toolkit_api_keys: Vec<Secret>,
     /// The accepted LLM-client API keys (when not in dev mode).
     pub llm_api_keys: Vec<Secret>,
+    /// The admin keys: the admin API (`/admin/...`) and the console
+    /// (`/console`) ask for one as `Authorization: Bearer KEY`. With none,
+    /// both are off outside dev mode; in dev mode (loopback only) they are
+    /// open.
+    pub admin_api_keys: Vec<Secret>,
     /// How long a `task_request` waits for the toolkit (120 s by default).
     pub task_timeout: Duration,
     /// How long an inbox poll is held open while the inbox is empty
@@ -434,6 +439,7 @@ impl Default for Config {
             dev: false,
             toolkit_api_keys: Vec::new(),
             llm_api_keys: Vec::new(),
+            admin_api_keys: Vec::new(),
             task_timeout: Duration::from_secs(120),
             inbox_wait: Duration::from_secs(10),
             inbox_presence: Duration::from_secs(90),
@@ -468,6 +474,8 @@ struct FileConfig {
     toolkit_api_keys: Vec<String>,
     #[serde(default)]
     llm_api_keys: Vec<String>,
+    #[serde(default)]
+    admin_api_keys: Vec<String>,
     task_timeout_secs: Option<f64>,
     inbox_wait_secs: Option<f64>,
     inbox_presence_secs: Option<f64>,
@@ -552,6 +560,7 @@ impl Config {
         c.dev = file.dev.unwrap_or(false);
         c.toolkit_api_keys = file.toolkit_api_keys.into_iter().map(Secret::new).collect();
         c.llm_api_keys = file.llm_api_keys.into_iter().map(Secret::new).collect();
+        c.admin_api_keys = file.admin_api_keys.into_iter().map(Secret::new).collect();
         if let Some(v) = file.task_timeout_secs {
             c.task_timeout = secs("task_timeout_secs", v)?;
         }
@@ -628,6 +637,30 @@ impl Config {
             if key.is_empty() {
                 return Err(ServerError::Config("an API key is empty".into()));
             }
+        }
+        if self.admin_api_keys.iter().any(|k| k.expose().len() < 16) {
+            return Err(ServerError::Config(
+                "admin_api_keys must be at least 16 characters each".into(),
+            ));
+        }
+        let api_keys = || {
+            self.toolkit_api_keys
+                .iter()
+                .chain(&self.llm_api_keys)
+                .chain(
+                    self.developers
+                        .iter()
+                        .flat_map(|d| d.toolkit_api_keys.iter().chain(&d.llm_api_keys)),
+                )
+        };
+        if self
+            .admin_api_keys
+            .iter()
+            .any(|a| api_keys().any(|k| k.expose() == a.expose()))
+        {
+            return Err(ServerError::Config(
+                "an admin key is also a toolkit or LLM key: give admins keys of their own".into(),
+            ));
         }
         if self
             .metrics_token

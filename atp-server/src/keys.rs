@@ -24,6 +24,8 @@ const MAX_KEY_LEN: usize = 512;
 pub(crate) enum Role {
     Toolkit,
     Llm,
+    /// The admin API and the console.
+    Admin,
 }
 
 impl Role {
@@ -33,10 +35,12 @@ impl Role {
         match self {
             Role::Toolkit => "toolkit",
             Role::Llm => "llm",
+            Role::Admin => "admin",
         }
     }
 
-    /// The kind of this name.
+    /// The kind of this name: `toolkit` or `llm` (admin keys are
+    /// configured only).
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "toolkit" => Some(Role::Toolkit),
@@ -80,6 +84,7 @@ pub(crate) struct Keys {
     stored: RwLock<HashMap<String, Arc<StoredKey>>>,
     /// Bumped whenever `stored` changes (sockets watch it for revocations).
     changes: watch::Sender<u64>,
+    admin: Vec<Secret>,
 }
 
 impl Keys {
@@ -87,7 +92,7 @@ impl Keys {
     /// `llm_api_keys`, and every developer's keys.
     pub fn new(config: &Config) -> Self {
         let devs = &config.developers;
-        Self::from_lists(
+        let mut keys = Self::from_lists(
             config.dev,
             config
                 .toolkit_api_keys
@@ -101,7 +106,9 @@ impl Keys {
                 .chain(devs.iter().flat_map(|d| &d.llm_api_keys))
                 .cloned()
                 .collect(),
-        )
+        );
+        keys.admin = config.admin_api_keys.clone();
+        keys
     }
 
     fn from_lists(dev: bool, toolkit: Vec<Secret>, llm: Vec<Secret>) -> Self {
@@ -111,6 +118,7 @@ impl Keys {
             llm,
             stored: RwLock::default(),
             changes: watch::Sender::new(0),
+            admin: Vec::new(),
         }
     }
 
@@ -130,6 +138,7 @@ impl Keys {
         let list = match role {
             Role::Toolkit => &self.toolkit,
             Role::Llm => &self.llm,
+            Role::Admin => &self.admin,
         };
         list.iter()
             .fold(false, |ok, k| ok | k.matches(presented.as_bytes()))
@@ -241,6 +250,14 @@ pub(crate) fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// A Unix time as RFC 3339 in UTC (`2025-01-31T12:00:00Z`).
 pub(crate) fn rfc3339(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
@@ -261,6 +278,20 @@ pub(crate) fn rfc3339(secs: i64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// The key of `Authorization: Bearer KEY` (the scheme without regard to
+/// case), as admins send it.
+pub(crate) fn bearer_header(headers: &HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, key) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| key.trim())
+        .filter(|k| !k.is_empty())
 }
 
 /// The key of `Authorization: ApiKey KEY` (the scheme without regard to
@@ -292,6 +323,8 @@ mod tests {
         assert!(dev.check(Role::Llm, "anything"));
         assert!(!dev.check(Role::Llm, ""));
         assert!(!dev.check(Role::Llm, &"x".repeat(600)));
+        assert!(!k.check(Role::Admin, "tk"), "no admin keys: none accepted");
+        assert!(dev.check(Role::Admin, "anything"));
         assert_ne!(key_hash("a"), key_hash("b"));
         assert_eq!(key_hash("a").len(), 64);
     }

@@ -1,10 +1,12 @@
 #![doc = include_str!("../README.md")]
 
+mod admin;
 mod api_keys;
 mod bus;
 mod catalog;
 mod config;
 mod error;
+mod events;
 mod hub;
 mod keys;
 mod listen;
@@ -88,6 +90,8 @@ pub(crate) struct State {
     keys_refreshing: std::sync::atomic::AtomicBool,
     /// The rate limits' counters.
     limits: rate_limit::Limiter,
+    /// Each finished tool call, for live listeners.
+    calls: events::CallEvents,
 }
 
 impl State {
@@ -303,6 +307,7 @@ impl AtpServer {
             metrics: Arc::default(),
             keys_refreshing: std::sync::atomic::AtomicBool::new(false),
             limits: rate_limit::Limiter::new(config.rate_limits.clone()),
+            calls: events::CallEvents::default(),
             webhooks,
             catalog,
             bus,
@@ -415,6 +420,7 @@ impl AtpServer {
         r = both(r, "/health", get(health));
         r = both(r, "/ready", get(ready));
         r = r.route("/metrics", get(metrics::get));
+        r = r.route("/admin/calls/live", get(admin::live_calls));
         r.fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::disable())

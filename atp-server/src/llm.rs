@@ -35,7 +35,9 @@ use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
     error::{ApiError, json_text_response},
+    events::CallEvent,
     hub::{PROGRESS_BUFFER, Report, Route, RouteError, ToolRequest},
+    keys,
     keys::{Role, api_key_header, key_hash},
     metrics::Transport,
     not_a_websocket, oauth,
@@ -377,13 +379,18 @@ pub(crate) async fn call_tool(
         })
     }
     .await;
-    s.metrics.call(
-        &kit.app_name,
-        &tool.spec.name,
+    let took = started.elapsed();
+    let outcome = result.as_ref().map(|_| ()).map_err(|f| f.code.as_str());
+    s.metrics
+        .call(&kit.app_name, &tool.spec.name, transport, outcome, took);
+    s.calls.send(CallEvent {
+        at_ms: keys::now_millis(),
+        toolkit: kit.app_name.clone(),
+        tool: tool.spec.name.clone(),
         transport,
-        result.as_ref().map(|_| ()).map_err(|f| f.code.as_str()),
-        started.elapsed(),
-    );
+        outcome: outcome.err().unwrap_or("ok").to_owned(),
+        duration_ms: took.as_secs_f64() * 1000.0,
+    });
     result
 }
 
@@ -645,7 +652,7 @@ fn event(message: &ServerToLlm) -> Bytes {
     Bytes::from(format!("data: {}\n\n", message.to_json()))
 }
 
-fn sse_response(status: StatusCode, body: Body) -> Response {
+pub(crate) fn sse_response(status: StatusCode, body: Body) -> Response {
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();

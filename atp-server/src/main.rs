@@ -70,6 +70,16 @@ struct Cli {
         value_delimiter = ','
     )]
     llm_api_keys: Vec<String>,
+    /// Admin keys (at least 16 characters each), comma-separated: the
+    /// admin API and the console ask for one; without any they are off,
+    /// except in dev mode.
+    #[arg(
+        long,
+        env = "ATP_ADMIN_API_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    admin_api_keys: Vec<String>,
     /// The bearer token `GET /metrics` asks for (at least 16 characters);
     /// without it the endpoint is off, except in dev mode.
     #[arg(long, env = "ATP_METRICS_TOKEN", hide_env_values = true)]
@@ -466,6 +476,12 @@ fn config(cli: Cli) -> Result<Config, atp_server::ServerError> {
     );
     c.llm_api_keys.extend(
         cli.llm_api_keys
+            .iter()
+            .filter(|k| keep(k))
+            .map(|k| Secret::new(k.trim())),
+    );
+    c.admin_api_keys.extend(
+        cli.admin_api_keys
             .iter()
             .filter(|k| keep(k))
             .map(|k| Secret::new(k.trim())),

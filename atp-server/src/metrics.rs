@@ -36,7 +36,7 @@ use prometheus_client::{
 use subtle::ConstantTimeEq;
 
 /// How a call reached its toolkit.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue, serde::Serialize)]
 #[allow(non_camel_case_types)]
 pub(crate) enum Transport {
     /// The toolkit's WebSocket on this server.

@@ -1,6 +1,7 @@
 //! End-to-end tests of `atp-server` over real sockets on loopback: Rust and
 //! Python toolkits and LLM clients as peers.
 
+mod admin;
 mod api_keys;
 mod apps;
 mod cli;
