@@ -4,14 +4,15 @@
 //! `tools/call` an error; too many calls in flight get 429; arguments
 //! over the size limit get 413; `atp_rate_limited_total` counts them.
 
-use std::time::Duration;
+use std::{process::Stdio, time::Duration};
 
 use atp_registry::runtime::Transport;
-use atp_server::Config;
+use atp_server::{Config, DbLocation, KeyKind};
 use serde_json::{Value, json};
 
 use crate::{
     apps::{llm_ws, recv_json, send_json},
+    cli::listening_addr,
     common::*,
     faults::{next_json, raw_toolkit, send},
     metrics::{METRICS_TOKEN, scrape, value},
@@ -25,10 +26,15 @@ fn task(id: &str, app: &str, text: &str) -> Value {
 
 /// `POST process/` with the LLM key: status, `Retry-After` and answer.
 async fn call(server: &TestServer, body: &Value) -> (u16, Option<u64>, Value) {
-    let auth = format!("ApiKey {LLM_KEY}");
+    call_at(&server.base, LLM_KEY, body).await
+}
+
+/// `POST process/` to `base` with `key`: status, `Retry-After` and answer.
+async fn call_at(base: &str, key: &str, body: &Value) -> (u16, Option<u64>, Value) {
+    let auth = format!("ApiKey {key}");
     let (status, headers, text) = http(
         "POST",
-        &format!("{}/api/v1/atp/llm-client/process/", server.base),
+        &format!("{base}/api/v1/atp/llm-client/process/"),
         &[("authorization", auth.as_str())],
         Some(&body.to_string()),
     )
@@ -231,6 +237,138 @@ async fn calls_in_flight_and_request_size_are_limited() {
             assert_eq!(counted, n, "{limit}");
         }
         server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_has_its_own_limits_by_its_id() {
+    bounded(Duration::from_secs(60), async {
+        let dir = std::env::temp_dir().join(format!("atp-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let db = DbLocation::File(dir.join("atp.sqlite3"));
+        let made = atp_server::create_api_key(&db, KeyKind::Llm, None, &[])
+            .await
+            .expect("a key");
+        let limits = Config::from_toml(&format!(
+            "[rate_limits.keys.{}]\ncalls_per_second = 0.01\nburst = 1",
+            made.id
+        ))
+        .expect("valid limits")
+        .rate_limits;
+        let server = TestServer::start(Config {
+            db,
+            rate_limits: limits,
+            ..keyed_config()
+        })
+        .await;
+        let mut toolkit = raw_toolkit(&server, TK_KEY, "kit").await;
+        let key = made.key.expose();
+
+        // Its one call of the burst passes; the next is refused.
+        let first = {
+            let (base, key) = (server.base.clone(), key.to_owned());
+            tokio::spawn(async move { call_at(&base, &key, &task("k1", "kit", "one")).await })
+        };
+        let request = next_json(&mut toolkit).await;
+        send(
+            &mut toolkit,
+            &json!({"type": "tool_response", "request_id": request["payload"]["request_id"],
+                    "result": {"echo": "one"}}),
+        )
+        .await;
+        assert_eq!(first.await.expect("no panic").0, 200);
+        let (status, retry_after, answer) =
+            call_at(&server.base, key, &task("k2", "kit", "two")).await;
+        assert_eq!(status, 429, "{answer}");
+        assert!(retry_after.is_some_and(|s| s >= 90), "{retry_after:?}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("this API key")),
+            "{answer}"
+        );
+
+        // Another key is not limited by it.
+        let other = tokio::spawn({
+            let base = server.base.clone();
+            async move { call_at(&base, LLM_KEY, &task("o1", "kit", "three")).await }
+        });
+        let request = next_json(&mut toolkit).await;
+        send(
+            &mut toolkit,
+            &json!({"type": "tool_response", "request_id": request["payload"]["request_id"],
+                    "result": {"echo": "three"}}),
+        )
+        .await;
+        assert_eq!(other.await.expect("no panic").0, 200);
+        server.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_binary_takes_the_per_key_limits_as_flags() {
+    bounded(Duration::from_secs(60), async {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_atp-server"))
+            .args([
+                "--addr",
+                "127.0.0.1:0",
+                "--db",
+                ":memory:",
+                "--key-max-request-bytes",
+                "100",
+            ])
+            .env("NO_COLOR", "1")
+            .env("ATP_TOOLKIT_API_KEYS", TK_KEY)
+            .env("ATP_LLM_API_KEYS", LLM_KEY)
+            .env("ATP_SECRETS_KEY", secrets_key_hex())
+            .env_remove("ATP_SECRETS_KEY_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starts");
+        let addr = listening_addr(&mut child).await;
+        let base = format!("http://{addr}");
+        let register = json!({"function_id": "echo", "api_key": TK_KEY, "app_name": "kit",
+            "metadata": {"params": ["text"], "required_params": [], "description": "Echo."}});
+        let (status, _) = http_json(
+            "POST",
+            &format!("{base}/api/v1/register_tool/"),
+            &[],
+            Some(&register),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let (status, retry_after, answer) =
+            call_at(&base, LLM_KEY, &task("big", "kit", &"x".repeat(200))).await;
+        assert_eq!((status, retry_after), (413, None), "{answer}");
+        assert_eq!(answer["code"], "payload_too_large");
+        // Under the limit the call goes on (no toolkit is connected).
+        let (status, _, answer) = call_at(&base, LLM_KEY, &task("small", "kit", "x")).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (200, Some("toolkit_not_connected")),
+            "{answer}"
+        );
+        let _ = child.kill().await;
+
+        // A bad value is refused at start, clearly.
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_atp-server"))
+            .args(["--db", ":memory:", "--dev", "--key-calls-per-second", "0"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("runs");
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("calls_per_second must be above 0"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     })
     .await;
 }
