@@ -739,6 +739,10 @@ pub(crate) fn session_options(config: &Config) -> atp_registry::net::session::Se
     }
 }
 
+/// The close frame of a WebSocket whose API key was revoked (policy
+/// violation).
+pub(crate) const REVOKED_CLOSE: (u16, &str) = (1008, "API key revoked");
+
 /// Completes when `shutdown` turns true (or its sender is gone).
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;

@@ -34,6 +34,7 @@ use serde_json::{Map, Value};
 use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
+    REVOKED_CLOSE,
     error::{ApiError, json_text_response},
     events::CallEvent,
     hub::{PROGRESS_BUFFER, Report, Route, RouteError, ToolRequest},
@@ -837,8 +838,8 @@ async fn serve_socket(s: Arc<crate::State>, key: Secret, socket: WebSocket) {
         None,
         async move {
             tokio::select! {
-                () = crate::stopped(&mut shutdown) => {}
-                () = revoked => {}
+                () = crate::stopped(&mut shutdown) => None,
+                () = revoked => Some(REVOKED_CLOSE),
             }
         },
     )

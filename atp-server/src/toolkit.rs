@@ -31,6 +31,7 @@ use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
 
 use crate::{
+    REVOKED_CLOSE,
     error::{ApiError, json_response},
     hub::{AppAnswer, Report},
     keys::{Role, key_hash},
@@ -418,8 +419,8 @@ async fn serve_socket(s: Arc<crate::State>, key_hash: String, socket: WebSocket)
         Some(hello.to_json()),
         async move {
             tokio::select! {
-                () = crate::stopped(&mut shutdown) => {}
-                () = revoked => {}
+                () = crate::stopped(&mut shutdown) => None,
+                () = revoked => Some(REVOKED_CLOSE),
             }
         },
     )

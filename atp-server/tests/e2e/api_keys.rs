@@ -74,21 +74,28 @@ async fn context_status(server: &TestServer, key: &str, app: &str) -> u16 {
 }
 
 /// Reads a WebSocket until the server closes it (within [`WAIT`]): the
-/// JSON of the text frames that came first.
+/// JSON of the text frames that came first; checks the close frame says
+/// the key was revoked.
 async fn until_closed(ws: &mut Ws) -> Vec<Value> {
     let mut texts = Vec::new();
     let read = async {
         while let Some(frame) = ws.next().await {
-            match frame {
-                Ok(Message::Text(t)) => texts.push(serde_json::from_str(t.as_str()).expect("JSON")),
-                Ok(Message::Close(_)) | Err(_) => return,
-                Ok(_) => {}
+            match frame.expect("a frame") {
+                Message::Text(t) => texts.push(serde_json::from_str(t.as_str()).expect("JSON")),
+                Message::Close(frame) => return frame,
+                _ => {}
             }
         }
+        None
     };
-    tokio::time::timeout(WAIT, read)
+    let close = tokio::time::timeout(WAIT, read)
         .await
-        .expect("the server closes the socket in time");
+        .expect("the server closes the socket in time")
+        .expect("a close frame");
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (1008, "API key revoked")
+    );
     texts
 }
 
