@@ -329,6 +329,46 @@ mod tests {
         assert_eq!(key_hash("a").len(), 64);
     }
 
+    #[tokio::test]
+    async fn database_keys_are_checked_and_revocations_are_watched() {
+        let stored = |revoked| {
+            HashMap::from([(
+                key_hash("atpk_x"),
+                StoredKey {
+                    id: "kid_0123456789ab".into(),
+                    role: Role::Llm,
+                    developer: None,
+                    scope: vec!["crm".into()],
+                    revoked,
+                },
+            )])
+        };
+        for dev in [false, true] {
+            let k = Keys::from_lists(dev, vec![], vec![]);
+            assert!(k.set_stored(stored(false)));
+            assert!(!k.set_stored(stored(false)), "no change, no news");
+            assert!(k.check(Role::Llm, "atpk_x"));
+            assert!(!k.check(Role::Toolkit, "atpk_x"), "its own kind only");
+            assert!(
+                k.stored(&key_hash("atpk_x"))
+                    .is_some_and(|s| s.allows("crm") && !s.allows("hr"))
+            );
+            let hash = key_hash("atpk_x");
+            let watching = k.revoked(&hash);
+            tokio::pin!(watching);
+            assert!(
+                futures_util::FutureExt::now_or_never(&mut watching).is_none(),
+                "not revoked yet"
+            );
+            assert!(k.set_stored(stored(true)));
+            watching.await;
+            assert!(
+                !k.check(Role::Llm, "atpk_x"),
+                "refused once revoked, dev mode too"
+            );
+        }
+    }
+
     #[test]
     fn developers_keys_are_accepted() {
         let config = Config {
