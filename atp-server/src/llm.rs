@@ -42,7 +42,7 @@ use crate::{
     keys::{Role, api_key_header, key_hash},
     metrics::Transport,
     not_a_websocket, oauth,
-    rate_limit::{LimitKind, Refused},
+    rate_limit::{LimitKind, Permit, Refused},
     read_object,
     store::ToolkitRecord,
 };
@@ -173,7 +173,9 @@ pub(crate) async fn task(
     req: TaskRequest,
     progress: Option<mpsc::Sender<Report>>,
 ) -> TaskResponse {
-    task_or_limited(s, llm_key_hash, req, progress).await.0
+    task_or_limited(s, llm_key_hash, req, progress, None)
+        .await
+        .0
 }
 
 /// [`task`], and whether a rate limit refused it (for `process/`'s
@@ -183,35 +185,59 @@ async fn task_or_limited(
     llm_key_hash: &str,
     req: TaskRequest,
     progress: Option<mpsc::Sender<Report>>,
+    admitted: Option<Permit>,
 ) -> (TaskResponse, Option<Limited>) {
-    let outcome = run_task(s, llm_key_hash, &req, progress).await;
+    match run_task(s, llm_key_hash, &req, progress, admitted).await {
+        Ok(result) => {
+            let TaskRequest {
+                request_id,
+                payload,
+                ..
+            } = req;
+            let done = TaskResponse::ok(
+                request_id,
+                Some(payload.function),
+                payload.tool_call_id,
+                result,
+            );
+            (done, None)
+        }
+        Err(f) => {
+            tracing::debug!(code = %f.code, "task failed: {}", f.message);
+            let limited = f.limited;
+            (failed_task(req, &f), limited)
+        }
+    }
+}
+
+/// The `task_response` of a request that failed.
+fn failed_task(req: TaskRequest, f: &Failure) -> TaskResponse {
     let TaskRequest {
         request_id,
         payload,
         ..
     } = req;
-    match outcome {
-        Ok(result) => (
-            TaskResponse::ok(
-                request_id,
-                Some(payload.function),
-                payload.tool_call_id,
-                result,
-            ),
-            None,
-        ),
-        Err(f) => {
-            tracing::debug!(code = %f.code, "task failed: {}", f.message);
-            let response = TaskResponse::failed(
-                request_id,
-                Some(payload.function),
-                payload.tool_call_id,
-                &f.code,
-                &f.message,
-            );
-            (response, f.limited)
-        }
+    TaskResponse::failed(
+        request_id,
+        Some(payload.function),
+        payload.tool_call_id,
+        &f.code,
+        &f.message,
+    )
+}
+
+/// `process/`'s answer to a `task_request`: 200, or the status and
+/// `Retry-After` of a rate limit's refusal.
+fn task_reply(sse: bool, done: TaskResponse, limited: Option<Limited>) -> Response {
+    let status = limited.map_or(StatusCode::OK, |l| l.status);
+    let mut response = reply(sse, status, &ServerToLlm::TaskResponse(done));
+    if let Some(wait) = limited.and_then(|l| l.retry_after) {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(crate::rate_limit::retry_after_secs(wait)),
+        );
     }
+    response
 }
 
 async fn run_task(
@@ -219,6 +245,7 @@ async fn run_task(
     llm_key_hash: &str,
     req: &TaskRequest,
     progress: Option<mpsc::Sender<Report>>,
+    admitted: Option<Permit>,
 ) -> Result<Value, Failure> {
     let params = req
         .payload
@@ -233,8 +260,45 @@ async fn run_task(
         auth_token: req.auth_token().cloned(),
         user: req.external_user_id(),
         logs: false,
+        admitted,
     };
     call_tool(s, llm_key_hash, &kit, call, progress).await
+}
+
+/// Admits a `task_request` under the rate limits before it runs (for
+/// `process/` as server-sent events, whose status goes out first): its
+/// permit, to run it with; `Ok(None)` when the request is one
+/// [`run_task`] refuses anyway (no such toolkit, bad arguments).
+fn admit_task(
+    s: &crate::State,
+    llm_key_hash: &str,
+    req: &TaskRequest,
+) -> Result<Option<Permit>, Failure> {
+    let (Ok(params), Some(kit)) = (
+        req.payload.arguments(),
+        s.visible_toolkit(llm_key_hash, &req.toolkit_id),
+    ) else {
+        return Ok(None);
+    };
+    admit(s, llm_key_hash, &kit.app_name, &params).map(Some)
+}
+
+/// Admits a call of `toolkit` with `params` by the key `llm_key_hash`
+/// under the rate limits; a refusal is counted.
+fn admit(
+    s: &crate::State,
+    llm_key_hash: &str,
+    toolkit: &str,
+    params: &Map<String, Value>,
+) -> Result<Permit, Failure> {
+    let request_bytes = serde_json::to_string(params).map_or(0, |t| t.len());
+    let key_id = crate::api_keys::key_id(s, llm_key_hash);
+    s.limits
+        .admit(llm_key_hash, key_id.as_deref(), toolkit, request_bytes)
+        .map_err(|r| {
+            s.metrics.rate_limited(r.kind, toolkit);
+            Failure::refused(r)
+        })
 }
 
 /// One call of a tool by an LLM client, its toolkit found (and visible to
@@ -252,6 +316,9 @@ pub(crate) struct ToolCall<'a> {
     /// Whether the caller reads the tool's log messages (MCP clients do;
     /// ATP has no log message for its callers).
     pub logs: bool,
+    /// The call's place under the rate limits, when it was admitted
+    /// already; `None`: `call_tool` admits it.
+    pub admitted: Option<Permit>,
 }
 
 /// Runs a tool of `kit` for the LLM key `llm_key_hash`, wherever its
@@ -273,21 +340,12 @@ pub(crate) async fn call_tool(
         auth_token,
         user,
         logs,
+        admitted,
     } = call;
-    let request_bytes = serde_json::to_string(&params).map_or(0, |t| t.len());
-    let key_id = crate::api_keys::key_id(s, llm_key_hash);
-    let _permit = s
-        .limits
-        .admit(
-            llm_key_hash,
-            key_id.as_deref(),
-            &kit.app_name,
-            request_bytes,
-        )
-        .map_err(|r| {
-            s.metrics.rate_limited(r.kind, &kit.app_name);
-            Failure::refused(r)
-        })?;
+    let _permit = match admitted {
+        Some(p) => p,
+        None => admit(s, llm_key_hash, &kit.app_name, &params)?,
+    };
     let tool = kit
         .tools
         .iter()
@@ -403,6 +461,7 @@ async fn task_with_progress(
     s: &crate::State,
     llm_key_hash: &str,
     req: TaskRequest,
+    admitted: Option<Permit>,
     emit: impl Fn(ServerToLlm),
 ) -> TaskResponse {
     let request_id = req.request_id.clone();
@@ -416,7 +475,11 @@ async fn task_with_progress(
             }));
         }
     };
-    let work = task(s, llm_key_hash, req, Some(tx));
+    let work = async {
+        task_or_limited(s, llm_key_hash, req, Some(tx), admitted)
+            .await
+            .0
+    };
     tokio::pin!(work);
     let answer = loop {
         tokio::select! {
@@ -730,26 +793,30 @@ pub(crate) async fn process(
                 &ServerToLlm::ToolkitContext(context_error(req.request_id, &e)),
             ),
         },
-        Ok(LlmToServer::TaskRequest(req)) if sse => sse_stream(move |tx| async move {
-            let progress = tx.clone();
-            let emit = move |m: ServerToLlm| {
-                let _ = progress.try_send(event(&m));
+        Ok(LlmToServer::TaskRequest(req)) if sse => {
+            // The stream's status goes out first: the limits are checked
+            // before it starts.
+            let admitted = match admit_task(&s, &llm_key_hash, &req) {
+                Ok(permit) => permit,
+                Err(f) => {
+                    let limited = f.limited;
+                    let done = failed_task(req, &f);
+                    return task_reply(true, done, limited);
+                }
             };
-            let done = task_with_progress(&s, &llm_key_hash, req, emit).await;
-            let last = event(&ServerToLlm::TaskResponse(done));
-            let _ = tokio::time::timeout(s.config.task_timeout, tx.send(last)).await;
-        }),
+            sse_stream(move |tx| async move {
+                let progress = tx.clone();
+                let emit = move |m: ServerToLlm| {
+                    let _ = progress.try_send(event(&m));
+                };
+                let done = task_with_progress(&s, &llm_key_hash, req, admitted, emit).await;
+                let last = event(&ServerToLlm::TaskResponse(done));
+                let _ = tokio::time::timeout(s.config.task_timeout, tx.send(last)).await;
+            })
+        }
         Ok(LlmToServer::TaskRequest(req)) => {
-            let (done, limited) = task_or_limited(&s, &llm_key_hash, req, None).await;
-            let status = limited.map_or(StatusCode::OK, |l| l.status);
-            let mut response = answer(status, &ServerToLlm::TaskResponse(done));
-            if let Some(wait) = limited.and_then(|l| l.retry_after) {
-                response.headers_mut().insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(crate::rate_limit::retry_after_secs(wait)),
-                );
-            }
-            response
+            let (done, limited) = task_or_limited(&s, &llm_key_hash, req, None, None).await;
+            task_reply(false, done, limited)
         }
         Ok(
             m @ (LlmToServer::AppRequest(_)
@@ -941,7 +1008,7 @@ impl Handler for LlmSocket {
                         let emit = move |m: ServerToLlm| {
                             let _ = progress.try_send(m.to_json());
                         };
-                        task_with_progress(&s, &llm_key_hash, req, emit).await
+                        task_with_progress(&s, &llm_key_hash, req, None, emit).await
                     } else {
                         task(&s, &llm_key_hash, req, None).await
                     };

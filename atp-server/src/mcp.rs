@@ -165,6 +165,7 @@ impl McpBackend for Backend<'_> {
             auth_token,
             user: self.user,
             logs: self.logs,
+            admitted: None,
         };
         let (tx, mut rx) = mpsc::channel(PROGRESS_BUFFER);
         let work = call_tool(self.s, self.llm_key_hash, self.kit, call, Some(tx));

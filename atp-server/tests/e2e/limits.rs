@@ -137,6 +137,36 @@ async fn over_a_rate_limit_calls_get_429_then_work_again() {
         }
         assert!(mcp_limited, "an MCP call over the limit is refused");
 
+        // Server-sent events: the limits are checked before the stream
+        // starts, so the refusal keeps its status and Retry-After.
+        let mut sse_limited = false;
+        for i in 0..20 {
+            let (status, headers, body) = http(
+                "POST",
+                &format!("{}/api/v1/atp/llm-client/process/", server.base),
+                &[
+                    ("authorization", &format!("ApiKey {LLM_KEY}")),
+                    ("accept", "text/event-stream"),
+                ],
+                Some(&task(&format!("s{i}"), "rated", "hi").to_string()),
+            )
+            .await;
+            let last = events(&body).pop().expect("an event");
+            assert_eq!(last["type"], "task_response", "{body}");
+            if status == 429 {
+                assert!(headers.contains_key("retry-after"), "{headers:?}");
+                assert_eq!(last["code"], "rate_limited", "{body}");
+                sse_limited = true;
+                break;
+            }
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(last["payload"]["result"]["echo"], "hi", "{body}");
+        }
+        assert!(
+            sse_limited,
+            "an event-stream call over the limit is refused"
+        );
+
         // After waiting Retry-After, calls pass again.
         let (_, retry_after, _) = call(&server, &task("again", "rated", "hi")).await;
         let wait = retry_after.expect("still limited right after");
@@ -151,7 +181,10 @@ async fn over_a_rate_limit_calls_get_429_then_work_again() {
             "atp_rate_limited_total",
             &[("limit", "toolkit_rate"), ("toolkit", "rated")],
         );
-        assert!(counted >= 4.0, "HTTP twice, the WebSocket, MCP: {counted}");
+        assert!(
+            counted >= 5.0,
+            "HTTP twice, the WebSocket, MCP, events: {counted}"
+        );
         server.stop().await;
     })
     .await;
