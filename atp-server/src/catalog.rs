@@ -148,7 +148,7 @@ impl Catalog {
 
     /// Whether the toolkit `app_name`, registered with `toolkit_key_hash`,
     /// is public.
-    fn is_public(&self, toolkit_key_hash: &str, app_name: &str) -> bool {
+    pub fn is_public(&self, toolkit_key_hash: &str, app_name: &str) -> bool {
         self.owner(toolkit_key_hash)
             .is_some_and(|o| self.devs[o].public.contains(app_name))
     }

@@ -4,6 +4,7 @@ mod admin;
 mod bus;
 mod catalog;
 mod config;
+mod console;
 mod error;
 mod events;
 mod hub;
@@ -392,6 +393,18 @@ impl AtpServer {
         r = both(r, "/ready", get(ready));
         r = r.route("/metrics", get(metrics::get));
         r = r.route("/admin/calls/live", get(admin::live_calls));
+        r = r.route("/admin/toolkits", get(console::toolkits));
+        r = r.route(
+            "/admin/toolkits/{toolkit}/tools/{tool}/formats",
+            get(console::formats),
+        );
+        r = r.route(
+            "/admin/toolkits/{toolkit}/tools/{tool}/call",
+            post(console::call),
+        );
+        r = both(r, "/console", get(console::page));
+        r = r.route("/console/console.js", get(console::script));
+        r = r.route("/console/console.css", get(console::style));
         r.fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::disable())

@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod cluster_faults;
 mod common;
+mod console;
 mod failover_runtime;
 mod faults;
 mod infra;
