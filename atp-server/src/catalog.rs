@@ -146,6 +146,12 @@ impl Catalog {
         self.by_key.get(key_hash).copied().or(self.fallback)
     }
 
+    /// The display name of the developer who owns the key with this hash.
+    pub fn developer_of(&self, key_hash: &str) -> Option<&str> {
+        self.owner(key_hash)
+            .map(|o| self.devs[o].display_name.as_str())
+    }
+
     /// Whether the toolkit `app_name`, registered with `toolkit_key_hash`,
     /// is public.
     pub fn is_public(&self, toolkit_key_hash: &str, app_name: &str) -> bool {

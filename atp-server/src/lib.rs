@@ -402,6 +402,15 @@ impl AtpServer {
             "/admin/toolkits/{toolkit}/tools/{tool}/call",
             post(console::call),
         );
+        r = r.route("/admin/oauth", get(console::oauth));
+        r = r.route(
+            "/admin/oauth/platforms/{platform_id}/connect",
+            post(console::oauth_connect),
+        );
+        r = r.route(
+            "/admin/oauth/connections/{id}",
+            axum::routing::delete(console::oauth_revoke),
+        );
         r = both(r, "/console", get(console::page));
         r = r.route("/console/console.js", get(console::script));
         r = r.route("/console/console.css", get(console::style));

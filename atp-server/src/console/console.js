@@ -90,6 +90,16 @@
     $("forget").hidden = dev;
     const gen = ++generation;
     toolkitsText = "";
+    // Back from an OAuth provider: ?view=oauth&status=…
+    const back = new URLSearchParams(location.search);
+    if (back.get("view")) {
+      if (back.get("status")) {
+        $("oauth-message").textContent = back.get("status") === "success"
+          ? `Connected ${back.get("external_user_id") || "the user"} to ${back.get("platform_id") || "the platform"}.`
+          : `The connection failed: ${back.get("error") || back.get("status")}.`;
+      }
+      history.replaceState(null, "", "/console#" + back.get("view"));
+    }
     show(location.hash.slice(1) || "toolkits");
     pollToolkits(gen);
     live(gen);
@@ -99,6 +109,7 @@
 
   function show(view) {
     if (!document.querySelector(`[data-panel="${CSS.escape(view)}"]`)) view = "toolkits";
+    if (view === "oauth") loadOAuth();
     for (const v of document.querySelectorAll(".view")) v.hidden = v.dataset.panel !== view;
     for (const a of document.querySelectorAll("#nav a")) {
       if (a.dataset.view === view) a.setAttribute("aria-current", "page");
@@ -312,7 +323,21 @@
         el("p", { class: "hint", id: "try-token-hint",
           text: `This tool needs a token from ${tool.auth_provider}${tool.auth_type ? " (" + tool.auth_type + ")" : ""}. It is sent with this call only.` })));
     }
-    current = { kit: kit.name, tool: tool.name, parts, token };
+    let connection = null;
+    if (tool.oauth_platform) {
+      connection = el("select", { id: "try-connection", "aria-describedby": "try-connection-hint" },
+        el("option", { value: "", text: "(none: use the token above)" }));
+      auth.append(el("div", { class: "field" },
+        el("label", { for: "try-connection", text: "Or a user's connection" }), connection,
+        el("p", { class: "hint", id: "try-connection-hint", text: "The server gives the tool this user's stored token (refreshed if needed)." })));
+      api("/admin/oauth").then((data) => {
+        for (const c of data.connections) {
+          if (c.provider !== tool.auth_provider) continue;
+          connection.append(el("option", { value: c.id, text: `${c.external_user_id} (${c.platform_id}${c.owner ? ", " + c.owner : ""})` }));
+        }
+      }).catch(() => {});
+    }
+    current = { kit: kit.name, tool: tool.name, parts, token, connection };
     $("try-outcome").hidden = true;
     renderFormats(kit.name, tool.name);
     $("try-title").setAttribute("tabindex", "-1");
@@ -322,7 +347,7 @@
   $("try-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     if (!current || !e.target.reportValidity()) return;
-    const { kit, tool, parts, token } = current;
+    const { kit, tool, parts, token, connection } = current;
     let args;
     try {
       args = readObject(parts);
@@ -331,6 +356,7 @@
     }
     const body = { arguments: args };
     if (token && token.value) body.auth_token = token.value;
+    else if (connection && connection.value) body.connection = connection.value;
     $("try-submit").disabled = true;
     try {
       const answer = await api(`/admin/toolkits/${encodeURIComponent(kit)}/tools/${encodeURIComponent(tool)}/call`, "POST", body);
@@ -379,6 +405,70 @@
         el("pre", { tabindex: "0", "aria-label": title + " format", text }), copy));
     }
   }
+
+  // --- OAuth ------------------------------------------------------------
+
+  async function loadOAuth() {
+    let data;
+    try {
+      data = await api("/admin/oauth");
+    } catch (err) {
+      if (err instanceof Refused) return askForKey(err.message);
+      $("oauth-message").textContent = "The OAuth state could not be read: " + err.message;
+      return;
+    }
+    const platforms = $("platforms-body");
+    platforms.replaceChildren();
+    const select = $("connect-platform");
+    const chosen = select.value;
+    select.replaceChildren();
+    for (const p of data.platforms) {
+      platforms.append(el("tr", {}, el("td", {}, el("code", { text: p.id })), el("td", { text: p.name }),
+        el("td", { text: p.provider }), el("td", { text: p.scopes.join(" ") })));
+      select.append(el("option", { value: p.id, text: p.name + " (" + p.id + ")" }));
+    }
+    if (chosen) select.value = chosen;
+    $("platforms-empty").hidden = data.platforms.length > 0;
+    $("platforms").hidden = data.platforms.length === 0;
+    $("connect-form").hidden = data.platforms.length === 0;
+    const body = $("connections-body");
+    body.replaceChildren();
+    const now = Date.now();
+    for (const c of data.connections) {
+      let expires = "no expiry";
+      if (c.expires_at_ms) expires = c.expires_at_ms <= now ? "expired (refreshed on use)" : null;
+      const revoke = el("button", { type: "button", class: "quiet", "aria-label": `Revoke ${c.external_user_id}'s connection to ${c.platform_id}`,
+        onclick: async () => {
+          try {
+            await api("/admin/oauth/connections/" + encodeURIComponent(c.id), "DELETE");
+            $("oauth-message").textContent = `Revoked ${c.external_user_id}'s connection to ${c.platform_id}.`;
+          } catch (err) {
+            if (err instanceof Refused) return askForKey(err.message);
+            $("oauth-message").textContent = "Not revoked: " + err.message;
+          }
+          loadOAuth();
+        } }, "Revoke");
+      body.append(el("tr", { "data-connection-user": c.external_user_id },
+        el("td", { text: c.external_user_id }), el("td", { text: c.platform_id }), el("td", { text: c.owner || "another key" }),
+        el("td", {}, expires === null ? time(c.expires_at_ms) : expires), el("td", {}, time(c.updated_at_ms)), el("td", {}, revoke)));
+    }
+    $("connections-empty").hidden = data.connections.length > 0;
+  }
+
+  $("connect-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const platform = $("connect-platform").value;
+    try {
+      const answer = await api(`/admin/oauth/platforms/${encodeURIComponent(platform)}/connect`, "POST",
+        { external_user_id: $("connect-user").value });
+      $("connect-link").href = answer.authorization_url;
+      $("connect-next").hidden = false;
+      $("connect-link").focus();
+    } catch (err) {
+      if (err instanceof Refused) return askForKey(err.message);
+      $("oauth-message").textContent = "Not started: " + err.message;
+    }
+  });
 
   // --- Live calls -------------------------------------------------------
 

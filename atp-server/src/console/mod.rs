@@ -181,7 +181,7 @@ fn view(s: &crate::State, kit: &ToolkitRecord) -> ToolkitView {
                     .spec
                     .auth_provider
                     .as_deref()
-                    .is_some_and(|p| s.platform(p).is_some()),
+                    .is_some_and(|p| platforms(s).iter().any(|q| q.provider() == p)),
                 auth_provider: t.spec.auth_provider.clone(),
                 auth_type: t.spec.auth_type.clone(),
             })
@@ -303,6 +303,21 @@ pub(crate) async fn call(
                 .into_response();
         }
     };
+    // A user's stored connection (any LLM key's: the admin may use them
+    // all) gives the token, as the server would give it to the tool.
+    let auth_token = match (auth_token, body.get("connection")) {
+        (Some(t), _) => Some(t),
+        (None, None | Some(Value::Null)) => None,
+        (None, Some(Value::String(id))) => match connection_token(&s, &kit.tools[i].spec, id).await
+        {
+            Ok(t) => Some(t),
+            Err(e) => return e.into_response(),
+        },
+        (None, Some(_)) => {
+            return ApiError::bad_request("invalid_body", "connection must be a string")
+                .into_response();
+        }
+    };
     let call = ToolCall {
         function: &kit.tools[i].spec.name,
         params,
@@ -322,6 +337,176 @@ pub(crate) async fn call(
         }),
     };
     json_response(StatusCode::OK, &answer)
+}
+
+/// The OAuth platforms, by id.
+fn platforms(s: &crate::State) -> Vec<crate::OAuthPlatform> {
+    let mut all: Vec<crate::OAuthPlatform> = s
+        .platforms
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .values()
+        .cloned()
+        .collect();
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    all
+}
+
+/// The access token of the stored connection `integration_id` for a
+/// tool (refreshed if needed).
+async fn connection_token(
+    s: &crate::State,
+    spec: &atp_registry::ToolSpec,
+    integration_id: &str,
+) -> Result<Secret, ApiError> {
+    let Some(provider) = spec.auth_provider.as_deref() else {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "This tool takes no auth token",
+        ));
+    };
+    let conn = s
+        .store
+        .list_connections()
+        .await
+        .map_err(|e| {
+            tracing::error!("could not read the OAuth connections: {e}");
+            ApiError::internal("The connections could not be read")
+        })?
+        .into_iter()
+        .find(|c| c.integration_id == integration_id)
+        .ok_or_else(|| ApiError::not_found("not_connected", "No such connection"))?;
+    crate::oauth::token_for(s, &conn.llm_key_hash, provider, &conn.external_user_id)
+        .await
+        .map_err(|f| ApiError::new(StatusCode::BAD_GATEWAY, "oauth_refresh_failed", f.message))?
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "not_connected",
+                format!("This connection is not to a platform of {provider}"),
+            )
+        })
+}
+
+/// `GET /admin/oauth`: the OAuth platforms (no client secret) and every
+/// user's connection (no token), the newest first.
+pub(crate) async fn oauth(State(s): State<Arc<crate::State>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = admin::require(&s, &headers) {
+        return refused.into_response();
+    }
+    let platforms = platforms(&s);
+    let connections = match s.store.list_connections().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("could not read the OAuth connections: {e}");
+            return ApiError::internal("The connections could not be read").into_response();
+        }
+    };
+    let connections: Vec<Value> = connections
+        .into_iter()
+        .map(|c| {
+            let owner = if c.llm_key_hash == CONSOLE_CALLER {
+                Some("the console")
+            } else {
+                s.catalog.developer_of(&c.llm_key_hash)
+            };
+            json!({
+                "id": c.integration_id,
+                "platform_id": c.platform_id,
+                "provider": platforms.iter().find(|p| p.id == c.platform_id).map(|p| p.provider()),
+                "external_user_id": c.external_user_id,
+                "owner": owner,
+                "expires_at_ms": c.expires_at.map(|t| t.saturating_mul(1000)),
+                "created_at_ms": c.created_at.saturating_mul(1000),
+                "updated_at_ms": c.updated_at.saturating_mul(1000),
+            })
+        })
+        .collect();
+    let platforms: Vec<Value> = platforms
+        .iter()
+        .map(|p| {
+            json!({
+                "id": p.id,
+                "provider": p.provider(),
+                "name": p.name.as_deref().unwrap_or(p.provider()),
+                "scopes": p.scopes,
+            })
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({"platforms": platforms, "connections": connections}),
+    )
+}
+
+/// `POST /admin/oauth/platforms/{platform_id}/connect` with
+/// `{"external_user_id"}`: starts a flow for a test user, owned by the
+/// console; the user comes back to the console. Answers
+/// `{"authorization_url"}`.
+pub(crate) async fn oauth_connect(
+    State(s): State<Arc<crate::State>>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(refused) = admin::require(&s, &headers) {
+        return refused.into_response();
+    }
+    let Some(platform) = id.ok().and_then(|Path(id)| s.platform(&id)) else {
+        return ApiError::not_found("platform_not_found", "OAuth platform not found")
+            .into_response();
+    };
+    let body = match read_object(body, &s.config).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let user = match crate::str_field(&body, "external_user_id") {
+        Some(u) if u.len() <= 256 => u.to_owned(),
+        _ => {
+            return ApiError::bad_request(
+                "invalid_body",
+                "external_user_id must be a string of 1-256 bytes",
+            )
+            .into_response();
+        }
+    };
+    let back = format!(
+        "{}/console?view=oauth",
+        s.public_url().trim_end_matches('/')
+    );
+    match crate::oauth::start_flow(&s, CONSOLE_CALLER.to_owned(), &platform, user, Some(back)).await
+    {
+        Ok(a) => json_response(
+            StatusCode::OK,
+            &json!({"authorization_url": a.authorization_url}),
+        ),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `DELETE /admin/oauth/connections/{id}`: forgets a stored connection
+/// (its tokens are deleted here; the provider is not told). 204, or 404.
+pub(crate) async fn oauth_revoke(
+    State(s): State<Arc<crate::State>>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = admin::require(&s, &headers) {
+        return refused.into_response();
+    }
+    let Ok(Path(id)) = id else {
+        return ApiError::not_found("not_found", "Not found").into_response();
+    };
+    match s.store.delete_connection(&id).await {
+        Ok(true) => {
+            tracing::info!("an OAuth connection was revoked from the console");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => ApiError::not_found("not_found", "No such connection").into_response(),
+        Err(e) => {
+            tracing::error!("could not delete an OAuth connection: {e}");
+            ApiError::internal("The connection could not be deleted").into_response()
+        }
+    }
 }
 
 #[cfg(test)]

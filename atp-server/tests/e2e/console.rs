@@ -21,7 +21,7 @@ use atp_server::Config;
 use fantoccini::{Client, ClientBuilder, Locator, elements::Element};
 use serde_json::{Value, json};
 
-use crate::common::*;
+use crate::{common::*, oauth_provider};
 
 /// The variable that turns the browser tests on.
 const ENABLE: &str = "ATP_BROWSER";
@@ -556,6 +556,121 @@ async fn console_is_open_in_dev_mode() {
                 .expect("shown?")
         );
         browser.close().await;
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_connects_a_user_and_gives_the_token_to_an_oauth_tool() {
+    if !enabled("console_connects_a_user_and_gives_the_token_to_an_oauth_tool") {
+        return;
+    }
+    bounded(Duration::from_secs(120), async {
+        let provider = oauth_provider::Provider::start(oauth_provider::Options {
+            scopes: &["read"],
+            tag: "console-",
+            ..Default::default()
+        })
+        .await;
+        let server = TestServer::start(Config {
+            admin_api_keys: vec![ADMIN_KEY.into()],
+            oauth_platforms: vec![provider.platform()],
+            ..keyed_config()
+        })
+        .await;
+        let demo = demo_toolkit(TK_KEY, "demo", &server.base);
+        let runtime = serve_toolkit(&demo, Transport::WebSocket);
+        let _stop = StopOnDrop(demo.clone());
+        server.wait_served("demo").await;
+        let browser = Browser::start().await;
+        open_console(&browser, &server).await;
+
+        // The platform; a connection started for a test user, through the
+        // provider and back to the console.
+        browser.click("#nav a[data-view=oauth]").await;
+        browser
+            .until("document.getElementById('platforms-body').textContent.includes('local-app')")
+            .await;
+        assert!(
+            browser
+                .find("#connections-empty")
+                .await
+                .is_displayed()
+                .await
+                .expect("shown?")
+        );
+        browser.type_into("#connect-user", "ada@example.com").await;
+        browser.click("#connect-form button[type=submit]").await;
+        browser
+            .until("!document.getElementById('connect-next').hidden")
+            .await;
+        browser.click("#connect-link").await;
+        browser
+            .find("[data-connection-user='ada@example.com']")
+            .await;
+        assert_eq!(
+            browser.text("#oauth-message").await,
+            "Connected ada@example.com to local-app."
+        );
+        let url = browser.client.current_url().await.expect("url");
+        assert_eq!(url.as_str(), format!("{}/console#oauth", server.base));
+        let row = browser
+            .text("[data-connection-user='ada@example.com']")
+            .await;
+        assert!(
+            row.contains("local-app") && row.contains("the console"),
+            "{row}"
+        );
+        // Its access token expired at once (the provider's way): so it says.
+        assert!(row.contains("expired (refreshed on use)"), "{row}");
+        browser.accessible("the OAuth view").await;
+        browser.screenshot("oauth").await;
+
+        // The OAuth tool, with that user's connection: the server gives it
+        // the stored token, refreshed.
+        browser.click("#nav a[data-view=toolkits]").await;
+        browser.click("[data-try='demo/whoami']").await;
+        browser
+            .until("document.querySelectorAll('#try-connection option').length === 2")
+            .await;
+        browser
+            .find("#try-connection")
+            .await
+            .select_by_label("ada@example.com (local-app, the console)")
+            .await
+            .expect("select");
+        browser.click("#try-submit").await;
+        browser
+            .until("document.getElementById('try-outcome').dataset.outcome === 'ok'")
+            .await;
+        let result: Value = serde_json::from_str(&browser.text("#try-result").await).expect("JSON");
+        assert_eq!(result, json!({"token": "console-access-2"}));
+        assert_eq!(provider.refreshes(), 1);
+
+        // Revoked: gone, and the tool gets no token from it any more.
+        browser.click("#nav a[data-view=oauth]").await;
+        browser
+            .click("button[aria-label=\"Revoke ada@example.com's connection to local-app\"]")
+            .await;
+        browser
+            .until("document.querySelectorAll('[data-connection-user]').length === 0")
+            .await;
+        let (status, answer) = http_json(
+            "GET",
+            &format!("{}/admin/oauth", server.base),
+            &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(answer["connections"], json!([]));
+        let html = browser.client.source().await.expect("source");
+        for secret in [ADMIN_KEY, "console-csecret", "console-refresh-1"] {
+            assert!(!html.contains(secret), "{secret} in the page");
+        }
+        browser.close().await;
+        stop_toolkit(&demo, runtime).await;
         server.stop().await;
     })
     .await;
