@@ -411,6 +411,11 @@ impl AtpServer {
             "/admin/oauth/connections/{id}",
             axum::routing::delete(console::oauth_revoke),
         );
+        r = r.route("/admin/webhooks", get(console::webhooks));
+        r = r.route(
+            "/admin/webhooks/deliveries/{id}/resend",
+            post(console::resend),
+        );
         r = both(r, "/console", get(console::page));
         r = r.route("/console/console.js", get(console::script));
         r = r.route("/console/console.css", get(console::style));

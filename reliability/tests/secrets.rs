@@ -539,7 +539,7 @@ async fn server_and_clients(seen: &mut Seen) -> String {
         assert!((400..500).contains(&r.status), "{what}: {r:?}");
         seen.answer(what, &r);
     }
-    console(addr, seen).await;
+    console(addr, seen, &webhook_secret).await;
     // Forged or missing OAuth states are refused as such.
     for (what, _) in &raw[6..] {
         let (_, text) = seen.0.iter().find(|(w, _)| w == what).expect("seen");
@@ -617,7 +617,7 @@ async fn server_and_clients(seen: &mut Seen) -> String {
 /// The console and its admin endpoints: the page, the toolkits, a tool's
 /// formats, calls with a token and with a user's stored connection, the
 /// OAuth platforms and connections, a flow started, refusals.
-async fn console(addr: SocketAddr, seen: &mut Seen) {
+async fn console(addr: SocketAddr, seen: &mut Seen, webhook_secret: &str) {
     let admin = format!("Bearer {ADMIN_KEY}");
     let get = |path: &str, auth: &str| request("GET", path, &[("Authorization", auth)], b"");
     let post = |path: &str, body: Value| {
@@ -657,6 +657,16 @@ async fn console(addr: SocketAddr, seen: &mut Seen) {
     )
     .await;
     assert_eq!(r.status, 200, "{r:?}");
+    let r = send(
+        "the console's webhooks",
+        get("/admin/webhooks", &admin),
+        seen,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(text.contains("/hook"), "{text}");
+    assert!(!text.contains(webhook_secret), "the webhook secret: {text}");
     let r = send("the console's OAuth", get("/admin/oauth", &admin), seen).await;
     assert_eq!(r.status, 200, "{r:?}");
     let oauth: Value = serde_json::from_slice(&r.body).expect("JSON");

@@ -103,6 +103,7 @@
     show(location.hash.slice(1) || "toolkits");
     pollToolkits(gen);
     live(gen);
+    pollWebhooks(gen);
   }
 
   // --- Views ------------------------------------------------------------
@@ -110,6 +111,7 @@
   function show(view) {
     if (!document.querySelector(`[data-panel="${CSS.escape(view)}"]`)) view = "toolkits";
     if (view === "oauth") loadOAuth();
+    if (view === "webhooks") loadWebhooks();
     for (const v of document.querySelectorAll(".view")) v.hidden = v.dataset.panel !== view;
     for (const a of document.querySelectorAll("#nav a")) {
       if (a.dataset.view === view) a.setAttribute("aria-current", "page");
@@ -408,6 +410,8 @@
 
   // --- OAuth ------------------------------------------------------------
 
+  let oauthText = "";
+
   async function loadOAuth() {
     let data;
     try {
@@ -417,6 +421,10 @@
       $("oauth-message").textContent = "The OAuth state could not be read: " + err.message;
       return;
     }
+    // Redrawn only when something changed (a redraw loses the focus).
+    const text = JSON.stringify(data);
+    if (text === oauthText) return;
+    oauthText = text;
     const platforms = $("platforms-body");
     platforms.replaceChildren();
     const select = $("connect-platform");
@@ -469,6 +477,71 @@
       $("oauth-message").textContent = "Not started: " + err.message;
     }
   });
+
+  // --- Webhooks ---------------------------------------------------------
+
+  // While the view is shown, its deliveries are re-read every 2 s.
+  function pollWebhooks(gen) {
+    if (gen !== generation) return;
+    if (!$("view-webhooks").hidden) loadWebhooks();
+    setTimeout(() => pollWebhooks(gen), POLL_MS);
+  }
+
+  let webhooksText = "";
+
+  async function loadWebhooks() {
+    let data;
+    try {
+      data = await api("/admin/webhooks");
+    } catch (err) {
+      if (err instanceof Refused) return askForKey(err.message);
+      $("webhooks-message").textContent = "The webhooks could not be read: " + err.message;
+      return;
+    }
+    const text = JSON.stringify(data.webhooks);
+    if (text === webhooksText) return;
+    webhooksText = text;
+    const box = $("webhooks");
+    // Keep the focus on a resend button across a refresh.
+    const focused = document.activeElement && document.activeElement.dataset.resend;
+    box.replaceChildren();
+    $("webhooks-empty").hidden = data.webhooks.length > 0;
+    for (const h of data.webhooks) {
+      const rows = el("tbody");
+      for (const d of h.deliveries) {
+        const answer = d.last_status ? "HTTP " + d.last_status : "";
+        const resend = el("button", { type: "button", class: "quiet", "data-resend": d.id,
+          "aria-label": `Resend the ${d.event} delivery of ${d.id}`,
+          onclick: async () => {
+            try {
+              await api(`/admin/webhooks/deliveries/${encodeURIComponent(d.id)}/resend`, "POST", {});
+              $("webhooks-message").textContent = `Delivery ${d.id} queued again.`;
+            } catch (err) {
+              if (err instanceof Refused) return askForKey(err.message);
+              $("webhooks-message").textContent = "Not queued: " + err.message;
+            }
+            loadWebhooks();
+          } }, "Resend");
+        rows.append(el("tr", { "data-delivery": d.id, "data-status": d.status },
+          el("td", { text: d.event }), el("td", { class: "outcome", text: d.status }), el("td", { text: String(d.attempts) }),
+          el("td", { text: d.last_error && d.last_error !== answer ? [answer, d.last_error].filter(Boolean).join(": ") : answer }),
+          el("td", {}, time(d.created_at_ms)), el("td", {}, d.delivered_at_ms ? time(d.delivered_at_ms) : ""), el("td", {}, resend)));
+      }
+      const table = el("table", {},
+        el("caption", { class: "visually-hidden", text: "Latest deliveries to " + h.url }),
+        el("thead", {}, el("tr", {}, ...["Event", "Status", "Attempts", "Last answer", "Queued", "Delivered", "Resend"].map((t) => el("th", { scope: "col", text: t })))),
+        rows);
+      box.append(el("article", { class: "toolkit", "data-webhook": h.id, "aria-label": "Webhook " + h.url },
+        el("h3", {}, el("code", { text: h.url })),
+        el("ul", { class: "facts" }, el("li", { text: "events: " + h.events.join(", ") }),
+          el("li", { text: "owner: " + (h.owner || "another key") }), el("li", {}, "since ", time(h.created_at_ms))),
+        h.deliveries.length ? table : el("p", { class: "hint", text: "No delivery yet." })));
+    }
+    if (focused) {
+      const again = box.querySelector(`[data-resend="${CSS.escape(focused)}"]`);
+      if (again) again.focus();
+    }
+  }
 
   // --- Live calls -------------------------------------------------------
 

@@ -509,9 +509,103 @@ pub(crate) async fn oauth_revoke(
     }
 }
 
+/// A URL without its query, fragment or credentials (a receiver's URL
+/// may carry a token).
+fn url_shown(url: &str) -> String {
+    let base = url.split(['?', '#']).next().unwrap_or_default();
+    match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit('@').next().unwrap_or_default();
+            format!("{scheme}://{host}{path}")
+        }
+        None => base.to_owned(),
+    }
+}
+
+/// `GET /admin/webhooks`: every webhook (its URL without query or
+/// credentials, never its secret) with its owner and its latest
+/// deliveries (never their bodies).
+pub(crate) async fn webhooks(State(s): State<Arc<crate::State>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = admin::require(&s, &headers) {
+        return refused.into_response();
+    }
+    let (hooks, deliveries) = match s.store.admin_webhooks().await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::error!("could not read the webhooks: {e}");
+            return ApiError::internal("The webhooks could not be read").into_response();
+        }
+    };
+    let hooks: Vec<Value> = hooks
+        .into_iter()
+        .map(|h| {
+            let recent: Vec<Value> = deliveries
+                .iter()
+                .filter(|d| d.webhook_id == h.id)
+                .take(crate::webhooks::RECENT_DELIVERIES)
+                .map(|d| {
+                    json!({
+                        "id": d.id,
+                        "event": d.event,
+                        "status": d.status,
+                        "attempts": d.attempts,
+                        "last_status": d.last_status,
+                        "last_error": d.last_error,
+                        "created_at_ms": d.created_at.saturating_mul(1000),
+                        "delivered_at_ms": d.delivered_at.map(|t| t.saturating_mul(1000)),
+                    })
+                })
+                .collect();
+            json!({
+                "id": h.id,
+                "url": url_shown(&h.url),
+                "events": h.events,
+                "owner": s.catalog.developer_of(&h.llm_key_hash),
+                "created_at_ms": h.created_at.saturating_mul(1000),
+                "deliveries": recent,
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &json!({"webhooks": hooks}))
+}
+
+/// `POST /admin/webhooks/deliveries/{id}/resend`: queues a delivery again,
+/// due now (the same `delivery_id` and body). 202, or 404.
+pub(crate) async fn resend(
+    State(s): State<Arc<crate::State>>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = admin::require(&s, &headers) {
+        return refused.into_response();
+    }
+    let Ok(Path(id)) = id else {
+        return ApiError::not_found("not_found", "Not found").into_response();
+    };
+    match crate::webhooks::resend(&s, &id).await {
+        Ok(true) => json_response(StatusCode::ACCEPTED, &json!({"status": "queued"})),
+        Ok(false) => ApiError::not_found("not_found", "No such delivery").into_response(),
+        Err(e) => {
+            tracing::error!("could not queue a delivery again: {e}");
+            ApiError::internal("The delivery could not be queued").into_response()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::origin;
+    use super::{origin, url_shown};
+
+    #[test]
+    fn a_webhook_url_shows_without_query_or_credentials() {
+        assert_eq!(
+            url_shown("https://u:p@hooks.example.com/in/x?token=secret#f"),
+            "https://hooks.example.com/in/x"
+        );
+        assert_eq!(url_shown("http://127.0.0.1:9"), "http://127.0.0.1:9");
+        assert_eq!(url_shown("garbage?x"), "garbage");
+    }
 
     #[test]
     fn an_endpoint_shows_only_its_origin() {

@@ -21,7 +21,11 @@ use atp_server::Config;
 use fantoccini::{Client, ClientBuilder, Locator, elements::Element};
 use serde_json::{Value, json};
 
-use crate::{common::*, oauth_provider};
+use crate::{
+    common::*,
+    oauth_provider,
+    webhooks::{Hook, Receiver},
+};
 
 /// The variable that turns the browser tests on.
 const ENABLE: &str = "ATP_BROWSER";
@@ -150,16 +154,33 @@ impl Browser {
         }
     }
 
+    /// The text of `css`, finding it again if the page re-rendered it.
     async fn text(&self, css: &str) -> String {
-        self.find(css).await.text().await.expect("text")
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.find(css).await.text().await {
+                Ok(text) => return text,
+                Err(e) if e.is_stale_element_reference() && Instant::now() < deadline => {}
+                Err(e) => panic!("no text of {css}: {e}"),
+            }
+        }
     }
 
     async fn type_into(&self, css: &str, text: &str) {
         self.find(css).await.send_keys(text).await.expect("typed");
     }
 
+    /// Clicks `css`, finding it again if the page re-rendered it between
+    /// the find and the click (bounded).
     async fn click(&self, css: &str) {
-        self.find(css).await.click().await.expect("clicked");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.find(css).await.click().await {
+                Ok(()) => return,
+                Err(e) if e.is_stale_element_reference() && Instant::now() < deadline => {}
+                Err(e) => panic!("could not click {css}: {e}"),
+            }
+        }
     }
 
     /// Runs axe-core on the page as it is: no serious or critical
@@ -672,6 +693,88 @@ async fn console_connects_a_user_and_gives_the_token_to_an_oauth_tool() {
         browser.close().await;
         stop_toolkit(&demo, runtime).await;
         server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_shows_webhook_deliveries_and_resends_one() {
+    if !enabled("console_shows_webhook_deliveries_and_resends_one") {
+        return;
+    }
+    bounded(Duration::from_secs(120), async {
+        let hook = Hook::new();
+        hook.set_failing(true);
+        let receiver = Receiver::start(&hook, "127.0.0.1:0".parse().expect("addr")).await;
+        let server = TestServer::start(Config {
+            admin_api_keys: vec![ADMIN_KEY.into()],
+            webhook_max_attempts: 1,
+            webhook_retry_base: Duration::from_millis(50),
+            webhook_timeout: Duration::from_secs(2),
+            ..keyed_config()
+        })
+        .await;
+        // A receiver URL with a token in its query: never shown.
+        let url = format!("{}?token=receiver-query-secret", receiver.url());
+        let (status, registered) = http_json(
+            "POST",
+            &format!("{}/api/v1/atp/llm-client/webhooks/register/", server.base),
+            &[("authorization", &format!("ApiKey {LLM_KEY}"))],
+            Some(&json!({"url": url, "events": ["toolkit_connected"]})),
+        )
+        .await;
+        assert_eq!(status, 201, "{registered}");
+        let webhook_secret = registered["secret"]
+            .as_str()
+            .expect("its secret")
+            .to_owned();
+        // A toolkit connects: the event's delivery fails (500), for good.
+        let demo = demo_toolkit(TK_KEY, "demo", &server.base);
+        let runtime = serve_toolkit(&demo, Transport::WebSocket);
+        let _stop = StopOnDrop(demo.clone());
+
+        let browser = Browser::start().await;
+        open_console(&browser, &server).await;
+        browser.click("#nav a[data-view=webhooks]").await;
+        let failed = browser.find("[data-delivery][data-status=failed]").await;
+        let row = failed.text().await.expect("text");
+        assert!(
+            row.contains("toolkit_connected") && row.contains("HTTP 500"),
+            "{row}"
+        );
+        let shown = browser.text("[data-webhook] h3").await;
+        assert_eq!(shown, receiver.url());
+        browser.accessible("the webhooks view").await;
+        browser.screenshot("webhooks").await;
+
+        // The receiver is fixed; the delivery is sent again, as it was.
+        hook.set_failing(false);
+        browser.click("[data-resend]").await;
+        browser.find("[data-delivery][data-status=delivered]").await;
+        let got = hook.deliveries();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].0, got[1].0, "the same delivery");
+        assert_eq!((got[0].1, got[1].1), (500, 200));
+        assert!(
+            browser
+                .text("#webhooks-message")
+                .await
+                .starts_with("Delivery ")
+        );
+
+        let html = browser.client.source().await.expect("source");
+        for secret in [
+            ADMIN_KEY,
+            LLM_KEY,
+            "receiver-query-secret",
+            webhook_secret.as_str(),
+        ] {
+            assert!(!html.contains(secret), "{secret} in the page");
+        }
+        browser.close().await;
+        stop_toolkit(&demo, runtime).await;
+        server.stop().await;
+        receiver.stop().await;
     })
     .await;
 }

@@ -93,7 +93,7 @@ impl Hook {
         }
     }
 
-    fn set_failing(&self, failing: bool) {
+    pub(crate) fn set_failing(&self, failing: bool) {
         self.inbox.lock().expect("lock").failing = failing;
     }
 
@@ -107,6 +107,16 @@ impl Hook {
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
         .expect("the receiver's state is there");
+    }
+
+    /// Each request received: its `delivery_id` and the status answered.
+    pub(crate) fn deliveries(&self) -> Vec<(String, u16)> {
+        self.with(|i| {
+            i.got
+                .iter()
+                .map(|r| (r.delivery_id(), r.answered))
+                .collect()
+        })
     }
 
     pub(crate) fn with<T>(&self, f: impl FnOnce(&Inbox) -> T) -> T {
