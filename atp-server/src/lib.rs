@@ -402,6 +402,15 @@ impl AtpServer {
             "/admin/toolkits/{toolkit}/tools/{tool}/call",
             post(console::call),
         );
+        r = r.route(
+            "/admin/toolkits/{toolkit}/tools/{tool}/app",
+            post(console::app_start),
+        );
+        r = r.route("/admin/apps/{session_id}/action", post(console::app_action));
+        r = r.route(
+            "/admin/apps/{session_id}",
+            axum::routing::delete(console::app_end),
+        );
         r = r.route("/admin/oauth", get(console::oauth));
         r = r.route(
             "/admin/oauth/platforms/{platform_id}/connect",

@@ -341,6 +341,8 @@
     }
     current = { kit: kit.name, tool: tool.name, parts, token, connection };
     $("try-outcome").hidden = true;
+    $("app").hidden = true;
+    session = null;
     renderFormats(kit.name, tool.name);
     $("try-title").setAttribute("tabindex", "-1");
     $("try-title").focus();
@@ -369,6 +371,82 @@
       outcome(false, err.message, null);
     } finally {
       $("try-submit").disabled = false;
+    }
+  });
+
+  // --- App sessions -----------------------------------------------------
+
+  let session = null;
+
+  function showApp(answer) {
+    const p = (answer && answer.payload) || {};
+    const box = $("app");
+    box.hidden = false;
+    if (p.error) {
+      box.dataset.outcome = "error";
+      $("app-state").textContent = `Error ${p.code || ""}: ${p.error}`;
+      $("app-state").className = "error-text";
+      if (p.code === "session_ended" || p.code === "session_not_found") endApp(false);
+      return;
+    }
+    box.dataset.outcome = "ok";
+    $("app-state").className = "";
+    if (p.session_id) session = p.session_id;
+    if (p.ui_content !== undefined) $("app-ui").textContent = JSON.stringify(p.ui_content, null, 2);
+    if (p.terminated) endApp(true);
+    else $("app-state").textContent = "Session " + session + " is open.";
+  }
+
+  function endApp(said) {
+    if (said) $("app-state").textContent = "The session is over.";
+    $("app").dataset.session = "ended";
+    $("app-send").disabled = true;
+    $("app-end").disabled = true;
+    session = null;
+  }
+
+  $("app-start").addEventListener("click", async () => {
+    const form = $("try-form");
+    if (!current || !form.reportValidity()) return;
+    let args;
+    try { args = readObject(current.parts); } catch (err) { return outcome(false, err.message, null); }
+    const body = { arguments: args };
+    if (current.token && current.token.value) body.auth_token = current.token.value;
+    $("app-send").disabled = false;
+    $("app-end").disabled = false;
+    $("app").dataset.session = "open";
+    $("app-ui").textContent = "";
+    try {
+      showApp(await api(`/admin/toolkits/${encodeURIComponent(current.kit)}/tools/${encodeURIComponent(current.tool)}/app`, "POST", body));
+    } catch (err) {
+      if (err instanceof Refused) return askForKey(err.message);
+      showApp({ payload: { error: err.message } });
+    }
+  });
+
+  $("app-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    if (!session) return;
+    let data;
+    try { data = JSON.parse($("app-action").value || "null"); }
+    catch (_) { return showApp({ payload: { error: "The action data is not valid JSON" } }); }
+    try {
+      showApp(await api(`/admin/apps/${encodeURIComponent(session)}/action`, "POST", { action_data: data }));
+    } catch (err) {
+      if (err instanceof Refused) return askForKey(err.message);
+      showApp({ payload: { error: err.message } });
+    }
+  });
+
+  $("app-end").addEventListener("click", async () => {
+    if (!session) return;
+    try {
+      const answer = await api(`/admin/apps/${encodeURIComponent(session)}`, "DELETE");
+      if (answer.payload && answer.payload.error) showApp(answer);
+      else endApp(true);
+    } catch (err) {
+      if (err instanceof Refused) return askForKey(err.message);
+      showApp({ payload: { error: err.message } });
     }
   });
 

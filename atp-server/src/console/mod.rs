@@ -339,6 +339,106 @@ pub(crate) async fn call(
     json_response(StatusCode::OK, &answer)
 }
 
+/// An app session's answer, as the LLM side gets it: `{"payload":
+/// {"session_id", "ui_content", "terminated"}}` or `{"payload": {"error",
+/// "code"}}`.
+fn app_answer(a: &atp_registry::wire::AppResponse) -> Response {
+    crate::error::json_text_response(StatusCode::OK, atp_registry::wire::to_json(a))
+}
+
+/// `POST /admin/toolkits/{toolkit}/tools/{tool}/app` with `{"arguments",
+/// "auth_token"?}`: starts a session of the tool as an app (the server
+/// does not know which tools are apps: the toolkit says), owned by the
+/// console. 200 with the app's answer.
+pub(crate) async fn app_start(
+    State(s): State<Arc<crate::State>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(refused) = admin::require(&s, &headers) {
+        return refused.into_response();
+    }
+    let (kit, i) = match find_tool(&s, path) {
+        Ok(found) => found,
+        Err(e) => return e.into_response(),
+    };
+    let mut body = match read_object(body, &s.config).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let parameters = match body.remove("arguments") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return ApiError::bad_request("invalid_body", "arguments must be a JSON object")
+                .into_response();
+        }
+    };
+    let auth_token = match body.get("auth_token") {
+        Some(Value::String(t)) if !t.is_empty() => Some(Secret::from(t.as_str())),
+        None | Some(Value::Null | Value::String(_)) => None,
+        Some(_) => {
+            return ApiError::bad_request("invalid_body", "auth_token must be a string")
+                .into_response();
+        }
+    };
+    let payload = atp_registry::wire::AppStart {
+        app: kit.tools[i].spec.name.clone(),
+        parameters,
+        auth_token,
+    };
+    app_answer(&crate::llm::start_app_of(&s, CONSOLE_CALLER, &kit, None, payload).await)
+}
+
+/// `POST /admin/apps/{session_id}/action` with `{"action_data"}`: a user's
+/// action in a session the console started. 200 with the app's answer.
+pub(crate) async fn app_action(
+    State(s): State<Arc<crate::State>>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(refused) = admin::require(&s, &headers) {
+        return refused.into_response();
+    }
+    let Ok(Path(session_id)) = id else {
+        return ApiError::not_found("not_found", "Not found").into_response();
+    };
+    let mut body = match read_object(body, &s.config).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let req = atp_registry::wire::AppActionRequest {
+        request_id: None,
+        payload: atp_registry::wire::SessionAction {
+            session_id,
+            action_data: body.remove("action_data").unwrap_or(Value::Null),
+        },
+    };
+    app_answer(&crate::llm::app_action(&s, CONSOLE_CALLER, req).await)
+}
+
+/// `DELETE /admin/apps/{session_id}`: ends a session the console started.
+/// 200 with the app's answer.
+pub(crate) async fn app_end(
+    State(s): State<Arc<crate::State>>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = admin::require(&s, &headers) {
+        return refused.into_response();
+    }
+    let Ok(Path(session_id)) = id else {
+        return ApiError::not_found("not_found", "Not found").into_response();
+    };
+    let req = atp_registry::wire::AppTerminateRequest {
+        request_id: None,
+        payload: atp_registry::wire::SessionRef { session_id },
+    };
+    app_answer(&crate::llm::app_terminate(&s, CONSOLE_CALLER, req).await)
+}
+
 /// The OAuth platforms, by id.
 fn platforms(s: &crate::State) -> Vec<crate::OAuthPlatform> {
     let mut all: Vec<crate::OAuthPlatform> = s

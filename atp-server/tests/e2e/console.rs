@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use atp_registry::{Call, Tool, ToolError, ToolKitClient, runtime::Transport};
+use atp_registry::{AppCall, AppReply, Call, Tool, ToolError, ToolKitClient, runtime::Transport};
 use atp_server::Config;
 use fantoccini::{Client, ClientBuilder, Locator, elements::Element};
 use serde_json::{Value, json};
@@ -775,6 +775,117 @@ async fn console_shows_webhook_deliveries_and_resends_one() {
         stop_toolkit(&demo, runtime).await;
         server.stop().await;
         receiver.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_drives_an_app_session() {
+    if !enabled("console_drives_an_app_session") {
+        return;
+    }
+    bounded(Duration::from_secs(120), async {
+        let server = TestServer::start(Config {
+            admin_api_keys: vec![ADMIN_KEY.into()],
+            ..keyed_config()
+        })
+        .await;
+        // A counter app: +1 per action, over when it reaches its goal.
+        let games = ToolKitClient::new(TK_KEY, "games").with_base_url(&server.base);
+        games
+            .register_app(
+                Tool::new("counter")
+                    .description("Counts to a goal.")
+                    .params(["goal"])
+                    .param_schema("goal", json!({"type": "integer"}))
+                    .required_params(["goal"]),
+                |call: AppCall| async move {
+                    let (n, goal) = match call {
+                        AppCall::Start { params, .. } => {
+                            (0, params.get("goal").and_then(Value::as_i64).unwrap_or(1))
+                        }
+                        AppCall::Action {
+                            state, action_data, ..
+                        } => {
+                            if action_data["button"] != "add" {
+                                return Err(ToolError::new("unknown button"));
+                            }
+                            (
+                                state["n"].as_i64().unwrap_or(0) + 1,
+                                state["goal"].as_i64().unwrap_or(1),
+                            )
+                        }
+                    };
+                    let reply = AppReply::new(json!({"text": format!("{n} of {goal}")}));
+                    Ok::<_, ToolError>(if n >= goal {
+                        reply.terminate()
+                    } else {
+                        reply.state(json!({"n": n, "goal": goal}))
+                    })
+                },
+            )
+            .expect("valid");
+        let runtime = serve_toolkit(&games, Transport::WebSocket);
+        let _stop = StopOnDrop(games.clone());
+        server.wait_served("games").await;
+
+        let browser = Browser::start().await;
+        open_console(&browser, &server).await;
+        browser.click("[data-try='games/counter']").await;
+        browser.type_into("#try-fields input[name=goal]", "2").await;
+        browser.click("#app-start").await;
+        browser
+            .until("document.getElementById('app-state').textContent.startsWith('Session ')")
+            .await;
+        let ui: Value = serde_json::from_str(&browser.text("#app-ui").await).expect("JSON");
+        assert_eq!(ui, json!({"text": "0 of 2"}));
+        let action = browser.find("#app-action").await;
+        action.clear().await.expect("cleared");
+        action
+            .send_keys(r#"{"button": "add"}"#)
+            .await
+            .expect("typed");
+        browser.click("#app-send").await;
+        browser
+            .until("document.getElementById('app-ui').textContent.includes('1 of 2')")
+            .await;
+        browser.accessible("an app session").await;
+        browser.screenshot("app").await;
+        // A wrong action: the app's error, shown as one; the session lives.
+        let action = browser.find("#app-action").await;
+        action.clear().await.expect("cleared");
+        action
+            .send_keys(r#"{"button": "nope"}"#)
+            .await
+            .expect("typed");
+        browser.click("#app-send").await;
+        browser
+            .until("document.getElementById('app').dataset.outcome === 'error'")
+            .await;
+        assert!(browser.text("#app-state").await.contains("unknown button"));
+        let action = browser.find("#app-action").await;
+        action.clear().await.expect("cleared");
+        action
+            .send_keys(r#"{"button": "add"}"#)
+            .await
+            .expect("typed");
+        browser.click("#app-send").await;
+        browser
+            .until("document.getElementById('app').dataset.session === 'ended'")
+            .await;
+        assert_eq!(browser.text("#app-state").await, "The session is over.");
+        assert!(browser.text("#app-ui").await.contains("2 of 2"));
+        assert!(
+            !browser
+                .find("#app-send")
+                .await
+                .is_enabled()
+                .await
+                .expect("enabled?")
+        );
+        browser.close().await;
+        stop_toolkit(&games, runtime).await;
+        server.stop().await;
     })
     .await;
 }
