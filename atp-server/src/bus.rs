@@ -336,6 +336,15 @@ impl Bus {
             .any(|p| p.seen.elapsed() < PEER_SILENCE && p.served.contains(key_hash))
     }
 
+    /// The id of another live server that serves this toolkit key, if
+    /// one does (for the console).
+    pub fn serving_peer(&self, key_hash: &str) -> Option<String> {
+        lock(&self.peers)
+            .iter()
+            .find(|(_, p)| p.seen.elapsed() < PEER_SILENCE && p.served.contains(key_hash))
+            .map(|(id, _)| id.clone())
+    }
+
     fn alive(&self, server: &str) -> bool {
         lock(&self.peers)
             .get(server)

@@ -207,9 +207,15 @@ impl Catalog {
         }
     }
 
+    /// The display name of the developer who owns the key with this hash.
+    pub fn developer_of(&self, key_hash: &str) -> Option<&str> {
+        self.owner(key_hash)
+            .map(|o| self.devs[o].display_name.as_str())
+    }
+
     /// Whether the toolkit `app_name`, registered with `toolkit_key_hash`,
     /// is public.
-    fn is_public(&self, toolkit_key_hash: &str, app_name: &str) -> bool {
+    pub fn is_public(&self, toolkit_key_hash: &str, app_name: &str) -> bool {
         self.owner(toolkit_key_hash)
             .and_then(|o| self.devs.get(o))
             .is_some_and(|d| d.public.contains(app_name))

@@ -194,6 +194,8 @@ type AppWaiter = oneshot::Sender<Result<AppAnswer, RouteError>>;
 struct Socket {
     id: u64,
     tx: mpsc::Sender<String>,
+    /// When it connected, in milliseconds since the Unix epoch.
+    since_ms: i64,
 }
 
 /// What waits in an inbox for a poll.
@@ -216,6 +218,9 @@ struct Inbox {
     waiting: usize,
     last_seen: Instant,
     notify: Arc<Notify>,
+    /// When it was first polled (since it was last forgotten), in
+    /// milliseconds since the Unix epoch.
+    since_ms: i64,
 }
 
 impl Inbox {
@@ -224,6 +229,7 @@ impl Inbox {
             queue: VecDeque::new(),
             waiting: 0,
             last_seen: Instant::now(),
+            since_ms: crate::keys::now_millis(),
             notify: Arc::new(Notify::new()),
         }
     }
@@ -562,6 +568,27 @@ impl Hub {
         let inner = self.lock();
         inner.sockets.get(key_hash).is_some_and(|s| !s.is_empty())
             || inner.inboxes.get(key_hash).is_some_and(|i| i.waiting > 0)
+    }
+
+    /// How a toolkit with this key is connected to this server now, and
+    /// since when (milliseconds since the Unix epoch): its oldest open
+    /// WebSocket, else its inbox if it is polled. For the console.
+    pub fn presence(&self, key_hash: &str) -> Option<(Route, i64)> {
+        let inner = self.lock();
+        if let Some(since) = inner
+            .sockets
+            .get(key_hash)
+            .and_then(|s| s.iter().map(|s| s.since_ms).min())
+        {
+            return Some((Route::Socket, since));
+        }
+        if inner.inbox_present(key_hash, self.inbox_presence) {
+            return inner
+                .inboxes
+                .get(key_hash)
+                .map(|i| (Route::Inbox, i.since_ms));
+        }
+        None
     }
 
     /// Compares whether `key_hash` is served now with what was last
@@ -1007,7 +1034,11 @@ impl Hub {
                 .sockets
                 .entry(key_hash.to_owned())
                 .or_default()
-                .push(Socket { id, tx });
+                .push(Socket {
+                    id,
+                    tx,
+                    since_ms: crate::keys::now_millis(),
+                });
             id
         };
         self.bump();

@@ -5,6 +5,7 @@ mod api_keys;
 mod bus;
 mod catalog;
 mod config;
+mod console;
 mod error;
 mod events;
 mod hub;
@@ -421,6 +422,41 @@ impl AtpServer {
         r = both(r, "/ready", get(ready));
         r = r.route("/metrics", get(metrics::get));
         r = r.route("/admin/calls/live", get(admin::live_calls));
+        r = r.route("/admin/toolkits", get(console::toolkits));
+        r = r.route(
+            "/admin/toolkits/{toolkit}/tools/{tool}/formats",
+            get(console::formats),
+        );
+        r = r.route(
+            "/admin/toolkits/{toolkit}/tools/{tool}/call",
+            post(console::call),
+        );
+        r = r.route(
+            "/admin/toolkits/{toolkit}/tools/{tool}/app",
+            post(console::app_start),
+        );
+        r = r.route("/admin/apps/{session_id}/action", post(console::app_action));
+        r = r.route(
+            "/admin/apps/{session_id}",
+            axum::routing::delete(console::app_end),
+        );
+        r = r.route("/admin/oauth", get(console::oauth));
+        r = r.route(
+            "/admin/oauth/platforms/{platform_id}/connect",
+            post(console::oauth_connect),
+        );
+        r = r.route(
+            "/admin/oauth/connections/{id}",
+            axum::routing::delete(console::oauth_revoke),
+        );
+        r = r.route("/admin/webhooks", get(console::webhooks));
+        r = r.route(
+            "/admin/webhooks/deliveries/{id}/resend",
+            post(console::resend),
+        );
+        r = both(r, "/console", get(console::page));
+        r = r.route("/console/console.js", get(console::script));
+        r = r.route("/console/console.css", get(console::style));
         r.fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::disable())

@@ -529,6 +529,19 @@ async fn app_start(s: &Arc<crate::State>, llm_key_hash: &str, req: AppRequest) -
         let f = Failure::new("toolkit_not_found", "Toolkit not found");
         return app_failed(request_id, None, &f);
     };
+    start_app_of(s, llm_key_hash, &kit, request_id, payload).await
+}
+
+/// Starts a session of an app of `kit` (found, and visible to the
+/// caller) for the LLM key `llm_key_hash`: here, or on the server that
+/// serves the toolkit.
+pub(crate) async fn start_app_of(
+    s: &Arc<crate::State>,
+    llm_key_hash: &str,
+    kit: &ToolkitRecord,
+    request_id: Option<RequestId>,
+    payload: atp_registry::wire::AppStart,
+) -> AppResponse {
     // The Python toolkit ignores an app it does not have (no answer at
     // all): only the registered tools are apps.
     if !kit.tools.iter().any(|t| t.spec.name == payload.app) {
@@ -581,7 +594,7 @@ async fn app_start(s: &Arc<crate::State>, llm_key_hash: &str, req: AppRequest) -
     }
 }
 
-async fn app_action(
+pub(crate) async fn app_action(
     s: &Arc<crate::State>,
     llm_key_hash: &str,
     req: AppActionRequest,
@@ -620,7 +633,7 @@ async fn app_action(
     }
 }
 
-async fn app_terminate(
+pub(crate) async fn app_terminate(
     s: &crate::State,
     llm_key_hash: &str,
     req: AppTerminateRequest,

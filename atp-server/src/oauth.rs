@@ -104,64 +104,77 @@ pub(crate) async fn confirmation(
                 "developer_redirect_url must be an http:// or https:// URL",
             ));
         }
-        let no_rng = |_| ApiError::internal("no randomness available");
-        let state = random_token(32).map_err(no_rng)?;
-        let verifier = random_token(32).map_err(no_rng)?;
-        let challenge = data_encoding::BASE64URL_NOPAD.encode(&Sha256::digest(verifier.as_bytes()));
-        let flow = PendingFlow {
-            platform_id: platform.id.clone(),
-            external_user_id: user.clone(),
-            llm_key_hash,
-            code_verifier: Secret::new(verifier),
-            redirect_url,
-            created_at: now_secs(),
-        };
-        s.store.insert_flow(&state, &flow).await.map_err(|e| {
-            tracing::error!("could not store an OAuth flow: {e}");
-            ApiError::internal("The OAuth flow could not be stored")
-        })?;
-        let redirect_uri = format!("{}{CALLBACK_PATH}", s.public_url().trim_end_matches('/'));
-        let scope = platform.scopes.join(" ");
-        let mut pairs: Vec<(&str, &str)> = vec![
-            ("response_type", "code"),
-            ("client_id", &platform.client_id),
-            ("redirect_uri", &redirect_uri),
-            ("state", &state),
-            ("code_challenge", &challenge),
-            ("code_challenge_method", "S256"),
-        ];
-        if !scope.is_empty() {
-            pairs.push(("scope", &scope));
-        }
-        for (k, v) in &platform.extra_authorize_params {
-            pairs.push((k, v));
-        }
-        let authorization_url = with_query(&platform.authorize_url, &pairs);
-        tracing::info!(platform = %platform.id, "OAuth flow started");
-        Ok(OAuthAuthorization {
-            confirmation_url: authorization_url.clone(),
-            authorization_url,
-            platform_id: platform.id.clone(),
-            provider: platform.provider().to_owned(),
-            provider_name: platform
-                .name
-                .clone()
-                .unwrap_or_else(|| platform.provider().to_owned()),
-            provider_logo: None,
-            developer_app_name: None,
-            scopes: platform.scopes.clone(),
-            auth_mode: "OAuth2".into(),
-            external_user_id: user,
-            redirect_uri,
-            expires_in: FLOW_LIFETIME,
-            powered_by: "atp-server".into(),
-        })
+        start_flow(&s, llm_key_hash, &platform, user, redirect_url).await
     }
     .await;
     match result {
         Ok(v) => json_response(StatusCode::OK, &v),
         Err(e) => e.into_response(),
     }
+}
+
+/// Starts an OAuth flow for `user` of the LLM key `llm_key_hash` on
+/// `platform` (its state and PKCE verifier stored): the authorization URL
+/// to send the user to. The user comes back to `redirect_url`, if given.
+pub(crate) async fn start_flow(
+    s: &crate::State,
+    llm_key_hash: String,
+    platform: &OAuthPlatform,
+    user: String,
+    redirect_url: Option<String>,
+) -> Result<OAuthAuthorization, ApiError> {
+    let no_rng = |_| ApiError::internal("no randomness available");
+    let state = random_token(32).map_err(no_rng)?;
+    let verifier = random_token(32).map_err(no_rng)?;
+    let challenge = data_encoding::BASE64URL_NOPAD.encode(&Sha256::digest(verifier.as_bytes()));
+    let flow = PendingFlow {
+        platform_id: platform.id.clone(),
+        external_user_id: user.clone(),
+        llm_key_hash,
+        code_verifier: Secret::new(verifier),
+        redirect_url,
+        created_at: now_secs(),
+    };
+    s.store.insert_flow(&state, &flow).await.map_err(|e| {
+        tracing::error!("could not store an OAuth flow: {e}");
+        ApiError::internal("The OAuth flow could not be stored")
+    })?;
+    let redirect_uri = format!("{}{CALLBACK_PATH}", s.public_url().trim_end_matches('/'));
+    let scope = platform.scopes.join(" ");
+    let mut pairs: Vec<(&str, &str)> = vec![
+        ("response_type", "code"),
+        ("client_id", &platform.client_id),
+        ("redirect_uri", &redirect_uri),
+        ("state", &state),
+        ("code_challenge", &challenge),
+        ("code_challenge_method", "S256"),
+    ];
+    if !scope.is_empty() {
+        pairs.push(("scope", &scope));
+    }
+    for (k, v) in &platform.extra_authorize_params {
+        pairs.push((k, v));
+    }
+    let authorization_url = with_query(&platform.authorize_url, &pairs);
+    tracing::info!(platform = %platform.id, "OAuth flow started");
+    Ok(OAuthAuthorization {
+        confirmation_url: authorization_url.clone(),
+        authorization_url,
+        platform_id: platform.id.clone(),
+        provider: platform.provider().to_owned(),
+        provider_name: platform
+            .name
+            .clone()
+            .unwrap_or_else(|| platform.provider().to_owned()),
+        provider_logo: None,
+        developer_app_name: None,
+        scopes: platform.scopes.clone(),
+        auth_mode: "OAuth2".into(),
+        external_user_id: user,
+        redirect_uri,
+        expires_in: FLOW_LIFETIME,
+        powered_by: "atp-server".into(),
+    })
 }
 
 /// What a token endpoint answered.

@@ -441,6 +441,18 @@ pub(crate) struct PendingFlow {
     pub created_at: i64,
 }
 
+/// A user's connection to an OAuth platform, without its tokens.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionSummary {
+    pub llm_key_hash: String,
+    pub platform_id: String,
+    pub external_user_id: String,
+    pub integration_id: String,
+    pub expires_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
 /// A user's connection to an OAuth platform.
 #[derive(Debug, Clone)]
 pub(crate) struct OAuthConnection {
@@ -687,6 +699,76 @@ impl Store {
                     expires_at: r.try_get(5)?,
                 }))
             }
+        }
+    }
+
+    /// Every user's connection, without its tokens (for the console),
+    /// the newest first.
+    pub async fn list_connections(&self) -> Result<Vec<ConnectionSummary>, StoreError> {
+        const SQL: &str = "SELECT llm_key_hash, platform_id, external_user_id, integration_id, expires_at, created_at, updated_at
+             FROM oauth_connections ORDER BY updated_at DESC, external_user_id LIMIT 1000";
+        match self {
+            Store::Sqlite(s) => {
+                s.call(|c| {
+                    let mut stmt = c.prepare(SQL)?;
+                    let rows = stmt.query_map([], |r| {
+                        Ok(ConnectionSummary {
+                            llm_key_hash: r.get(0)?,
+                            platform_id: r.get(1)?,
+                            external_user_id: r.get(2)?,
+                            integration_id: r.get(3)?,
+                            expires_at: r.get(4)?,
+                            created_at: r.get(5)?,
+                            updated_at: r.get(6)?,
+                        })
+                    })?;
+                    rows.collect::<Result<Vec<_>, rusqlite::Error>>()
+                })
+                .await
+            }
+            Store::Postgres(p) => {
+                let rows = p.client().await?.query(SQL, &[]).await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(ConnectionSummary {
+                            llm_key_hash: r.try_get(0)?,
+                            platform_id: r.try_get(1)?,
+                            external_user_id: r.try_get(2)?,
+                            integration_id: r.try_get(3)?,
+                            expires_at: r.try_get(4)?,
+                            created_at: r.try_get(5)?,
+                            updated_at: r.try_get(6)?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Deletes the connection with this `integration_id`; whether there
+    /// was one.
+    pub async fn delete_connection(&self, integration_id: &str) -> Result<bool, StoreError> {
+        match self {
+            Store::Sqlite(s) => {
+                let id = integration_id.to_owned();
+                s.call(move |c| {
+                    c.execute(
+                        "DELETE FROM oauth_connections WHERE integration_id = ?1",
+                        params![id],
+                    )
+                    .map(|n| n > 0)
+                })
+                .await
+            }
+            Store::Postgres(p) => Ok(p
+                .client()
+                .await?
+                .execute(
+                    "DELETE FROM oauth_connections WHERE integration_id = $1",
+                    &[&integration_id],
+                )
+                .await?
+                > 0),
         }
     }
 

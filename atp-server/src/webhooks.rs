@@ -130,6 +130,45 @@ impl Webhooks {
     }
 }
 
+/// A webhook as the console shows it (never its secret).
+#[derive(Debug, Clone)]
+pub(crate) struct AdminWebhook {
+    pub id: String,
+    pub llm_key_hash: String,
+    pub url: String,
+    pub events: Vec<String>,
+    pub created_at: i64,
+}
+
+/// A delivery as the console shows it (never its body).
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct AdminDelivery {
+    pub id: String,
+    #[serde(skip)]
+    pub webhook_id: String,
+    pub event: String,
+    pub status: String,
+    pub attempts: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub delivered_at: Option<i64>,
+}
+
+/// How many deliveries of each webhook the console shows.
+pub(crate) const RECENT_DELIVERIES: usize = 10;
+
+/// Queues a delivery again (for the console's resend): due now, with a
+/// full set of attempts; the delivery task is woken. Whether it exists.
+pub(crate) async fn resend(s: &Arc<crate::State>, delivery_id: &str) -> Result<bool, StoreError> {
+    let found = s.store.requeue_delivery(delivery_id).await?;
+    if found {
+        ensure_delivering(s);
+        s.webhooks.wake.notify_one();
+    }
+    Ok(found)
+}
+
 /// Re-reads how many webhooks there are (another server sharing the
 /// database registered or deleted some: a notice over NATS, or the
 /// delivery task's periodic check on PostgreSQL).
@@ -617,6 +656,112 @@ fn pg_u32(v: i64) -> u32 {
 }
 
 impl Store {
+    /// Every webhook, oldest first, and the newest deliveries of each (at
+    /// most [`RECENT_DELIVERIES`]), newest first: for the console.
+    pub async fn admin_webhooks(
+        &self,
+    ) -> Result<(Vec<AdminWebhook>, Vec<AdminDelivery>), StoreError> {
+        const HOOKS: &str = "SELECT webhook_id, llm_key_hash, url, events, created_at FROM webhooks ORDER BY created_at, webhook_id";
+        const DELIVERIES: &str = "SELECT delivery_id, webhook_id, event, status, attempts, last_status, last_error, created_at, delivered_at
+             FROM (SELECT d.*, ROW_NUMBER() OVER (PARTITION BY webhook_id ORDER BY created_at DESC, delivery_id) AS n
+                   FROM webhook_deliveries d) r
+             WHERE n <= 10 ORDER BY created_at DESC, delivery_id"; // 10: RECENT_DELIVERIES
+        match self {
+            Store::Sqlite(s) => {
+                s.call(|c| {
+                    let hooks = c
+                        .prepare(HOOKS)?
+                        .query_map([], |r| {
+                            Ok(AdminWebhook {
+                                id: r.get(0)?,
+                                llm_key_hash: r.get(1)?,
+                                url: r.get(2)?,
+                                events: parse_events(&r.get::<_, String>(3)?),
+                                created_at: r.get(4)?,
+                            })
+                        })?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let deliveries = c
+                        .prepare(DELIVERIES)?
+                        .query_map([], |r| {
+                            Ok(AdminDelivery {
+                                id: r.get(0)?,
+                                webhook_id: r.get(1)?,
+                                event: r.get(2)?,
+                                status: r.get(3)?,
+                                attempts: r.get(4)?,
+                                last_status: r.get(5)?,
+                                last_error: r.get(6)?,
+                                created_at: r.get(7)?,
+                                delivered_at: r.get(8)?,
+                            })
+                        })?
+                        .collect::<Result<Vec<_>, rusqlite::Error>>()?;
+                    Ok::<_, rusqlite::Error>((hooks, deliveries))
+                })
+                .await
+            }
+            Store::Postgres(p) => {
+                let client = p.client().await?;
+                let mut hooks = Vec::new();
+                for r in client.query(HOOKS, &[]).await? {
+                    hooks.push(AdminWebhook {
+                        id: r.try_get(0)?,
+                        llm_key_hash: r.try_get(1)?,
+                        url: r.try_get(2)?,
+                        events: parse_events(&r.try_get::<_, String>(3)?),
+                        created_at: r.try_get(4)?,
+                    });
+                }
+                let mut deliveries = Vec::new();
+                for r in client.query(DELIVERIES, &[]).await? {
+                    deliveries.push(AdminDelivery {
+                        id: r.try_get(0)?,
+                        webhook_id: r.try_get(1)?,
+                        event: r.try_get(2)?,
+                        status: r.try_get(3)?,
+                        attempts: r.try_get(4)?,
+                        last_status: r.try_get(5)?,
+                        last_error: r.try_get(6)?,
+                        created_at: r.try_get(7)?,
+                        delivered_at: r.try_get(8)?,
+                    });
+                }
+                Ok((hooks, deliveries))
+            }
+        }
+    }
+
+    /// Makes a delivery due now again, with a full set of attempts.
+    /// Whether it exists.
+    async fn requeue_delivery(&self, delivery_id: &str) -> Result<bool, StoreError> {
+        let (now, now_ms) = (now_secs(), now_ms());
+        match self {
+            Store::Sqlite(s) => {
+                let id = delivery_id.to_owned();
+                s.call(move |c| {
+                    c.execute(
+                        "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_ms = ?2,
+                             updated_at = ?3 WHERE delivery_id = ?1",
+                        params![id, now_ms, now],
+                    )
+                    .map(|n| n > 0)
+                })
+                .await
+            }
+            Store::Postgres(p) => Ok(p
+                .client()
+                .await?
+                .execute(
+                    "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_ms = $2,
+                         updated_at = $3 WHERE delivery_id = $1",
+                    &[&delivery_id, &now_ms, &now],
+                )
+                .await?
+                > 0),
+        }
+    }
+
     /// How many webhooks there are.
     pub async fn count_webhooks(&self) -> Result<usize, StoreError> {
         match self {

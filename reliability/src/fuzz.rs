@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | [`engine`] | [`Engine::handle`] and [`Engine::serve`] on any method, path, query, headers and body | a JSON answer with `Content-Type: application/json`; every error is `{"error", "code"}` with the status of its code; `Allow` exactly on 405; HEAD answers as GET; streaming and buffered bodies answer alike; a locked toolkit reveals nothing without its key; a panic's text is never sent |
 //! | [`runtime_message`] | the toolkit runtime's own dispatch (`ToolKitClient::reply_to_frame`: the decision `start()` makes for each frame, the tool run inline) | every tool request with an id gets exactly one `tool_response` with that id; an app request it can't serve gets an `app_response` error; nothing else is answered; a token never shows in `Debug` |
-//! | [`server_http`] | `atp-server`'s whole router (every endpoint: register, inbox, process, OAuth, WebSocket upgrades) on any method, path, headers and body | never a 5xx; every answer is JSON; every error has a `code` |
+//! | [`server_http`] | `atp-server`'s whole router (every endpoint: register, inbox, process, OAuth, WebSocket upgrades, the admin API and the console) on any method, path, headers and body | never a 5xx; every answer is JSON (but the console's own files, and the live calls' event stream); every error has a `code` |
 //! | [`llm_calls`] | [`parse_tool_calls`] for each provider, [`result_messages`], [`task_outcome`] | one result per call, ids and order kept, outputs are strings, Anthropic results in one user message, an invented Mistral id is 9 characters of `[A-Za-z0-9]` |
 
 use std::{
@@ -686,6 +686,19 @@ pub fn llm_calls(data: &[u8]) {
 pub const SERVER_TOOLKIT_KEY: &str = "fz-toolkit-key";
 /// The LLM key of the [`server_http`] target's server.
 pub const SERVER_LLM_KEY: &str = "fz-llm-key";
+/// The admin key of the [`server_http`] target's server (the admin API
+/// and the console).
+pub const SERVER_ADMIN_KEY: &str = "fz-admin-key-0123456789";
+
+/// The console's static files, with their content types.
+const CONSOLE_FILES: [(&str, &str); 4] = [
+    ("/console", "text/html; charset=utf-8"),
+    ("/console/", "text/html; charset=utf-8"),
+    ("/console/console.js", "text/javascript; charset=utf-8"),
+    ("/console/console.css", "text/css; charset=utf-8"),
+];
+/// The admin API's endless stream of calls.
+const LIVE_CALLS: &str = "/admin/calls/live";
 
 fn server_router() -> axum::Router {
     static ROUTER: OnceLock<axum::Router> = OnceLock::new();
@@ -695,6 +708,7 @@ fn server_router() -> axum::Router {
                 db: atp_server::DbLocation::Memory,
                 toolkit_api_keys: vec![SERVER_TOOLKIT_KEY.into()],
                 llm_api_keys: vec![SERVER_LLM_KEY.into()],
+                admin_api_keys: vec![SERVER_ADMIN_KEY.into()],
                 // No long polls and no long waits in a fuzz loop.
                 inbox_wait: Duration::ZERO,
                 task_timeout: Duration::from_millis(10),
@@ -733,6 +747,8 @@ pub fn server_http_sent(data: &[u8]) -> bool {
         return false;
     }
     let is_head = method == axum::http::Method::HEAD;
+    // The path the router sees (no fragment).
+    let path = uri.path().to_owned();
     let mut request = axum::http::Request::builder().method(method).uri(uri);
     for (name, value) in [
         ("content-type", &input.headers[0]),
@@ -748,6 +764,7 @@ pub fn server_http_sent(data: &[u8]) -> bool {
         return false;
     };
     let router = server_router();
+    let live = path == LIVE_CALLS;
     let (status, content_type, body) = block_on(async move {
         let response = router
             .oneshot(request)
@@ -759,6 +776,10 @@ pub fn server_http_sent(data: &[u8]) -> bool {
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        // The live calls never end: only their head is read.
+        if live && status == 200 {
+            return (status, content_type, axum::body::Bytes::new());
+        }
         let body = axum::body::to_bytes(response.into_body(), 1 << 24)
             .await
             .expect("a body");
@@ -766,6 +787,22 @@ pub fn server_http_sent(data: &[u8]) -> bool {
     });
     let text = String::from_utf8_lossy(&body);
     assert!(status < 500, "HTTP {status}: {text}");
+    // The admin key opens the live calls: a stream of events.
+    if live && status == 200 {
+        assert_eq!(content_type.as_deref(), Some("text/event-stream"));
+        return true;
+    }
+    // The console's page and files, served to anyone (the admin API is
+    // on), with their own types; never a key in them.
+    if let Some((_, want)) = CONSOLE_FILES.iter().find(|(p, _)| *p == path)
+        && status == 200
+    {
+        assert_eq!(content_type.as_deref(), Some(*want), "{path}");
+        for key in [SERVER_ADMIN_KEY, SERVER_LLM_KEY, SERVER_TOOLKIT_KEY] {
+            assert!(!text.contains(key), "{key} in {path}");
+        }
+        return true;
+    }
     // The MCP endpoints answer JSON-RPC: an error's ATP code is its
     // `error.data.code`; a notification gets a bare 202; a call with
     // notifications may be server-sent events.

@@ -44,10 +44,12 @@ const WRONG_LLM_KEY: &str = "llmwrong-SECRET-77aa";
 const USER_TOKEN: &str = "user-SECRET-3c3c";
 const CLIENT_SECRET: &str = "csecret-SECRET-9d9d";
 const REFRESH_TOKEN: &str = "refresh-SECRET-4e4e";
+const ADMIN_KEY: &str = "admin-SECRET-6b6b6b6b";
+const WRONG_ADMIN_KEY: &str = "adminwrong-SECRET-1a1a";
 /// The server's secrets key, in hex (its base64 form is checked too).
 const SECRETS_KEY: &str = "5ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2";
 
-const SECRETS: [&str; 12] = [
+const SECRETS: [&str; 14] = [
     ENDPOINT_KEY,
     WRONG_ENDPOINT_KEY,
     BEARER,
@@ -59,6 +61,8 @@ const SECRETS: [&str; 12] = [
     USER_TOKEN,
     CLIENT_SECRET,
     REFRESH_TOKEN,
+    ADMIN_KEY,
+    WRONG_ADMIN_KEY,
     SECRETS_KEY,
 ];
 
@@ -396,6 +400,7 @@ async fn server_and_clients(seen: &mut Seen) -> String {
         secrets_keys: vec![secrets_key.clone()],
         toolkit_api_keys: vec![TK_KEY.into()],
         llm_api_keys: vec![LLM_KEY.into()],
+        admin_api_keys: vec![ADMIN_KEY.into()],
         oauth_platforms: vec![OAuthPlatform {
             id: "localprov".into(),
             provider: None,
@@ -534,6 +539,7 @@ async fn server_and_clients(seen: &mut Seen) -> String {
         assert!((400..500).contains(&r.status), "{what}: {r:?}");
         seen.answer(what, &r);
     }
+    console(addr, seen, &webhook_secret).await;
     // Forged or missing OAuth states are refused as such.
     for (what, _) in &raw[6..] {
         let (_, text) = seen.0.iter().find(|(w, _)| w == what).expect("seen");
@@ -606,6 +612,128 @@ async fn server_and_clients(seen: &mut Seen) -> String {
     }
     let _ = std::fs::remove_dir_all(&dir);
     webhook_secret
+}
+
+/// The console and its admin endpoints: the page, the toolkits, a tool's
+/// formats, calls with a token and with a user's stored connection, the
+/// OAuth platforms and connections, a flow started, refusals.
+async fn console(addr: SocketAddr, seen: &mut Seen, webhook_secret: &str) {
+    let admin = format!("Bearer {ADMIN_KEY}");
+    let get = |path: &str, auth: &str| request("GET", path, &[("Authorization", auth)], b"");
+    let post = |path: &str, body: Value| {
+        request(
+            "POST",
+            path,
+            &[
+                ("Authorization", &admin),
+                ("Content-Type", "application/json"),
+            ],
+            body.to_string().as_bytes(),
+        )
+    };
+    let send = async |what: &str, bytes: Vec<u8>, seen: &mut Seen| {
+        let r = http::once(addr, &bytes, false, WAIT)
+            .await
+            .expect("an answer");
+        seen.answer(what, &r);
+        r
+    };
+    for path in ["/console", "/console/console.js", "/console/console.css"] {
+        let r = send(path, get(path, &admin), seen).await;
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+    }
+    let r = send(
+        "the console's toolkits",
+        get("/admin/toolkits", &admin),
+        seen,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(String::from_utf8_lossy(&r.body).contains("whoami"));
+    let r = send(
+        "a tool's formats",
+        get("/admin/toolkits/secretkit/tools/whoami/formats", &admin),
+        seen,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = send(
+        "the console's webhooks",
+        get("/admin/webhooks", &admin),
+        seen,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(text.contains("/hook"), "{text}");
+    assert!(!text.contains(webhook_secret), "the webhook secret: {text}");
+    let r = send("the console's OAuth", get("/admin/oauth", &admin), seen).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let oauth: Value = serde_json::from_slice(&r.body).expect("JSON");
+    let connection = oauth["connections"][0]["id"]
+        .as_str()
+        .expect("user-1's connection")
+        .to_owned();
+    let call = "/admin/toolkits/secretkit/tools/whoami/call";
+    let want = format!(r#"{{"token_length":{}}}"#, USER_TOKEN.len());
+    for (what, body) in [
+        (
+            "a console call with a token",
+            json!({"arguments": {}, "auth_token": USER_TOKEN}),
+        ),
+        (
+            "a console call with a connection",
+            json!({"arguments": {}, "connection": connection}),
+        ),
+    ] {
+        let r = send(what, post(call, body), seen).await;
+        assert_eq!(r.status, 200, "{what}: {r:?}");
+        let answer: Value = serde_json::from_slice(&r.body).expect("JSON");
+        assert_eq!(answer["result"].to_string(), want, "{what}: {answer}");
+    }
+    let r = send(
+        "a console call of a failing tool",
+        post(
+            "/admin/toolkits/secretkit/tools/fails/call",
+            json!({"arguments": {"x": BODY_TOKEN}}),
+        ),
+        seen,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = send(
+        "a console OAuth start",
+        post(
+            "/admin/oauth/platforms/localprov/connect",
+            json!({"external_user_id": "user-2"}),
+        ),
+        seen,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let wrong = format!("Bearer {WRONG_ADMIN_KEY}");
+    for (what, path) in [
+        ("the console's toolkits, a wrong key", "/admin/toolkits"),
+        ("the console's OAuth, a wrong key", "/admin/oauth"),
+    ] {
+        let r = send(what, get(path, &wrong), seen).await;
+        assert_eq!(r.status, 401, "{what}: {r:?}");
+    }
+    let r = send(
+        "a console call with a wrong key",
+        request(
+            "POST",
+            call,
+            &[
+                ("Authorization", &wrong),
+                ("Content-Type", "application/json"),
+            ],
+            json!({"auth_token": USER_TOKEN}).to_string().as_bytes(),
+        ),
+        seen,
+    )
+    .await;
+    assert_eq!(r.status, 401, "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,8 @@ mod cluster_faults;
 mod common;
 mod failover_runtime;
 mod faults;
+#[allow(dead_code)] // Shared by path with the console's browser tests, which use all of it.
+mod hooks;
 mod infra;
 mod keys;
 mod limits;

@@ -19,9 +19,9 @@ use serde_json::{Value, json};
 use crate::{
     apps::toolkit_ws,
     common::*,
+    hooks::{Hook, Receiver},
     infra::{self, blocking},
     store::{executions, get, ids, register, report, run_executions, two_developers},
-    webhooks::{Hook, Receiver},
 };
 
 const LLM: &str = "/api/v1/atp/llm-client";
@@ -342,6 +342,92 @@ async fn the_store_and_execution_reports_work_on_postgres() {
         assert!(stderr.contains("holds no execution log"), "{stderr}");
         one.stop().await;
         two.stop().await;
+    })
+    .await;
+}
+
+/// The console's admin endpoints on PostgreSQL: a webhook's deliveries
+/// (a failed one, resent, delivered) and the OAuth connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_endpoints_work_on_postgres() {
+    let Some(pg) = blocking(infra::Postgres::start) else {
+        return;
+    };
+    bounded(Duration::from_secs(90), async {
+        let hook = Hook::new();
+        hook.set_failing(true);
+        let receiver = Receiver::start(&hook, "127.0.0.1:0".parse().expect("addr")).await;
+        let mut config = dev_config(&pg);
+        config.webhook_max_attempts = 1;
+        let server = TestServer::start_connected(config).await;
+        let w = register_hook(&server.base, LLM_KEY, &receiver.url()).await;
+        let toolkit = demo_toolkit(TK_KEY, "pgconsole", &server.base);
+        let runtime = serve_toolkit(&toolkit, atp_registry::runtime::Transport::WebSocket);
+        let _stop = StopOnDrop(toolkit.clone());
+        server.wait_served("pgconsole").await;
+
+        // Polls the console's list until the delivery has `status`.
+        let delivery = async |status: &str| -> Value {
+            let deadline = std::time::Instant::now() + WAIT;
+            loop {
+                let (code, list) =
+                    http_json("GET", &format!("{}/admin/webhooks", server.base), &[], None).await;
+                assert_eq!(code, 200, "{list}");
+                let hooks = list["webhooks"].as_array().expect("webhooks");
+                assert_eq!(hooks.len(), 1, "{list}");
+                assert_eq!(hooks[0]["id"], w["webhook_id"]);
+                let d = &hooks[0]["deliveries"][0];
+                if d["status"] == status {
+                    return d.clone();
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "never {status}: {list}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let failed = delivery("failed").await;
+        assert_eq!(failed["event"], "toolkit_connected");
+        assert_eq!(failed["last_status"], 500);
+        assert_eq!(failed["attempts"], 1);
+        hook.set_failing(false);
+        let id = failed["id"].as_str().expect("id");
+        let (code, _) = http_json(
+            "POST",
+            &format!("{}/admin/webhooks/deliveries/{id}/resend", server.base),
+            &[],
+            Some(&json!({})),
+        )
+        .await;
+        assert_eq!(code, 202);
+        let delivered = delivery("delivered").await;
+        assert_eq!(delivered["id"], failed["id"]);
+        assert_eq!(delivered["last_status"], 200);
+        let (code, _) = http_json(
+            "POST",
+            &format!("{}/admin/webhooks/deliveries/no-such/resend", server.base),
+            &[],
+            Some(&json!({})),
+        )
+        .await;
+        assert_eq!(code, 404);
+
+        let (code, oauth) =
+            http_json("GET", &format!("{}/admin/oauth", server.base), &[], None).await;
+        assert_eq!(code, 200, "{oauth}");
+        assert_eq!(oauth["connections"], json!([]));
+        let (code, _) = http_json(
+            "DELETE",
+            &format!("{}/admin/oauth/connections/no-such", server.base),
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(code, 404);
+        stop_toolkit(&toolkit, runtime).await;
+        server.stop().await;
+        receiver.stop().await;
     })
     .await;
 }

@@ -22,10 +22,9 @@ use tokio::{io::AsyncBufReadExt, process::Command};
 use crate::{
     apps::register,
     common::*,
+    hooks::{Hook, Receiver},
     python::{python_sdk, scratch, script},
-    webhooks::{
-        ACCESS_TOKEN, Hook, REFRESH_TOKEN, Receiver, callback, platform, start_flow, start_provider,
-    },
+    webhooks::{ACCESS_TOKEN, REFRESH_TOKEN, callback, platform, start_flow, start_provider},
 };
 
 const PARITY_LLM_PY: &str = r#"
