@@ -644,6 +644,18 @@ mod tests {
         };
         assert!(huge.validate().is_err());
         assert!(Config::from_toml("toolkit_api_keys = [\"\"]").is_err());
+        assert_eq!(
+            Config::default().oauth_flow_lifetime,
+            Duration::from_secs(3600)
+        );
+        let short = Config::from_toml("oauth_flow_lifetime_secs = 5").expect("valid");
+        assert_eq!(short.oauth_flow_lifetime, Duration::from_secs(5));
+        for bad in ["0", "-1", "1.5", "99999999999"] {
+            assert!(
+                Config::from_toml(&format!("oauth_flow_lifetime_secs = {bad}")).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
