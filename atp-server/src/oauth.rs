@@ -376,12 +376,17 @@ impl TokenError {
                     Ok(r) => refused(r),
                     Err(_) => {
                         let path = e.path().to_string();
+                        // serde's "missing field `x`" names a field, never
+                        // a value; its other messages may quote one.
+                        let inner = e.inner().to_string();
                         TokenError::Unreadable {
                             status,
-                            what: if path == "." {
-                                "an answer that is not a JSON token answer".into()
+                            what: if path != "." {
+                                format!("a token answer whose `{path}` is not valid")
+                            } else if inner.starts_with("missing field") {
+                                format!("a token answer with a {inner}")
                             } else {
-                                format!("a token answer whose `{path}` is missing or not valid")
+                                "an answer that is not a JSON token answer".into()
                             },
                         }
                     }
