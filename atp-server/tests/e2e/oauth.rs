@@ -384,6 +384,45 @@ async fn oauth_refresh_token_expired_or_revoked() {
 }
 
 #[tokio::test]
+async fn oauth_refresh_failing_for_a_while_keeps_the_connection() {
+    bounded(Duration::from_secs(60), async {
+        let provider = Provider::start(oauth_provider::Options {
+            scopes: &["read"],
+            refresh_unavailable: true,
+            ..Default::default()
+        })
+        .await;
+        let server = TestServer::start(Config {
+            oauth_platforms: vec![provider.platform()],
+            ..keyed_config()
+        })
+        .await;
+        let llm = server.llm(LlmProtocol::Http);
+        let (_, callback) = authorize(&llm, "ada", None).await;
+        let (status, a) = http_json("GET", &callback, &[], None).await;
+        assert_eq!(status, 200, "{a}");
+        // Not the grant's fault: an error each time, and the connection
+        // stays for the next try.
+        for _ in 0..2 {
+            let (status, a) = tokens_of(&server, "ada").await;
+            assert_eq!(
+                (status, a["code"].as_str()),
+                (502, Some("oauth_refresh_failed")),
+                "{a}"
+            );
+            let message = a["error"].as_str().expect("a message");
+            assert!(
+                message.contains("HTTP 503") && message.contains("temporarily_unavailable"),
+                "{message}"
+            );
+            assert!(!message.contains("connect again"), "{message}");
+        }
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn oauth_replayed_state_is_refused() {
     bounded(Duration::from_secs(60), async {
         let provider = Provider::start(oauth_provider::Options {

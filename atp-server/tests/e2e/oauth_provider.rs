@@ -54,6 +54,8 @@ pub(crate) struct Options {
     pub code_error: Option<&'static str>,
     /// See [`code_error`](Self::code_error).
     pub errors_with_200: bool,
+    /// Every refresh is answered 503 `temporarily_unavailable`.
+    pub refresh_unavailable: bool,
 }
 
 #[derive(Default)]
@@ -288,6 +290,12 @@ async fn token(State(p): State<Arc<Shared>>, body: String) -> Response {
 }
 
 async fn refresh(p: &Shared, presented: Option<&String>) -> Response {
+    if p.options.refresh_unavailable {
+        return json_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "temporarily_unavailable"}),
+        );
+    }
     let (access, rotated) = {
         let mut g = p.grants.lock().expect("lock");
         if presented.is_none() || presented != g.refresh_token.as_ref() {
