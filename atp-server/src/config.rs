@@ -198,6 +198,11 @@ pub struct Config {
     pub public_url: Option<String>,
     /// The OAuth platforms (added to the ones already in the database).
     pub oauth_platforms: Vec<OAuthPlatform>,
+    /// How long after it started an OAuth flow's callback is still
+    /// accepted (an hour by default; whole seconds, at least one). A later
+    /// callback is refused (400 `invalid_state`), and the user starts
+    /// again.
+    pub oauth_flow_lifetime: Duration,
     /// The developers: who owns which toolkit and LLM keys, and which of
     /// their toolkits are public in the store (docs/PROTOCOL.md §9). Their
     /// keys are accepted keys too.
@@ -448,6 +453,7 @@ impl Default for Config {
             header_read_timeout: Duration::from_secs(30),
             public_url: None,
             oauth_platforms: Vec::new(),
+            oauth_flow_lifetime: Duration::from_secs(3600),
             developers: Vec::new(),
             webhook_timeout: Duration::from_secs(10),
             webhook_retry_base: Duration::from_secs(1),
@@ -485,6 +491,7 @@ struct FileConfig {
     public_url: Option<String>,
     #[serde(default)]
     oauth_platforms: Vec<OAuthPlatform>,
+    oauth_flow_lifetime_secs: Option<u64>,
     #[serde(default)]
     developers: Vec<Developer>,
     webhook_timeout_secs: Option<f64>,
@@ -582,6 +589,16 @@ impl Config {
         c.public_url = file.public_url;
         c.nats_url = file.nats_url.map(NatsUrl);
         c.oauth_platforms = file.oauth_platforms;
+        if let Some(v) = file.oauth_flow_lifetime_secs {
+            let d = Duration::from_secs(v);
+            if v == 0 || d > MAX_SETTING {
+                return Err(ServerError::Config(
+                    "oauth_flow_lifetime_secs must be a whole number of seconds, from 1 to a year"
+                        .into(),
+                ));
+            }
+            c.oauth_flow_lifetime = d;
+        }
         c.developers = file.developers;
         if let Some(v) = file.webhook_timeout_secs {
             c.webhook_timeout = secs("webhook_timeout_secs", v)?;
@@ -821,6 +838,18 @@ mod tests {
         };
         assert!(huge.validate().is_err());
         assert!(Config::from_toml("toolkit_api_keys = [\"\"]").is_err());
+        assert_eq!(
+            Config::default().oauth_flow_lifetime,
+            Duration::from_secs(3600)
+        );
+        let short = Config::from_toml("oauth_flow_lifetime_secs = 5").expect("valid");
+        assert_eq!(short.oauth_flow_lifetime, Duration::from_secs(5));
+        for bad in ["0", "-1", "1.5", "99999999999"] {
+            assert!(
+                Config::from_toml(&format!("oauth_flow_lifetime_secs = {bad}")).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -2,11 +2,20 @@
 //! platform, the callback that exchanges the code, the tokens endpoint,
 //! refreshes, and the token a tool call gets.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU16, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use atp_registry::Secret;
-use atp_registry::wire::{
-    OAuthAuthorization, OAuthConfirmation, OAuthConnected, OAuthTokens, WebhookEvent,
+use atp_registry::{
+    Secret,
+    net::{HttpClient, NetError},
+    wire::{OAuthAuthorization, OAuthConfirmation, OAuthConnected, OAuthTokens, WebhookEvent},
 };
 use axum::{
     body::Body,
@@ -15,9 +24,18 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use hyper::Method;
+use oauth2::{
+    AccessToken, AsyncHttpClient, AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret,
+    CsrfToken, EndpointNotSet, EndpointSet, HttpRequest, HttpResponse, PkceCodeChallenge,
+    PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope, StandardRevocableToken,
+    TokenUrl,
+    basic::{
+        BasicErrorResponse, BasicErrorResponseType, BasicRevocationErrorResponse,
+        BasicTokenIntrospectionResponse,
+    },
+};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use sha2::{Digest, Sha256};
 
 use crate::{
     config::OAuthPlatform,
@@ -32,8 +50,6 @@ use crate::{
 
 type AppState = State<Arc<crate::State>>;
 
-/// How long a started flow may take.
-const FLOW_LIFETIME: i64 = 3600;
 /// A token this close to its expiry is refreshed first.
 const EXPIRY_MARGIN: i64 = 30;
 /// The longest wait for the provider's token endpoint.
@@ -124,38 +140,41 @@ pub(crate) async fn start_flow(
     redirect_url: Option<String>,
 ) -> Result<OAuthAuthorization, ApiError> {
     let no_rng = |_| ApiError::internal("no randomness available");
+    // The state and the PKCE verifier come from the OS's randomness
+    // (an error if it has none, rather than a panic); the challenge,
+    // the URL and its parameters are the oauth2 crate's.
     let state = random_token(32).map_err(no_rng)?;
-    let verifier = random_token(32).map_err(no_rng)?;
-    let challenge = data_encoding::BASE64URL_NOPAD.encode(&Sha256::digest(verifier.as_bytes()));
+    let verifier = PkceCodeVerifier::new(random_token(32).map_err(no_rng)?);
+    let challenge = PkceCodeChallenge::from_code_verifier_sha256(&verifier);
+    let redirect_uri = format!("{}{CALLBACK_PATH}", s.public_url().trim_end_matches('/'));
+    let client = provider_client(platform, &redirect_uri).map_err(|e| {
+        tracing::error!(platform = %platform.id, "cannot start an OAuth flow: {e}");
+        ApiError::internal(format!("The OAuth platform is misconfigured: {e}"))
+    })?;
+    let mut request = client
+        .authorize_url(|| CsrfToken::new(state.clone()))
+        .set_pkce_challenge(challenge)
+        .add_scopes(platform.scopes.iter().cloned().map(Scope::new));
+    for (k, v) in &platform.extra_authorize_params {
+        request = request.add_extra_param(k.clone(), v.clone());
+    }
+    let (authorization_url, _) = request.url();
+    let authorization_url = String::from(authorization_url);
     let flow = PendingFlow {
         platform_id: platform.id.clone(),
         external_user_id: user.clone(),
         llm_key_hash,
-        code_verifier: Secret::new(verifier),
+        code_verifier: Secret::new(verifier.into_secret()),
         redirect_url,
         created_at: now_secs(),
     };
-    s.store.insert_flow(&state, &flow).await.map_err(|e| {
-        tracing::error!("could not store an OAuth flow: {e}");
-        ApiError::internal("The OAuth flow could not be stored")
-    })?;
-    let redirect_uri = format!("{}{CALLBACK_PATH}", s.public_url().trim_end_matches('/'));
-    let scope = platform.scopes.join(" ");
-    let mut pairs: Vec<(&str, &str)> = vec![
-        ("response_type", "code"),
-        ("client_id", &platform.client_id),
-        ("redirect_uri", &redirect_uri),
-        ("state", &state),
-        ("code_challenge", &challenge),
-        ("code_challenge_method", "S256"),
-    ];
-    if !scope.is_empty() {
-        pairs.push(("scope", &scope));
-    }
-    for (k, v) in &platform.extra_authorize_params {
-        pairs.push((k, v));
-    }
-    let authorization_url = with_query(&platform.authorize_url, &pairs);
+    s.store
+        .insert_flow(&state, &flow, flow_lifetime(s))
+        .await
+        .map_err(|e| {
+            tracing::error!("could not store an OAuth flow: {e}");
+            ApiError::internal("The OAuth flow could not be stored")
+        })?;
     tracing::info!(platform = %platform.id, "OAuth flow started");
     Ok(OAuthAuthorization {
         confirmation_url: authorization_url.clone(),
@@ -172,12 +191,133 @@ pub(crate) async fn start_flow(
         auth_mode: "OAuth2".into(),
         external_user_id: user,
         redirect_uri,
-        expires_in: FLOW_LIFETIME,
+        expires_in: flow_lifetime(s),
         powered_by: "atp-server".into(),
     })
 }
 
-/// What a token endpoint answered.
+/// How long a started flow may take, in seconds (at least one).
+fn flow_lifetime(s: &crate::State) -> i64 {
+    i64::try_from(s.config.oauth_flow_lifetime.as_secs())
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
+/// The oauth2 crate's client for one platform: its authorization and
+/// token endpoints, its client credentials (sent in the token request's
+/// body, as `client_id` and `client_secret`) and the server's callback.
+type ProviderClient = oauth2::Client<
+    BasicErrorResponse,
+    ProviderTokens,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
+
+fn provider_client(
+    platform: &OAuthPlatform,
+    redirect_uri: &str,
+) -> Result<ProviderClient, TokenError> {
+    let auth_url = AuthUrl::new(platform.authorize_url.clone())
+        .map_err(|_| TokenError::BadUrl("authorize_url"))?;
+    let token_url =
+        TokenUrl::new(platform.token_url.clone()).map_err(|_| TokenError::BadUrl("token_url"))?;
+    let redirect_url =
+        RedirectUrl::new(redirect_uri.to_owned()).map_err(|_| TokenError::BadUrl("public URL"))?;
+    Ok(
+        oauth2::Client::new(ClientId::new(platform.client_id.clone()))
+            .set_client_secret(ClientSecret::new(
+                platform.client_secret.expose().to_owned(),
+            ))
+            .set_auth_type(AuthType::RequestBody)
+            .set_auth_uri(auth_url)
+            .set_token_uri(token_url)
+            .set_redirect_uri(redirect_url),
+    )
+}
+
+/// A token endpoint's answer (RFC 6749 §5.1), read a little more
+/// leniently than the oauth2 crate's `StandardTokenResponse`, as the
+/// server always has: `token_type` may be missing and keeps the
+/// provider's spelling (it is handed on as it came), and `expires_in` may
+/// be a number or a string of digits.
+#[derive(Debug, Deserialize, Serialize)]
+struct ProviderTokens {
+    access_token: AccessToken,
+    #[serde(default)]
+    token_type: ProviderTokenType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_in: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<RefreshToken>,
+    #[serde(
+        rename = "scope",
+        default,
+        deserialize_with = "oauth2::helpers::deserialize_space_delimited_vec",
+        serialize_with = "oauth2::helpers::serialize_space_delimited_vec",
+        skip_serializing_if = "Option::is_none"
+    )]
+    scopes: Option<Vec<Scope>>,
+}
+
+/// A token's type as the provider spelled it, if it said.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(transparent)]
+struct ProviderTokenType(Option<String>);
+
+impl oauth2::TokenType for ProviderTokenType {}
+
+impl ProviderTokens {
+    /// `expires_in` in seconds, if it is a whole number (negative: 0).
+    fn expires_in_secs(&self) -> Option<i64> {
+        match &self.expires_in {
+            Some(Value::Number(n)) => n.as_i64(),
+            Some(Value::String(t)) => t.trim().parse().ok(),
+            _ => None,
+        }
+        .map(|n: i64| n.max(0))
+    }
+
+    /// The scopes granted, as the space-separated string stored.
+    fn scope(&self) -> Option<String> {
+        self.scopes
+            .as_ref()
+            .map(|v| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" "))
+    }
+}
+
+impl oauth2::TokenResponse for ProviderTokens {
+    type TokenType = ProviderTokenType;
+
+    fn access_token(&self) -> &AccessToken {
+        &self.access_token
+    }
+
+    fn token_type(&self) -> &ProviderTokenType {
+        &self.token_type
+    }
+
+    fn expires_in(&self) -> Option<Duration> {
+        self.expires_in_secs()
+            .and_then(|n| u64::try_from(n).ok())
+            .map(Duration::from_secs)
+    }
+
+    fn refresh_token(&self) -> Option<&RefreshToken> {
+        self.refresh_token.as_ref()
+    }
+
+    fn scopes(&self) -> Option<&Vec<Scope>> {
+        self.scopes.as_ref()
+    }
+}
+
+/// What a token endpoint answered, the tokens as the server keeps them.
 struct TokenSet {
     access_token: Secret,
     refresh_token: Option<Secret>,
@@ -186,64 +326,219 @@ struct TokenSet {
     expires_in: Option<i64>,
 }
 
-/// Calls the platform's token endpoint with `form` (plus the client
-/// credentials). Errors name what the provider said, never a secret.
-async fn token_request(
+/// Why a call to a token endpoint failed. The messages name what the
+/// provider said (its `error` code and description), never a token, a
+/// code, a verifier or the client secret, nor the answer's body.
+#[derive(Debug, thiserror::Error)]
+enum TokenError {
+    /// A URL of the platform (or the server's public URL) does not parse.
+    #[error("the platform's {0} is not a valid URL")]
+    BadUrl(&'static str),
+    /// No answer: the connection failed, broke or timed out.
+    #[error("the token endpoint could not be reached: {0}")]
+    Unreachable(NetError),
+    /// An OAuth error answer (RFC 6749 §5.2), with an error status or,
+    /// as some providers do, with 200.
+    #[error("the token endpoint refused (HTTP {status}): {reason}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The `error` code.
+        error: BasicErrorResponseType,
+        /// The `error` code and its description.
+        reason: String,
+    },
+    /// An answer that is neither tokens nor an OAuth error.
+    #[error("the token endpoint answered HTTP {status} with {what}")]
+    Unreadable {
+        /// The HTTP status.
+        status: u16,
+        /// What was wrong with it.
+        what: String,
+    },
+}
+
+impl TokenError {
+    /// Whether the provider said the grant (the code, or the refresh
+    /// token) is invalid, expired or revoked: only a new authorization
+    /// helps.
+    fn grant_refused(&self) -> bool {
+        matches!(
+            self,
+            TokenError::Refused {
+                error: BasicErrorResponseType::InvalidGrant,
+                ..
+            }
+        )
+    }
+
+    fn from_oauth2(e: RequestTokenError<NetError, BasicErrorResponse>, status: u16) -> Self {
+        let refused = |r: BasicErrorResponse| TokenError::Refused {
+            status,
+            error: r.error().clone(),
+            reason: r.to_string(),
+        };
+        match e {
+            RequestTokenError::ServerResponse(r) => refused(r),
+            RequestTokenError::Request(e) => TokenError::Unreachable(e),
+            // An error answer with a success status (GitHub does this) is
+            // not a token answer: read it as an error answer. Otherwise
+            // say where the answer went wrong, never what it held.
+            RequestTokenError::Parse(e, body) => {
+                match serde_json::from_slice::<BasicErrorResponse>(&body) {
+                    Ok(r) => refused(r),
+                    Err(_) => {
+                        let path = e.path().to_string();
+                        // serde's "missing field `x`" names a field, never
+                        // a value; its other messages may quote one.
+                        let inner = e.inner().to_string();
+                        TokenError::Unreadable {
+                            status,
+                            what: if path != "." {
+                                format!("a token answer whose `{path}` is not valid")
+                            } else if inner.starts_with("missing field") {
+                                format!("a token answer with a {inner}")
+                            } else {
+                                "an answer that is not a JSON token answer".into()
+                            },
+                        }
+                    }
+                }
+            }
+            // The crate's own words: an empty body, or a content type that
+            // is not JSON (no secret in either).
+            RequestTokenError::Other(what) => TokenError::Unreadable {
+                status,
+                what: format!("an unexpected answer ({what})"),
+            },
+        }
+    }
+}
+
+/// The oauth2 crate's HTTP hook over the server's own client: the same
+/// connection pool, TLS roots, [`PROVIDER_TIMEOUT`] for the whole call
+/// and bound on the answer's size as every outgoing call. Remembers the
+/// answer's status for the error messages.
+struct ProviderHttp<'a> {
+    client: &'a HttpClient,
+    status: AtomicU16,
+}
+
+impl<'a> ProviderHttp<'a> {
+    fn new(client: &'a HttpClient) -> Self {
+        Self {
+            client,
+            status: AtomicU16::new(0),
+        }
+    }
+
+    fn status(&self) -> u16 {
+        self.status.load(Ordering::Relaxed)
+    }
+}
+
+impl<'c> AsyncHttpClient<'c> for ProviderHttp<'_> {
+    type Error = NetError;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, NetError>> + Send + 'c>>;
+
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let deadline = Instant::now() + PROVIDER_TIMEOUT;
+            let (parts, body) = request.into_parts();
+            let url = parts.uri.to_string();
+            let mut content_type = None;
+            let mut headers = Vec::new();
+            for (name, value) in &parts.headers {
+                // oauth2 sets only ASCII headers (accept, content-type).
+                let Ok(value) = value.to_str() else { continue };
+                if name == header::CONTENT_TYPE {
+                    content_type = Some(value);
+                } else {
+                    headers.push((name.as_str(), value));
+                }
+            }
+            let body = content_type.map(|t| (t, Bytes::from(body)));
+            let answer = self
+                .client
+                .send_streaming(parts.method, &url, &headers, body, PROVIDER_TIMEOUT)
+                .await?;
+            self.status.store(answer.status, Ordering::Relaxed);
+            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut response = HttpResponse::new(Vec::new());
+            *response.status_mut() = status;
+            if let Some(t) = answer
+                .content_type
+                .as_deref()
+                .and_then(|t| HeaderValue::from_str(t).ok())
+            {
+                response.headers_mut().insert(header::CONTENT_TYPE, t);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            *response.body_mut() = answer.read_all(left).await?.to_vec();
+            Ok(response)
+        })
+    }
+}
+
+/// Exchanges a code (with its PKCE verifier) for tokens.
+async fn exchange_code(
     s: &crate::State,
     platform: &OAuthPlatform,
-    form: &[(&str, &str)],
-) -> Result<TokenSet, String> {
-    let body = {
-        let mut body = form_urlencoded::Serializer::new(String::new());
-        for (k, v) in form {
-            body.append_pair(k, v);
-        }
-        body.append_pair("client_id", &platform.client_id);
-        body.append_pair("client_secret", platform.client_secret.expose());
-        body.finish()
-    };
-    let (status, body) = s
-        .outbound
-        .send(
-            Method::POST,
-            &platform.token_url,
-            &[("accept", "application/json")],
-            Some(("application/x-www-form-urlencoded", Bytes::from(body))),
-            PROVIDER_TIMEOUT,
-        )
-        .await
-        .map_err(|e| format!("the token endpoint could not be reached: {e}"))?;
-    let fields: Map<String, Value> = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(m)) => m,
-        _ => form_urlencoded::parse(&body)
-            .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
-            .collect(),
-    };
-    let text = |k: &str| fields.get(k).and_then(Value::as_str).map(str::to_owned);
-    if !(200..300).contains(&status) || fields.contains_key("error") {
-        let what = text("error_description")
-            .or_else(|| text("error"))
-            .unwrap_or_else(|| "no reason given".into());
-        return Err(format!(
-            "the token endpoint refused (HTTP {status}): {what}"
-        ));
+    code: &str,
+    verifier: &Secret,
+) -> Result<TokenSet, TokenError> {
+    let redirect_uri = format!("{}{CALLBACK_PATH}", s.public_url().trim_end_matches('/'));
+    let client = provider_client(platform, &redirect_uri)?;
+    let http = ProviderHttp::new(&s.outbound);
+    let answer = client
+        .exchange_code(AuthorizationCode::new(code.to_owned()))
+        .set_pkce_verifier(PkceCodeVerifier::new(verifier.expose().to_owned()))
+        .request_async(&http)
+        .await;
+    token_set(
+        answer.map_err(|e| TokenError::from_oauth2(e, http.status()))?,
+        &http,
+    )
+}
+
+/// Trades a refresh token for new tokens.
+async fn exchange_refresh_token(
+    s: &crate::State,
+    platform: &OAuthPlatform,
+    refresh_token: &Secret,
+) -> Result<TokenSet, TokenError> {
+    let redirect_uri = format!("{}{CALLBACK_PATH}", s.public_url().trim_end_matches('/'));
+    let client = provider_client(platform, &redirect_uri)?;
+    let http = ProviderHttp::new(&s.outbound);
+    let refresh_token = RefreshToken::new(refresh_token.expose().to_owned());
+    let answer = client
+        .exchange_refresh_token(&refresh_token)
+        .request_async(&http)
+        .await;
+    token_set(
+        answer.map_err(|e| TokenError::from_oauth2(e, http.status()))?,
+        &http,
+    )
+}
+
+fn token_set(t: ProviderTokens, http: &ProviderHttp<'_>) -> Result<TokenSet, TokenError> {
+    if t.access_token.secret().is_empty() {
+        return Err(TokenError::Unreadable {
+            status: http.status(),
+            what: "an empty access_token".into(),
+        });
     }
-    let access_token = text("access_token")
-        .filter(|t| !t.is_empty())
-        .ok_or("the token endpoint answered without an access_token")?;
-    let expires_in = match fields.get("expires_in") {
-        Some(Value::Number(n)) => n.as_i64(),
-        Some(Value::String(t)) => t.parse().ok(),
-        _ => None,
-    };
     Ok(TokenSet {
-        access_token: Secret::new(access_token),
-        refresh_token: text("refresh_token")
-            .filter(|t| !t.is_empty())
+        expires_in: t.expires_in_secs(),
+        scope: t.scope(),
+        token_type: t.token_type.0.clone(),
+        refresh_token: t
+            .refresh_token
+            .as_ref()
+            .map(|r| r.secret())
+            .filter(|r| !r.is_empty())
             .map(Secret::new),
-        token_type: text("token_type"),
-        scope: text("scope"),
-        expires_in,
+        access_token: Secret::new(t.access_token.secret()),
     })
 }
 
@@ -257,7 +552,7 @@ pub(crate) async fn callback(State(s): AppState, RawQuery(query): RawQuery) -> R
         return ApiError::bad_request("invalid_state", "The callback has no state").into_response();
     };
     let flow = match s.store.take_flow(&state).await {
-        Ok(Some(f)) if f.created_at >= now_secs() - FLOW_LIFETIME => f,
+        Ok(Some(f)) if f.created_at >= now_secs() - flow_lifetime(&s) => f,
         Ok(_) => {
             return ApiError::bad_request(
                 "invalid_state",
@@ -350,23 +645,15 @@ pub(crate) async fn callback(State(s): AppState, RawQuery(query): RawQuery) -> R
             "The callback has no code".into(),
         )));
     };
-    let redirect_uri = format!("{}{CALLBACK_PATH}", s.public_url().trim_end_matches('/'));
-    let tokens = match token_request(
-        &s,
-        &platform,
-        &[
-            ("grant_type", "authorization_code"),
-            ("code", code),
-            ("redirect_uri", &redirect_uri),
-            ("code_verifier", flow.code_verifier.expose()),
-        ],
-    )
-    .await
-    {
+    let tokens = match exchange_code(&s, &platform, code, &flow.code_verifier).await {
         Ok(t) => t,
         Err(why) => {
             tracing::warn!(platform = %platform.id, "OAuth code exchange failed: {why}");
-            return finish(Err((StatusCode::BAD_GATEWAY, "oauth_exchange_failed", why)));
+            return finish(Err((
+                StatusCode::BAD_GATEWAY,
+                "oauth_exchange_failed",
+                why.to_string(),
+            )));
         }
     };
     let existing = s
@@ -457,7 +744,7 @@ async fn fresh(
     s: &crate::State,
     platform: &OAuthPlatform,
     conn: OAuthConnection,
-) -> Result<OAuthConnection, String> {
+) -> Result<OAuthConnection, RefreshError> {
     if !expired(&conn) || conn.refresh_token.is_none() {
         return Ok(conn);
     }
@@ -471,10 +758,27 @@ async fn fresh(
             REFRESH_LOCK_WAIT,
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| RefreshError::Store(e.to_string()))?;
     let result = refresh_locked(s, platform, conn).await;
     lock.release().await;
     result
+}
+
+/// Why a connection's token could not be refreshed.
+#[derive(Debug, thiserror::Error)]
+enum RefreshError {
+    /// The database failed.
+    #[error("{0}")]
+    Store(String),
+    /// The provider could not be reached or failed; the connection stays
+    /// and the next use tries again.
+    #[error("{0}")]
+    Provider(TokenError),
+    /// The provider refused the refresh token (`invalid_grant`: expired,
+    /// revoked or already used): the connection was removed, and the user
+    /// must connect again.
+    #[error("{0}; the user must connect again (the connection was removed)")]
+    Revoked(TokenError),
 }
 
 /// [`fresh`]'s work under the connection's lock: reads the connection
@@ -483,7 +787,7 @@ async fn refresh_locked(
     s: &crate::State,
     platform: &OAuthPlatform,
     seen: OAuthConnection,
-) -> Result<OAuthConnection, String> {
+) -> Result<OAuthConnection, RefreshError> {
     let current = s
         .store
         .get_connection(
@@ -492,7 +796,7 @@ async fn refresh_locked(
             &seen.external_user_id,
         )
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| RefreshError::Store(e.to_string()))?
         .unwrap_or_else(|| seen.clone());
     // Refreshed (or connected again) by another server or request since
     // it was read: theirs is the token to use.
@@ -502,15 +806,39 @@ async fn refresh_locked(
     let Some(refresh_token) = current.refresh_token.clone() else {
         return Ok(current);
     };
-    let tokens = token_request(
-        s,
-        platform,
-        &[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", refresh_token.expose()),
-        ],
-    )
-    .await?;
+    let tokens = match exchange_refresh_token(s, platform, &refresh_token).await {
+        Ok(t) => t,
+        Err(e) if e.grant_refused() => {
+            // Only a new authorization helps: forget the tokens (unless the
+            // user connected again meanwhile), so that the connection reads
+            // as not connected (404 `not_connected`, and a tool call says
+            // how to connect) rather than failing on every use.
+            match s
+                .store
+                .forget_connection(
+                    &current.llm_key_hash,
+                    &current.platform_id,
+                    &current.external_user_id,
+                    &refresh_token,
+                )
+                .await
+            {
+                Ok(_) => tracing::warn!(
+                    platform = %platform.id,
+                    "OAuth refresh token refused ({e}); the connection was removed"
+                ),
+                Err(se) => tracing::error!(
+                    platform = %platform.id,
+                    "OAuth refresh token refused ({e}); the connection could not be removed: {se}"
+                ),
+            }
+            return Err(RefreshError::Revoked(e));
+        }
+        Err(e) => {
+            tracing::warn!(platform = %platform.id, "OAuth refresh failed: {e}");
+            return Err(RefreshError::Provider(e));
+        }
+    };
     let updated = OAuthConnection {
         access_token: tokens.access_token,
         refresh_token: tokens.refresh_token.or(Some(refresh_token)),
@@ -522,7 +850,7 @@ async fn refresh_locked(
     s.store
         .save_connection(&updated)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| RefreshError::Store(e.to_string()))?;
     tracing::info!(platform = %platform.id, "OAuth token refreshed");
     Ok(updated)
 }

@@ -533,22 +533,27 @@ impl Store {
     }
 
     /// Stores a started OAuth flow under its `state` (and forgets flows
-    /// abandoned for an hour).
-    pub async fn insert_flow(&self, state: &str, flow: &PendingFlow) -> Result<(), StoreError> {
+    /// started more than `lifetime` seconds ago: abandoned).
+    pub async fn insert_flow(
+        &self,
+        state: &str,
+        flow: &PendingFlow,
+        lifetime: i64,
+    ) -> Result<(), StoreError> {
         let verifier =
             self.keyring()
                 .seal(Field::CodeVerifier, &[state], flow.code_verifier.expose())?;
         match self {
             Store::Sqlite(s) => {
                 let (state, flow) = (state.to_owned(), flow.clone());
-                s.call(move |c| insert_flow(c, &state, &flow, &verifier))
+                s.call(move |c| insert_flow(c, &state, &flow, &verifier, lifetime))
                     .await
             }
             Store::Postgres(p) => {
                 let c = p.client().await?;
                 c.execute(
                     "DELETE FROM oauth_states WHERE created_at < $1",
-                    &[&(now_secs() - 3600)],
+                    &[&now_secs().saturating_sub(lifetime)],
                 )
                 .await?;
                 c.execute(
@@ -642,6 +647,61 @@ impl Store {
                     )
                     .await?;
                 Ok(())
+            }
+        }
+    }
+
+    /// Removes a user's connection if its refresh token is still
+    /// `refresh_token` (one the provider refused), and says whether it
+    /// did: a connection made again meanwhile, with new tokens, stays.
+    pub async fn forget_connection(
+        &self,
+        llm_key_hash: &str,
+        platform_id: &str,
+        external_user_id: &str,
+        refresh_token: &Secret,
+    ) -> Result<bool, StoreError> {
+        let row = [llm_key_hash, platform_id, external_user_id];
+        match self {
+            Store::Sqlite(s) => {
+                let (llm, pid, user) = (
+                    llm_key_hash.to_owned(),
+                    platform_id.to_owned(),
+                    external_user_id.to_owned(),
+                );
+                let (keyring, refresh_token) = (s.keyring.clone(), refresh_token.clone());
+                s.call(move |c| forget_connection(c, &keyring, [&llm, &pid, &user], &refresh_token))
+                    .await
+            }
+            Store::Postgres(p) => {
+                let mut c = p.client().await?;
+                let tx = c.transaction().await?;
+                let found = tx
+                    .query_opt(
+                        "SELECT refresh_token FROM oauth_connections
+                         WHERE llm_key_hash = $1 AND platform_id = $2 AND external_user_id = $3
+                         FOR UPDATE",
+                        &[&llm_key_hash, &platform_id, &external_user_id],
+                    )
+                    .await?;
+                let sealed: Option<String> = match found {
+                    Some(r) => r.try_get(0)?,
+                    None => return Ok(false),
+                };
+                let stored = p
+                    .keyring
+                    .open_opt(Field::RefreshToken, &row, sealed.as_deref())?;
+                if stored.as_ref() != Some(refresh_token) {
+                    return Ok(false);
+                }
+                tx.execute(
+                    "DELETE FROM oauth_connections
+                     WHERE llm_key_hash = $1 AND platform_id = $2 AND external_user_id = $3",
+                    &[&llm_key_hash, &platform_id, &external_user_id],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(true)
             }
         }
     }
@@ -1294,11 +1354,12 @@ pub(crate) fn insert_flow(
     state: &str,
     flow: &PendingFlow,
     verifier: &str,
+    lifetime: i64,
 ) -> Result<(), rusqlite::Error> {
-    // Flows older than an hour are abandoned.
+    // Flows older than their lifetime are abandoned.
     c.execute(
         "DELETE FROM oauth_states WHERE created_at < ?1",
-        [now_secs() - 3600],
+        [now_secs().saturating_sub(lifetime)],
     )?;
     c.execute(
         "INSERT INTO oauth_states (state, platform_id, external_user_id, llm_key_hash, code_verifier, redirect_url, created_at)
@@ -1380,6 +1441,39 @@ pub(crate) fn save_connection(
         ],
     )?;
     Ok(())
+}
+
+/// Removes a connection whose refresh token is `refresh_token` (see
+/// [`Store::forget_connection`]).
+pub(crate) fn forget_connection(
+    c: &mut Connection,
+    keyring: &Keyring,
+    row: [&str; 3],
+    refresh_token: &Secret,
+) -> Result<bool, StoreError> {
+    let tx = c.transaction()?;
+    let found = tx
+        .query_row(
+            "SELECT refresh_token FROM oauth_connections
+             WHERE llm_key_hash = ?1 AND platform_id = ?2 AND external_user_id = ?3",
+            row,
+            |r| r.get::<_, Option<String>>(0),
+        )
+        .optional()?;
+    let Some(sealed) = found else {
+        return Ok(false);
+    };
+    let stored = keyring.open_opt(Field::RefreshToken, &row, sealed.as_deref())?;
+    if stored.as_ref() != Some(refresh_token) {
+        return Ok(false);
+    }
+    tx.execute(
+        "DELETE FROM oauth_connections
+         WHERE llm_key_hash = ?1 AND platform_id = ?2 AND external_user_id = ?3",
+        row,
+    )?;
+    tx.commit()?;
+    Ok(true)
 }
 
 /// A user's connection, its tokens opened.
@@ -1480,7 +1574,7 @@ mod tests {
             .seal(Field::CodeVerifier, &["s1"], "v")
             .expect("seal");
         store
-            .call_now(|c| insert_flow(c, "s1", &flow, &verifier))
+            .call_now(|c| insert_flow(c, "s1", &flow, &verifier, 3600))
             .expect("insert");
         let sqlite = store.sqlite().expect("SQLite");
         let taken = sqlite
@@ -1536,7 +1630,7 @@ mod tests {
             redirect_url: Some("http://127.0.0.1:9/done".into()),
             created_at: now_secs(),
         };
-        store.insert_flow("s1", &flow).await.expect("insert");
+        store.insert_flow("s1", &flow, 3600).await.expect("insert");
         let taken = store.take_flow("s1").await.expect("take").expect("flow");
         assert_eq!(taken.code_verifier.expose(), "v");
         assert_eq!(taken.redirect_url, flow.redirect_url);
@@ -1686,7 +1780,7 @@ mod tests {
             redirect_url: None,
             created_at: now_secs(),
         };
-        store.insert_flow("st", &flow).await.expect("insert");
+        store.insert_flow("st", &flow, 3600).await.expect("insert");
         let stored = [
             raw(&store, "SELECT access_token FROM oauth_connections"),
             raw(&store, "SELECT refresh_token FROM oauth_connections"),

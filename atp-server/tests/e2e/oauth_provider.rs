@@ -5,8 +5,10 @@
 //! use refreshes it, and answers refreshes.
 //!
 //! Knobs ([`Options`]): refresh tokens that rotate (a refresh token works
-//! once, as with many providers), and refreshes held until
-//! [`Provider::release_refreshes`].
+//! once, as with many providers), refreshes held until
+//! [`Provider::release_refreshes`], and code exchanges answered with an
+//! OAuth error; [`Provider::revoke_refresh_tokens`] makes every refresh
+//! token invalid (expired or revoked).
 
 use std::{
     collections::HashMap,
@@ -46,6 +48,14 @@ pub(crate) struct Options {
     /// (`{tag}access-1`, `{tag}csecret`): values distinct enough to grep
     /// a database file for.
     pub tag: &'static str,
+    /// Every code exchange is refused with this OAuth `error` (and an
+    /// `error_description`), with HTTP 400 — or 200, as GitHub does, when
+    /// [`errors_with_200`](Self::errors_with_200).
+    pub code_error: Option<&'static str>,
+    /// See [`code_error`](Self::code_error).
+    pub errors_with_200: bool,
+    /// Every refresh is answered 503 `temporarily_unavailable`.
+    pub refresh_unavailable: bool,
 }
 
 #[derive(Default)]
@@ -58,6 +68,8 @@ struct Grants {
     refreshes: usize,
     /// The PKCE verifiers of the codes exchanged.
     verifiers: Vec<String>,
+    /// How many code exchanges were asked for (granted or not).
+    code_requests: usize,
 }
 
 struct Shared {
@@ -115,6 +127,18 @@ impl Provider {
     /// The PKCE verifiers of the codes it exchanged.
     pub fn verifiers(&self) -> Vec<String> {
         self.shared.grants.lock().expect("lock").verifiers.clone()
+    }
+
+    /// How many code exchanges it was asked for (granted or not).
+    pub fn code_requests(&self) -> usize {
+        self.shared.grants.lock().expect("lock").code_requests
+    }
+
+    /// Makes the refresh token issued so far invalid (as if it expired or
+    /// the user revoked the grant): refreshes with it get `invalid_grant`.
+    /// A new code exchange issues a valid one again.
+    pub fn revoke_refresh_tokens(&self) {
+        self.shared.grants.lock().expect("lock").refresh_token = None;
     }
 
     /// How many refreshes it has granted.
@@ -224,6 +248,18 @@ async fn token(State(p): State<Arc<Shared>>, body: String) -> Response {
     match f.get("grant_type").map(String::as_str) {
         Some("authorization_code") => {
             let mut g = p.grants.lock().expect("lock");
+            g.code_requests += 1;
+            if let Some(error) = p.options.code_error {
+                let status = if p.options.errors_with_200 {
+                    StatusCode::OK
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                return json_answer(
+                    status,
+                    json!({"error": error, "error_description": "the provider says no"}),
+                );
+            }
             let Some((challenge, redirect)) = f.get("code").and_then(|c| g.codes.remove(c)) else {
                 return json_answer(StatusCode::BAD_REQUEST, json!({"error": "invalid_grant"}));
             };
@@ -254,6 +290,12 @@ async fn token(State(p): State<Arc<Shared>>, body: String) -> Response {
 }
 
 async fn refresh(p: &Shared, presented: Option<&String>) -> Response {
+    if p.options.refresh_unavailable {
+        return json_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "temporarily_unavailable"}),
+        );
+    }
     let (access, rotated) = {
         let mut g = p.grants.lock().expect("lock");
         if presented.is_none() || presented != g.refresh_token.as_ref() {

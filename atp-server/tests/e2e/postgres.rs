@@ -220,6 +220,42 @@ async fn an_oauth_flow_started_on_one_server_finishes_on_another() {
     .await;
 }
 
+/// A refresh token the provider refuses removes the connection from the
+/// shared database: on the other server too it reads as not connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_refresh_token_removes_the_connection_for_every_server() {
+    let Some(pg) = blocking(infra::Postgres::start) else {
+        return;
+    };
+    bounded(Duration::from_secs(90), async {
+        let provider = rotating_provider(false).await;
+        let (a, b) = two_servers(&pg, &provider).await;
+        connect_across(&a, &b, "ada").await;
+        provider.revoke_refresh_tokens();
+        let (status, answer) = tokens_at(&a.base, "ada").await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (502, Some("oauth_refresh_failed")),
+            "{answer}"
+        );
+        for server in [&a, &b] {
+            let (status, answer) = tokens_at(&server.base, "ada").await;
+            assert_eq!(
+                (status, answer["code"].as_str()),
+                (404, Some("not_connected")),
+                "{answer}"
+            );
+        }
+        // Connected again, the user's tokens work on both.
+        connect_across(&b, &a, "ada").await;
+        let (status, answer) = tokens_at(&b.base, "ada").await;
+        assert_eq!(status, 200, "{answer}");
+        a.stop().await;
+        b.stop().await;
+    })
+    .await;
+}
+
 /// How many sessions wait for an advisory lock in the database now.
 async fn advisory_waiters(db: &tokio_postgres::Client) -> i64 {
     db.query_one(
