@@ -11,6 +11,8 @@ mod llm;
 mod mcp;
 mod metrics;
 mod oauth;
+#[cfg(feature = "otel")]
+pub mod otel;
 mod secrets;
 mod store;
 mod toolkit;
