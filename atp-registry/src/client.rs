@@ -883,7 +883,12 @@ pub fn check_params(
 
 /// Runs `job` on tokio's blocking pool, turning a panic into an `Err`.
 async fn run_blocking(job: BlockingJob) -> Result<HandlerOutput, Box<dyn Any + Send>> {
-    match tokio::task::spawn_blocking(move || catch_unwind(AssertUnwindSafe(job))).await {
+    // The handler's own events belong to the span it is called in (the
+    // runtime's `atp.tool`), on the blocking pool too.
+    let span = tracing::Span::current();
+    match tokio::task::spawn_blocking(move || span.in_scope(|| catch_unwind(AssertUnwindSafe(job))))
+        .await
+    {
         Ok(outcome) => outcome,
         Err(join) if join.is_panic() => Err(join.into_panic()),
         Err(_) => Err(Box::new("the blocking task was cancelled") as Box<dyn Any + Send>),

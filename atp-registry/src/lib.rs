@@ -27,6 +27,7 @@ pub mod runtime;
 mod schema;
 mod secret;
 mod tool;
+pub mod trace;
 #[cfg(feature = "webhook")]
 #[cfg_attr(docsrs, doc(cfg(feature = "webhook")))]
 pub mod webhook;

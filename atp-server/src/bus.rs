@@ -86,6 +86,12 @@ enum Work {
         /// none: absent is `false`).
         #[serde(default)]
         logs: bool,
+        /// The trace context for the toolkit (older servers send none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
+        /// Its `tracestate`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tracestate: Option<String>,
     },
     /// An app session's start; the answer goes to `reply`.
     AppStart {
@@ -529,6 +535,11 @@ impl Bus {
             timeout_ms: millis(timeout),
             progress: progress.is_some(),
             logs: request.logs,
+            traceparent: request.trace.as_ref().map(|t| t.traceparent().to_owned()),
+            tracestate: request
+                .trace
+                .as_ref()
+                .and_then(|t| t.tracestate().map(str::to_owned)),
         };
         let (rx, holder) = self.send_to_holder(app, key_hash, &rid, work).await?;
         let mut shutdown = s.shutdown.subscribe();
@@ -896,12 +907,18 @@ async fn run(s: Arc<State>, client: Client, work: Work) {
             timeout_ms,
             progress,
             logs,
+            traceparent,
+            tracestate,
         } => {
             let request = ToolRequest {
                 tool_name,
                 params,
                 auth_token,
                 logs,
+                trace: atp_registry::trace::TraceContext::from_fields(
+                    traceparent.as_deref(),
+                    tracestate.as_deref(),
+                ),
             };
             let (tx, mut rx) = mpsc::channel(crate::hub::PROGRESS_BUFFER);
             let work = s.hub.dispatch(
@@ -942,6 +959,7 @@ async fn run(s: Arc<State>, client: Client, work: Work) {
                 params,
                 auth_token,
                 logs: false,
+                trace: None,
             };
             crate::hub::ensure_sweeper(&s);
             let outcome = s

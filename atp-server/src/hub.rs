@@ -47,6 +47,7 @@ use std::{
 
 use atp_registry::{
     LogLevel, Secret,
+    trace::TraceContext,
     wire::{self, ProgressBody, RequestId, ServerToToolkit},
 };
 use serde_json::{Map, Value};
@@ -127,6 +128,9 @@ pub(crate) struct ToolRequest {
     /// Whether the caller reads the tool's log messages (an MCP client):
     /// a WebSocket toolkit is asked for `tool_log` frames.
     pub logs: bool,
+    /// The trace context passed on to the toolkit (its parent is the
+    /// server's `atp.server.call` span).
+    pub trace: Option<TraceContext>,
 }
 
 /// What a running tool reports before its answer, on its way from the
@@ -153,6 +157,11 @@ impl ToolRequest {
             params: self.params.clone(),
             auth_token: self.auth_token.clone(),
             logs: self.logs,
+            traceparent: self.trace.as_ref().map(|t| t.traceparent().to_owned()),
+            tracestate: self
+                .trace
+                .as_ref()
+                .and_then(|t| t.tracestate().map(str::to_owned)),
         }
     }
 }
@@ -1364,6 +1373,7 @@ mod tests {
             params: Map::new(),
             auth_token: None,
             logs: false,
+            trace: None,
         }
     }
 

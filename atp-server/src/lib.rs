@@ -15,6 +15,8 @@ mod llm;
 mod mcp;
 mod metrics;
 mod oauth;
+#[cfg(feature = "otel")]
+pub mod otel;
 mod rate_limit;
 mod secrets;
 mod store;

@@ -11,6 +11,7 @@ use atp_registry::{
         WS_READ_BUFFER,
         session::{self, Flow, Handler},
     },
+    trace::{self, TraceContext},
     wire::{
         AppActionRequest, AppRequest, AppResponse, AppTerminateRequest, ContextPayload,
         ContextRequest, ContextResponse, ErrorFrame, LlmToServer, RequestId, ServerToLlm,
@@ -32,6 +33,7 @@ use futures_util::StreamExt;
 use hyper::Method;
 use serde_json::{Map, Value};
 use tokio::{sync::mpsc, task::JoinSet};
+use tracing::Instrument;
 
 use crate::{
     REVOKED_CLOSE,
@@ -261,6 +263,7 @@ async fn run_task(
         user: req.external_user_id(),
         logs: false,
         admitted,
+        trace: req.trace(),
     };
     call_tool(s, llm_key_hash, &kit, call, progress).await
 }
@@ -319,6 +322,8 @@ pub(crate) struct ToolCall<'a> {
     /// The call's place under the rate limits, when it was admitted
     /// already; `None`: `call_tool` admits it.
     pub admitted: Option<Permit>,
+    /// The caller's trace context (`traceparent`), if it sent a valid one.
+    pub trace: Option<TraceContext>,
 }
 
 /// Runs a tool of `kit` for the LLM key `llm_key_hash`, wherever its
@@ -327,12 +332,37 @@ pub(crate) struct ToolCall<'a> {
 /// auth token resolved (the given one, else the user's stored one), the
 /// call checked, then routed. Progress reports go to `progress` when
 /// given. What `task_request` and `/mcp/{toolkit}` share.
+///
+/// The call runs in an `atp.server.call` span (fields `toolkit`, `tool`,
+/// `transport`, `trace_id`) that joins the caller's trace; the toolkit
+/// gets the trace context with this span as its parent.
 pub(crate) async fn call_tool(
     s: &crate::State,
     llm_key_hash: &str,
     kit: &ToolkitRecord,
     call: ToolCall<'_>,
     progress: Option<mpsc::Sender<Report>>,
+) -> Result<Value, Failure> {
+    let span = tracing::info_span!(
+        "atp.server.call",
+        toolkit = %kit.app_name,
+        tool = call.function,
+        transport = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let onward = trace::link(&span, call.trace.as_ref());
+    call_in_span(s, llm_key_hash, kit, call, progress, onward)
+        .instrument(span)
+        .await
+}
+
+async fn call_in_span(
+    s: &crate::State,
+    llm_key_hash: &str,
+    kit: &ToolkitRecord,
+    call: ToolCall<'_>,
+    progress: Option<mpsc::Sender<Report>>,
+    onward: TraceContext,
 ) -> Result<Value, Failure> {
     let ToolCall {
         function,
@@ -341,6 +371,7 @@ pub(crate) async fn call_tool(
         user,
         logs,
         admitted,
+        trace: _,
     } = call;
     let _permit = match admitted {
         Some(p) => p,
@@ -397,6 +428,7 @@ pub(crate) async fn call_tool(
         params,
         auth_token,
         logs,
+        trace: Some(onward),
     };
     let route = s.hub.route(&kit.key_hash, kit.endpoint_url.is_some());
     let transport = match route {
@@ -405,6 +437,7 @@ pub(crate) async fn call_tool(
         Some(Route::Socket) => Transport::websocket,
         Some(Route::Inbox) => Transport::inbox,
     };
+    tracing::Span::current().record("transport", tracing::field::debug(transport));
     let started = std::time::Instant::now();
     let result: Result<Value, Failure> = async {
         Ok(match route {
@@ -560,6 +593,7 @@ pub(crate) async fn start_app_of(
         params: payload.parameters,
         auth_token: payload.auth_token,
         logs: false,
+        trace: None,
     };
     let started = match &s.bus {
         // Not here: maybe on another server.
@@ -679,6 +713,12 @@ async fn call_endpoint(
     if let Some(k) = &kit.endpoint_key {
         headers.push(("x-atp-key", k.expose()));
     }
+    if let Some(t) = &request.trace {
+        headers.push((trace::TRACEPARENT, t.traceparent()));
+        if let Some(state) = t.tracestate() {
+            headers.push((trace::TRACESTATE, state));
+        }
+    }
     let body = Bytes::from(Value::Object(request.params.clone()).to_string());
     let mut shutdown = s.shutdown.subscribe();
     let answer = tokio::select! {
@@ -712,6 +752,13 @@ async fn call_endpoint(
 
 fn answer(status: StatusCode, message: &ServerToLlm) -> Response {
     json_text_response(status, message.to_json())
+}
+
+/// The trace context of an HTTP request's `traceparent` and `tracestate`
+/// headers, if valid.
+pub(crate) fn trace_of(headers: &HeaderMap) -> Option<TraceContext> {
+    let value = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    TraceContext::from_fields(value(trace::TRACEPARENT), value(trace::TRACESTATE))
 }
 
 /// Whether the client asked for server-sent events (`Accept:
@@ -797,7 +844,16 @@ pub(crate) async fn process(
         return ApiError::unauthorized().into_response();
     };
     let sse = wants_sse(&headers);
-    match LlmToServer::from_object(m) {
+    let message = LlmToServer::from_object(m).map(|mut m| {
+        // The body's trace context wins; else the `traceparent` header's.
+        if let LlmToServer::TaskRequest(t) = &mut m
+            && t.trace().is_none()
+        {
+            (t.traceparent, t.tracestate) = TraceContext::into_fields(trace_of(&headers));
+        }
+        m
+    });
+    match message {
         Ok(LlmToServer::GetToolkitContext(req)) => match context(&s, &llm_key_hash, &req) {
             Ok(c) => reply(sse, StatusCode::OK, &ServerToLlm::ToolkitContext(c)),
             Err(e) => reply(

@@ -503,18 +503,43 @@ fn config(cli: Cli) -> Result<Config, atp_server::ServerError> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt};
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // A closed stderr must not end the server: the subscriber would
         // report the failed write with `eprintln!`, which panics on it.
         .log_internal_errors(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // OTLP export when built with `otel` and the environment asks for it.
+    #[cfg(feature = "otel")]
+    let (otel, otel_error) = match atp_server::otel::Otel::from_env() {
+        Ok(otel) => (otel, None),
+        Err(e) => (None, Some(e)),
+    };
+    #[cfg(feature = "otel")]
+    let traces = otel.as_ref().map(|o| o.layer());
+    #[cfg(not(feature = "otel"))]
+    let traces: Option<tracing_subscriber::layer::Identity> = None;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(traces)
         .init();
-    let mut cli = Cli::parse();
+    #[cfg(feature = "otel")]
+    if let Some(e) = otel_error {
+        tracing::warn!("{e}; spans are not exported");
+    }
+    let code = run(Cli::parse()).await;
+    #[cfg(feature = "otel")]
+    if let Some(otel) = otel {
+        otel.shutdown().await;
+    }
+    code
+}
+
+async fn run(mut cli: Cli) -> ExitCode {
     match cli.command.take() {
         Some(Command::Executions {
             db,

@@ -104,6 +104,7 @@ pub(crate) async fn post(
         // Log messages reach only a client that reads an event stream:
         // only then is the toolkit asked for them.
         logs: head.accepts_event_stream(),
+        trace: crate::llm::trace_of(&headers),
     };
     answer(mcp::handle(&backend, &head, &body).await)
 }
@@ -135,6 +136,8 @@ struct Backend<'a> {
     user: Option<&'a str>,
     /// Whether the client reads notifications (the toolkit's logs).
     logs: bool,
+    /// The client's trace context (the `traceparent` header).
+    trace: Option<atp_registry::trace::TraceContext>,
 }
 
 impl McpBackend for Backend<'_> {
@@ -166,6 +169,7 @@ impl McpBackend for Backend<'_> {
             user: self.user,
             logs: self.logs,
             admitted: None,
+            trace: self.trace.clone(),
         };
         let (tx, mut rx) = mpsc::channel(PROGRESS_BUFFER);
         let work = call_tool(self.s, self.llm_key_hash, self.kit, call, Some(tx));

@@ -368,6 +368,8 @@ fn task(i: u64, toolkit: &str, function: &str, parameters: Value) -> Vec<u8> {
         external_user_id: None,
         auth_token: None,
         stream: false,
+        traceparent: None,
+        tracestate: None,
     }))
 }
 

@@ -81,7 +81,7 @@ pub const ALLOW_READ: &str = "GET, HEAD";
 /// The header names an adapter must pass to [`RequestHead::new`], in
 /// lowercase ([`RequestHead::from_headers`] picks them out of all the
 /// request's headers).
-pub const HEADERS: [&str; 8] = [
+pub const HEADERS: [&str; 10] = [
     "content-type",
     "content-length",
     "authorization",
@@ -90,6 +90,8 @@ pub const HEADERS: [&str; 8] = [
     "origin",
     "accept",
     "mcp-protocol-version",
+    crate::trace::TRACEPARENT,
+    crate::trace::TRACESTATE,
 ];
 
 /// The default mount point of the MCP endpoints (`/mcp/{toolkit}`).
@@ -170,6 +172,11 @@ pub struct RequestHead<'a> {
     pub accept: Option<&'a [u8]>,
     /// The `MCP-Protocol-Version` header.
     pub mcp_protocol_version: Option<&'a [u8]>,
+    /// The W3C `traceparent` header: a tool call's `atp.tool` span joins
+    /// its trace (a malformed one is ignored).
+    pub traceparent: Option<&'a [u8]>,
+    /// The W3C `tracestate` header.
+    pub tracestate: Option<&'a [u8]>,
 }
 
 impl fmt::Debug for RequestHead<'_> {
@@ -193,6 +200,11 @@ impl fmt::Debug for RequestHead<'_> {
                 "mcp_protocol_version",
                 &self.mcp_protocol_version.map(String::from_utf8_lossy),
             )
+            .field(
+                "traceparent",
+                &self.traceparent.map(String::from_utf8_lossy),
+            )
+            .field("tracestate", &self.tracestate.map(String::from_utf8_lossy))
             .finish()
     }
 }
@@ -281,6 +293,8 @@ impl<'a> RequestHead<'a> {
             origin,
             accept,
             mcp_protocol_version,
+            traceparent,
+            tracestate,
         ] = found.map(|v| v.filter(|v| std::str::from_utf8(v).is_ok()));
         Self {
             method,
@@ -296,7 +310,16 @@ impl<'a> RequestHead<'a> {
             origin,
             accept,
             mcp_protocol_version,
+            traceparent,
+            tracestate,
         }
+    }
+
+    /// The trace context of the `traceparent` and `tracestate` headers,
+    /// if valid.
+    pub fn trace(&self) -> Option<crate::trace::TraceContext> {
+        let text = |v: Option<&'a [u8]>| v.and_then(|v| std::str::from_utf8(v).ok());
+        crate::trace::TraceContext::from_fields(text(self.traceparent), text(self.tracestate))
     }
 }
 
@@ -419,6 +442,8 @@ pub struct PendingCall {
     header_token: Option<AuthToken>,
     limit: usize,
     size_hint: usize,
+    /// The caller's trace context (the `traceparent` header).
+    trace: Option<crate::trace::TraceContext>,
 }
 
 /// What a body is for.
@@ -559,9 +584,19 @@ impl PendingCall {
             }
         };
         let token = token.or(self.header_token);
-        match tool
-            .call(&self.client, params, token, Default::default())
-            .await
+        // The same span as the WebSocket runtime's, in the caller's trace.
+        let span = tracing::info_span!(
+            "atp.tool",
+            toolkit = self.client.app_name(),
+            tool = tool.name(),
+            trace_id = tracing::field::Empty,
+        );
+        crate::trace::link(&span, self.trace.as_ref());
+        match tracing::Instrument::instrument(
+            tool.call(&self.client, params, token, Default::default()),
+            span,
+        )
+        .await
         {
             Ok(result) => Response::json(200, &ToolResult { result: &result }),
             Err(e) => Response::error(e.code(), &e.to_string()),
@@ -972,6 +1007,7 @@ impl Engine {
                         } else {
                             return Step::ReadBody(PendingCall {
                                 header_token: bearer_token(req.authorization),
+                                trace: req.trace(),
                                 limit,
                                 size_hint: declared as usize,
                                 client,
@@ -1100,6 +1136,7 @@ impl Engine {
         }
         Step::ReadBody(PendingCall {
             header_token: bearer_token(req.authorization),
+            trace: None,
             limit,
             size_hint: declared as usize,
             client,

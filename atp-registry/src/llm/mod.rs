@@ -39,6 +39,7 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
+use tracing::Instrument;
 
 pub use apps::{AppSession, AppUpdate};
 pub use calls::{
@@ -53,6 +54,7 @@ use crate::{
     },
     schema::Provider,
     secret::Secret,
+    trace::TraceContext,
     wire::{
         ContextRequest, ContextResponse, LlmToServer, OAuthConfirmation, RequestId, ServerToLlm,
         TaskOutcome, TaskPayload, TaskProgress, TaskRequest, WireError,
@@ -80,6 +82,7 @@ pub struct CallOptions {
     auth_token: Option<Secret>,
     external_user_id: Option<String>,
     timeout: Option<Duration>,
+    trace: Option<TraceContext>,
 }
 
 impl CallOptions {
@@ -116,6 +119,28 @@ impl CallOptions {
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
+    }
+
+    /// The trace the calls belong to (e.g. the agent's own trace context,
+    /// read from an incoming `traceparent` with
+    /// [`TraceContext::parse`]): each call's `atp.llm.call` span is its
+    /// child, and the server, the toolkit and the tool join it. Without
+    /// it, the current span's OpenTelemetry context is used (feature
+    /// `otel`), else the calls of one `call_tool…` start one new trace.
+    pub fn trace(mut self, parent: TraceContext) -> Self {
+        self.trace = Some(parent);
+        self
+    }
+
+    /// The parent trace of a batch of calls: the given one; else none when
+    /// the current span has an OpenTelemetry context (the calls' spans are
+    /// its children anyway); else a new trace.
+    fn parent_trace(&self) -> Option<TraceContext> {
+        match &self.trace {
+            Some(t) => Some(t.clone()),
+            None if crate::trace::current().is_some() => None,
+            None => Some(TraceContext::new_root()),
+        }
     }
 }
 
@@ -453,8 +478,17 @@ impl LlmClient {
             .map_err(|_| LlmError::UnknownProvider(provider.to_owned()))?;
         let calls = parse_tool_calls(parsed, tool_calls);
         let limit = options.timeout.unwrap_or(self.inner.timeout);
+        let parent = options.parent_trace();
         let run = |call: &ToolCall| {
-            let task = self.task_request(toolkit_id, call, provider, user_prompt, options, false);
+            let (task, span) = self.task_request(
+                toolkit_id,
+                call,
+                provider,
+                user_prompt,
+                options,
+                parent.as_ref(),
+                false,
+            );
             async move {
                 let (request_id, message) = match task {
                     Ok(task) => task,
@@ -463,6 +497,7 @@ impl LlmClient {
                 let answer = self.exchange(&request_id, &message, limit).await?;
                 Ok::<_, LlmError>(task_outcome(&answer))
             }
+            .instrument(span)
         };
         let outcomes = if options.sequential {
             let mut outcomes = Vec::with_capacity(calls.len());
@@ -480,7 +515,10 @@ impl LlmClient {
     }
 
     /// The `task_request` of one call, or why it cannot be sent (its
-    /// arguments are not a JSON object: it gets an error result).
+    /// arguments are not a JSON object: it gets an error result); and the
+    /// call's span (`atp.llm.call`), a child of `parent` (see
+    /// [`crate::trace::link`]), whose context the request carries.
+    #[allow(clippy::too_many_arguments)]
     fn task_request(
         &self,
         toolkit_id: &str,
@@ -488,10 +526,24 @@ impl LlmClient {
         provider: &str,
         user_prompt: &str,
         options: &CallOptions,
+        parent: Option<&TraceContext>,
         stream: bool,
-    ) -> Result<(RequestId, LlmToServer), String> {
-        let arguments = call.arguments.clone()?;
+    ) -> (Result<(RequestId, LlmToServer), String>, tracing::Span) {
+        let span = tracing::info_span!(
+            "atp.llm.call",
+            toolkit = toolkit_id,
+            tool = %call.name,
+            request_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        let trace = crate::trace::link(&span, parent);
+        let arguments = match call.arguments.clone() {
+            Ok(arguments) => arguments,
+            Err(why) => return (Err(why), span),
+        };
         let request_id = self.request_id("task");
+        span.record("request_id", tracing::field::display(&request_id));
+        let (traceparent, tracestate) = TraceContext::into_fields(Some(trace));
         let message = LlmToServer::TaskRequest(TaskRequest {
             toolkit_id: toolkit_id.to_owned(),
             request_id: Some(request_id.clone()),
@@ -507,8 +559,10 @@ impl LlmClient {
             external_user_id: options.external_user_id.clone(),
             auth_token: None,
             stream,
+            traceparent,
+            tracestate,
         });
-        Ok((request_id, message))
+        (Ok((request_id, message)), span)
     }
 
     /// Starts an OAuth connection for a user of a platform: the answer
@@ -654,7 +708,17 @@ impl LlmClient {
                 } else {
                     "application/json"
                 };
-                let headers = [("authorization", auth.as_str()), ("accept", accept)];
+                let mut headers = vec![("authorization", auth.as_str()), ("accept", accept)];
+                // The trace context goes in the headers too, for HTTP
+                // middleware (proxies, the server's own tracing layer).
+                if let LlmToServer::TaskRequest(t) = message {
+                    if let Some(tp) = &t.traceparent {
+                        headers.push((crate::trace::TRACEPARENT, tp.as_str()));
+                    }
+                    if let Some(ts) = &t.tracestate {
+                        headers.push((crate::trace::TRACESTATE, ts.as_str()));
+                    }
+                }
                 let body = Some(("application/json", Bytes::from(message.to_json())));
                 let http = &self.inner.http;
                 if !stream {

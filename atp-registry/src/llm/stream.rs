@@ -9,6 +9,7 @@ use futures_util::{
     stream::{self, BoxStream},
 };
 use serde_json::Value;
+use tracing::Instrument;
 
 use super::{
     Answers, CallOptions, LlmClient, LlmError,
@@ -173,13 +174,21 @@ impl LlmClient {
         };
         let calls = parse_tool_calls(parsed, tool_calls);
         let limit = options.timeout.unwrap_or(self.inner.timeout);
+        let parent = options.parent_trace();
         let per_call: Vec<CallStream> = calls
             .iter()
             .enumerate()
             .map(|(i, call)| {
-                let task =
-                    self.task_request(toolkit_id, call, provider, user_prompt, options, true);
-                one_call(self.clone(), i, task, limit)
+                let (task, span) = self.task_request(
+                    toolkit_id,
+                    call,
+                    provider,
+                    user_prompt,
+                    options,
+                    parent.as_ref(),
+                    true,
+                );
+                one_call(self.clone(), i, task, limit, span)
             })
             .collect();
         let merged: CallStream = if options.sequential {
@@ -276,12 +285,14 @@ async fn next_before(
     }
 }
 
-/// One call: its progress, then its outcome (or an error).
+/// One call: its progress, then its outcome (or an error), in the call's
+/// span.
 fn one_call(
     client: LlmClient,
     index: usize,
     task: Result<(RequestId, LlmToServer), String>,
     limit: std::time::Duration,
+    span: tracing::Span,
 ) -> CallStream {
     let (request_id, message) = match task {
         Ok(task) => task,
@@ -291,30 +302,33 @@ fn one_call(
         }
     };
     let start = CallState::Unsent(client, request_id, Box::new(message));
-    stream::unfold(start, move |state| async move {
-        let (mut answers, deadline) = match state {
-            CallState::Over => return None,
-            CallState::Open(answers, deadline) => (answers, deadline),
-            CallState::Unsent(client, request_id, message) => {
-                let deadline = tokio::time::Instant::now() + limit;
-                match client.open(&request_id, &message, true, limit).await {
-                    Ok(answers) => (Box::new(answers), deadline),
-                    Err(e) => return Some(((index, Err(e)), CallState::Over)),
+    stream::unfold(start, move |state| {
+        async move {
+            let (mut answers, deadline) = match state {
+                CallState::Over => return None,
+                CallState::Open(answers, deadline) => (answers, deadline),
+                CallState::Unsent(client, request_id, message) => {
+                    let deadline = tokio::time::Instant::now() + limit;
+                    match client.open(&request_id, &message, true, limit).await {
+                        Ok(answers) => (Box::new(answers), deadline),
+                        Err(e) => return Some(((index, Err(e)), CallState::Over)),
+                    }
                 }
-            }
-        };
-        Some(match next_before(&mut answers, deadline, limit).await {
-            Some(Ok(ServerToLlm::TaskProgress(p))) => (
-                (index, Ok(CallItem::Progress(p.payload))),
-                CallState::Open(answers, deadline),
-            ),
-            Some(Ok(answer)) => (
-                (index, Ok(CallItem::Finished(task_outcome(&answer)))),
-                CallState::Over,
-            ),
-            Some(Err(e)) => ((index, Err(e)), CallState::Over),
-            None => ((index, Err(LlmError::ConnectionLost)), CallState::Over),
-        })
+            };
+            Some(match next_before(&mut answers, deadline, limit).await {
+                Some(Ok(ServerToLlm::TaskProgress(p))) => (
+                    (index, Ok(CallItem::Progress(p.payload))),
+                    CallState::Open(answers, deadline),
+                ),
+                Some(Ok(answer)) => (
+                    (index, Ok(CallItem::Finished(task_outcome(&answer)))),
+                    CallState::Over,
+                ),
+                Some(Err(e)) => ((index, Err(e)), CallState::Over),
+                None => ((index, Err(LlmError::ConnectionLost)), CallState::Over),
+            })
+        }
+        .instrument(span.clone())
     })
     .boxed()
 }

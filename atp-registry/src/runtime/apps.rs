@@ -339,6 +339,8 @@ mod tests {
             params: params.as_object().cloned().unwrap_or_default(),
             auth_token: None,
             logs: false,
+            traceparent: None,
+            tracestate: None,
         }
     }
 

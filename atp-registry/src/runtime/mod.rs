@@ -23,6 +23,7 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_tungstenite::tungstenite;
+use tracing::Instrument;
 
 pub use crate::net::NetError;
 
@@ -770,11 +771,27 @@ impl ToolKitClient {
 
     /// Runs one request: its `tool_response`, with the error flag and the
     /// error's code on a failure. Reports of progress go to `progress`.
+    ///
+    /// The tool runs in an `atp.tool` span (fields `toolkit`, `tool`,
+    /// `request_id`, `trace_id`) that joins the request's trace
+    /// (`traceparent`), see [`crate::trace`].
     pub(crate) async fn answer(&self, req: ToolRequest, progress: Progress) -> ToolResponse {
+        let span = tracing::info_span!(
+            "atp.tool",
+            toolkit = self.app_name(),
+            tool = %req.tool_name,
+            request_id = %req.request_id,
+            trace_id = tracing::field::Empty,
+        );
+        crate::trace::link(&span, req.trace().as_ref());
         let id = Some(req.request_id);
         let outcome = match self.tool(&req.tool_name) {
             None => Err(crate::CallError::ToolNotFound),
-            Some(tool) => tool.call(self, req.params, req.auth_token, progress).await,
+            Some(tool) => {
+                tool.call(self, req.params, req.auth_token, progress)
+                    .instrument(span)
+                    .await
+            }
         };
         match outcome {
             Ok(result) => ToolResponse::ok(id, result),

@@ -118,6 +118,24 @@ pub struct TaskRequest {
     /// Ask for `task_progress` messages before the answer.
     #[serde(default, skip_serializing_if = "is_false")]
     pub stream: bool,
+    /// The W3C trace context of the call (`00-{trace id}-{span id}-{flags}`):
+    /// the span of the call on the other side joins this trace. Absent is
+    /// none (a new trace); a malformed one is ignored. Not written when
+    /// absent.
+    #[serde(
+        default,
+        deserialize_with = "super::trace_field",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` that goes with `traceparent` (vendors' data,
+    /// passed on as it is).
+    #[serde(
+        default,
+        deserialize_with = "super::trace_field",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tracestate: Option<String>,
 }
 
 impl TaskRequest {
@@ -127,6 +145,14 @@ impl TaskRequest {
             .auth_token
             .as_ref()
             .or(self.auth_token.as_ref())
+    }
+
+    /// The call's trace context, if it has a valid one.
+    pub fn trace(&self) -> Option<crate::trace::TraceContext> {
+        crate::trace::TraceContext::from_fields(
+            self.traceparent.as_deref(),
+            self.tracestate.as_deref(),
+        )
     }
 
     /// The end user: the message's, else the payload's.

@@ -211,6 +211,17 @@ pub(crate) fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Strin
     Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
 }
 
+/// A trace context field (`traceparent`, `tracestate`): a string is
+/// kept as it is (it is checked where it is used, see
+/// [`crate::trace::TraceContext`]); anything else is absent, never an
+/// error — a bad trace context must not cost the call.
+pub(crate) fn trace_field<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) if !s.is_empty() => Some(s),
+        _ => None,
+    })
+}
+
 /// A field that may be absent (`None`), `null` (`Some(None)`) or a value.
 pub(crate) fn double_option<'de, T, D>(d: D) -> Result<Option<Option<T>>, D::Error>
 where

@@ -232,16 +232,40 @@ fn token() -> impl Strategy<Value = Option<Secret>> {
     prop::option::of("[a-zA-Z0-9]{1,10}".prop_map(Secret::new))
 }
 
+/// An optional trace context: a `traceparent` and maybe a `tracestate`.
+fn trace() -> impl Strategy<Value = (Option<String>, Option<String>)> {
+    prop::option::of((
+        "00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]",
+        prop::option::of("[a-z]{1,4}=[a-z0-9]{1,8}"),
+    ))
+    .prop_map(|t| match t {
+        Some((parent, state)) => (Some(parent), state),
+        None => (None, None),
+    })
+}
+
 fn tool_request() -> impl Strategy<Value = ToolRequest> {
-    (id(), "[a-z_]{1,10}", params(), token(), any::<bool>()).prop_map(
-        |(request_id, tool_name, params, auth_token, logs)| ToolRequest {
-            request_id,
-            tool_name,
-            params,
-            auth_token,
-            logs,
-        },
+    (
+        id(),
+        "[a-z_]{1,10}",
+        params(),
+        token(),
+        any::<bool>(),
+        trace(),
     )
+        .prop_map(
+            |(request_id, tool_name, params, auth_token, logs, (traceparent, tracestate))| {
+                ToolRequest {
+                    request_id,
+                    tool_name,
+                    params,
+                    auth_token,
+                    logs,
+                    traceparent,
+                    tracestate,
+                }
+            },
+        )
 }
 
 fn server_to_toolkit() -> impl Strategy<Value = ServerToToolkit> {
@@ -344,10 +368,20 @@ fn llm_to_server() -> impl Strategy<Value = LlmToServer> {
             params(),
             token(),
             prop::option::of("[a-z]{1,5}"),
-            any::<bool>()
+            any::<bool>(),
+            trace()
         )
             .prop_map(
-                |(toolkit_id, request_id, function, p, auth_token, user, stream)| {
+                |(
+                    toolkit_id,
+                    request_id,
+                    function,
+                    p,
+                    auth_token,
+                    user,
+                    stream,
+                    (traceparent, tracestate),
+                )| {
                     LlmToServer::TaskRequest(TaskRequest {
                         toolkit_id,
                         request_id,
@@ -363,6 +397,8 @@ fn llm_to_server() -> impl Strategy<Value = LlmToServer> {
                         external_user_id: user,
                         auth_token: None,
                         stream,
+                        traceparent,
+                        tracestate,
                     })
                 }
             ),
@@ -502,4 +538,36 @@ fn tool_log_frames_are_typed() {
         serde_json::from_str(r#"{"request_id":"r","tool_name":"t","params":{}}"#).unwrap();
     assert!(!req.logs);
     assert!(!to_json(&req).contains("logs"));
+}
+
+#[test]
+fn trace_context_fields_are_optional_and_forgiving() {
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    // Absent: nothing is written, and a Python frame reads as before.
+    let LlmToServer::TaskRequest(task) = LlmToServer::parse(python::TASK).expect("reads") else {
+        panic!("a task_request");
+    };
+    assert_eq!((task.traceparent.as_deref(), task.trace()), (None, None));
+    assert!(!LlmToServer::TaskRequest(task).to_json().contains("trace"));
+    // Present: read, and checked where it is used.
+    let with = format!(
+        r#"{{"message_type":"atp_tool_request","payload":{{"request_id":"r","tool_name":"t","traceparent":"{TP}","tracestate":"k=v"}}}}"#
+    );
+    let ServerToToolkit::ToolRequest(req) = ServerToToolkit::parse(&with).expect("reads") else {
+        panic!("a tool request");
+    };
+    let trace = req.trace().expect("a valid context");
+    assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(trace.tracestate(), Some("k=v"));
+    // Malformed (a number, an object, a bad string): the call still reads,
+    // without a trace.
+    for bad in ["42", "{}", "\"00-zz-yy-01\"", "null"] {
+        let text = format!(
+            r#"{{"type":"task_request","toolkit_id":"k","payload":{{"function":"f"}},"traceparent":{bad},"tracestate":{bad}}}"#
+        );
+        let LlmToServer::TaskRequest(task) = LlmToServer::parse(&text).expect("reads") else {
+            panic!("a task_request");
+        };
+        assert_eq!(task.trace(), None, "{bad}");
+    }
 }

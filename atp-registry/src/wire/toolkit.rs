@@ -26,6 +26,34 @@ pub struct ToolRequest {
     /// MCP client); absent is `false`, and a `false` is not written.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub logs: bool,
+    /// The W3C trace context of the call (`00-{trace id}-{span id}-{flags}`):
+    /// the span of the call on the other side joins this trace. Absent is
+    /// none (a new trace); a malformed one is ignored. Not written when
+    /// absent.
+    #[serde(
+        default,
+        deserialize_with = "super::trace_field",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` that goes with `traceparent` (vendors' data,
+    /// passed on as it is).
+    #[serde(
+        default,
+        deserialize_with = "super::trace_field",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tracestate: Option<String>,
+}
+
+impl ToolRequest {
+    /// The request's trace context, if it has a valid one.
+    pub fn trace(&self) -> Option<crate::trace::TraceContext> {
+        crate::trace::TraceContext::from_fields(
+            self.traceparent.as_deref(),
+            self.tracestate.as_deref(),
+        )
+    }
 }
 
 /// `atp_app_action`: a user's action in an app session.

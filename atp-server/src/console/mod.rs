@@ -325,6 +325,7 @@ pub(crate) async fn call(
         user: None,
         logs: false,
         admitted: None,
+        trace: None,
     };
     let started = std::time::Instant::now();
     let outcome = call_tool(&s, CONSOLE_CALLER, &kit, call, None).await;

@@ -1,7 +1,12 @@
 //! Shared helpers: a server on a loopback port, a plain HTTP client, the
 //! demo toolkit, and Rust peers (toolkit runtime, LLM client).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use atp_registry::{
     Call, Tool, ToolError, ToolKitClient,
@@ -380,4 +385,159 @@ pub fn events(body: &str) -> Vec<Value> {
             serde_json::from_str(data).expect("JSON data")
         })
         .collect()
+}
+
+/// The log lines and spans of the whole test process: the global tracing
+/// subscriber, set once by the first test that asks for it (a process has
+/// one; tests that read logs or spans share it, and see every test's).
+#[derive(Clone, Default)]
+pub struct Capture {
+    /// Every log line, formatted (with its spans' fields).
+    pub logs: LogBuffer,
+    /// Every span, once it closed.
+    pub spans: SpanLog,
+}
+
+/// Installs the process's [`Capture`] (on first use) and returns it.
+pub fn capture() -> &'static Capture {
+    use tracing_subscriber::layer::SubscriberExt;
+    static CAPTURE: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let capture = Capture::default();
+        let writer = capture.logs.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(move || writer.clone()),
+            )
+            .with(capture.spans.clone());
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("only common::capture sets the global subscriber");
+        capture
+    })
+}
+
+/// Formatted log lines, in memory.
+#[derive(Clone, Default)]
+pub struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl LogBuffer {
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A closed span as [`SpanLog`] saw it.
+#[derive(Clone, Debug, Default)]
+pub struct SpanRecord {
+    /// Its name (`atp.llm.call`, `atp.server.call`, `atp.tool`, …).
+    pub name: &'static str,
+    /// Its fields, as last recorded (strings without quotes, the rest as
+    /// `Debug` prints them).
+    pub fields: BTreeMap<String, String>,
+    /// Its parent span's name, if it had one.
+    pub parent: Option<&'static str>,
+    /// The `trace_id` field of its parent span when it began.
+    pub parent_trace_id: Option<String>,
+}
+
+impl SpanRecord {
+    /// A field's value.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields.get(name).map(String::as_str)
+    }
+}
+
+/// A tracing layer that keeps every span's fields, for tests to read.
+#[derive(Clone, Default)]
+pub struct SpanLog(Arc<Mutex<Vec<SpanRecord>>>);
+
+impl SpanLog {
+    /// The closed spans that `keep` picks.
+    pub fn find(&self, keep: impl Fn(&SpanRecord) -> bool) -> Vec<SpanRecord> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|r| keep(r))
+            .cloned()
+            .collect()
+    }
+}
+
+struct Fields<'a>(&'a mut BTreeMap<String, String>);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+}
+
+impl<S> tracing_subscriber::Layer<S> for SpanLog
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut record = SpanRecord {
+            name: attrs.metadata().name(),
+            ..SpanRecord::default()
+        };
+        attrs.record(&mut Fields(&mut record.fields));
+        if let Some(parent) = span.parent() {
+            record.parent = Some(parent.name());
+            record.parent_trace_id = parent
+                .extensions()
+                .get::<SpanRecord>()
+                .and_then(|r| r.fields.get("trace_id").cloned());
+        }
+        span.extensions_mut().insert(record);
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if let Some(span) = ctx.span(id)
+            && let Some(record) = span.extensions_mut().get_mut::<SpanRecord>()
+        {
+            values.record(&mut Fields(&mut record.fields));
+        }
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if let Some(span) = ctx.span(&id)
+            && let Some(record) = span.extensions_mut().remove::<SpanRecord>()
+        {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(record);
+        }
+    }
 }

@@ -1,11 +1,7 @@
 //! API keys: wrong keys are refused everywhere, dev mode takes any key but
 //! only on loopback, and no secret reaches a log line.
 
-use std::{
-    io::Write,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
 use atp_registry::{
     llm::{LlmClient, LlmError, LlmProtocol},
@@ -133,35 +129,12 @@ async fn dev_mode_takes_any_key_on_loopback_only() {
     .await;
 }
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The subscriber is the process-wide one (set by this test only), so it
-/// sees every log line from every thread — of this test and of the others
-/// running beside it.
+/// The subscriber is the process-wide one ([`capture`]), so it sees every
+/// log line from every thread — of this test and of the others running
+/// beside it (their spans' fields included).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_logs() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).expect("only this test sets it");
+    let captured = &capture().logs;
     const TK: &str = "tk-SECRET-4f1d";
     const LLM: &str = "llm-SECRET-9a7c";
     const TOKEN: &str = "token-SECRET-31b5";
@@ -205,8 +178,7 @@ async fn secrets_never_reach_the_logs() {
         server.stop().await;
     })
     .await;
-    let logs =
-        String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let logs = captured.text();
     assert!(
         logs.contains("tool registered") && logs.contains("toolkit connected"),
         "{logs}"

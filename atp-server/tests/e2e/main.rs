@@ -30,4 +30,5 @@ mod runtime_parity;
 mod secrets;
 mod store;
 mod streaming;
+mod traces;
 mod webhooks;
