@@ -146,6 +146,13 @@ impl Catalog {
         self.by_key.get(key_hash).copied().or(self.fallback)
     }
 
+    /// The display name of the developer who owns the key with this hash
+    /// (the audit log's `developer`).
+    pub fn developer(&self, key_hash: &str) -> Option<String> {
+        self.owner(key_hash)
+            .map(|o| self.devs[o].display_name.clone())
+    }
+
     /// Whether the toolkit `app_name`, registered with `toolkit_key_hash`,
     /// is public.
     fn is_public(&self, toolkit_key_hash: &str, app_name: &str) -> bool {
@@ -381,7 +388,7 @@ impl Store {
 
 /// A result as the log stores it: its JSON, or a truncation note with the
 /// start of it.
-fn stored_result(result: &Value) -> String {
+pub(crate) fn stored_result(result: &Value) -> String {
     let text = serde_json::to_string(result).unwrap_or_else(|_| "null".to_owned());
     if text.len() <= MAX_RESULT_BYTES {
         return text;

@@ -34,6 +34,7 @@ use serde_json::{Map, Value};
 use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
+    audit::{Entry, Outcome, Via},
     error::{ApiError, json_text_response},
     events::CallEvent,
     hub::{PROGRESS_BUFFER, Report, Route, RouteError, ToolRequest},
@@ -132,10 +133,11 @@ fn task_failed(request_id: Option<RequestId>, f: &Failure) -> TaskResponse {
 pub(crate) async fn task(
     s: &crate::State,
     llm_key_hash: &str,
+    via: Via,
     req: TaskRequest,
     progress: Option<mpsc::Sender<Report>>,
 ) -> TaskResponse {
-    let outcome = run_task(s, llm_key_hash, &req, progress).await;
+    let outcome = run_task(s, llm_key_hash, via, &req, progress).await;
     let TaskRequest {
         request_id,
         payload,
@@ -164,22 +166,38 @@ pub(crate) async fn task(
 async fn run_task(
     s: &crate::State,
     llm_key_hash: &str,
+    via: Via,
     req: &TaskRequest,
     progress: Option<mpsc::Sender<Report>>,
 ) -> Result<Value, Failure> {
-    let params = req
+    let found = req
         .payload
         .arguments()
-        .map_err(|why| Failure::from(CallError::InvalidParams(why)))?;
-    let kit = s
-        .visible_toolkit(llm_key_hash, &req.toolkit_id)
-        .ok_or_else(|| Failure::new("toolkit_not_found", "Toolkit not found"))?;
+        .map_err(|why| Failure::from(CallError::InvalidParams(why)))
+        .and_then(|params| {
+            let kit = s
+                .visible_toolkit(llm_key_hash, &req.toolkit_id)
+                .ok_or_else(|| Failure::new("toolkit_not_found", "Toolkit not found"))?;
+            Ok((params, kit))
+        });
+    let (params, kit) = match found {
+        Ok(found) => found,
+        Err(f) => {
+            s.audit.record(
+                Entry::call(via, Outcome::of_failure(&f.code, false), Some(&f.code))
+                    .key(s, llm_key_hash)
+                    .tool(Some(&req.toolkit_id), Some(&req.payload.function)),
+            );
+            return Err(f);
+        }
+    };
     let call = ToolCall {
         function: req.payload.function.as_str(),
         params,
         auth_token: req.auth_token().cloned(),
         user: req.external_user_id(),
         logs: false,
+        via,
     };
     call_tool(s, llm_key_hash, &kit, call, progress).await
 }
@@ -199,6 +217,8 @@ pub(crate) struct ToolCall<'a> {
     /// Whether the caller reads the tool's log messages (MCP clients do;
     /// ATP has no log message for its callers).
     pub logs: bool,
+    /// How the call came in (for the audit log).
+    pub via: Via,
 }
 
 /// Runs a tool of `kit` for the LLM key `llm_key_hash`, wherever its
@@ -207,6 +227,9 @@ pub(crate) struct ToolCall<'a> {
 /// auth token resolved (the given one, else the user's stored one), the
 /// call checked, then routed. Progress reports go to `progress` when
 /// given. What `task_request` and `/mcp/{toolkit}` share.
+///
+/// Every call leaves one audit row, run or refused (with its arguments
+/// and result if its toolkit keeps them, redacted).
 pub(crate) async fn call_tool(
     s: &crate::State,
     llm_key_hash: &str,
@@ -214,18 +237,63 @@ pub(crate) async fn call_tool(
     call: ToolCall<'_>,
     progress: Option<mpsc::Sender<Report>>,
 ) -> Result<Value, Failure> {
+    let keep = s.audit.keeps_payloads(&kit.app_name);
+    let (via, function) = (call.via, call.function);
+    let arguments = keep.then(|| call.params.clone());
+    let given = call.auth_token.clone();
+    let started = std::time::Instant::now();
+    let (result, ran) = run_tool(s, llm_key_hash, kit, call, progress).await;
+    let code = result.as_ref().err().map(|f| f.code.as_str());
+    let (outcome, transport, took, token) = match ran {
+        Some((transport, took, sent)) => {
+            let outcome = code.map_or(Outcome::Ok, |c| Outcome::of_failure(c, true));
+            (outcome, Some(transport), took, sent)
+        }
+        None => {
+            let outcome = code.map_or(Outcome::Ok, |c| Outcome::of_failure(c, false));
+            (outcome, None, started.elapsed(), given)
+        }
+    };
+    s.audit.record(
+        Entry::call(via, outcome, code)
+            .key(s, llm_key_hash)
+            .tool(Some(&kit.app_name), Some(function))
+            .ran(transport, took)
+            .payloads(
+                keep,
+                arguments.as_ref(),
+                result.as_ref().ok(),
+                token.as_ref(),
+            ),
+    );
+    result
+}
+
+/// What a dispatched call did: its transport, how long it took, and the
+/// token it was given (the caller's, or a user's stored one).
+type Ran = (Transport, std::time::Duration, Option<Secret>);
+
+/// [`call_tool`] but for its audit row: the result, and, if the call was
+/// dispatched (not refused before), what [`Ran`].
+async fn run_tool(
+    s: &crate::State,
+    llm_key_hash: &str,
+    kit: &ToolkitRecord,
+    call: ToolCall<'_>,
+    progress: Option<mpsc::Sender<Report>>,
+) -> (Result<Value, Failure>, Option<Ran>) {
     let ToolCall {
         function,
         params,
         auth_token,
         user,
         logs,
+        via: _,
     } = call;
-    let tool = kit
-        .tools
-        .iter()
-        .find(|t| t.spec.name == function)
-        .ok_or(CallError::ToolNotFound)?;
+    let refused = |f: Failure| (Err(f), None);
+    let Some(tool) = kit.tools.iter().find(|t| t.spec.name == function) else {
+        return refused(CallError::ToolNotFound.into());
+    };
 
     let mut not_connected = None;
     let mut other_developer = false;
@@ -238,7 +306,10 @@ pub(crate) async fn call_tool(
             None
         }
         (None, Some(user), Some(provider)) => {
-            let token = oauth::token_for(s, llm_key_hash, provider, user).await?;
+            let token = match oauth::token_for(s, llm_key_hash, provider, user).await {
+                Ok(token) => token,
+                Err(e) => return refused(e),
+            };
             if token.is_none() {
                 not_connected = Some((user, provider));
             }
@@ -259,12 +330,13 @@ pub(crate) async fn call_tool(
                     ": user {user} has not connected {provider} (start the OAuth flow with initiate_oauth_connection)"
                 ));
             }
-            return Err(Failure::new(
+            return refused(Failure::new(
                 CallError::AuthRequired.code().as_str(),
                 message,
             ));
         }
-        other => other?,
+        Err(other) => return refused(other.into()),
+        Ok(()) => {}
     }
 
     let request = ToolRequest {
@@ -325,7 +397,7 @@ pub(crate) async fn call_tool(
         outcome: outcome.err().unwrap_or("ok").to_owned(),
         duration_ms: took.as_secs_f64() * 1000.0,
     });
-    result
+    (result, Some((transport, took, request.auth_token)))
 }
 
 /// Runs a `task_request` with progress: each progress report of the tool
@@ -335,6 +407,7 @@ pub(crate) async fn call_tool(
 async fn task_with_progress(
     s: &crate::State,
     llm_key_hash: &str,
+    via: Via,
     req: TaskRequest,
     emit: impl Fn(ServerToLlm),
 ) -> TaskResponse {
@@ -349,7 +422,7 @@ async fn task_with_progress(
             }));
         }
     };
-    let work = task(s, llm_key_hash, req, Some(tx));
+    let work = task(s, llm_key_hash, via, req, Some(tx));
     tokio::pin!(work);
     let answer = loop {
         tokio::select! {
@@ -643,15 +716,23 @@ pub(crate) async fn process(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let unauthorized = |asked: Option<&Map<String, Value>>| {
+        let (toolkit, tool) = asked.map_or((None, None), asked_for);
+        s.audit.record(
+            Entry::call(Via::LlmHttp, Outcome::Unauthorized, Some("unauthorized"))
+                .tool(toolkit, tool),
+        );
+        ApiError::unauthorized().into_response()
+    };
     if api_key_header(&headers).is_some() && s.llm_caller(&headers, None).is_err() {
-        return ApiError::unauthorized().into_response();
+        return unauthorized(None);
     }
     let m = match read_object(body, &s.config).await {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
     let Ok(llm_key_hash) = s.llm_caller(&headers, Some(&m)) else {
-        return ApiError::unauthorized().into_response();
+        return unauthorized(Some(&m));
     };
     let sse = wants_sse(&headers);
     match LlmToServer::from_object(m) {
@@ -668,13 +749,13 @@ pub(crate) async fn process(
             let emit = move |m: ServerToLlm| {
                 let _ = progress.try_send(event(&m));
             };
-            let done = task_with_progress(&s, &llm_key_hash, req, emit).await;
+            let done = task_with_progress(&s, &llm_key_hash, Via::LlmHttp, req, emit).await;
             let last = event(&ServerToLlm::TaskResponse(done));
             let _ = tokio::time::timeout(s.config.task_timeout, tx.send(last)).await;
         }),
         Ok(LlmToServer::TaskRequest(req)) => answer(
             StatusCode::OK,
-            &ServerToLlm::TaskResponse(task(&s, &llm_key_hash, req, None).await),
+            &ServerToLlm::TaskResponse(task(&s, &llm_key_hash, Via::LlmHttp, req, None).await),
         ),
         Ok(
             m @ (LlmToServer::AppRequest(_)
@@ -708,6 +789,17 @@ pub(crate) async fn process(
     }
 }
 
+/// The toolkit and the tool a message asks for (`toolkit_id`,
+/// `payload.function`), as far as it says: for the audit row of a refused
+/// request.
+fn asked_for(m: &Map<String, Value>) -> (Option<&str>, Option<&str>) {
+    let tool = m
+        .get("payload")
+        .and_then(|p| p.get("function"))
+        .and_then(Value::as_str);
+    (crate::str_field(m, "toolkit_id"), tool)
+}
+
 /// `GET /ws/v1/atp/llm-client/{api_key}/`: an LLM client's WebSocket.
 pub(crate) async fn socket(
     State(s): State<Arc<crate::State>>,
@@ -716,7 +808,14 @@ pub(crate) async fn socket(
 ) -> Response {
     let key = match key {
         Ok(Path(k)) if s.keys.check(Role::Llm, &k) => Secret::new(k),
-        _ => return ApiError::unauthorized().into_response(),
+        _ => {
+            s.audit.record(Entry::call(
+                Via::LlmWebsocket,
+                Outcome::Unauthorized,
+                Some("unauthorized"),
+            ));
+            return ApiError::unauthorized().into_response();
+        }
     };
     let Ok(ws) = ws else {
         return not_a_websocket();
@@ -782,6 +881,11 @@ impl Handler for LlmSocket {
                 self.key.matches(k.expose().as_bytes()) && self.s.keys.check(Role::Llm, k.expose())
             });
             if !ok {
+                self.s.audit.record(Entry::call(
+                    Via::LlmWebsocket,
+                    Outcome::Unauthorized,
+                    Some("unauthorized"),
+                ));
                 let refusal = ServerToLlm::AuthResponse {
                     success: false,
                     error: Some("Invalid API key".into()),
@@ -800,11 +904,22 @@ impl Handler for LlmSocket {
         if !self.authenticated {
             let message_text = "Authenticate first: send {\"type\": \"auth\", \"api_key\": KEY}";
             return Flow::Reply(match message {
-                LlmToServer::TaskRequest(req) => ServerToLlm::TaskResponse(task_failed(
-                    req.request_id,
-                    &Failure::new("not_authenticated", message_text),
-                ))
-                .to_json(),
+                LlmToServer::TaskRequest(req) => {
+                    self.s.audit.record(
+                        Entry::call(
+                            Via::LlmWebsocket,
+                            Outcome::Unauthorized,
+                            Some("not_authenticated"),
+                        )
+                        .key(&self.s, &self.llm_key_hash)
+                        .tool(Some(&req.toolkit_id), Some(&req.payload.function)),
+                    );
+                    ServerToLlm::TaskResponse(task_failed(
+                        req.request_id,
+                        &Failure::new("not_authenticated", message_text),
+                    ))
+                    .to_json()
+                }
                 LlmToServer::GetToolkitContext(req) => ServerToLlm::ToolkitContext(context_error(
                     req.request_id,
                     &ApiError::unauthorized_with("not_authenticated", message_text),
@@ -835,6 +950,15 @@ impl Handler for LlmSocket {
                 .to_json(),
             ),
             LlmToServer::TaskRequest(req) if self.tasks.len() >= MAX_IN_FLIGHT => {
+                self.s.audit.record(
+                    Entry::call(
+                        Via::LlmWebsocket,
+                        Outcome::Refused,
+                        Some("too_many_requests"),
+                    )
+                    .key(&self.s, &self.llm_key_hash)
+                    .tool(Some(&req.toolkit_id), Some(&req.payload.function)),
+                );
                 let f = Failure::new(
                     "too_many_requests",
                     format!("More than {MAX_IN_FLIGHT} requests are in flight on this connection"),
@@ -852,9 +976,9 @@ impl Handler for LlmSocket {
                         let emit = move |m: ServerToLlm| {
                             let _ = progress.try_send(m.to_json());
                         };
-                        task_with_progress(&s, &llm_key_hash, req, emit).await
+                        task_with_progress(&s, &llm_key_hash, Via::LlmWebsocket, req, emit).await
                     } else {
-                        task(&s, &llm_key_hash, req, None).await
+                        task(&s, &llm_key_hash, Via::LlmWebsocket, req, None).await
                     };
                     let _ = tx.send(ServerToLlm::TaskResponse(done).to_json()).await;
                 });

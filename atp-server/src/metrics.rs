@@ -4,7 +4,7 @@
 //! What is counted: tool calls by toolkit, tool, the toolkit's transport
 //! and outcome (`ok` or the ATP error code), with their latency; the
 //! toolkit and LLM WebSockets open now; the inbox entries waiting; the
-//! webhook delivery attempts by outcome. Labels carry names and codes
+//! webhook delivery attempts by outcome; the audit rows written and lost. Labels carry names and codes
 //! only: never a key, a token, an argument or a result.
 //!
 //! Who may read them: with `metrics_token` set, a request with
@@ -69,6 +69,12 @@ struct DeliveryLabels {
     outcome: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuditDropLabels {
+    /// `queue_full` or `write_failed`.
+    reason: &'static str,
+}
+
 type LatencyFamily = Family<LatencyLabels, Histogram, fn() -> Histogram>;
 
 /// The server's metrics.
@@ -77,6 +83,8 @@ pub(crate) struct Metrics {
     calls: Family<CallLabels, Counter>,
     latency: LatencyFamily,
     deliveries: Family<DeliveryLabels, Counter>,
+    audit_written: Counter,
+    audit_dropped: Family<AuditDropLabels, Counter>,
     toolkit_sockets: Gauge,
     llm_sockets: Gauge,
     inbox_depth: Gauge,
@@ -92,6 +100,8 @@ impl Default for Metrics {
         let calls = Family::<CallLabels, Counter>::default();
         let latency: LatencyFamily = Family::new_with_constructor(latency_histogram);
         let deliveries = Family::<DeliveryLabels, Counter>::default();
+        let audit_written = Counter::default();
+        let audit_dropped = Family::<AuditDropLabels, Counter>::default();
         let (toolkit_sockets, llm_sockets, inbox_depth) =
             (Gauge::default(), Gauge::default(), Gauge::default());
         let mut registry = Registry::with_prefix("atp");
@@ -109,6 +119,16 @@ impl Default for Metrics {
             "webhook_delivery_attempts",
             "Webhook delivery attempts, by outcome (delivered, retry, failed)",
             deliveries.clone(),
+        );
+        registry.register(
+            "audit_rows_written",
+            "Rows written to the audit log",
+            audit_written.clone(),
+        );
+        registry.register(
+            "audit_rows_dropped",
+            "Audit rows lost, by reason (queue_full: the writer was behind; write_failed: the database refused them)",
+            audit_dropped.clone(),
         );
         registry.register(
             "toolkit_websockets",
@@ -130,6 +150,8 @@ impl Default for Metrics {
             calls,
             latency,
             deliveries,
+            audit_written,
+            audit_dropped,
             toolkit_sockets,
             llm_sockets,
             inbox_depth,
@@ -172,6 +194,18 @@ impl Metrics {
         self.deliveries
             .get_or_create(&DeliveryLabels { outcome })
             .inc();
+    }
+
+    /// Counts `n` audit rows written.
+    pub fn audit_written(&self, n: u64) {
+        self.audit_written.inc_by(n);
+    }
+
+    /// Counts `n` audit rows lost (`queue_full`, `write_failed`).
+    pub fn audit_dropped(&self, reason: &'static str, n: u64) {
+        self.audit_dropped
+            .get_or_create(&AuditDropLabels { reason })
+            .inc_by(n);
     }
 
     /// A guard that counts an LLM WebSocket while it lives.

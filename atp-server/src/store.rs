@@ -40,8 +40,10 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 }
 
 /// SQLite's versioned migrations: (version, SQL), in order.
-const SQLITE_MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../migrations/sqlite/0001_initial.sql"))];
+const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/sqlite/0001_initial.sql")),
+    (2, include_str!("../migrations/sqlite/0002_audit.sql")),
+];
 
 /// Applies the SQLite migrations not applied yet, each in a transaction.
 fn migrate_sqlite(c: &mut Connection) -> Result<(), rusqlite::Error> {
@@ -315,6 +317,7 @@ const PG_MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../migrations/postgres/0002_insert_order.sql"),
     ),
+    (3, include_str!("../migrations/postgres/0003_audit.sql")),
 ];
 
 /// The most connections one server holds to PostgreSQL.

@@ -3,6 +3,7 @@
 
 mod admin;
 mod apps;
+mod audit;
 mod cli;
 mod cluster;
 mod cluster_faults;
