@@ -1086,6 +1086,56 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn an_admin_request_is_recorded_with_its_key_id_only() {
+        let admin_key = "admin-key-for-the-audit-0123";
+        let server = crate::AtpServer::open(crate::Config {
+            db: crate::DbLocation::Memory,
+            toolkit_api_keys: vec!["tk".into()],
+            admin_api_keys: vec![admin_key.into()],
+            ..crate::Config::default()
+        })
+        .expect("open");
+        let s = &server.state;
+        let mut headers = HeaderMap::new();
+        let bearer = format!("Bearer {admin_key}");
+        headers.insert("authorization", bearer.parse().expect("a header"));
+        admin_action(s, &headers, "keys revoke", Some("0123456789ab"), None);
+        admin_action(
+            s,
+            &HeaderMap::new(),
+            "keys revoke",
+            None,
+            Some("rate_limited"),
+        );
+        assert!(s.audit.flush(Duration::from_secs(10)).await);
+        let rows = s
+            .store
+            .query_audit(Filter {
+                kind: Some("admin".into()),
+                limit: 10,
+                ..Filter::default()
+            })
+            .await
+            .expect("read");
+        assert_eq!(rows.len(), 2);
+        let text = serde_json::to_string(&rows).expect("JSON");
+        assert!(!text.contains(admin_key), "{text}");
+        let (refused, done) = (&rows[0], &rows[1]);
+        assert_eq!(
+            done.key_id.as_deref(),
+            Some(&keys::key_hash(admin_key)[..12])
+        );
+        assert_eq!(
+            (done.outcome.as_str(), done.via.as_str()),
+            ("ok", "admin_api")
+        );
+        assert_eq!(done.target.as_deref(), Some("0123456789ab"));
+        assert_eq!(refused.key_id, None);
+        assert_eq!(refused.outcome, "rate_limited");
+        assert_eq!(refused.error_code.as_deref(), Some("rate_limited"));
+    }
+
     #[test]
     fn outcomes_of_failures() {
         assert_eq!(Outcome::of_failure("tool_error", true), Outcome::Error);

@@ -451,6 +451,39 @@ async fn the_audit_log_on_postgres() {
         assert_eq!(admin[0]["action"], "keys revoke");
         stop_toolkits(toolkits).await;
         server.stop().await;
+
+        // Retention: a row past it (inserted by hand) is purged when a
+        // server starts; the recent ones stay.
+        let old_at = 1_000_000i64; // 1970
+        let inserted = blocking(|| {
+            pg.sql(
+                "atp",
+                &format!(
+                    "INSERT INTO audit (at_ms, kind, via, duration_ms, outcome, action) VALUES ({old_at}, 'admin', 'cli', 0, 'ok', 'ancient')"
+                ),
+            )
+        });
+        assert!(inserted);
+        let server = TestServer::start_connected(audited(Config {
+            db: db.clone(),
+            ..keyed_config()
+        }))
+        .await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let admin = rows(&server, "kind=admin").await;
+            if admin.iter().all(|r| r["action"] != "ancient") {
+                assert_eq!(admin.len(), 1, "{admin:#?}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the row past retention was not purged: {admin:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(rows(&server, "kind=call").await.len(), made);
+        server.stop().await;
     })
     .await;
 }
