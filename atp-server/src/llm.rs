@@ -443,10 +443,11 @@ async fn task_with_progress(
 pub(crate) async fn app(
     s: &Arc<crate::State>,
     llm_key_hash: &str,
+    via: Via,
     message: LlmToServer,
 ) -> Option<AppResponse> {
     Some(match message {
-        LlmToServer::AppRequest(req) => app_start(s, llm_key_hash, req).await,
+        LlmToServer::AppRequest(req) => app_start(s, llm_key_hash, via, req).await,
         LlmToServer::AppAction(req) => app_action(s, llm_key_hash, req).await,
         LlmToServer::AppTerminate(req) => app_terminate(s, llm_key_hash, req).await,
         _ => return None,
@@ -462,15 +463,56 @@ fn app_failed(
     AppResponse::error(request_id, session_id, &f.code, &f.message)
 }
 
-async fn app_start(s: &Arc<crate::State>, llm_key_hash: &str, req: AppRequest) -> AppResponse {
+/// Starts an app session (`app_request`); the start leaves an audit row
+/// like a tool call (the app is a tool of its toolkit).
+async fn app_start(
+    s: &Arc<crate::State>,
+    llm_key_hash: &str,
+    via: Via,
+    req: AppRequest,
+) -> AppResponse {
     let AppRequest {
         toolkit_id,
         request_id,
         payload,
     } = req;
-    let Some(kit) = s.visible_toolkit(llm_key_hash, &toolkit_id) else {
-        let f = Failure::new("toolkit_not_found", "Toolkit not found");
-        return app_failed(request_id, None, &f);
+    let keep = s.audit.keeps_payloads(&toolkit_id);
+    let arguments = keep.then(|| payload.parameters.clone());
+    let token = payload.auth_token.clone();
+    let app_name = payload.app.clone();
+    let began = std::time::Instant::now();
+    let (done, transport) = start_app(s, llm_key_hash, &toolkit_id, payload).await;
+    let code = done.as_ref().err().map(|f| f.code.as_str());
+    let outcome = code.map_or(Outcome::Ok, |c| Outcome::of_failure(c, transport.is_some()));
+    s.audit.record(
+        Entry::call(via, outcome, code)
+            .key(s, llm_key_hash)
+            .tool(Some(&toolkit_id), Some(&app_name))
+            .ran(transport, began.elapsed())
+            .payloads(keep, arguments.as_ref(), None, token.as_ref()),
+    );
+    match done {
+        Ok((session_id, ui, terminated)) => {
+            AppResponse::ok(request_id, session_id, Some(ui), terminated.then_some(true))
+        }
+        Err(f) => app_failed(request_id, None, &f),
+    }
+}
+
+/// [`app_start`] but for its audit row: the session, its first UI and
+/// whether it already ended; and the transport, once the app was routed
+/// to its toolkit.
+async fn start_app(
+    s: &Arc<crate::State>,
+    llm_key_hash: &str,
+    toolkit_id: &str,
+    payload: atp_registry::wire::AppStart,
+) -> (Result<(String, Value, bool), Failure>, Option<Transport>) {
+    let Some(kit) = s.visible_toolkit(llm_key_hash, toolkit_id) else {
+        return (
+            Err(Failure::new("toolkit_not_found", "Toolkit not found")),
+            None,
+        );
     };
     // The Python toolkit ignores an app it does not have (no answer at
     // all): only the registered tools are apps.
@@ -482,7 +524,7 @@ async fn app_start(s: &Arc<crate::State>, llm_key_hash: &str, req: AppRequest) -
                 kit.app_name, payload.app
             ),
         );
-        return app_failed(request_id, None, &f);
+        return (Err(f), None);
     }
     crate::hub::ensure_sweeper(s);
     let request = ToolRequest {
@@ -491,9 +533,10 @@ async fn app_start(s: &Arc<crate::State>, llm_key_hash: &str, req: AppRequest) -
         auth_token: payload.auth_token,
         logs: false,
     };
+    let route = s.hub.route(&kit.key_hash, false);
     let started = match &s.bus {
         // Not here: maybe on another server.
-        Some(bus) if s.hub.route(&kit.key_hash, false).is_none() => {
+        Some(bus) if route.is_none() => {
             bus.start_app(
                 s,
                 llm_key_hash,
@@ -516,12 +559,14 @@ async fn app_start(s: &Arc<crate::State>, llm_key_hash: &str, req: AppRequest) -
                 .await
         }
     };
-    match started {
-        Ok((session_id, ui, terminated)) => {
-            AppResponse::ok(request_id, session_id, Some(ui), terminated.then_some(true))
-        }
-        Err(e) => app_failed(request_id, None, &Failure::from(e)),
-    }
+    let transport = match route {
+        Some(Route::Inbox) => Transport::inbox,
+        Some(Route::Endpoint | Route::Socket) => Transport::websocket,
+        None if s.bus.is_some() => Transport::remote,
+        // Not connected anywhere: refused by the hub, never routed.
+        None => return (started.map_err(Failure::from), None),
+    };
+    (started.map_err(Failure::from), Some(transport))
 }
 
 async fn app_action(
@@ -762,7 +807,7 @@ pub(crate) async fn process(
             | LlmToServer::AppAction(_)
             | LlmToServer::AppTerminate(_)),
         ) if sse => sse_stream(move |tx| async move {
-            if let Some(done) = app(&s, &llm_key_hash, m).await {
+            if let Some(done) = app(&s, &llm_key_hash, Via::LlmHttp, m).await {
                 let last = event(&ServerToLlm::AppResponse(done));
                 let _ = tokio::time::timeout(s.config.task_timeout, tx.send(last)).await;
             }
@@ -771,7 +816,7 @@ pub(crate) async fn process(
             m @ (LlmToServer::AppRequest(_)
             | LlmToServer::AppAction(_)
             | LlmToServer::AppTerminate(_)),
-        ) => match app(&s, &llm_key_hash, m).await {
+        ) => match app(&s, &llm_key_hash, Via::LlmHttp, m).await {
             Some(done) => answer(StatusCode::OK, &ServerToLlm::AppResponse(done)),
             None => ApiError::internal("unexpected message").into_response(),
         },
@@ -1001,7 +1046,7 @@ impl Handler for LlmSocket {
                 let (s, tx, llm_key_hash) =
                     (self.s.clone(), self.tx.clone(), self.llm_key_hash.clone());
                 self.tasks.spawn(async move {
-                    if let Some(done) = app(&s, &llm_key_hash, m).await {
+                    if let Some(done) = app(&s, &llm_key_hash, Via::LlmWebsocket, m).await {
                         let _ = tx.send(ServerToLlm::AppResponse(done).to_json()).await;
                     }
                 });

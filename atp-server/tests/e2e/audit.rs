@@ -181,7 +181,19 @@ async fn calls_and_refusals(server: &TestServer) -> usize {
     )
     .await;
     assert_eq!(status, 401);
-    10
+    // An app the toolkit does not have.
+    let (status, v) = http_json(
+        "POST",
+        &format!("{}/api/v1/atp/llm-client/process/", server.base),
+        &[("authorization", &format!("ApiKey {LLM_KEY}"))],
+        Some(
+            &json!({"type": "app_request", "toolkit_id": "plain", "request_id": "a1",
+                     "payload": {"app": "no_such_app", "parameters": {}}}),
+        ),
+    )
+    .await;
+    assert_eq!(v["payload"]["code"], "app_not_found", "{status}: {v}");
+    11
 }
 
 /// Checks the rows [`calls_and_refusals`] left (newest first).
@@ -215,6 +227,9 @@ fn check_rows(rows: &[Value]) {
     assert_eq!(unknown["key_id"], llm.as_str());
     let no_token = find(rows, "plain", "whoami", "refused");
     assert_eq!(no_token["error_code"], "auth_required");
+    let no_app = find(rows, "plain", "no_such_app", "refused");
+    assert_eq!(no_app["error_code"], "app_not_found");
+    assert_eq!(no_app["via"], "llm_http");
     // Payloads: none for `plain`; for `kept`, arguments and result, with
     // the token redacted wherever it was.
     for r in rows.iter().filter(|r| r["toolkit"] == "plain") {
