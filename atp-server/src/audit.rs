@@ -33,7 +33,7 @@ use std::{
     collections::HashSet,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -336,6 +336,8 @@ pub(crate) struct Audit {
     retention_ms: i64,
     metrics: Arc<Metrics>,
     dropped: AtomicU64,
+    /// Whether the writer runs (so that a row does not take the lock).
+    started: AtomicBool,
 }
 
 impl Audit {
@@ -351,13 +353,14 @@ impl Audit {
             retention_ms: i64::from(config.audit_retention_days) * 86_400_000,
             metrics,
             dropped: AtomicU64::new(0),
+            started: AtomicBool::new(false),
         }
     }
 
     /// Starts the writer and the purge, once, on the current runtime (no
     /// runtime: not yet).
     pub fn start(&self) {
-        if tokio::runtime::Handle::try_current().is_err() {
+        if self.started.load(Ordering::Acquire) || tokio::runtime::Handle::try_current().is_err() {
             return;
         }
         let taken = self
@@ -369,6 +372,7 @@ impl Audit {
             let purge = tokio::spawn(purge_loop(store.clone(), self.retention_ms));
             tokio::spawn(write_loop(store, rx, self.metrics.clone(), purge));
         }
+        self.started.store(true, Ordering::Release);
     }
 
     /// Whether the calls of `toolkit` keep their arguments and results.

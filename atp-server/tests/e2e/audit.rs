@@ -26,6 +26,7 @@ const ADMIN_KEY: &str = "audit-admin-key-0123456789";
 const TK_KEY2: &str = "tk-second-secret-key";
 const WRONG_LLM_KEY: &str = "llm-wrong-secret-key";
 const TOKEN: &str = "tok-never-stored-5150";
+const METRICS_TOKEN: &str = "audit-metrics-token-0123";
 
 /// What atp-server shows of a key: the first 12 hex digits of its hash.
 fn key_id(key: &str) -> String {
@@ -285,7 +286,24 @@ async fn stop_toolkits(toolkits: Vec<(StopOnDrop, tokio::task::JoinHandle<()>)>)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_and_refusal_leaves_a_row_without_any_key() {
     bounded(Duration::from_secs(90), async {
-        let server = TestServer::start(audited(keyed_config())).await;
+        // Off without admin keys (outside dev mode).
+        let off = TestServer::start(keyed_config()).await;
+        let auth = format!("Bearer {ADMIN_KEY}");
+        let (status, _, _) = http(
+            "GET",
+            &format!("{}/admin/audit", off.base),
+            &[("authorization", auth.as_str())],
+            None,
+        )
+        .await;
+        assert_eq!(status, 404);
+        off.stop().await;
+
+        let server = TestServer::start(Config {
+            metrics_token: Some(METRICS_TOKEN.into()),
+            ..audited(keyed_config())
+        })
+        .await;
         // The API is the admin's.
         let url = format!("{}/admin/audit", server.base);
         let llm_auth = format!("Bearer {LLM_KEY}");
@@ -386,6 +404,37 @@ async fn every_call_and_refusal_leaves_a_row_without_any_key() {
             capped["rows"]
                 .as_array()
                 .is_some_and(|r| r.len() == made + 11)
+        );
+        // The metrics count the rows written, and none lost.
+        let auth = format!("Bearer {METRICS_TOKEN}");
+        let (status, _, metrics) = http(
+            "GET",
+            &format!("{}/metrics", server.base),
+            &[("authorization", auth.as_str())],
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned())))
+            .expect("the Prometheus text format");
+        let written: Vec<f64> = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "atp_audit_rows_written_total")
+            .filter_map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => {
+                    Some(v)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(written, [(made + 11) as f64], "{metrics}");
+        assert!(
+            !scrape
+                .samples
+                .iter()
+                .any(|s| s.metric == "atp_audit_rows_dropped_total"),
+            "{metrics}"
         );
 
         stop_toolkits(toolkits).await;
