@@ -1032,6 +1032,33 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_drops_and_counts_and_never_waits() {
+        let store = Store::memory();
+        let audit = Audit::new(
+            &crate::Config::default(),
+            store.clone(),
+            Arc::new(Metrics::default()),
+        );
+        let now = keys::now_millis();
+        // No runtime here, so no writer yet: the queue fills up.
+        for _ in 0..(QUEUE + 5) {
+            audit.record(entry(now, "kit"));
+        }
+        assert_eq!(audit.dropped.load(Ordering::Relaxed), 5);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            assert!(audit.flush(Duration::from_secs(20)).await);
+        });
+        let n: i64 = store
+            .call_now(|c| c.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0)))
+            .expect("count");
+        assert_eq!(n, QUEUE as i64, "every queued row is written");
+    }
+
+    #[test]
     fn payloads_are_redacted_and_only_kept_when_asked() {
         let token = Secret::new("tok-123456");
         let args = serde_json::json!({
