@@ -54,3 +54,13 @@ pub use tool::{
 // another dependency.
 pub use schemars;
 pub use serde_json;
+
+/// The docs of `atp-macros` (`#[tool]`, `#[toolkit]`, which this crate
+/// re-exports): their snippets run as this crate's doc tests, since a
+/// proc-macro crate's own doc tests would need a build of this crate just
+/// for them.
+#[cfg(doctest)]
+#[doc = include_str!("../../atp-macros/README.md")]
+#[doc = include_str!("../../atp-macros/doc/tool.md")]
+#[doc = include_str!("../../atp-macros/doc/toolkit.md")]
+pub struct AtpMacrosDocs;

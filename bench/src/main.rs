@@ -6,7 +6,7 @@
 //!   the same run.
 //! - `atp-bench memory`: RSS of each server idle and under load, and the
 //!   registry's bytes per registered tool and per toolkit.
-//! - `atp-bench micro`: the tables of `cargo bench -p atp-registry`.
+//! - `atp-bench micro`: the tables of `cargo bench -p atp-registry-benches`.
 //! - `atp-bench load`: the load generator alone, against a running server.
 //!
 //! Servers run as separate processes (this binary's hidden `serve`

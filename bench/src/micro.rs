@@ -1,5 +1,5 @@
 //! `atp-bench micro`: the tables of the criterion benchmarks of
-//! `atp-registry` (`cargo bench -p atp-registry`), read from criterion's
+//! `atp-registry` (`cargo bench -p atp-registry-benches`), read from criterion's
 //! `estimates.json` files, with the derived numbers the targets are about.
 
 use std::{
@@ -93,7 +93,7 @@ pub fn tables(dir: &Path) -> Result<String, String> {
     collect(dir, &mut all);
     if all.is_empty() {
         return Err(format!(
-            "no criterion results under {}: run `cargo bench -p atp-registry` first",
+            "no criterion results under {}: run `cargo bench -p atp-registry-benches` first",
             dir.display()
         ));
     }

@@ -136,7 +136,10 @@ impl Request {
         &self.target
     }
 
-    fn to_bytes(&self, host: &str, base_path: &str) -> Vec<u8> {
+    /// The request as bytes, for `host` under `base_path` (public for the
+    /// conformance suite's own tests only).
+    #[doc(hidden)]
+    pub fn to_bytes(&self, host: &str, base_path: &str) -> Vec<u8> {
         let mut head = format!(
             "{} {}{} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n",
             self.method, base_path, self.target
@@ -225,14 +228,19 @@ pub fn preview(text: &str) -> String {
     }
 }
 
-/// `http://HOST:PORT[/PATH]`, split.
-struct BaseUrl {
-    authority: String,
-    path: String,
+/// `http://HOST:PORT[/PATH]`, split (public for the conformance suite's
+/// own tests only).
+#[doc(hidden)]
+pub struct BaseUrl {
+    /// `HOST:PORT` (port 80 when the URL has none).
+    pub authority: String,
+    /// The path without its trailing `/` (empty for none).
+    pub path: String,
 }
 
 impl BaseUrl {
-    fn parse(base: &str) -> Result<Self, String> {
+    /// Splits `base`; an error for anything but `http://`.
+    pub fn parse(base: &str) -> Result<Self, String> {
         let rest = base
             .strip_prefix("http://")
             .ok_or_else(|| format!("unsupported base URL {base:?}: expected http://HOST:PORT"))?;
@@ -333,8 +341,10 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Parses an answer: `Ok(None)` while it is incomplete, `Ok(Some(_))` once
-/// complete. `eof` says whether the server closed the connection.
-fn parse(buf: &[u8], is_head: bool, eof: bool) -> Result<Option<Response>, String> {
+/// complete. `eof` says whether the server closed the connection. (Public
+/// for the conformance suite's own tests only.)
+#[doc(hidden)]
+pub fn parse(buf: &[u8], is_head: bool, eof: bool) -> Result<Option<Response>, String> {
     let mut rest = buf;
     loop {
         let Some(end) = find(rest, b"\r\n\r\n") else {
@@ -439,96 +449,5 @@ fn dechunk(mut body: &[u8]) -> Result<Option<Vec<u8>>, String> {
         }
         out.extend_from_slice(&body[..size]);
         body = &body[size + 2..];
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_framings() {
-        let r = parse(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
-            false,
-            false,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (200, &b"{}"[..]));
-        assert_eq!(
-            parse(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n{}",
-                false,
-                false
-            ),
-            Ok(None)
-        );
-        assert!(
-            parse(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n{}",
-                false,
-                true
-            )
-            .is_err()
-        );
-        let r = parse(
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n1;x=y\r\n \r\n0\r\n\r\n",
-            false,
-            false,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (404, &b"{} "[..]));
-        assert_eq!(r.header("Transfer-Encoding"), Some("chunked"));
-        let r = parse(b"HTTP/1.0 200 OK\r\n\r\nabc", false, true)
-            .unwrap()
-            .unwrap();
-        assert_eq!(r.body, b"abc");
-        assert_eq!(
-            parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", true, false),
-            Ok(None)
-        );
-        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", true, true)
-            .unwrap()
-            .unwrap();
-        assert!(r.body.is_empty());
-        assert!(parse(b"garbage\r\n\r\n", false, true).is_err());
-    }
-
-    #[test]
-    fn frames_requests() {
-        let bytes = Request::post("/x")
-            .header("A", "b")
-            .body("hello")
-            .framing(Framing::Chunked)
-            .to_bytes("h:1", "/base");
-        assert_eq!(
-            String::from_utf8(bytes).unwrap(),
-            "POST /base/x HTTP/1.1\r\nHost: h:1\r\nConnection: close\r\nA: b\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-        );
-        let bytes = Request::post("/x").to_bytes("h:1", "");
-        assert!(
-            String::from_utf8(bytes)
-                .unwrap()
-                .ends_with("Content-Length: 0\r\n\r\n")
-        );
-        let bytes = Request::get("/x").to_bytes("h:1", "");
-        assert!(!String::from_utf8(bytes).unwrap().contains("Content-Length"));
-    }
-
-    #[test]
-    fn base_urls() {
-        let u = BaseUrl::parse("http://127.0.0.1:8080/").unwrap();
-        assert_eq!(
-            (u.authority.as_str(), u.path.as_str()),
-            ("127.0.0.1:8080", "")
-        );
-        let u = BaseUrl::parse("http://localhost/api/").unwrap();
-        assert_eq!(
-            (u.authority.as_str(), u.path.as_str()),
-            ("localhost:80", "/api")
-        );
-        assert!(BaseUrl::parse("https://x").is_err());
     }
 }

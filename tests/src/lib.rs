@@ -245,16 +245,3 @@ pub fn serve_fixture_on(framework: server::Framework, addr: SocketAddr) -> std::
     let bound = server::spawn(framework, engine, addr)?;
     Ok(format!("http://{bound}"))
 }
-
-#[cfg(test)]
-mod tests {
-    use std::collections::HashSet;
-
-    #[test]
-    fn case_names_are_unique() {
-        let cases = super::all_cases();
-        let names: HashSet<&str> = cases.iter().map(|(n, _)| *n).collect();
-        assert_eq!(names.len(), cases.len());
-        assert!(cases.len() > 100);
-    }
-}

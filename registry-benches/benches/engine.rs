@@ -3,7 +3,7 @@
 //! 1,000 and 100,000 registered toolkits, provider schemas of a 100-tool
 //! toolkit, and a call through a blocking handler.
 //!
-//! Run: `cargo bench -p atp-registry` (see `docs/BENCHMARKS.md`).
+//! Run: `cargo bench -p atp-registry-benches` (see `docs/BENCHMARKS.md`).
 
 use std::{hint::black_box, time::Duration};
 

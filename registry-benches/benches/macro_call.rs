@@ -7,7 +7,7 @@
 //! (`POST /atp/bench/hello_world/`); the same for a two-integer `add`
 //! and for a blocking handler.
 //!
-//! Run: `cargo bench -p atp-registry --bench macro_call` (see
+//! Run: `cargo bench -p atp-registry-benches --bench macro_call` (see
 //! `docs/BENCHMARKS.md`, "Macro and builder").
 //!
 //! Instructions per call, which the load of a shared machine does not
