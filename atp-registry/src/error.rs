@@ -39,6 +39,10 @@ pub enum ErrorCode {
     ToolPanicked,
     /// 504: the handler ran past the toolkit's timeout.
     ToolTimeout,
+    /// 429: a rate limit of the server refused the call (over the calls a
+    /// second, or too many calls in flight); try again after
+    /// `Retry-After`.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -61,6 +65,7 @@ impl ErrorCode {
             ErrorCode::ToolError => "tool_error",
             ErrorCode::ToolPanicked => "tool_panicked",
             ErrorCode::ToolTimeout => "tool_timeout",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 
@@ -74,6 +79,7 @@ impl ErrorCode {
             ErrorCode::AuthRequired | ErrorCode::Unauthorized => 401,
             ErrorCode::ToolPanicked => 500,
             ErrorCode::ToolTimeout => 504,
+            ErrorCode::RateLimited => 429,
             ErrorCode::InvalidBody
             | ErrorCode::MissingParams
             | ErrorCode::UnknownParams
@@ -233,6 +239,8 @@ mod tests {
         );
         assert_eq!(CallError::Panicked.code().status(), 500);
         assert_eq!(CallError::AuthRequired.code().status(), 401);
+        assert_eq!(ErrorCode::RateLimited.as_str(), "rate_limited");
+        assert_eq!(ErrorCode::RateLimited.status(), 429);
     }
 
     #[test]

@@ -238,9 +238,11 @@ impl Entry {
     }
 
     /// The caller's key, by its hash ([`keys::key_hash`]), and the
-    /// developer who owns it.
+    /// developer who owns it. Its id: a database key's own (`kid_…`, as
+    /// `atp-server keys list` shows it), else [`keys::key_id`].
     pub fn key(mut self, s: &crate::State, key_hash: &str) -> Self {
-        self.key_id = Some(keys::key_id(key_hash));
+        self.key_id =
+            Some(crate::api_keys::key_id(s, key_hash).unwrap_or_else(|| keys::key_id(key_hash)));
         self.developer = s.catalog.developer(key_hash);
         self
     }

@@ -27,7 +27,7 @@
 use std::{
     collections::{HashMap, HashSet},
     path::Path as FsPath,
-    sync::{Arc, PoisonError},
+    sync::{Arc, PoisonError, RwLock},
 };
 
 use atp_registry::wire::{
@@ -90,6 +90,18 @@ pub(crate) struct Catalog {
     by_key: HashMap<String, usize>,
     /// Dev mode: the owner of every other key.
     fallback: Option<usize>,
+    /// The owners of the keys kept in the database (`atp-server keys
+    /// create --developer`), refreshed while the server runs.
+    stored: RwLock<StoredOwners>,
+}
+
+/// The owners of the database's keys: a developer of the configuration
+/// keeps its index; any other name gets one after them.
+#[derive(Debug, Default)]
+struct StoredOwners {
+    by_key: HashMap<String, usize>,
+    /// Developers named only by stored keys (index `devs.len() + i`).
+    extra: Vec<String>,
 }
 
 impl Catalog {
@@ -138,12 +150,61 @@ impl Catalog {
             devs,
             by_key,
             fallback: if config.dev { implicit } else { None },
+            stored: RwLock::default(),
         }
+    }
+
+    /// Sets the owners of the database's keys: (key hash, developer name).
+    pub fn set_stored<'a>(&self, keys: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        let mut stored = self.stored.write().unwrap_or_else(PoisonError::into_inner);
+        let mut by_key = HashMap::new();
+        for (hash, name) in keys {
+            let i = match self.devs.iter().position(|d| d.display_name == name) {
+                Some(i) => i,
+                None => {
+                    let j = match stored.extra.iter().position(|n| n == name) {
+                        Some(j) => j,
+                        None => {
+                            stored.extra.push(name.to_owned());
+                            stored.extra.len() - 1
+                        }
+                    };
+                    self.devs.len() + j
+                }
+            };
+            by_key.insert(hash.to_owned(), i);
+        }
+        stored.by_key = by_key;
     }
 
     /// The developer (index) who owns the key with this hash.
     fn owner(&self, key_hash: &str) -> Option<usize> {
-        self.by_key.get(key_hash).copied().or(self.fallback)
+        self.by_key
+            .get(key_hash)
+            .copied()
+            .or_else(|| {
+                self.stored
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .by_key
+                    .get(key_hash)
+                    .copied()
+            })
+            .or(self.fallback)
+    }
+
+    /// A developer's display name, by index.
+    fn display_name(&self, i: usize) -> Option<String> {
+        match self.devs.get(i) {
+            Some(d) => Some(d.display_name.clone()),
+            None => self
+                .stored
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extra
+                .get(i - self.devs.len())
+                .cloned(),
+        }
     }
 
     /// The display name of the developer who owns the key with this hash
@@ -157,7 +218,8 @@ impl Catalog {
     /// is public.
     fn is_public(&self, toolkit_key_hash: &str, app_name: &str) -> bool {
         self.owner(toolkit_key_hash)
-            .is_some_and(|o| self.devs[o].public.contains(app_name))
+            .and_then(|o| self.devs.get(o))
+            .is_some_and(|d| d.public.contains(app_name))
     }
 
     /// Whether the LLM key `llm_key_hash` may see the toolkit `app_name`
@@ -176,7 +238,10 @@ impl Catalog {
         match self.owner(toolkit_key_hash) {
             None => false,
             Some(o) => {
-                self.devs[o].public.contains(app_name) || self.owner(llm_key_hash) == Some(o)
+                self.devs
+                    .get(o)
+                    .is_some_and(|d| d.public.contains(app_name))
+                    || self.owner(llm_key_hash) == Some(o)
             }
         }
     }
@@ -690,9 +755,7 @@ fn entry(s: &crate::State, kit: &ToolkitRecord) -> StoreToolkit {
         toolkit_id: kit.app_name.clone(),
         name: kit.app_name.clone(),
         description: describe(kit),
-        developer: cat
-            .owner(&kit.key_hash)
-            .map(|o| cat.devs[o].display_name.clone()),
+        developer: cat.owner(&kit.key_hash).and_then(|o| cat.display_name(o)),
         public: cat.is_public(&kit.key_hash, &kit.app_name),
         tools_count: kit.tools.len(),
         connected: s.is_served(&kit.key_hash) || kit.endpoint_url.is_some(),
@@ -735,7 +798,10 @@ pub(crate) async fn toolkit_details(
         };
         let kit = s
             .toolkit(&id)
-            .filter(|k| s.catalog.can_see(&me, &k.key_hash, &k.app_name))
+            .filter(|k| {
+                s.catalog.can_see(&me, &k.key_hash, &k.app_name)
+                    && crate::api_keys::in_scope(&s, &me, &k.app_name)
+            })
             .ok_or_else(not_found)?;
         Ok(StoreToolkitDetails {
             toolkit: entry(&s, &kit),

@@ -251,6 +251,150 @@ pub struct Config {
     /// the audit log keeps (none by default: only who called what, when,
     /// and how it ended). Even for these, an `auth_token` is never kept.
     pub audit_payloads: Vec<String>,
+    /// Dev mode when no API key is configured and the database holds
+    /// none in force either (what `atp-server` does without keys; false
+    /// by default). Decided once, when the server starts.
+    pub dev_without_keys: bool,
+    /// How often the database's API keys (`atp-server keys create`) are
+    /// read again (1 s by default): a key made or revoked from the
+    /// command line takes effect on every server within this bound.
+    pub api_keys_refresh: Duration,
+    /// The rate limits of tool calls (none by default).
+    pub rate_limits: RateLimits,
+}
+
+/// Limits on tool calls, per instance (docs/OPERATIONS.md, "Rate
+/// limits"): each LLM key and each toolkit has its own counters; a
+/// limit left unset does not apply.
+///
+/// ```
+/// let config = atp_server::Config::from_toml(r#"
+///     [rate_limits.per_key]
+///     calls_per_second = 10
+///     burst = 20
+///     max_concurrent = 4
+///     [rate_limits.toolkits.crm]
+///     max_request_bytes = 65536
+/// "#).unwrap();
+/// let limits = &config.rate_limits;
+/// assert_eq!(limits.for_key(Some("kid_0123456789ab")).burst, Some(20));
+/// assert_eq!(limits.for_toolkit("crm").max_request_bytes, Some(65536));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    /// The limits of each LLM key's calls, all toolkits together.
+    #[serde(default)]
+    pub per_key: Limit,
+    /// The limits of each toolkit's calls, all callers together.
+    #[serde(default)]
+    pub per_toolkit: Limit,
+    /// Per-key overrides, by key id (`atp-server keys list`): a field set
+    /// here replaces `per_key`'s.
+    #[serde(default)]
+    pub keys: std::collections::BTreeMap<String, Limit>,
+    /// Per-toolkit overrides, by toolkit name: a field set here replaces
+    /// `per_toolkit`'s.
+    #[serde(default)]
+    pub toolkits: std::collections::BTreeMap<String, Limit>,
+}
+
+/// One set of limits; unset fields do not limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    /// Calls a second, sustained (a fraction for fewer than one).
+    pub calls_per_second: Option<f64>,
+    /// Calls that may come at once above the rate (the bucket's size;
+    /// `calls_per_second` rounded up, at least 1, by default).
+    pub burst: Option<u32>,
+    /// Calls in flight at once.
+    pub max_concurrent: Option<u32>,
+    /// The largest arguments of a call, in bytes of JSON.
+    pub max_request_bytes: Option<usize>,
+}
+
+impl Limit {
+    /// This limit with the fields `over` sets replaced.
+    fn with(self, over: &Limit) -> Limit {
+        Limit {
+            calls_per_second: over.calls_per_second.or(self.calls_per_second),
+            burst: over.burst.or(self.burst),
+            max_concurrent: over.max_concurrent.or(self.max_concurrent),
+            max_request_bytes: over.max_request_bytes.or(self.max_request_bytes),
+        }
+    }
+
+    fn validate(&self, name: &str) -> Result<(), ServerError> {
+        if let Some(r) = self.calls_per_second
+            && !(r.is_finite() && r > 0.0 && r <= 1_000_000.0)
+        {
+            return Err(ServerError::Config(format!(
+                "{name}.calls_per_second must be above 0 and at most 1000000"
+            )));
+        }
+        if self.burst.is_some() && self.calls_per_second.is_none() {
+            return Err(ServerError::Config(format!(
+                "{name}.burst needs calls_per_second"
+            )));
+        }
+        if self.burst == Some(0)
+            || self.max_concurrent == Some(0)
+            || self.max_request_bytes == Some(0)
+        {
+            return Err(ServerError::Config(format!(
+                "{name}: burst, max_concurrent and max_request_bytes must be at least 1"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl RateLimits {
+    /// The limits of a key: `per_key`, with the overrides of its id (a
+    /// key of the configuration has none).
+    pub fn for_key(&self, key_id: Option<&str>) -> Limit {
+        match key_id.and_then(|id| self.keys.get(id)) {
+            Some(over) => self.per_key.with(over),
+            None => self.per_key,
+        }
+    }
+
+    /// The limits of a toolkit: `per_toolkit`, with its overrides.
+    pub fn for_toolkit(&self, toolkit: &str) -> Limit {
+        match self.toolkits.get(toolkit) {
+            Some(over) => self.per_toolkit.with(over),
+            None => self.per_toolkit,
+        }
+    }
+
+    /// Checks every limit, and the names of the overrides.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        self.per_key.validate("rate_limits.per_key")?;
+        self.per_toolkit.validate("rate_limits.per_toolkit")?;
+        for id in self.keys.keys() {
+            let is_id = id.len() == 16
+                && id.starts_with("kid_")
+                && id[4..].bytes().all(|b| b.is_ascii_hexdigit());
+            if !is_id {
+                return Err(ServerError::Config(format!(
+                    "rate_limits.keys: {id:?} is not a key id (kid_ and 12 hex digits, see `atp-server keys list`)"
+                )));
+            }
+            self.for_key(Some(id))
+                .validate(&format!("rate_limits.keys.{id}"))?;
+        }
+        for name in self.toolkits.keys() {
+            if !atp_registry::is_valid_toolkit_name(name) {
+                return Err(ServerError::Config(format!(
+                    "rate_limits.toolkits: {name:?} is not a toolkit name"
+                )));
+            }
+            self.for_toolkit(name)
+                .validate(&format!("rate_limits.toolkits.{name}"))?;
+        }
+        Ok(())
+    }
 }
 
 /// How many days the audit log keeps its rows by default.
@@ -327,6 +471,9 @@ impl Default for Config {
             secrets_key_file: None,
             audit_retention_days: DEFAULT_AUDIT_RETENTION_DAYS,
             audit_payloads: Vec::new(),
+            dev_without_keys: false,
+            api_keys_refresh: Duration::from_secs(1),
+            rate_limits: RateLimits::default(),
         }
     }
 }
@@ -364,6 +511,9 @@ struct FileConfig {
     audit_retention_days: Option<u32>,
     #[serde(default)]
     audit_payloads: Vec<String>,
+    api_keys_refresh_secs: Option<f64>,
+    #[serde(default)]
+    rate_limits: RateLimits,
 }
 
 /// The longest duration a setting may have (a year): far beyond any
@@ -467,6 +617,10 @@ impl Config {
             c.audit_retention_days = days;
         }
         c.audit_payloads = file.audit_payloads;
+        if let Some(v) = file.api_keys_refresh_secs {
+            c.api_keys_refresh = secs("api_keys_refresh_secs", v)?;
+        }
+        c.rate_limits = file.rate_limits;
         c.validate()?;
         Ok(c)
     }
@@ -496,6 +650,7 @@ impl Config {
             ("header_read_timeout", self.header_read_timeout),
             ("webhook_timeout", self.webhook_timeout),
             ("webhook_retry_base", self.webhook_retry_base),
+            ("api_keys_refresh", self.api_keys_refresh),
         ] {
             if d > MAX_SETTING {
                 return Err(ServerError::Config(format!("{name} is longer than a year")));
@@ -571,6 +726,12 @@ impl Config {
             return Err(ServerError::Config(format!(
                 "audit_payloads entry {bad:?} is not a toolkit name (1-128 characters from A-Z a-z 0-9 _ - .)"
             )));
+        }
+        self.rate_limits.validate()?;
+        if self.api_keys_refresh.is_zero() {
+            return Err(ServerError::Config(
+                "api_keys_refresh must be above zero".into(),
+            ));
         }
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))

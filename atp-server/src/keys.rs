@@ -1,13 +1,18 @@
 //! API keys, random tokens and small helpers shared by the endpoints.
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    collections::HashMap,
+    sync::{
+        Arc, PoisonError, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use atp_registry::Secret;
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
 use crate::config::Config;
 
@@ -23,12 +28,62 @@ pub(crate) enum Role {
     Admin,
 }
 
+impl Role {
+    /// The kind's name, as `atp-server keys create --kind` takes it and
+    /// the database stores it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Toolkit => "toolkit",
+            Role::Llm => "llm",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// The kind of this name: `toolkit` or `llm` (admin keys are
+    /// configured only).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "toolkit" => Some(Role::Toolkit),
+            "llm" => Some(Role::Llm),
+            _ => None,
+        }
+    }
+}
+
+/// A key kept in the database (`atp-server keys create`), as the server
+/// holds it: never the key itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoredKey {
+    /// Its short public id.
+    pub id: String,
+    /// Which side it is for.
+    pub role: Role,
+    /// Its developer (the implicit developer when absent).
+    pub developer: Option<String>,
+    /// The toolkits it may call (an LLM key) or register (a toolkit key);
+    /// empty: no restriction.
+    pub scope: Vec<String>,
+    /// Whether it was revoked.
+    pub revoked: bool,
+}
+
+impl StoredKey {
+    /// Whether its scope lets it reach the toolkit `app_name`.
+    pub fn allows(&self, app_name: &str) -> bool {
+        self.scope.is_empty() || self.scope.iter().any(|t| t == app_name)
+    }
+}
+
 /// The accepted keys, or dev mode (any key).
 #[derive(Debug)]
 pub(crate) struct Keys {
     dev: bool,
     toolkit: Vec<Secret>,
     llm: Vec<Secret>,
+    /// The database's keys by key hash, revoked ones included.
+    stored: RwLock<HashMap<String, Arc<StoredKey>>>,
+    /// Bumped whenever `stored` changes (sockets watch it for revocations).
+    changes: watch::Sender<u64>,
     admin: Vec<Secret>,
 }
 
@@ -61,15 +116,21 @@ impl Keys {
             dev,
             toolkit,
             llm,
+            stored: RwLock::default(),
+            changes: watch::Sender::new(0),
             admin: Vec::new(),
         }
     }
 
-    /// Whether `presented` is a valid key for `role`, compared in constant
-    /// time against every configured key.
+    /// Whether `presented` is a valid key for `role`: compared in constant
+    /// time against every configured key, and looked up by its hash among
+    /// the database's keys (a revoked one is refused, in dev mode too).
     pub fn check(&self, role: Role, presented: &str) -> bool {
         if presented.is_empty() || presented.len() > MAX_KEY_LEN {
             return false;
+        }
+        if let Some(k) = self.stored(&key_hash(presented)) {
+            return k.role == role && !k.revoked;
         }
         if self.dev {
             return true;
@@ -81,6 +142,51 @@ impl Keys {
         };
         list.iter()
             .fold(false, |ok, k| ok | k.matches(presented.as_bytes()))
+    }
+
+    /// The database's key with this hash, if it is one (revoked or not).
+    pub fn stored(&self, key_hash: &str) -> Option<Arc<StoredKey>> {
+        self.stored
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key_hash)
+            .cloned()
+    }
+
+    /// Whether the key with this hash is a database key that was revoked.
+    pub fn is_revoked(&self, key_hash: &str) -> bool {
+        self.stored(key_hash).is_some_and(|k| k.revoked)
+    }
+
+    /// Replaces the database's keys (by key hash); tells the watchers when
+    /// anything changed. Returns whether it did.
+    pub fn set_stored(&self, keys: HashMap<String, StoredKey>) -> bool {
+        let mut stored = self.stored.write().unwrap_or_else(PoisonError::into_inner);
+        let same = stored.len() == keys.len()
+            && keys
+                .iter()
+                .all(|(h, k)| stored.get(h).is_some_and(|old| **old == *k));
+        if same {
+            return false;
+        }
+        *stored = keys.into_iter().map(|(h, k)| (h, Arc::new(k))).collect();
+        drop(stored);
+        self.changes.send_modify(|n| *n += 1);
+        true
+    }
+
+    /// Completes once the key with this hash is revoked (for a socket that
+    /// authenticated with it); never for a key of the configuration.
+    pub async fn revoked(&self, key_hash: &str) {
+        let mut changes = self.changes.subscribe();
+        loop {
+            if self.is_revoked(key_hash) {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 }
 
@@ -278,6 +384,46 @@ mod tests {
         assert!(dev.check(Role::Admin, "anything"));
         assert_ne!(key_hash("a"), key_hash("b"));
         assert_eq!(key_hash("a").len(), 64);
+    }
+
+    #[tokio::test]
+    async fn database_keys_are_checked_and_revocations_are_watched() {
+        let stored = |revoked| {
+            HashMap::from([(
+                key_hash("atpk_x"),
+                StoredKey {
+                    id: "kid_0123456789ab".into(),
+                    role: Role::Llm,
+                    developer: None,
+                    scope: vec!["crm".into()],
+                    revoked,
+                },
+            )])
+        };
+        for dev in [false, true] {
+            let k = Keys::from_lists(dev, vec![], vec![]);
+            assert!(k.set_stored(stored(false)));
+            assert!(!k.set_stored(stored(false)), "no change, no news");
+            assert!(k.check(Role::Llm, "atpk_x"));
+            assert!(!k.check(Role::Toolkit, "atpk_x"), "its own kind only");
+            assert!(
+                k.stored(&key_hash("atpk_x"))
+                    .is_some_and(|s| s.allows("crm") && !s.allows("hr"))
+            );
+            let hash = key_hash("atpk_x");
+            let watching = k.revoked(&hash);
+            tokio::pin!(watching);
+            assert!(
+                futures_util::FutureExt::now_or_never(&mut watching).is_none(),
+                "not revoked yet"
+            );
+            assert!(k.set_stored(stored(true)));
+            watching.await;
+            assert!(
+                !k.check(Role::Llm, "atpk_x"),
+                "refused once revoked, dev mode too"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod admin;
+mod api_keys;
 mod audit;
 mod bus;
 mod catalog;
@@ -14,6 +15,7 @@ mod llm;
 mod mcp;
 mod metrics;
 mod oauth;
+mod rate_limit;
 mod secrets;
 mod store;
 mod toolkit;
@@ -39,10 +41,11 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Map, Value};
 use tokio::{net::TcpListener, sync::watch};
 
+pub use api_keys::{ApiKeyInfo, KeyKind, NewApiKey, create_api_key, list_api_keys, revoke_api_key};
 pub use catalog::{Execution, read_executions};
 pub use config::{
-    Config, DEFAULT_ADDR, DEFAULT_AUDIT_RETENTION_DAYS, DEFAULT_DB, DbLocation, Developer, NatsUrl,
-    OAuthPlatform,
+    Config, DEFAULT_ADDR, DEFAULT_AUDIT_RETENTION_DAYS, DEFAULT_DB, DbLocation, Developer, Limit,
+    NatsUrl, OAuthPlatform, RateLimits,
 };
 pub use error::ServerError;
 pub use secrets::{RotationReport, SecretsError, SecretsKey, dev_secrets_key_path, rotate_secrets};
@@ -96,6 +99,7 @@ struct Loaded {
     kits: Vec<ToolkitRecord>,
     platforms: Vec<OAuthPlatform>,
     webhooks: usize,
+    api_keys: Vec<api_keys::Row>,
 }
 
 /// The shared state behind every endpoint.
@@ -120,6 +124,10 @@ pub(crate) struct State {
     bus: Option<bus::Bus>,
     /// What `GET /metrics` shows.
     metrics: Arc<metrics::Metrics>,
+    /// Whether the database's API keys are being re-read.
+    keys_refreshing: std::sync::atomic::AtomicBool,
+    /// The rate limits' counters.
+    limits: rate_limit::Limiter,
     /// Each finished tool call, for live listeners.
     calls: events::CallEvents,
     /// The audit log's queue and writer.
@@ -139,8 +147,10 @@ impl State {
     /// it is public, or its key and the LLM key have the same developer.
     /// Any other toolkit is "not found", exactly like an unknown one.
     fn visible_toolkit(&self, llm_key_hash: &str, app_name: &str) -> Option<Arc<ToolkitRecord>> {
-        self.toolkit(app_name)
-            .filter(|k| self.catalog.can_see(llm_key_hash, &k.key_hash, &k.app_name))
+        self.toolkit(app_name).filter(|k| {
+            self.catalog.can_see(llm_key_hash, &k.key_hash, &k.app_name)
+                && api_keys::in_scope(self, llm_key_hash, &k.app_name)
+        })
     }
 
     /// The calling LLM client's key, checked, as its hash: `Authorization:
@@ -253,6 +263,7 @@ impl AtpServer {
             kits: sqlite.call_now(|c| store::load_toolkits(c, &keyring))?,
             platforms: sqlite.call_now(|c| store::load_platforms(c, &keyring))?,
             webhooks: sqlite.call_now(webhooks::count_sqlite)?,
+            api_keys: sqlite.call_now(api_keys::load_sqlite)?,
         };
         Ok(Self::assemble(config, store, loaded, None))
     }
@@ -276,6 +287,7 @@ impl AtpServer {
             kits: store.load_toolkits().await?,
             platforms: store.load_platforms().await?,
             webhooks: store.count_webhooks().await?,
+            api_keys: store.api_keys().await?,
         };
         let bus = match &config.nats_url {
             Some(url) => Some(bus::Bus::connect(url, &config).await?),
@@ -288,12 +300,23 @@ impl AtpServer {
         Ok(server)
     }
 
-    fn assemble(config: Config, store: Store, loaded: Loaded, bus: Option<bus::Bus>) -> Self {
+    fn assemble(mut config: Config, store: Store, loaded: Loaded, bus: Option<bus::Bus>) -> Self {
         let Loaded {
             kits,
             platforms,
             webhooks,
+            api_keys: stored_keys,
         } = loaded;
+        if config.dev_without_keys
+            && !config.dev
+            && !config.has_keys()
+            && !api_keys::any_in_force(&stored_keys)
+        {
+            tracing::warn!(
+                "no API keys configured nor in the database: starting in DEV MODE (any key accepted, loopback only); configure toolkit_api_keys / llm_api_keys or make keys with `atp-server keys create` (then restart) to leave it"
+            );
+            config.dev = true;
+        }
         let webhooks = webhooks::Webhooks::new(webhooks);
         let catalog = catalog::Catalog::new(&config);
         let metrics = Arc::new(metrics::Metrics::default());
@@ -324,6 +347,8 @@ impl AtpServer {
             shutdown,
             public_url: RwLock::new(config.public_url.clone()),
             metrics,
+            keys_refreshing: std::sync::atomic::AtomicBool::new(false),
+            limits: rate_limit::Limiter::new(config.rate_limits.clone()),
             calls: events::CallEvents::default(),
             audit,
             webhooks,
@@ -331,6 +356,7 @@ impl AtpServer {
             bus,
             config,
         };
+        api_keys::apply(&state, stored_keys);
         Self {
             state: Arc::new(state),
         }
@@ -486,6 +512,7 @@ impl AtpServer {
         tracing::info!(%addr, "atp-server listening");
         webhooks::ensure_delivering(&self.state);
         self.state.audit.start();
+        api_keys::ensure_refreshing(&self.state);
         listen::serve(
             listener,
             self.router(),
@@ -761,6 +788,10 @@ pub(crate) fn session_options(config: &Config) -> atp_registry::net::session::Se
         stop_close: (1001, "server shutting down"),
     }
 }
+
+/// The close frame of a WebSocket whose API key was revoked (policy
+/// violation).
+pub(crate) const REVOKED_CLOSE: (u16, &str) = (1008, "API key revoked");
 
 /// Completes when `shutdown` turns true (or its sender is gone).
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {

@@ -6,7 +6,7 @@
 use std::{convert::Infallible, sync::Arc};
 
 use atp_registry::{
-    CallError, Provider, Secret,
+    CallError, ErrorCode, Provider, Secret,
     net::{
         WS_READ_BUFFER,
         session::{self, Flow, Handler},
@@ -34,6 +34,7 @@ use serde_json::{Map, Value};
 use tokio::{sync::mpsc, task::JoinSet};
 
 use crate::{
+    REVOKED_CLOSE,
     audit::{Entry, Outcome, Via},
     error::{ApiError, json_text_response},
     events::CallEvent,
@@ -41,7 +42,9 @@ use crate::{
     keys,
     keys::{Role, api_key_header, key_hash},
     metrics::Transport,
-    not_a_websocket, oauth, read_object,
+    not_a_websocket, oauth,
+    rate_limit::{LimitKind, Permit, Refused},
+    read_object,
     store::ToolkitRecord,
 };
 
@@ -56,6 +59,17 @@ const SSE_BUFFER: usize = 64;
 pub(crate) struct Failure {
     pub code: String,
     pub message: String,
+    /// Set when a rate limit refused the call: how `process/` answers it.
+    pub limited: Option<Limited>,
+}
+
+/// How an HTTP request refused by a rate limit is answered.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limited {
+    /// 429, or 413 for arguments over the size limit.
+    pub status: StatusCode,
+    /// The `Retry-After`, when trying again can help.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl Failure {
@@ -63,6 +77,26 @@ impl Failure {
         Self {
             code: code.to_owned(),
             message: message.into(),
+            limited: None,
+        }
+    }
+
+    /// A call a rate limit refused: `rate_limited`, or
+    /// `payload_too_large` for arguments over the size limit.
+    fn refused(r: Refused) -> Self {
+        let code = if r.kind == LimitKind::RequestSize {
+            ErrorCode::PayloadTooLarge
+        } else {
+            ErrorCode::RateLimited
+        };
+        Self {
+            code: code.as_str().to_owned(),
+            message: r.message,
+            limited: Some(Limited {
+                status: StatusCode::from_u16(code.status())
+                    .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+                retry_after: r.retry_after,
+            }),
         }
     }
 }
@@ -76,7 +110,11 @@ impl From<CallError> for Failure {
 impl From<RouteError> for Failure {
     fn from(e: RouteError) -> Self {
         match e {
-            RouteError::Failed { code, message } => Self { code, message },
+            RouteError::Failed { code, message } => Self {
+                code,
+                message,
+                limited: None,
+            },
             other => Self::new(other.code(), other.to_string()),
         }
     }
@@ -137,30 +175,72 @@ pub(crate) async fn task(
     req: TaskRequest,
     progress: Option<mpsc::Sender<Report>>,
 ) -> TaskResponse {
-    let outcome = run_task(s, llm_key_hash, via, &req, progress).await;
+    task_or_limited(s, llm_key_hash, via, req, progress, None)
+        .await
+        .0
+}
+
+/// [`task`], and whether a rate limit refused it (for `process/`'s
+/// status and `Retry-After`).
+async fn task_or_limited(
+    s: &crate::State,
+    llm_key_hash: &str,
+    via: Via,
+    req: TaskRequest,
+    progress: Option<mpsc::Sender<Report>>,
+    admitted: Option<Permit>,
+) -> (TaskResponse, Option<Limited>) {
+    match run_task(s, llm_key_hash, via, &req, progress, admitted).await {
+        Ok(result) => {
+            let TaskRequest {
+                request_id,
+                payload,
+                ..
+            } = req;
+            let done = TaskResponse::ok(
+                request_id,
+                Some(payload.function),
+                payload.tool_call_id,
+                result,
+            );
+            (done, None)
+        }
+        Err(f) => {
+            tracing::debug!(code = %f.code, "task failed: {}", f.message);
+            let limited = f.limited;
+            (failed_task(req, &f), limited)
+        }
+    }
+}
+
+/// The `task_response` of a request that failed.
+fn failed_task(req: TaskRequest, f: &Failure) -> TaskResponse {
     let TaskRequest {
         request_id,
         payload,
         ..
     } = req;
-    match outcome {
-        Ok(result) => TaskResponse::ok(
-            request_id,
-            Some(payload.function),
-            payload.tool_call_id,
-            result,
-        ),
-        Err(f) => {
-            tracing::debug!(code = %f.code, "task failed: {}", f.message);
-            TaskResponse::failed(
-                request_id,
-                Some(payload.function),
-                payload.tool_call_id,
-                &f.code,
-                &f.message,
-            )
-        }
+    TaskResponse::failed(
+        request_id,
+        Some(payload.function),
+        payload.tool_call_id,
+        &f.code,
+        &f.message,
+    )
+}
+
+/// `process/`'s answer to a `task_request`: 200, or the status and
+/// `Retry-After` of a rate limit's refusal.
+fn task_reply(sse: bool, done: TaskResponse, limited: Option<Limited>) -> Response {
+    let status = limited.map_or(StatusCode::OK, |l| l.status);
+    let mut response = reply(sse, status, &ServerToLlm::TaskResponse(done));
+    if let Some(wait) = limited.and_then(|l| l.retry_after) {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(crate::rate_limit::retry_after_secs(wait)),
+        );
     }
+    response
 }
 
 async fn run_task(
@@ -169,6 +249,7 @@ async fn run_task(
     via: Via,
     req: &TaskRequest,
     progress: Option<mpsc::Sender<Report>>,
+    admitted: Option<Permit>,
 ) -> Result<Value, Failure> {
     let found = req
         .payload
@@ -197,9 +278,46 @@ async fn run_task(
         auth_token: req.auth_token().cloned(),
         user: req.external_user_id(),
         logs: false,
+        admitted,
         via,
     };
     call_tool(s, llm_key_hash, &kit, call, progress).await
+}
+
+/// Admits a `task_request` under the rate limits before it runs (for
+/// `process/` as server-sent events, whose status goes out first): its
+/// permit, to run it with; `Ok(None)` when the request is one
+/// [`run_task`] refuses anyway (no such toolkit, bad arguments).
+fn admit_task(
+    s: &crate::State,
+    llm_key_hash: &str,
+    req: &TaskRequest,
+) -> Result<Option<Permit>, Failure> {
+    let (Ok(params), Some(kit)) = (
+        req.payload.arguments(),
+        s.visible_toolkit(llm_key_hash, &req.toolkit_id),
+    ) else {
+        return Ok(None);
+    };
+    admit(s, llm_key_hash, &kit.app_name, &params).map(Some)
+}
+
+/// Admits a call of `toolkit` with `params` by the key `llm_key_hash`
+/// under the rate limits; a refusal is counted.
+fn admit(
+    s: &crate::State,
+    llm_key_hash: &str,
+    toolkit: &str,
+    params: &Map<String, Value>,
+) -> Result<Permit, Failure> {
+    let request_bytes = serde_json::to_string(params).map_or(0, |t| t.len());
+    let key_id = crate::api_keys::key_id(s, llm_key_hash);
+    s.limits
+        .admit(llm_key_hash, key_id.as_deref(), toolkit, request_bytes)
+        .map_err(|r| {
+            s.metrics.rate_limited(r.kind, toolkit);
+            Failure::refused(r)
+        })
 }
 
 /// One call of a tool by an LLM client, its toolkit found (and visible to
@@ -217,6 +335,9 @@ pub(crate) struct ToolCall<'a> {
     /// Whether the caller reads the tool's log messages (MCP clients do;
     /// ATP has no log message for its callers).
     pub logs: bool,
+    /// The call's place under the rate limits, when it was admitted
+    /// already; `None`: `call_tool` admits it.
+    pub admitted: Option<Permit>,
     /// How the call came in (for the audit log).
     pub via: Via,
 }
@@ -288,9 +409,18 @@ async fn run_tool(
         auth_token,
         user,
         logs,
+        admitted,
         via: _,
     } = call;
     let refused = |f: Failure| (Err(f), None);
+    // The permit lives as long as the call.
+    let _permit = match admitted {
+        Some(p) => p,
+        None => match admit(s, llm_key_hash, &kit.app_name, &params) {
+            Ok(p) => p,
+            Err(f) => return refused(f),
+        },
+    };
     let Some(tool) = kit.tools.iter().find(|t| t.spec.name == function) else {
         return refused(CallError::ToolNotFound.into());
     };
@@ -409,6 +539,7 @@ async fn task_with_progress(
     llm_key_hash: &str,
     via: Via,
     req: TaskRequest,
+    admitted: Option<Permit>,
     emit: impl Fn(ServerToLlm),
 ) -> TaskResponse {
     let request_id = req.request_id.clone();
@@ -422,7 +553,11 @@ async fn task_with_progress(
             }));
         }
     };
-    let work = task(s, llm_key_hash, via, req, Some(tx));
+    let work = async {
+        task_or_limited(s, llm_key_hash, via, req, Some(tx), admitted)
+            .await
+            .0
+    };
     tokio::pin!(work);
     let answer = loop {
         tokio::select! {
@@ -789,19 +924,42 @@ pub(crate) async fn process(
                 &ServerToLlm::ToolkitContext(context_error(req.request_id, &e)),
             ),
         },
-        Ok(LlmToServer::TaskRequest(req)) if sse => sse_stream(move |tx| async move {
-            let progress = tx.clone();
-            let emit = move |m: ServerToLlm| {
-                let _ = progress.try_send(event(&m));
+        Ok(LlmToServer::TaskRequest(req)) if sse => {
+            // The stream's status goes out first: the limits are checked
+            // before it starts.
+            let admitted = match admit_task(&s, &llm_key_hash, &req) {
+                Ok(permit) => permit,
+                Err(f) => {
+                    s.audit.record(
+                        Entry::call(
+                            Via::LlmHttp,
+                            Outcome::of_failure(&f.code, false),
+                            Some(&f.code),
+                        )
+                        .key(&s, &llm_key_hash)
+                        .tool(Some(&req.toolkit_id), Some(&req.payload.function)),
+                    );
+                    let limited = f.limited;
+                    let done = failed_task(req, &f);
+                    return task_reply(true, done, limited);
+                }
             };
-            let done = task_with_progress(&s, &llm_key_hash, Via::LlmHttp, req, emit).await;
-            let last = event(&ServerToLlm::TaskResponse(done));
-            let _ = tokio::time::timeout(s.config.task_timeout, tx.send(last)).await;
-        }),
-        Ok(LlmToServer::TaskRequest(req)) => answer(
-            StatusCode::OK,
-            &ServerToLlm::TaskResponse(task(&s, &llm_key_hash, Via::LlmHttp, req, None).await),
-        ),
+            sse_stream(move |tx| async move {
+                let progress = tx.clone();
+                let emit = move |m: ServerToLlm| {
+                    let _ = progress.try_send(event(&m));
+                };
+                let done =
+                    task_with_progress(&s, &llm_key_hash, Via::LlmHttp, req, admitted, emit).await;
+                let last = event(&ServerToLlm::TaskResponse(done));
+                let _ = tokio::time::timeout(s.config.task_timeout, tx.send(last)).await;
+            })
+        }
+        Ok(LlmToServer::TaskRequest(req)) => {
+            let (done, limited) =
+                task_or_limited(&s, &llm_key_hash, Via::LlmHttp, req, None, None).await;
+            task_reply(false, done, limited)
+        }
         Ok(
             m @ (LlmToServer::AppRequest(_)
             | LlmToServer::AppAction(_)
@@ -881,8 +1039,17 @@ async fn serve_socket(s: Arc<crate::State>, key: Secret, socket: WebSocket) {
     let mut shutdown = s.shutdown.subscribe();
     let opts = crate::session_options(&s.config);
     tracing::debug!("LLM client connected");
+    let llm_key_hash = key_hash(key.expose());
+    let revoked = {
+        let (s, llm_key_hash, tx) = (s.clone(), llm_key_hash.clone(), tx.clone());
+        async move {
+            s.keys.revoked(&llm_key_hash).await;
+            tracing::info!("an LLM client's API key was revoked: closing its WebSocket");
+            let _ = tx.try_send(error_frame(None, "key_revoked", "API key revoked"));
+        }
+    };
     let mut conn = LlmSocket {
-        llm_key_hash: key_hash(key.expose()),
+        llm_key_hash,
         s: s.clone(),
         key,
         tx,
@@ -896,7 +1063,12 @@ async fn serve_socket(s: Arc<crate::State>, key: Secret, socket: WebSocket) {
         &mut conn,
         &opts,
         None,
-        async move { crate::stopped(&mut shutdown).await },
+        async move {
+            tokio::select! {
+                () = crate::stopped(&mut shutdown) => None,
+                () = revoked => Some(REVOKED_CLOSE),
+            }
+        },
     )
     .await;
     // Dropping the handler aborts its tasks in flight.
@@ -1021,7 +1193,8 @@ impl Handler for LlmSocket {
                         let emit = move |m: ServerToLlm| {
                             let _ = progress.try_send(m.to_json());
                         };
-                        task_with_progress(&s, &llm_key_hash, Via::LlmWebsocket, req, emit).await
+                        task_with_progress(&s, &llm_key_hash, Via::LlmWebsocket, req, None, emit)
+                            .await
                     } else {
                         task(&s, &llm_key_hash, Via::LlmWebsocket, req, None).await
                     };

@@ -9,7 +9,7 @@ use std::{
 };
 
 use atp_registry::Secret;
-use atp_server::{AtpServer, Config, DbLocation, SecretsKey, ServerError};
+use atp_server::{AtpServer, Config, DbLocation, KeyKind, SecretsKey, ServerError};
 use clap::{Parser, Subcommand};
 
 /// The environment variable that may hold the secrets key itself (base64
@@ -90,6 +90,20 @@ struct Cli {
     /// generate-secrets-key`). Or the key itself in ATP_SECRETS_KEY.
     #[arg(long, env = "ATP_SECRETS_KEY_FILE")]
     secrets_key_file: Option<PathBuf>,
+    /// Rate limit of each LLM key: calls a second (overrides the
+    /// config's rate_limits.per_key.calls_per_second).
+    #[arg(long, env = "ATP_KEY_CALLS_PER_SECOND")]
+    key_calls_per_second: Option<f64>,
+    /// Rate limit of each LLM key: the burst above the rate.
+    #[arg(long, env = "ATP_KEY_BURST")]
+    key_burst: Option<u32>,
+    /// Rate limit of each LLM key: calls in flight at once.
+    #[arg(long, env = "ATP_KEY_MAX_CONCURRENT")]
+    key_max_concurrent: Option<u32>,
+    /// Rate limit of each LLM key: the largest arguments of a call, in
+    /// bytes of JSON.
+    #[arg(long, env = "ATP_KEY_MAX_REQUEST_BYTES")]
+    key_max_request_bytes: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,8 +127,9 @@ enum Command {
         #[arg(long)]
         app: Option<String>,
     },
-    /// Manages keys: the secrets key that seals the secrets stored in the
-    /// database (docs/OPERATIONS.md, "Secrets at rest").
+    /// Manages keys: API keys kept in the database (create, list, revoke;
+    /// docs/OPERATIONS.md, "API keys") and the secrets key that seals the
+    /// secrets stored in the database ("Secrets at rest").
     Keys {
         /// What to do.
         #[command(subcommand)]
@@ -155,6 +170,103 @@ enum KeysCommand {
         #[arg(long, env = "ATP_SECRETS_KEY_FILE")]
         secrets_key_file: Option<PathBuf>,
     },
+    /// Makes an API key, kept in the database as a hash, and prints it
+    /// once with its id (`id: kid_…` and `key: atpk_…` on stdout).
+    /// Running servers accept it within api_keys_refresh_secs (1 s).
+    Create {
+        /// toolkit or llm.
+        #[arg(long, value_parser = ["toolkit", "llm"])]
+        kind: String,
+        /// The developer who owns it [default: the implicit developer,
+        /// `default`].
+        #[arg(long)]
+        developer: Option<String>,
+        /// The toolkits it may reach, comma-separated or repeated: for an
+        /// llm key, the toolkits it may see and call; for a toolkit key,
+        /// the toolkit names it may register [default: any].
+        #[arg(long, value_delimiter = ',')]
+        scope: Vec<String>,
+        /// The database: a SQLite file or a postgres:// URL [default:
+        /// --config's db, else atp-server.sqlite3].
+        #[arg(long)]
+        db: Option<String>,
+        /// A TOML configuration file, for its `db`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Lists the database's API keys, oldest first, one JSON object a
+    /// line: {"id", "kind", "developer", "scope", "created_at",
+    /// "revoked_at"}. Never a key.
+    List {
+        /// The database: a SQLite file or a postgres:// URL [default:
+        /// --config's db, else atp-server.sqlite3].
+        #[arg(long)]
+        db: Option<String>,
+        /// A TOML configuration file, for its `db`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Revokes an API key by its id: every server sharing the database
+    /// refuses it within api_keys_refresh_secs (1 s) and closes the
+    /// WebSockets that use it.
+    Revoke {
+        /// The key's id (`kid_…`, from `keys list` or `keys create`).
+        id: String,
+        /// The database: a SQLite file or a postgres:// URL [default:
+        /// --config's db, else atp-server.sqlite3].
+        #[arg(long)]
+        db: Option<String>,
+        /// A TOML configuration file, for its `db`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// The database of a command: `--db`, else the config file's, else the
+/// default.
+fn db_location(db: Option<String>, config: Option<&Path>) -> Result<DbLocation, ServerError> {
+    Ok(match (db, config) {
+        (Some(db), _) => DbLocation::parse(&db),
+        (None, Some(path)) => Config::load(path)?.db,
+        (None, None) => Config::default().db,
+    })
+}
+
+/// `atp-server keys create`.
+async fn create_key(
+    kind: &str,
+    developer: Option<&str>,
+    scope: &[String],
+    db: &DbLocation,
+) -> Result<(), ServerError> {
+    let kind: KeyKind = kind.parse()?;
+    let scope: Vec<String> = scope
+        .iter()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let made = atp_server::create_api_key(db, kind, developer, &scope).await?;
+    println!("id: {}", made.id);
+    println!("key: {}", made.key.expose());
+    eprintln!(
+        "the key is shown only this once: the database keeps its hash; revoke it with `atp-server keys revoke {}`",
+        made.id
+    );
+    Ok(())
+}
+
+/// `atp-server keys list`.
+async fn list_keys(db: &DbLocation) -> Result<(), ServerError> {
+    let keys = atp_server::list_api_keys(db).await?;
+    let mut out = std::io::stdout().lock();
+    for k in keys {
+        let line = serde_json::to_string(&k).unwrap_or_default();
+        if writeln!(out, "{line}").is_err() {
+            return Ok(());
+        }
+    }
+    let _ = out.flush();
+    Ok(())
 }
 
 /// The keys in an environment variable (comma-separated), if it is set.
@@ -377,11 +489,14 @@ fn config(cli: Cli) -> Result<Config, atp_server::ServerError> {
     if cli.dev {
         c.dev = true;
     } else if !c.dev && !c.has_keys() {
-        tracing::warn!(
-            "no API keys configured: starting in DEV MODE (any key accepted, loopback only); configure toolkit_api_keys / llm_api_keys to leave it"
-        );
-        c.dev = true;
+        // Dev mode, unless the database holds keys (`keys create`).
+        c.dev_without_keys = true;
     }
+    let limit = &mut c.rate_limits.per_key;
+    limit.calls_per_second = cli.key_calls_per_second.or(limit.calls_per_second);
+    limit.burst = cli.key_burst.or(limit.burst);
+    limit.max_concurrent = cli.key_max_concurrent.or(limit.max_concurrent);
+    limit.max_request_bytes = cli.key_max_request_bytes.or(limit.max_request_bytes);
     c.validate()?;
     Ok(c)
 }
@@ -435,6 +550,38 @@ async fn main() -> ExitCode {
                         rotate_secrets(new_key_file.as_deref(), db, config.as_deref(), key_file)
                             .await;
                     ("rotate-secrets", done)
+                }
+                KeysCommand::Create {
+                    kind,
+                    developer,
+                    scope,
+                    db,
+                    config,
+                } => {
+                    let config = config.or_else(|| cli.config.clone());
+                    let done = match db_location(db.or_else(|| cli.db.clone()), config.as_deref()) {
+                        Ok(db) => create_key(&kind, developer.as_deref(), &scope, &db).await,
+                        Err(e) => Err(e),
+                    };
+                    ("create", done)
+                }
+                KeysCommand::List { db, config } => {
+                    let config = config.or_else(|| cli.config.clone());
+                    let done = match db_location(db.or_else(|| cli.db.clone()), config.as_deref()) {
+                        Ok(db) => list_keys(&db).await,
+                        Err(e) => Err(e),
+                    };
+                    ("list", done)
+                }
+                KeysCommand::Revoke { id, db, config } => {
+                    let config = config.or_else(|| cli.config.clone());
+                    let done = match db_location(db.or_else(|| cli.db.clone()), config.as_deref()) {
+                        Ok(db) => atp_server::revoke_api_key(&db, &id).await.map(|()| {
+                            println!("revoked {id}");
+                        }),
+                        Err(e) => Err(e),
+                    };
+                    ("revoke", done)
                 }
             };
             return match result {

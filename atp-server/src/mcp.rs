@@ -169,6 +169,7 @@ impl McpBackend for Backend<'_> {
             user: self.user,
             logs: self.logs,
             via: Via::Mcp,
+            admitted: None,
         };
         let (tx, mut rx) = mpsc::channel(PROGRESS_BUFFER);
         let work = call_tool(self.s, self.llm_key_hash, self.kit, call, Some(tx));

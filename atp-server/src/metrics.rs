@@ -4,7 +4,8 @@
 //! What is counted: tool calls by toolkit, tool, the toolkit's transport
 //! and outcome (`ok` or the ATP error code), with their latency; the
 //! toolkit and LLM WebSockets open now; the inbox entries waiting; the
-//! webhook delivery attempts by outcome; the audit rows written and lost. Labels carry names and codes
+//! webhook delivery attempts by outcome; the calls refused by a rate
+//! limit, by limit and toolkit; the audit rows written and lost. Labels carry names and codes
 //! only: never a key, a token, an argument or a result.
 //!
 //! Who may read them: with `metrics_token` set, a request with
@@ -75,6 +76,14 @@ struct AuditDropLabels {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitedLabels {
+    /// Which limit: `key_rate`, `toolkit_rate`, `key_concurrency`,
+    /// `toolkit_concurrency` or `request_size`.
+    limit: &'static str,
+    toolkit: String,
+}
+
 type LatencyFamily = Family<LatencyLabels, Histogram, fn() -> Histogram>;
 
 /// The server's metrics.
@@ -85,6 +94,7 @@ pub(crate) struct Metrics {
     deliveries: Family<DeliveryLabels, Counter>,
     audit_written: Counter,
     audit_dropped: Family<AuditDropLabels, Counter>,
+    limited: Family<LimitedLabels, Counter>,
     toolkit_sockets: Gauge,
     llm_sockets: Gauge,
     inbox_depth: Gauge,
@@ -102,6 +112,7 @@ impl Default for Metrics {
         let deliveries = Family::<DeliveryLabels, Counter>::default();
         let audit_written = Counter::default();
         let audit_dropped = Family::<AuditDropLabels, Counter>::default();
+        let limited = Family::<LimitedLabels, Counter>::default();
         let (toolkit_sockets, llm_sockets, inbox_depth) =
             (Gauge::default(), Gauge::default(), Gauge::default());
         let mut registry = Registry::with_prefix("atp");
@@ -131,6 +142,11 @@ impl Default for Metrics {
             audit_dropped.clone(),
         );
         registry.register(
+            "rate_limited",
+            "Tool calls refused by a rate limit, by limit (key_rate, toolkit_rate, key_concurrency, toolkit_concurrency, request_size) and toolkit",
+            limited.clone(),
+        );
+        registry.register(
             "toolkit_websockets",
             "Toolkit WebSockets open on this server",
             toolkit_sockets.clone(),
@@ -152,6 +168,7 @@ impl Default for Metrics {
             deliveries,
             audit_written,
             audit_dropped,
+            limited,
             toolkit_sockets,
             llm_sockets,
             inbox_depth,
@@ -160,6 +177,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a call a rate limit refused.
+    pub fn rate_limited(&self, limit: crate::rate_limit::LimitKind, toolkit: &str) {
+        self.limited
+            .get_or_create(&LimitedLabels {
+                limit: limit.as_str(),
+                toolkit: toolkit.to_owned(),
+            })
+            .inc();
+    }
+
     /// Counts a finished tool call.
     pub fn call(
         &self,

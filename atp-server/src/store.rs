@@ -42,7 +42,8 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 /// SQLite's versioned migrations: (version, SQL), in order.
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/sqlite/0001_initial.sql")),
-    (2, include_str!("../migrations/sqlite/0002_audit.sql")),
+    (2, include_str!("../migrations/sqlite/0002_api_keys.sql")),
+    (3, include_str!("../migrations/sqlite/0003_audit.sql")),
 ];
 
 /// Applies the SQLite migrations not applied yet, each in a transaction.
@@ -317,7 +318,8 @@ const PG_MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../migrations/postgres/0002_insert_order.sql"),
     ),
-    (3, include_str!("../migrations/postgres/0003_audit.sql")),
+    (3, include_str!("../migrations/postgres/0003_api_keys.sql")),
+    (4, include_str!("../migrations/postgres/0004_audit.sql")),
 ];
 
 /// The most connections one server holds to PostgreSQL.

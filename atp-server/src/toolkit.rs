@@ -31,6 +31,7 @@ use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
 
 use crate::{
+    REVOKED_CLOSE,
     error::{ApiError, json_response},
     hub::{AppAnswer, Report},
     keys::{Role, key_hash},
@@ -113,6 +114,13 @@ async fn register(s: &crate::State, body: Body) -> Result<Value, ApiError> {
         spec,
     };
 
+    if !crate::api_keys::in_scope(s, &key_hash, &app_name) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "out_of_scope",
+            format!("This API key's scope does not include the toolkit {app_name}"),
+        ));
+    }
     let _one_at_a_time = s.register_lock.lock().await;
     let existing = s.toolkit(&app_name);
     let mut kit = match existing {
@@ -373,7 +381,7 @@ pub(crate) fn announce(s: &Arc<crate::State>, key_hash: &str, transport: &'stati
 
 async fn serve_socket(s: Arc<crate::State>, key_hash: String, socket: WebSocket) {
     crate::hub::ensure_sweeper(&s);
-    let (id, _tx, out) = s.hub.add_socket(&key_hash);
+    let (id, tx, out) = s.hub.add_socket(&key_hash);
     announce(&s, &key_hash, "websocket");
     let apps = s.apps_of(&key_hash);
     tracing::info!(socket = id, apps = ?apps, "toolkit connected");
@@ -391,6 +399,17 @@ async fn serve_socket(s: Arc<crate::State>, key_hash: String, socket: WebSocket)
     let mut shutdown = s.shutdown.subscribe();
     let opts = crate::session_options(&s.config);
     let mut handler = ToolkitSocket { s: &s, socket: id };
+    let revoked = {
+        let (s, key_hash, tx) = (s.clone(), key_hash.clone(), tx.clone());
+        async move {
+            s.keys.revoked(&key_hash).await;
+            tracing::info!(
+                socket = id,
+                "the toolkit's API key was revoked: closing its WebSocket"
+            );
+            let _ = tx.try_send(error_frame("API key revoked"));
+        }
+    };
     let ended = session::run::<crate::AxumFrames, _, _, _, _>(
         sink,
         stream,
@@ -398,9 +417,15 @@ async fn serve_socket(s: Arc<crate::State>, key_hash: String, socket: WebSocket)
         &mut handler,
         &opts,
         Some(hello.to_json()),
-        async move { crate::stopped(&mut shutdown).await },
+        async move {
+            tokio::select! {
+                () = crate::stopped(&mut shutdown) => None,
+                () = revoked => Some(REVOKED_CLOSE),
+            }
+        },
     )
     .await;
+    drop(tx);
     if ended == session::Ended::Dead {
         tracing::warn!(
             socket = id,

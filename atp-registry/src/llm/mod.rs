@@ -823,7 +823,7 @@ impl LlmClient {
                 &mut router,
                 &opts,
                 None,
-                std::future::pending(),
+                std::future::pending::<()>(),
             )
             .await;
             if ended == session::Ended::Dead {

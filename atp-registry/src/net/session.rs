@@ -97,8 +97,29 @@ pub struct SessionOptions {
     pub ping_interval: Duration,
     /// How long a stop lets the work in flight finish.
     pub grace_period: Duration,
-    /// The close frame sent on a stop.
+    /// The close frame sent on a stop (unless the stop signal gives its
+    /// own, see [`StopReason`]).
     pub stop_close: (u16, &'static str),
+}
+
+/// What a stop signal of [`run`] resolves to: `()` closes with
+/// [`SessionOptions::stop_close`]; `Some((code, reason))` with that close
+/// frame instead (say, a policy close for a revoked key).
+pub trait StopReason {
+    /// The close frame to send instead of `stop_close`, if any.
+    fn close_frame(&self) -> Option<(u16, &'static str)>;
+}
+
+impl StopReason for () {
+    fn close_frame(&self) -> Option<(u16, &'static str)> {
+        None
+    }
+}
+
+impl StopReason for Option<(u16, &'static str)> {
+    fn close_frame(&self) -> Option<(u16, &'static str)> {
+        *self
+    }
 }
 
 /// How a session ended.
@@ -127,7 +148,7 @@ pub async fn run<F, Si, St, E, H>(
     handler: &mut H,
     opts: &SessionOptions,
     first: Option<String>,
-    stop: impl Future<Output = ()>,
+    stop: impl Future<Output = impl StopReason>,
 ) -> Ended
 where
     F: Frames,
@@ -144,6 +165,7 @@ where
     let mut last_seen = Instant::now();
     let mut ready = false;
     tokio::pin!(stop);
+    let mut close = opts.stop_close;
     if let Some(text) = first
         && let Err(e) = write::<F, _>(&mut sink, Some(text), &mut outbox, bound).await
     {
@@ -152,7 +174,12 @@ where
     let ended = loop {
         tokio::select! {
             biased;
-            _ = &mut stop => break None,
+            why = &mut stop => {
+                if let Some(frame) = why.close_frame() {
+                    close = frame;
+                }
+                break None;
+            }
             out = outbox.recv() => match out {
                 Some(text) => {
                     if let Err(e) = write::<F, _>(&mut sink, Some(text), &mut outbox, bound).await {
@@ -234,7 +261,7 @@ where
             return Ended::Stopped;
         }
     }
-    let (code, reason) = opts.stop_close;
+    let (code, reason) = close;
     let _ = bounded(bound, sink.send(F::close(code, reason))).await;
     let _ = bounded(bound, sink.close()).await;
     Ended::Stopped

@@ -14,7 +14,7 @@ use atp_registry::{
     llm::{LlmClient, LlmProtocol},
     runtime::Transport,
 };
-use atp_server::{Config, DbLocation};
+use atp_server::{Config, DbLocation, Limit, RateLimits};
 use serde_json::{Value, json};
 
 use crate::{
@@ -548,6 +548,127 @@ async fn the_audit_log_on_postgres() {
         }
         assert_eq!(rows(&server, "kind=call").await.len(), made);
         server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_a_rate_limit_refuses_leaves_a_rate_limited_row() {
+    bounded(Duration::from_secs(60), async {
+        let server = TestServer::start(audited(Config {
+            rate_limits: RateLimits {
+                per_key: Limit {
+                    calls_per_second: Some(0.01),
+                    burst: Some(1),
+                    ..Limit::default()
+                },
+                ..RateLimits::default()
+            },
+            ..keyed_config()
+        }))
+        .await;
+        let toolkits = start_toolkits(&server).await;
+        let url = format!("{}/api/v1/atp/llm-client/process/", server.base);
+        let auth = format!("ApiKey {LLM_KEY}");
+        let task = json!({"type": "task_request", "toolkit_id": "plain", "request_id": "r1",
+                          "payload": {"function": "echo", "parameters": {"text": "x"}}});
+        // The burst of one, then refusals: as JSON, and as an event stream
+        // (refused before the stream starts).
+        let (status, _) = http_json(
+            "POST",
+            &url,
+            &[("authorization", auth.as_str())],
+            Some(&task),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let (status, v) = http_json(
+            "POST",
+            &url,
+            &[("authorization", auth.as_str())],
+            Some(&task),
+        )
+        .await;
+        assert_eq!(
+            (status, v["code"].as_str()),
+            (429, Some("rate_limited")),
+            "{v}"
+        );
+        let body = task.to_string();
+        let (status, _, text) = http(
+            "POST",
+            &url,
+            &[
+                ("authorization", auth.as_str()),
+                ("accept", "text/event-stream"),
+            ],
+            Some(&body),
+        )
+        .await;
+        assert_eq!(status, 429, "{text}");
+        let limited = rows(&server, "outcome=rate_limited").await;
+        assert_eq!(limited.len(), 2, "{limited:#?}");
+        for r in &limited {
+            assert_eq!(r["error_code"], "rate_limited", "{r}");
+            assert_eq!(r["key_id"], key_id(LLM_KEY).as_str(), "{r}");
+            assert_eq!(
+                (r["toolkit"].as_str(), r["tool"].as_str()),
+                (Some("plain"), Some("echo"))
+            );
+            assert_eq!(r["via"], "llm_http", "{r}");
+            assert_eq!(r["transport"], Value::Null, "{r}");
+        }
+        assert_eq!(rows(&server, "outcome=ok").await.len(), 1);
+        stop_toolkits(toolkits).await;
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_commands_are_recorded_with_the_key_id() {
+    bounded(Duration::from_secs(60), async {
+        let dir = std::env::temp_dir().join(format!("atp-audit-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let db = DbLocation::File(dir.join("atp.sqlite3"));
+        let made = atp_server::create_api_key(&db, atp_server::KeyKind::Llm, None, &[])
+            .await
+            .expect("made");
+        atp_server::revoke_api_key(&db, &made.id)
+            .await
+            .expect("revoked");
+        assert!(atp_server::revoke_api_key(&db, &made.id).await.is_err());
+        let server = TestServer::start(Config {
+            db: db.clone(),
+            ..audited(keyed_config())
+        })
+        .await;
+        let (v, text) = page(&server, "kind=admin").await;
+        assert!(!text.contains(made.key.expose()), "{text}");
+        let rows = v["rows"].as_array().cloned().unwrap_or_default();
+        let seen: Vec<(&str, &str, &str)> = rows
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r["action"].as_str()?,
+                    r["target"].as_str()?,
+                    r["outcome"].as_str()?,
+                ))
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("keys revoke", made.id.as_str(), "error"),
+                ("keys revoke", made.id.as_str(), "ok"),
+                ("keys create", made.id.as_str(), "ok"),
+            ],
+            "{rows:#?}"
+        );
+        assert_eq!(rows[0]["error_code"], "key_not_found");
+        server.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
     })
     .await;
 }

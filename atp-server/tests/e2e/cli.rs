@@ -11,7 +11,7 @@ use tokio::{
 use crate::common::*;
 
 /// Reads the child's log until it says where it listens.
-async fn listening_addr(child: &mut Child) -> String {
+pub(crate) async fn listening_addr(child: &mut Child) -> String {
     let stderr = child.stderr.take().expect("piped stderr");
     let mut lines = BufReader::new(stderr).lines();
     let find = async {

@@ -14,7 +14,7 @@ use crate::common::*;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-async fn next_json(ws: &mut Ws) -> Value {
+pub(crate) async fn next_json(ws: &mut Ws) -> Value {
     loop {
         let frame = tokio::time::timeout(WAIT, ws.next())
             .await
@@ -27,13 +27,13 @@ async fn next_json(ws: &mut Ws) -> Value {
     }
 }
 
-async fn send(ws: &mut Ws, v: &Value) {
+pub(crate) async fn send(ws: &mut Ws, v: &Value) {
     ws.send(Message::text(v.to_string())).await.expect("send");
 }
 
 /// Registers `echo` for `app` under `key` and connects a hand-driven
 /// toolkit WebSocket.
-async fn raw_toolkit(server: &TestServer, key: &str, app: &str) -> Ws {
+pub(crate) async fn raw_toolkit(server: &TestServer, key: &str, app: &str) -> Ws {
     let body = json!({
         "function_id": "echo", "api_key": key, "app_name": app, "code_hash": "h",
         "metadata": {"params": ["text"], "required_params": ["text"], "description": "Echoes."}

@@ -2,6 +2,7 @@
 //! Python toolkits and LLM clients as peers.
 
 mod admin;
+mod api_keys;
 mod apps;
 mod audit;
 mod cli;
@@ -12,6 +13,7 @@ mod failover_runtime;
 mod faults;
 mod infra;
 mod keys;
+mod limits;
 mod llm_parity;
 mod mcp;
 mod metrics;

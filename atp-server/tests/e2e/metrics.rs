@@ -10,10 +10,10 @@ use serde_json::json;
 
 use crate::common::*;
 
-const METRICS_TOKEN: &str = "metrics-token-0123456789";
+pub(crate) const METRICS_TOKEN: &str = "metrics-token-0123456789";
 
 /// The samples of a scrape, parsed.
-async fn scrape(server: &TestServer) -> prometheus_parse::Scrape {
+pub(crate) async fn scrape(server: &TestServer) -> prometheus_parse::Scrape {
     let auth = format!("Bearer {METRICS_TOKEN}");
     let (status, headers, body) = http(
         "GET",
@@ -37,7 +37,7 @@ async fn scrape(server: &TestServer) -> prometheus_parse::Scrape {
 }
 
 /// The value of the sample `name` whose labels include `labels`.
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     let found: Vec<_> = scrape
         .samples
         .iter()

@@ -1,4 +1,4 @@
--- Version 3: the audit log (docs/OPERATIONS.md, "Audit log"): one row per
+-- Version 4: the audit log (docs/OPERATIONS.md, "Audit log"): one row per
 -- tool call (run or refused) and per admin action. Never a key (only a
 -- key id, the start of its hash), never a token; arguments and results
 -- only for the toolkits named in `audit_payloads`.
