@@ -6,7 +6,7 @@
 //! What was tried and what held is in `docs/RELIABILITY.md`; the commands:
 //!
 //! ```sh
-//! cargo test -p atp-reliability                      # the fast ones (also in `cargo test --workspace`)
+//! cargo test -p atp-reliability                      # the fast ones (also in `cargo test --workspace`, not in `cargo test`)
 //! cargo run --release -p atp-reliability --bin soak -- --target axum --requests 1000000
 //! cargo run --release -p atp-reliability --bin fuzz-random -- --target engine --seconds 60
 //! cd fuzz && cargo +nightly fuzz run -O engine -- -max_total_time=600
