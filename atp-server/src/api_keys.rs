@@ -299,6 +299,7 @@ pub async fn create_api_key(
     };
     store.insert_api_key(key_hash(&key), info).await?;
     tracing::info!(key_id = %id, kind = kind.role().as_str(), "API key created");
+    record(&store, "keys create", &id, None).await;
     Ok(NewApiKey {
         id,
         key: Secret::new(key),
@@ -325,11 +326,23 @@ pub async fn revoke_api_key(db: &DbLocation, id: &str) -> Result<(), ServerError
     let store = open(db, false).await?;
     if store.revoke_api_key(id.to_owned()).await? {
         tracing::info!(key_id = %id, "API key revoked");
+        record(&store, "keys revoke", id, None).await;
         Ok(())
     } else {
+        record(&store, "keys revoke", id, Some("key_not_found")).await;
         Err(ServerError::Config(format!(
             "no key in force has the id {id:?} (see `atp-server keys list`)"
         )))
+    }
+}
+
+/// Records a key command in the audit log (a failure to is logged, and
+/// does not undo the command).
+async fn record(store: &Store, action: &str, key_id: &str, error_code: Option<&str>) {
+    let entry =
+        crate::audit::Entry::admin(crate::audit::Via::Cli, action, Some(key_id), error_code);
+    if let Err(e) = crate::audit::record_now(store, entry).await {
+        tracing::warn!("the key command could not be recorded in the audit log: {e}");
     }
 }
 

@@ -207,7 +207,8 @@ impl Catalog {
         }
     }
 
-    /// The display name of the developer who owns the key with this hash.
+    /// The display name of the developer who owns the key with this hash
+    /// (the console's owners, the audit log's `developer`).
     pub fn developer_of(&self, key_hash: &str) -> Option<&str> {
         self.owner(key_hash)
             .map(|o| self.devs[o].display_name.as_str())
@@ -452,7 +453,7 @@ impl Store {
 
 /// A result as the log stores it: its JSON, or a truncation note with the
 /// start of it.
-fn stored_result(result: &Value) -> String {
+pub(crate) fn stored_result(result: &Value) -> String {
     let text = serde_json::to_string(result).unwrap_or_else(|_| "null".to_owned());
     if text.len() <= MAX_RESULT_BYTES {
         return text;

@@ -248,6 +248,14 @@ pub struct Config {
     /// A file of secrets keys, one a line (base64 or hex of 32 bytes; the
     /// first seals, the others only open), read when the server starts.
     pub secrets_key_file: Option<PathBuf>,
+    /// How many days the audit log keeps its rows (30 by default, 1 to
+    /// 36500): older ones are purged every hour (docs/OPERATIONS.md,
+    /// "Audit log").
+    pub audit_retention_days: u32,
+    /// The toolkits (by `app_name`) whose calls' arguments and results
+    /// the audit log keeps (none by default: only who called what, when,
+    /// and how it ended). Even for these, an `auth_token` is never kept.
+    pub audit_payloads: Vec<String>,
     /// Dev mode when no API key is configured and the database holds
     /// none in force either (what `atp-server` does without keys; false
     /// by default). Decided once, when the server starts.
@@ -394,6 +402,12 @@ impl RateLimits {
     }
 }
 
+/// How many days the audit log keeps its rows by default.
+pub const DEFAULT_AUDIT_RETENTION_DAYS: u32 = 30;
+
+/// The longest audit retention, in days (a hundred years).
+const MAX_AUDIT_RETENTION_DAYS: u32 = 36_500;
+
 /// The developer who owns the top-level `toolkit_api_keys` and
 /// `llm_api_keys` (see [`Config::developers`]).
 pub(crate) const IMPLICIT_DEVELOPER: &str = "default";
@@ -461,6 +475,8 @@ impl Default for Config {
             metrics_token: None,
             secrets_keys: Vec::new(),
             secrets_key_file: None,
+            audit_retention_days: DEFAULT_AUDIT_RETENTION_DAYS,
+            audit_payloads: Vec::new(),
             dev_without_keys: false,
             api_keys_refresh: Duration::from_secs(1),
             rate_limits: RateLimits::default(),
@@ -499,6 +515,9 @@ struct FileConfig {
     webhook_max_attempts: Option<u32>,
     metrics_token: Option<String>,
     secrets_key_file: Option<PathBuf>,
+    audit_retention_days: Option<u32>,
+    #[serde(default)]
+    audit_payloads: Vec<String>,
     api_keys_refresh_secs: Option<f64>,
     #[serde(default)]
     rate_limits: RateLimits,
@@ -611,6 +630,10 @@ impl Config {
         }
         c.metrics_token = file.metrics_token.map(Secret::new);
         c.secrets_key_file = file.secrets_key_file;
+        if let Some(days) = file.audit_retention_days {
+            c.audit_retention_days = days;
+        }
+        c.audit_payloads = file.audit_payloads;
         if let Some(v) = file.api_keys_refresh_secs {
             c.api_keys_refresh = secs("api_keys_refresh_secs", v)?;
         }
@@ -706,6 +729,21 @@ impl Config {
             }
         }
         self.validate_developers()?;
+        if !(1..=MAX_AUDIT_RETENTION_DAYS).contains(&self.audit_retention_days) {
+            return Err(ServerError::Config(format!(
+                "audit_retention_days must be 1 to {MAX_AUDIT_RETENTION_DAYS}, not {}",
+                self.audit_retention_days
+            )));
+        }
+        if let Some(bad) = self
+            .audit_payloads
+            .iter()
+            .find(|t| !atp_registry::is_valid_toolkit_name(t))
+        {
+            return Err(ServerError::Config(format!(
+                "audit_payloads entry {bad:?} is not a toolkit name (1-128 characters from A-Z a-z 0-9 _ - .)"
+            )));
+        }
         self.rate_limits.validate()?;
         if self.api_keys_refresh.is_zero() {
             return Err(ServerError::Config(
@@ -849,6 +887,26 @@ mod tests {
                 Config::from_toml(&format!("oauth_flow_lifetime_secs = {bad}")).is_err(),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn audit_settings() {
+        let c = Config::from_toml("audit_retention_days = 7\naudit_payloads = [\"crm.v2\"]")
+            .expect("valid");
+        assert_eq!(c.audit_retention_days, 7);
+        assert_eq!(c.audit_payloads, ["crm.v2"]);
+        assert_eq!(
+            Config::default().audit_retention_days,
+            DEFAULT_AUDIT_RETENTION_DAYS
+        );
+        for bad in [
+            "audit_retention_days = 0",
+            "audit_retention_days = 40000",
+            "audit_payloads = [\"no way\"]",
+        ] {
+            let e = Config::from_toml(bad).expect_err(bad).to_string();
+            assert!(e.contains("audit_"), "{bad}: {e}");
         }
     }
 

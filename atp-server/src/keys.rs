@@ -198,6 +198,16 @@ pub(crate) fn key_hash(key: &str) -> String {
     hex(&h.finalize())
 }
 
+/// How many hex digits of a key's hash make its key id.
+const KEY_ID_LEN: usize = 12;
+
+/// A key's id in the audit log and the admin API: the first 12 hex digits
+/// of its [`key_hash`] (48 bits of a SHA-256: enough to tell keys apart,
+/// and nothing to find the key from). `hash` is a [`key_hash`].
+pub(crate) fn key_id(hash: &str) -> String {
+    hash.get(..KEY_ID_LEN).unwrap_or(hash).to_owned()
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -278,6 +288,53 @@ pub(crate) fn rfc3339(secs: i64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// Days since the Unix epoch of a civil date (Howard Hinnant's
+/// days-from-civil), the inverse of [`rfc3339`]'s.
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// A time given as RFC 3339 in UTC (`2025-01-31T12:00:00Z`, with an
+/// optional fraction of a second), in milliseconds since the Unix epoch;
+/// `None` if it is not one.
+pub(crate) fn parse_rfc3339_ms(text: &str) -> Option<i64> {
+    let text = text.strip_suffix(['Z', 'z'])?;
+    let (date, time) = text.split_once(['T', 't'])?;
+    let num = |s: &str, len: usize| -> Option<i64> {
+        (s.len() == len && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    let mut d = date.split('-');
+    let (year, month, day) = (num(d.next()?, 4)?, num(d.next()?, 2)?, num(d.next()?, 2)?);
+    let (time, fraction) = match time.split_once('.') {
+        Some((t, f)) if !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()) => (t, f),
+        Some(_) => return None,
+        None => (time, ""),
+    };
+    let mut t = time.split(':');
+    let (hour, minute, second) = (num(t.next()?, 2)?, num(t.next()?, 2)?, num(t.next()?, 2)?);
+    if d.next().is_some()
+        || t.next().is_some()
+        || !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let millis: i64 = format!("{fraction:0<3}").get(..3)?.parse().ok()?;
+    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
+    Some(secs * 1000 + millis)
 }
 
 /// The key of `Authorization: Bearer KEY` (the scheme without regard to
@@ -401,6 +458,26 @@ mod tests {
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_735_689_599), "2024-12-31T23:59:59Z");
         assert_eq!(random_token(32).expect("rng").len(), 43);
+        for secs in [0, 951_782_400, 1_735_689_599, 4_102_444_800] {
+            assert_eq!(parse_rfc3339_ms(&rfc3339(secs)), Some(secs * 1000));
+        }
+        assert_eq!(
+            parse_rfc3339_ms("2024-12-31T23:59:59.25Z"),
+            Some(1_735_689_599_250)
+        );
+        for bad in [
+            "",
+            "2024-12-31",
+            "2024-12-31T23:59:59",
+            "2024-13-01T00:00:00Z",
+            "2024-12-31T24:00:00Z",
+            "2024-12-31T23:59:59.Z",
+            "+024-12-31T23:59:59Z",
+            "2024-12-31T23:59:59+01:00",
+        ] {
+            assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
+        }
+        assert_eq!(key_id(&key_hash("a")), key_hash("a")[..12]);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 mod admin;
 mod api_keys;
+mod audit;
 mod bus;
 mod catalog;
 mod config;
@@ -46,8 +47,8 @@ use tokio::{net::TcpListener, sync::watch};
 pub use api_keys::{ApiKeyInfo, KeyKind, NewApiKey, create_api_key, list_api_keys, revoke_api_key};
 pub use catalog::{Execution, read_executions};
 pub use config::{
-    Config, DEFAULT_ADDR, DEFAULT_DB, DbLocation, Developer, Limit, NatsUrl, OAuthPlatform,
-    RateLimits,
+    Config, DEFAULT_ADDR, DEFAULT_AUDIT_RETENTION_DAYS, DEFAULT_DB, DbLocation, Developer, Limit,
+    NatsUrl, OAuthPlatform, RateLimits,
 };
 pub use error::ServerError;
 pub use secrets::{RotationReport, SecretsError, SecretsKey, dev_secrets_key_path, rotate_secrets};
@@ -58,6 +59,43 @@ use crate::{
     keys::Keys,
     store::{Store, ToolkitRecord},
 };
+
+/// How long a stopping server waits for its last audit rows.
+const AUDIT_FLUSH_AT_STOP: Duration = Duration::from_secs(5);
+
+/// Records an admin action done outside a running server — a command of
+/// `atp-server` such as `keys revoke` — in the audit log of `db`
+/// (docs/OPERATIONS.md, "Audit log"): `action` (the command, e.g. `keys
+/// revoke`), `target` (what it acted on: a key id, a toolkit; never a key
+/// or a token) and, if it failed, its error code. The row's `via` is
+/// `cli`. Opening the database runs its migrations.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), atp_server::ServerError> {
+/// use atp_server::DbLocation;
+///
+/// let db = DbLocation::parse("atp-server.sqlite3");
+/// atp_server::audit_admin_action(&db, "keys revoke", Some("3f2a9c1b7d40"), None).await?;
+/// # Ok(()) }
+/// ```
+pub async fn audit_admin_action(
+    db: &DbLocation,
+    action: &str,
+    target: Option<&str>,
+    error_code: Option<&str>,
+) -> Result<(), ServerError> {
+    if matches!(db, DbLocation::Memory) {
+        return Err(ServerError::Config(
+            "an in-memory database keeps no audit log: give --db FILE or a PostgreSQL URL".into(),
+        ));
+    }
+    // Audit rows hold no secret: a key of this process opens the store.
+    let keyring = Arc::new(secrets::Keyring::ephemeral()?);
+    let store = Store::connect(db, keyring).await?;
+    let entry = audit::Entry::admin(audit::Via::Cli, action, target, error_code);
+    audit::record_now(&store, entry).await?;
+    Ok(())
+}
 
 /// What the database holds at startup.
 struct Loaded {
@@ -95,6 +133,8 @@ pub(crate) struct State {
     limits: rate_limit::Limiter,
     /// Each finished tool call, for live listeners.
     calls: events::CallEvents,
+    /// The audit log's queue and writer.
+    audit: audit::Audit,
 }
 
 impl State {
@@ -282,6 +322,8 @@ impl AtpServer {
         }
         let webhooks = webhooks::Webhooks::new(webhooks);
         let catalog = catalog::Catalog::new(&config);
+        let metrics = Arc::new(metrics::Metrics::default());
+        let audit = audit::Audit::new(&config, store.clone(), metrics.clone());
         let (shutdown, shutdown_rx) = watch::channel(false);
         tracing::info!(
             toolkits = kits.len(),
@@ -307,10 +349,11 @@ impl AtpServer {
             refresh_lock: tokio::sync::Mutex::new(()),
             shutdown,
             public_url: RwLock::new(config.public_url.clone()),
-            metrics: Arc::default(),
+            metrics,
             keys_refreshing: std::sync::atomic::AtomicBool::new(false),
             limits: rate_limit::Limiter::new(config.rate_limits.clone()),
             calls: events::CallEvents::default(),
+            audit,
             webhooks,
             catalog,
             bus,
@@ -459,6 +502,7 @@ impl AtpServer {
         r = both(r, "/console", get(console::page));
         r = r.route("/console/console.js", get(console::script));
         r = r.route("/console/console.css", get(console::style));
+        r = r.route("/admin/audit", get(audit::get));
         r.fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::disable())
@@ -505,6 +549,7 @@ impl AtpServer {
         }
         tracing::info!(%addr, "atp-server listening");
         webhooks::ensure_delivering(&self.state);
+        self.state.audit.start();
         api_keys::ensure_refreshing(&self.state);
         listen::serve(
             listener,
@@ -513,6 +558,11 @@ impl AtpServer {
             self.state.config.header_read_timeout,
         )
         .await?;
+        // The audit rows of the calls served are written before `serve`
+        // returns (5 s at most).
+        if !self.state.audit.flush(AUDIT_FLUSH_AT_STOP).await {
+            tracing::warn!("the audit log's last rows were not written within 5 s of stopping");
+        }
         tracing::info!("atp-server stopped");
         Ok(())
     }

@@ -37,6 +37,7 @@ use tracing::Instrument;
 
 use crate::{
     REVOKED_CLOSE,
+    audit::{Entry, Outcome, Via},
     error::{ApiError, json_text_response},
     events::CallEvent,
     hub::{PROGRESS_BUFFER, Report, Route, RouteError, ToolRequest},
@@ -172,10 +173,11 @@ fn task_failed(request_id: Option<RequestId>, f: &Failure) -> TaskResponse {
 pub(crate) async fn task(
     s: &crate::State,
     llm_key_hash: &str,
+    via: Via,
     req: TaskRequest,
     progress: Option<mpsc::Sender<Report>>,
 ) -> TaskResponse {
-    task_or_limited(s, llm_key_hash, req, progress, None)
+    task_or_limited(s, llm_key_hash, via, req, progress, None)
         .await
         .0
 }
@@ -185,11 +187,12 @@ pub(crate) async fn task(
 async fn task_or_limited(
     s: &crate::State,
     llm_key_hash: &str,
+    via: Via,
     req: TaskRequest,
     progress: Option<mpsc::Sender<Report>>,
     admitted: Option<Permit>,
 ) -> (TaskResponse, Option<Limited>) {
-    match run_task(s, llm_key_hash, &req, progress, admitted).await {
+    match run_task(s, llm_key_hash, via, &req, progress, admitted).await {
         Ok(result) => {
             let TaskRequest {
                 request_id,
@@ -245,17 +248,32 @@ fn task_reply(sse: bool, done: TaskResponse, limited: Option<Limited>) -> Respon
 async fn run_task(
     s: &crate::State,
     llm_key_hash: &str,
+    via: Via,
     req: &TaskRequest,
     progress: Option<mpsc::Sender<Report>>,
     admitted: Option<Permit>,
 ) -> Result<Value, Failure> {
-    let params = req
+    let found = req
         .payload
         .arguments()
-        .map_err(|why| Failure::from(CallError::InvalidParams(why)))?;
-    let kit = s
-        .visible_toolkit(llm_key_hash, &req.toolkit_id)
-        .ok_or_else(|| Failure::new("toolkit_not_found", "Toolkit not found"))?;
+        .map_err(|why| Failure::from(CallError::InvalidParams(why)))
+        .and_then(|params| {
+            let kit = s
+                .visible_toolkit(llm_key_hash, &req.toolkit_id)
+                .ok_or_else(|| Failure::new("toolkit_not_found", "Toolkit not found"))?;
+            Ok((params, kit))
+        });
+    let (params, kit) = match found {
+        Ok(found) => found,
+        Err(f) => {
+            s.audit.record(
+                Entry::call(via, Outcome::of_failure(&f.code, false), Some(&f.code))
+                    .key(s, llm_key_hash)
+                    .tool(Some(&req.toolkit_id), Some(&req.payload.function)),
+            );
+            return Err(f);
+        }
+    };
     let call = ToolCall {
         function: req.payload.function.as_str(),
         params,
@@ -264,6 +282,7 @@ async fn run_task(
         logs: false,
         admitted,
         trace: req.trace(),
+        via,
     };
     call_tool(s, llm_key_hash, &kit, call, progress).await
 }
@@ -324,6 +343,8 @@ pub(crate) struct ToolCall<'a> {
     pub admitted: Option<Permit>,
     /// The caller's trace context (`traceparent`), if it sent a valid one.
     pub trace: Option<TraceContext>,
+    /// How the call came in (for the audit log).
+    pub via: Via,
 }
 
 /// Runs a tool of `kit` for the LLM key `llm_key_hash`, wherever its
@@ -336,6 +357,9 @@ pub(crate) struct ToolCall<'a> {
 /// The call runs in an `atp.server.call` span (fields `toolkit`, `tool`,
 /// `transport`, `trace_id`) that joins the caller's trace; the toolkit
 /// gets the trace context with this span as its parent.
+///
+/// Every call leaves one audit row, run or refused (with its arguments
+/// and result if its toolkit keeps them, redacted).
 pub(crate) async fn call_tool(
     s: &crate::State,
     llm_key_hash: &str,
@@ -351,12 +375,13 @@ pub(crate) async fn call_tool(
         trace_id = tracing::field::Empty,
     );
     let onward = trace::link(&span, call.trace.as_ref());
-    call_in_span(s, llm_key_hash, kit, call, progress, onward)
+    audited_call(s, llm_key_hash, kit, call, progress, onward)
         .instrument(span)
         .await
 }
 
-async fn call_in_span(
+/// [`call_tool`] in its span: runs the call and records its audit row.
+async fn audited_call(
     s: &crate::State,
     llm_key_hash: &str,
     kit: &ToolkitRecord,
@@ -364,6 +389,52 @@ async fn call_in_span(
     progress: Option<mpsc::Sender<Report>>,
     onward: TraceContext,
 ) -> Result<Value, Failure> {
+    let keep = s.audit.keeps_payloads(&kit.app_name);
+    let (via, function) = (call.via, call.function);
+    let arguments = keep.then(|| call.params.clone());
+    let given = call.auth_token.clone();
+    let started = std::time::Instant::now();
+    let (result, ran) = run_tool(s, llm_key_hash, kit, call, progress, onward).await;
+    let code = result.as_ref().err().map(|f| f.code.as_str());
+    let (outcome, transport, took, token) = match ran {
+        Some((transport, took, sent)) => {
+            let outcome = code.map_or(Outcome::Ok, |c| Outcome::of_failure(c, true));
+            (outcome, Some(transport), took, sent)
+        }
+        None => {
+            let outcome = code.map_or(Outcome::Ok, |c| Outcome::of_failure(c, false));
+            (outcome, None, started.elapsed(), given)
+        }
+    };
+    s.audit.record(
+        Entry::call(via, outcome, code)
+            .key(s, llm_key_hash)
+            .tool(Some(&kit.app_name), Some(function))
+            .ran(transport, took)
+            .payloads(
+                keep,
+                arguments.as_ref(),
+                result.as_ref().ok(),
+                token.as_ref(),
+            ),
+    );
+    result
+}
+
+/// What a dispatched call did: its transport, how long it took, and the
+/// token it was given (the caller's, or a user's stored one).
+type Ran = (Transport, std::time::Duration, Option<Secret>);
+
+/// [`call_tool`] but for its audit row: the result, and, if the call was
+/// dispatched (not refused before), what [`Ran`].
+async fn run_tool(
+    s: &crate::State,
+    llm_key_hash: &str,
+    kit: &ToolkitRecord,
+    call: ToolCall<'_>,
+    progress: Option<mpsc::Sender<Report>>,
+    onward: TraceContext,
+) -> (Result<Value, Failure>, Option<Ran>) {
     let ToolCall {
         function,
         params,
@@ -372,16 +443,20 @@ async fn call_in_span(
         logs,
         admitted,
         trace: _,
+        via: _,
     } = call;
+    let refused = |f: Failure| (Err(f), None);
+    // The permit lives as long as the call.
     let _permit = match admitted {
         Some(p) => p,
-        None => admit(s, llm_key_hash, &kit.app_name, &params)?,
+        None => match admit(s, llm_key_hash, &kit.app_name, &params) {
+            Ok(p) => p,
+            Err(f) => return refused(f),
+        },
     };
-    let tool = kit
-        .tools
-        .iter()
-        .find(|t| t.spec.name == function)
-        .ok_or(CallError::ToolNotFound)?;
+    let Some(tool) = kit.tools.iter().find(|t| t.spec.name == function) else {
+        return refused(CallError::ToolNotFound.into());
+    };
 
     let mut not_connected = None;
     let mut other_developer = false;
@@ -394,7 +469,10 @@ async fn call_in_span(
             None
         }
         (None, Some(user), Some(provider)) => {
-            let token = oauth::token_for(s, llm_key_hash, provider, user).await?;
+            let token = match oauth::token_for(s, llm_key_hash, provider, user).await {
+                Ok(token) => token,
+                Err(e) => return refused(e),
+            };
             if token.is_none() {
                 not_connected = Some((user, provider));
             }
@@ -415,12 +493,13 @@ async fn call_in_span(
                     ": user {user} has not connected {provider} (start the OAuth flow with initiate_oauth_connection)"
                 ));
             }
-            return Err(Failure::new(
+            return refused(Failure::new(
                 CallError::AuthRequired.code().as_str(),
                 message,
             ));
         }
-        other => other?,
+        Err(other) => return refused(other.into()),
+        Ok(()) => {}
     }
 
     let request = ToolRequest {
@@ -483,7 +562,7 @@ async fn call_in_span(
         outcome: outcome.err().unwrap_or("ok").to_owned(),
         duration_ms: took.as_secs_f64() * 1000.0,
     });
-    result
+    (result, Some((transport, took, request.auth_token)))
 }
 
 /// Runs a `task_request` with progress: each progress report of the tool
@@ -493,6 +572,7 @@ async fn call_in_span(
 async fn task_with_progress(
     s: &crate::State,
     llm_key_hash: &str,
+    via: Via,
     req: TaskRequest,
     admitted: Option<Permit>,
     emit: impl Fn(ServerToLlm),
@@ -509,7 +589,7 @@ async fn task_with_progress(
         }
     };
     let work = async {
-        task_or_limited(s, llm_key_hash, req, Some(tx), admitted)
+        task_or_limited(s, llm_key_hash, via, req, Some(tx), admitted)
             .await
             .0
     };
@@ -533,10 +613,11 @@ async fn task_with_progress(
 pub(crate) async fn app(
     s: &Arc<crate::State>,
     llm_key_hash: &str,
+    via: Via,
     message: LlmToServer,
 ) -> Option<AppResponse> {
     Some(match message {
-        LlmToServer::AppRequest(req) => app_start(s, llm_key_hash, req).await,
+        LlmToServer::AppRequest(req) => app_start(s, llm_key_hash, via, req).await,
         LlmToServer::AppAction(req) => app_action(s, llm_key_hash, req).await,
         LlmToServer::AppTerminate(req) => app_terminate(s, llm_key_hash, req).await,
         _ => return None,
@@ -552,29 +633,78 @@ fn app_failed(
     AppResponse::error(request_id, session_id, &f.code, &f.message)
 }
 
-async fn app_start(s: &Arc<crate::State>, llm_key_hash: &str, req: AppRequest) -> AppResponse {
+/// Starts an app session (`app_request`); the start leaves an audit row
+/// like a tool call (the app is a tool of its toolkit).
+async fn app_start(
+    s: &Arc<crate::State>,
+    llm_key_hash: &str,
+    via: Via,
+    req: AppRequest,
+) -> AppResponse {
     let AppRequest {
         toolkit_id,
         request_id,
         payload,
     } = req;
-    let Some(kit) = s.visible_toolkit(llm_key_hash, &toolkit_id) else {
-        let f = Failure::new("toolkit_not_found", "Toolkit not found");
-        return app_failed(request_id, None, &f);
+    let keep = s.audit.keeps_payloads(&toolkit_id);
+    let arguments = keep.then(|| payload.parameters.clone());
+    let token = payload.auth_token.clone();
+    let app_name = payload.app.clone();
+    let began = std::time::Instant::now();
+    let (done, transport) = start_app(s, llm_key_hash, &toolkit_id, payload).await;
+    let code = done.as_ref().err().map(|f| f.code.as_str());
+    let outcome = code.map_or(Outcome::Ok, |c| Outcome::of_failure(c, transport.is_some()));
+    s.audit.record(
+        Entry::call(via, outcome, code)
+            .key(s, llm_key_hash)
+            .tool(Some(&toolkit_id), Some(&app_name))
+            .ran(transport, began.elapsed())
+            .payloads(keep, arguments.as_ref(), None, token.as_ref()),
+    );
+    app_started(request_id, done)
+}
+
+/// The `app_response` to a session's start: its first UI, or the error.
+pub(crate) fn app_started(
+    request_id: Option<RequestId>,
+    done: Result<(String, Value, bool), Failure>,
+) -> AppResponse {
+    match done {
+        Ok((session_id, ui, terminated)) => {
+            AppResponse::ok(request_id, session_id, Some(ui), terminated.then_some(true))
+        }
+        Err(f) => app_failed(request_id, None, &f),
+    }
+}
+
+/// [`app_start`] but for its audit row: the session, its first UI and
+/// whether it already ended; and the transport, once the app was routed
+/// to its toolkit.
+async fn start_app(
+    s: &Arc<crate::State>,
+    llm_key_hash: &str,
+    toolkit_id: &str,
+    payload: atp_registry::wire::AppStart,
+) -> (Result<(String, Value, bool), Failure>, Option<Transport>) {
+    let Some(kit) = s.visible_toolkit(llm_key_hash, toolkit_id) else {
+        return (
+            Err(Failure::new("toolkit_not_found", "Toolkit not found")),
+            None,
+        );
     };
-    start_app_of(s, llm_key_hash, &kit, request_id, payload).await
+    start_app_of(s, llm_key_hash, &kit, payload).await
 }
 
 /// Starts a session of an app of `kit` (found, and visible to the
-/// caller) for the LLM key `llm_key_hash`: here, or on the server that
-/// serves the toolkit.
+/// caller) for the LLM key `llm_key_hash`, here or on the server that
+/// serves the toolkit: the session, its first UI and whether it already
+/// ended; and the transport, once the app was routed to its toolkit.
 pub(crate) async fn start_app_of(
     s: &Arc<crate::State>,
     llm_key_hash: &str,
     kit: &ToolkitRecord,
-    request_id: Option<RequestId>,
     payload: atp_registry::wire::AppStart,
-) -> AppResponse {
+) -> (Result<(String, Value, bool), Failure>, Option<Transport>) {
     // The Python toolkit ignores an app it does not have (no answer at
     // all): only the registered tools are apps.
     if !kit.tools.iter().any(|t| t.spec.name == payload.app) {
@@ -585,7 +715,7 @@ pub(crate) async fn start_app_of(
                 kit.app_name, payload.app
             ),
         );
-        return app_failed(request_id, None, &f);
+        return (Err(f), None);
     }
     crate::hub::ensure_sweeper(s);
     let request = ToolRequest {
@@ -595,9 +725,10 @@ pub(crate) async fn start_app_of(
         logs: false,
         trace: None,
     };
+    let route = s.hub.route(&kit.key_hash, false);
     let started = match &s.bus {
         // Not here: maybe on another server.
-        Some(bus) if s.hub.route(&kit.key_hash, false).is_none() => {
+        Some(bus) if route.is_none() => {
             bus.start_app(
                 s,
                 llm_key_hash,
@@ -620,12 +751,14 @@ pub(crate) async fn start_app_of(
                 .await
         }
     };
-    match started {
-        Ok((session_id, ui, terminated)) => {
-            AppResponse::ok(request_id, session_id, Some(ui), terminated.then_some(true))
-        }
-        Err(e) => app_failed(request_id, None, &Failure::from(e)),
-    }
+    let transport = match route {
+        Some(Route::Inbox) => Transport::inbox,
+        Some(Route::Endpoint | Route::Socket) => Transport::websocket,
+        None if s.bus.is_some() => Transport::remote,
+        // Not connected anywhere: refused by the hub, never routed.
+        None => return (started.map_err(Failure::from), None),
+    };
+    (started.map_err(Failure::from), Some(transport))
 }
 
 pub(crate) async fn app_action(
@@ -833,15 +966,23 @@ pub(crate) async fn process(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let unauthorized = |asked: Option<&Map<String, Value>>| {
+        let (toolkit, tool) = asked.map_or((None, None), asked_for);
+        s.audit.record(
+            Entry::call(Via::LlmHttp, Outcome::Unauthorized, Some("unauthorized"))
+                .tool(toolkit, tool),
+        );
+        ApiError::unauthorized().into_response()
+    };
     if api_key_header(&headers).is_some() && s.llm_caller(&headers, None).is_err() {
-        return ApiError::unauthorized().into_response();
+        return unauthorized(None);
     }
     let m = match read_object(body, &s.config).await {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
     let Ok(llm_key_hash) = s.llm_caller(&headers, Some(&m)) else {
-        return ApiError::unauthorized().into_response();
+        return unauthorized(Some(&m));
     };
     let sse = wants_sse(&headers);
     let message = LlmToServer::from_object(m).map(|mut m| {
@@ -868,6 +1009,15 @@ pub(crate) async fn process(
             let admitted = match admit_task(&s, &llm_key_hash, &req) {
                 Ok(permit) => permit,
                 Err(f) => {
+                    s.audit.record(
+                        Entry::call(
+                            Via::LlmHttp,
+                            Outcome::of_failure(&f.code, false),
+                            Some(&f.code),
+                        )
+                        .key(&s, &llm_key_hash)
+                        .tool(Some(&req.toolkit_id), Some(&req.payload.function)),
+                    );
                     let limited = f.limited;
                     let done = failed_task(req, &f);
                     return task_reply(true, done, limited);
@@ -878,13 +1028,15 @@ pub(crate) async fn process(
                 let emit = move |m: ServerToLlm| {
                     let _ = progress.try_send(event(&m));
                 };
-                let done = task_with_progress(&s, &llm_key_hash, req, admitted, emit).await;
+                let done =
+                    task_with_progress(&s, &llm_key_hash, Via::LlmHttp, req, admitted, emit).await;
                 let last = event(&ServerToLlm::TaskResponse(done));
                 let _ = tokio::time::timeout(s.config.task_timeout, tx.send(last)).await;
             })
         }
         Ok(LlmToServer::TaskRequest(req)) => {
-            let (done, limited) = task_or_limited(&s, &llm_key_hash, req, None, None).await;
+            let (done, limited) =
+                task_or_limited(&s, &llm_key_hash, Via::LlmHttp, req, None, None).await;
             task_reply(false, done, limited)
         }
         Ok(
@@ -892,7 +1044,7 @@ pub(crate) async fn process(
             | LlmToServer::AppAction(_)
             | LlmToServer::AppTerminate(_)),
         ) if sse => sse_stream(move |tx| async move {
-            if let Some(done) = app(&s, &llm_key_hash, m).await {
+            if let Some(done) = app(&s, &llm_key_hash, Via::LlmHttp, m).await {
                 let last = event(&ServerToLlm::AppResponse(done));
                 let _ = tokio::time::timeout(s.config.task_timeout, tx.send(last)).await;
             }
@@ -901,7 +1053,7 @@ pub(crate) async fn process(
             m @ (LlmToServer::AppRequest(_)
             | LlmToServer::AppAction(_)
             | LlmToServer::AppTerminate(_)),
-        ) => match app(&s, &llm_key_hash, m).await {
+        ) => match app(&s, &llm_key_hash, Via::LlmHttp, m).await {
             Some(done) => answer(StatusCode::OK, &ServerToLlm::AppResponse(done)),
             None => ApiError::internal("unexpected message").into_response(),
         },
@@ -919,6 +1071,17 @@ pub(crate) async fn process(
     }
 }
 
+/// The toolkit and the tool a message asks for (`toolkit_id`,
+/// `payload.function`), as far as it says: for the audit row of a refused
+/// request.
+fn asked_for(m: &Map<String, Value>) -> (Option<&str>, Option<&str>) {
+    let tool = m
+        .get("payload")
+        .and_then(|p| p.get("function"))
+        .and_then(Value::as_str);
+    (crate::str_field(m, "toolkit_id"), tool)
+}
+
 /// `GET /ws/v1/atp/llm-client/{api_key}/`: an LLM client's WebSocket.
 pub(crate) async fn socket(
     State(s): State<Arc<crate::State>>,
@@ -927,7 +1090,14 @@ pub(crate) async fn socket(
 ) -> Response {
     let key = match key {
         Ok(Path(k)) if s.keys.check(Role::Llm, &k) => Secret::new(k),
-        _ => return ApiError::unauthorized().into_response(),
+        _ => {
+            s.audit.record(Entry::call(
+                Via::LlmWebsocket,
+                Outcome::Unauthorized,
+                Some("unauthorized"),
+            ));
+            return ApiError::unauthorized().into_response();
+        }
     };
     let Ok(ws) = ws else {
         return not_a_websocket();
@@ -1007,6 +1177,11 @@ impl Handler for LlmSocket {
                 self.key.matches(k.expose().as_bytes()) && self.s.keys.check(Role::Llm, k.expose())
             });
             if !ok {
+                self.s.audit.record(Entry::call(
+                    Via::LlmWebsocket,
+                    Outcome::Unauthorized,
+                    Some("unauthorized"),
+                ));
                 let refusal = ServerToLlm::AuthResponse {
                     success: false,
                     error: Some("Invalid API key".into()),
@@ -1025,11 +1200,22 @@ impl Handler for LlmSocket {
         if !self.authenticated {
             let message_text = "Authenticate first: send {\"type\": \"auth\", \"api_key\": KEY}";
             return Flow::Reply(match message {
-                LlmToServer::TaskRequest(req) => ServerToLlm::TaskResponse(task_failed(
-                    req.request_id,
-                    &Failure::new("not_authenticated", message_text),
-                ))
-                .to_json(),
+                LlmToServer::TaskRequest(req) => {
+                    self.s.audit.record(
+                        Entry::call(
+                            Via::LlmWebsocket,
+                            Outcome::Unauthorized,
+                            Some("not_authenticated"),
+                        )
+                        .key(&self.s, &self.llm_key_hash)
+                        .tool(Some(&req.toolkit_id), Some(&req.payload.function)),
+                    );
+                    ServerToLlm::TaskResponse(task_failed(
+                        req.request_id,
+                        &Failure::new("not_authenticated", message_text),
+                    ))
+                    .to_json()
+                }
                 LlmToServer::GetToolkitContext(req) => ServerToLlm::ToolkitContext(context_error(
                     req.request_id,
                     &ApiError::unauthorized_with("not_authenticated", message_text),
@@ -1060,6 +1246,15 @@ impl Handler for LlmSocket {
                 .to_json(),
             ),
             LlmToServer::TaskRequest(req) if self.tasks.len() >= MAX_IN_FLIGHT => {
+                self.s.audit.record(
+                    Entry::call(
+                        Via::LlmWebsocket,
+                        Outcome::Refused,
+                        Some("too_many_requests"),
+                    )
+                    .key(&self.s, &self.llm_key_hash)
+                    .tool(Some(&req.toolkit_id), Some(&req.payload.function)),
+                );
                 let f = Failure::new(
                     "too_many_requests",
                     format!("More than {MAX_IN_FLIGHT} requests are in flight on this connection"),
@@ -1077,9 +1272,10 @@ impl Handler for LlmSocket {
                         let emit = move |m: ServerToLlm| {
                             let _ = progress.try_send(m.to_json());
                         };
-                        task_with_progress(&s, &llm_key_hash, req, None, emit).await
+                        task_with_progress(&s, &llm_key_hash, Via::LlmWebsocket, req, None, emit)
+                            .await
                     } else {
-                        task(&s, &llm_key_hash, req, None).await
+                        task(&s, &llm_key_hash, Via::LlmWebsocket, req, None).await
                     };
                     let _ = tx.send(ServerToLlm::TaskResponse(done).to_json()).await;
                 });
@@ -1102,7 +1298,7 @@ impl Handler for LlmSocket {
                 let (s, tx, llm_key_hash) =
                     (self.s.clone(), self.tx.clone(), self.llm_key_hash.clone());
                 self.tasks.spawn(async move {
-                    if let Some(done) = app(&s, &llm_key_hash, m).await {
+                    if let Some(done) = app(&s, &llm_key_hash, Via::LlmWebsocket, m).await {
                         let _ = tx.send(ServerToLlm::AppResponse(done).to_json()).await;
                     }
                 });

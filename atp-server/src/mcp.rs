@@ -29,6 +29,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use crate::{
+    audit::{Entry, Outcome, Via},
     hub::{PROGRESS_BUFFER, Report},
     keys::{self, Role},
     llm::{ToolCall, call_tool},
@@ -59,6 +60,10 @@ pub(crate) async fn post(
         return r;
     }
     let Some(llm_key_hash) = caller(&s, &headers) else {
+        s.audit.record(
+            Entry::call(Via::Mcp, Outcome::Unauthorized, Some("unauthorized"))
+                .tool(Some(&toolkit), None),
+        );
         let mut r = refuse(
             401,
             "Unauthorized: send an LLM API key as Authorization: Bearer KEY",
@@ -159,15 +164,14 @@ impl McpBackend for Backend<'_> {
         auth_token: Option<AuthToken>,
         events: Progress,
     ) -> Result<Value, McpCallError> {
-        if !self.kit.tools.iter().any(|t| t.spec.name == name) {
-            return Err(McpCallError::UnknownTool);
-        }
+        // An unknown tool is refused by `call_tool` (and audited there).
         let call = ToolCall {
             function: name,
             params,
             auth_token,
             user: self.user,
             logs: self.logs,
+            via: Via::Mcp,
             admitted: None,
             trace: self.trace.clone(),
         };

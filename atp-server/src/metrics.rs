@@ -5,7 +5,7 @@
 //! and outcome (`ok` or the ATP error code), with their latency; the
 //! toolkit and LLM WebSockets open now; the inbox entries waiting; the
 //! webhook delivery attempts by outcome; the calls refused by a rate
-//! limit, by limit and toolkit. Labels carry names and codes
+//! limit, by limit and toolkit; the audit rows written and lost. Labels carry names and codes
 //! only: never a key, a token, an argument or a result.
 //!
 //! Who may read them: with `metrics_token` set, a request with
@@ -71,6 +71,12 @@ struct DeliveryLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuditDropLabels {
+    /// `queue_full` or `write_failed`.
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitedLabels {
     /// Which limit: `key_rate`, `toolkit_rate`, `key_concurrency`,
     /// `toolkit_concurrency` or `request_size`.
@@ -86,6 +92,8 @@ pub(crate) struct Metrics {
     calls: Family<CallLabels, Counter>,
     latency: LatencyFamily,
     deliveries: Family<DeliveryLabels, Counter>,
+    audit_written: Counter,
+    audit_dropped: Family<AuditDropLabels, Counter>,
     limited: Family<LimitedLabels, Counter>,
     toolkit_sockets: Gauge,
     llm_sockets: Gauge,
@@ -102,6 +110,8 @@ impl Default for Metrics {
         let calls = Family::<CallLabels, Counter>::default();
         let latency: LatencyFamily = Family::new_with_constructor(latency_histogram);
         let deliveries = Family::<DeliveryLabels, Counter>::default();
+        let audit_written = Counter::default();
+        let audit_dropped = Family::<AuditDropLabels, Counter>::default();
         let limited = Family::<LimitedLabels, Counter>::default();
         let (toolkit_sockets, llm_sockets, inbox_depth) =
             (Gauge::default(), Gauge::default(), Gauge::default());
@@ -120,6 +130,16 @@ impl Default for Metrics {
             "webhook_delivery_attempts",
             "Webhook delivery attempts, by outcome (delivered, retry, failed)",
             deliveries.clone(),
+        );
+        registry.register(
+            "audit_rows_written",
+            "Rows written to the audit log",
+            audit_written.clone(),
+        );
+        registry.register(
+            "audit_rows_dropped",
+            "Audit rows lost, by reason (queue_full: the writer was behind; write_failed: the database refused them)",
+            audit_dropped.clone(),
         );
         registry.register(
             "rate_limited",
@@ -146,6 +166,8 @@ impl Default for Metrics {
             calls,
             latency,
             deliveries,
+            audit_written,
+            audit_dropped,
             limited,
             toolkit_sockets,
             llm_sockets,
@@ -199,6 +221,18 @@ impl Metrics {
         self.deliveries
             .get_or_create(&DeliveryLabels { outcome })
             .inc();
+    }
+
+    /// Counts `n` audit rows written.
+    pub fn audit_written(&self, n: u64) {
+        self.audit_written.inc_by(n);
+    }
+
+    /// Counts `n` audit rows lost (`queue_full`, `write_failed`).
+    pub fn audit_dropped(&self, reason: &'static str, n: u64) {
+        self.audit_dropped
+            .get_or_create(&AuditDropLabels { reason })
+            .inc_by(n);
     }
 
     /// A guard that counts an LLM WebSocket while it lives.

@@ -688,7 +688,17 @@ pub async fn rotate_secrets(
     }
     let keyring = std::sync::Arc::new(Keyring::new(new.into_iter().chain(current).collect())?);
     let store = crate::store::Store::connect(db, keyring.clone()).await?;
-    let report = store.reseal(Pass::Rotate).await?;
+    let resealed = store.reseal(Pass::Rotate).await;
+    let entry = crate::audit::Entry::admin(
+        crate::audit::Via::Cli,
+        "keys rotate-secrets",
+        Some(keyring.sealing_id()),
+        resealed.as_ref().err().map(|_| "rotation_failed"),
+    );
+    if let Err(e) = crate::audit::record_now(&store, entry).await {
+        tracing::warn!("the rotation could not be recorded in the audit log: {e}");
+    }
+    let report = resealed?;
     tracing::info!(
         key_id = %keyring.sealing_id(),
         resealed = report.total(),

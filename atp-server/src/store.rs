@@ -43,6 +43,7 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/sqlite/0001_initial.sql")),
     (2, include_str!("../migrations/sqlite/0002_api_keys.sql")),
+    (3, include_str!("../migrations/sqlite/0003_audit.sql")),
 ];
 
 /// Applies the SQLite migrations not applied yet, each in a transaction.
@@ -318,6 +319,7 @@ const PG_MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../migrations/postgres/0002_insert_order.sql"),
     ),
     (3, include_str!("../migrations/postgres/0003_api_keys.sql")),
+    (4, include_str!("../migrations/postgres/0004_audit.sql")),
 ];
 
 /// The most connections one server holds to PostgreSQL.

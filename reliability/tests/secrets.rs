@@ -12,6 +12,10 @@
 //! tool call; a webhook's secret is sealed; the secrets key itself, and
 //! the errors about keys and sealed values, never show either. Afterwards
 //! the database's files hold none of the secrets.
+//!
+//! The audit log keeps the arguments and results of the toolkit these
+//! calls use (`audit_payloads`): its rows, read over the admin API and
+//! straight from the database, hold none of the secrets either.
 
 use std::{
     io::Write,
@@ -401,6 +405,7 @@ async fn server_and_clients(seen: &mut Seen) -> String {
         toolkit_api_keys: vec![TK_KEY.into()],
         llm_api_keys: vec![LLM_KEY.into()],
         admin_api_keys: vec![ADMIN_KEY.into()],
+        audit_payloads: vec!["secretkit".into()],
         oauth_platforms: vec![OAuthPlatform {
             id: "localprov".into(),
             provider: None,
@@ -540,6 +545,39 @@ async fn server_and_clients(seen: &mut Seen) -> String {
         seen.answer(what, &r);
     }
     console(addr, seen, &webhook_secret).await;
+    // The audit log, over the admin API: a row for every call (run,
+    // refused, or with a wrong key), the payloads kept, no secret.
+    let audit = request(
+        "GET",
+        "/admin/audit?limit=500",
+        &[("Authorization", &format!("Bearer {ADMIN_KEY}"))],
+        b"",
+    );
+    let r = http::once(addr, &audit, false, WAIT)
+        .await
+        .expect("an answer");
+    assert_eq!(r.status, 200, "{r:?}");
+    let rows = serde_json::from_slice::<Value>(&r.body).expect("JSON")["rows"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for (tool, outcome) in [("whoami", "ok"), ("fails", "error"), ("nope", "refused")] {
+        assert!(
+            rows.iter()
+                .any(|row| row["tool"] == tool && row["outcome"] == outcome),
+            "no {tool} {outcome} row in {rows:#?}"
+        );
+    }
+    assert!(
+        rows.iter().any(|row| row["outcome"] == "unauthorized"),
+        "no row for a wrong key in {rows:#?}"
+    );
+    assert!(
+        rows.iter()
+            .any(|row| row["tool"] == "nope" && row["arguments"]["auth_token"] == "[redacted]"),
+        "the payloads are kept, redacted: {rows:#?}"
+    );
+    seen.answer("the audit log", &r);
     // Forged or missing OAuth states are refused as such.
     for (what, _) in &raw[6..] {
         let (_, text) = seen.0.iter().find(|(w, _)| w == what).expect("seen");
@@ -595,6 +633,31 @@ async fn server_and_clients(seen: &mut Seen) -> String {
     .await
     .expect("rotates");
     seen.add("a rotation", format!("{rotated:?}"));
+
+    // The audit rows as stored.
+    let c = rusqlite::Connection::open(&db).expect("open");
+    let mut stmt = c.prepare("SELECT * FROM audit").expect("an audit table");
+    let columns = stmt.column_count();
+    let stored: Vec<String> = stmt
+        .query_map([], |row| {
+            let mut text = String::new();
+            for i in 0..columns {
+                let v: rusqlite::types::Value = row.get(i)?;
+                text.push_str(&format!("{v:?} | "));
+            }
+            Ok(text)
+        })
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("readable rows");
+    assert!(stored.len() >= rows.len(), "{stored:#?}");
+    assert!(
+        stored.iter().any(|r| r.contains("keys rotate-secrets")),
+        "the rotations are recorded: {stored:#?}"
+    );
+    seen.add("the audit rows in the database", stored.join("\n"));
+    drop(stmt);
+    drop(c);
 
     // The database's files: sealed values, no secret.
     let files = database_files(&db);

@@ -326,6 +326,7 @@ pub(crate) async fn call(
         logs: false,
         admitted: None,
         trace: None,
+        via: crate::audit::Via::AdminApi,
     };
     let started = std::time::Instant::now();
     let outcome = call_tool(&s, CONSOLE_CALLER, &kit, call, None).await;
@@ -390,7 +391,8 @@ pub(crate) async fn app_start(
         parameters,
         auth_token,
     };
-    app_answer(&crate::llm::start_app_of(&s, CONSOLE_CALLER, &kit, None, payload).await)
+    let (done, _) = crate::llm::start_app_of(&s, CONSOLE_CALLER, &kit, payload).await;
+    app_answer(&crate::llm::app_started(None, done))
 }
 
 /// `POST /admin/apps/{session_id}/action` with `{"action_data"}`: a user's
@@ -575,14 +577,17 @@ pub(crate) async fn oauth_connect(
         "{}/console?view=oauth",
         s.public_url().trim_end_matches('/')
     );
-    match crate::oauth::start_flow(&s, CONSOLE_CALLER.to_owned(), &platform, user, Some(back)).await
-    {
-        Ok(a) => json_response(
-            StatusCode::OK,
-            &json!({"authorization_url": a.authorization_url}),
-        ),
-        Err(e) => e.into_response(),
-    }
+    let answer =
+        match crate::oauth::start_flow(&s, CONSOLE_CALLER.to_owned(), &platform, user, Some(back))
+            .await
+        {
+            Ok(a) => json_response(
+                StatusCode::OK,
+                &json!({"authorization_url": a.authorization_url}),
+            ),
+            Err(e) => e.into_response(),
+        };
+    audited(&s, &headers, "oauth.connect", &platform.id, answer)
 }
 
 /// `DELETE /admin/oauth/connections/{id}`: forgets a stored connection
@@ -598,7 +603,7 @@ pub(crate) async fn oauth_revoke(
     let Ok(Path(id)) = id else {
         return ApiError::not_found("not_found", "Not found").into_response();
     };
-    match s.store.delete_connection(&id).await {
+    let answer = match s.store.delete_connection(&id).await {
         Ok(true) => {
             tracing::info!("an OAuth connection was revoked from the console");
             StatusCode::NO_CONTENT.into_response()
@@ -608,7 +613,27 @@ pub(crate) async fn oauth_revoke(
             tracing::error!("could not delete an OAuth connection: {e}");
             ApiError::internal("The connection could not be deleted").into_response()
         }
-    }
+    };
+    audited(&s, &headers, "oauth.revoke", &id, answer)
+}
+
+/// Records the admin action `action` on `target` in the audit log, with
+/// the error its `answer` gives (none for a success), and returns it.
+fn audited(
+    s: &crate::State,
+    headers: &HeaderMap,
+    action: &str,
+    target: &str,
+    answer: Response,
+) -> Response {
+    let code = match answer.status() {
+        c if c.is_success() || c.is_redirection() => None,
+        StatusCode::NOT_FOUND => Some("not_found"),
+        c if c.is_client_error() => Some("bad_request"),
+        _ => Some("internal_error"),
+    };
+    crate::audit::admin_action(s, headers, action, Some(target), code);
+    answer
 }
 
 /// A URL without its query, fragment or credentials (a receiver's URL
@@ -685,14 +710,15 @@ pub(crate) async fn resend(
     let Ok(Path(id)) = id else {
         return ApiError::not_found("not_found", "Not found").into_response();
     };
-    match crate::webhooks::resend(&s, &id).await {
+    let answer = match crate::webhooks::resend(&s, &id).await {
         Ok(true) => json_response(StatusCode::ACCEPTED, &json!({"status": "queued"})),
         Ok(false) => ApiError::not_found("not_found", "No such delivery").into_response(),
         Err(e) => {
             tracing::error!("could not queue a delivery again: {e}");
             ApiError::internal("The delivery could not be queued").into_response()
         }
-    }
+    };
+    audited(&s, &headers, "webhook.resend", &id, answer)
 }
 
 #[cfg(test)]

@@ -303,7 +303,12 @@ fn code(a: &Value) -> &str {
 #[tokio::test]
 async fn a_python_style_toolkit_runs_a_whole_session_over_websocket_and_http() {
     bounded(Duration::from_secs(60), async {
-        let server = TestServer::start(keyed_config()).await;
+        let server = TestServer::start(Config {
+            admin_api_keys: vec![ADMIN_KEY.into()],
+            audit_payloads: vec!["kit".into()],
+            ..keyed_config()
+        })
+        .await;
         register(&server, TK_KEY, "kit", "counter").await;
         let mut tk = ScriptedToolkit::start(&server, TK_KEY).await;
         server.wait_served("kit").await;
@@ -430,10 +435,39 @@ async fn a_python_style_toolkit_runs_a_whole_session_over_websocket_and_http() {
         .await;
         assert_eq!(code(&a), "app_error", "{a}");
         assert!(a["payload"].get("session_id").is_none(), "{a}");
+
+        // Each start left an audit row, its parameters kept (the toolkit
+        // is in audit_payloads), its token not.
+        let auth = format!("Bearer {ADMIN_KEY}");
+        let (status, _, text) = http(
+            "GET",
+            &format!("{}/admin/audit?toolkit=kit&tool=counter", server.base),
+            &[("authorization", auth.as_str())],
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+        assert!(!text.contains("user-token"), "{text}");
+        let rows: Value = serde_json::from_str(&text).expect("JSON");
+        let rows = rows["rows"].as_array().cloned().unwrap_or_default();
+        assert!(
+            rows.iter().any(|r| r["outcome"] == "ok"
+                && r["via"] == "llm_websocket"
+                && r["transport"] == "websocket"
+                && r["arguments"] == json!({"start": 5})),
+            "{rows:#?}"
+        );
+        assert!(
+            rows.iter()
+                .any(|r| r["outcome"] == "error" && r["error_code"] == "app_error"),
+            "{rows:#?}"
+        );
         server.stop().await;
     })
     .await;
 }
+
+const ADMIN_KEY: &str = "apps-admin-key-0123456789";
 
 #[tokio::test]
 async fn an_inbox_toolkit_runs_a_session() {

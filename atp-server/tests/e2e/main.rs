@@ -4,6 +4,7 @@
 mod admin;
 mod api_keys;
 mod apps;
+mod audit;
 mod cli;
 mod cluster;
 mod cluster_faults;

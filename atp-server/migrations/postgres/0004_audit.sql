@@ -1,0 +1,24 @@
+-- Version 4: the audit log (docs/OPERATIONS.md, "Audit log"): one row per
+-- tool call (run or refused) and per admin action. Never a key (only a
+-- key id, the start of its hash), never a token; arguments and results
+-- only for the toolkits named in `audit_payloads`.
+CREATE TABLE IF NOT EXISTS audit (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at_ms BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    key_id TEXT,
+    developer TEXT,
+    toolkit TEXT,
+    tool TEXT,
+    action TEXT,
+    target TEXT,
+    via TEXT NOT NULL,
+    transport TEXT,
+    duration_ms DOUBLE PRECISION NOT NULL,
+    outcome TEXT NOT NULL,
+    error_code TEXT,
+    arguments TEXT,
+    result TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit (at_ms);
+CREATE INDEX IF NOT EXISTS audit_toolkit ON audit (toolkit, id);
