@@ -263,6 +263,37 @@ pub(crate) async fn formats(
     json_response(StatusCode::OK, &out)
 }
 
+/// The body of a console request that runs a tool (a call or an app's
+/// start): the object itself, its `arguments` (an object; none: empty)
+/// and its `auth_token` (a string; none or empty: none).
+async fn read_tool_body(
+    s: &crate::State,
+    body: Body,
+) -> Result<(Map<String, Value>, Map<String, Value>, Option<Secret>), ApiError> {
+    let mut body = read_object(body, &s.config).await?;
+    let arguments = match body.remove("arguments") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "arguments must be a JSON object",
+            ));
+        }
+    };
+    let auth_token = match body.get("auth_token") {
+        Some(Value::String(t)) if !t.is_empty() => Some(Secret::from(t.as_str())),
+        None | Some(Value::Null | Value::String(_)) => None,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "auth_token must be a string",
+            ));
+        }
+    };
+    Ok((body, arguments, auth_token))
+}
+
 /// `POST /admin/toolkits/{toolkit}/tools/{tool}/call`: runs a tool the way
 /// an LLM client's call runs ([`call_tool`]: it shows in the metrics and
 /// the live calls). The body: `{"arguments": {…}, "auth_token": "…"}`
@@ -282,26 +313,9 @@ pub(crate) async fn call(
         Ok(found) => found,
         Err(e) => return e.into_response(),
     };
-    let mut body = match read_object(body, &s.config).await {
-        Ok(b) => b,
+    let (body, params, auth_token) = match read_tool_body(&s, body).await {
+        Ok(read) => read,
         Err(e) => return e.into_response(),
-    };
-    let params = match body.remove("arguments") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m,
-        Some(_) => {
-            return ApiError::bad_request("invalid_body", "arguments must be a JSON object")
-                .into_response();
-        }
-    };
-    let auth_token = match body.get("auth_token") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(t)) if t.is_empty() => None,
-        Some(Value::String(t)) => Some(Secret::from(t.as_str())),
-        Some(_) => {
-            return ApiError::bad_request("invalid_body", "auth_token must be a string")
-                .into_response();
-        }
     };
     // A user's stored connection (any LLM key's: the admin may use them
     // all) gives the token, as the server would give it to the tool.
@@ -366,25 +380,9 @@ pub(crate) async fn app_start(
         Ok(found) => found,
         Err(e) => return e.into_response(),
     };
-    let mut body = match read_object(body, &s.config).await {
-        Ok(b) => b,
+    let (_, parameters, auth_token) = match read_tool_body(&s, body).await {
+        Ok(read) => read,
         Err(e) => return e.into_response(),
-    };
-    let parameters = match body.remove("arguments") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m,
-        Some(_) => {
-            return ApiError::bad_request("invalid_body", "arguments must be a JSON object")
-                .into_response();
-        }
-    };
-    let auth_token = match body.get("auth_token") {
-        Some(Value::String(t)) if !t.is_empty() => Some(Secret::from(t.as_str())),
-        None | Some(Value::Null | Value::String(_)) => None,
-        Some(_) => {
-            return ApiError::bad_request("invalid_body", "auth_token must be a string")
-                .into_response();
-        }
     };
     let payload = atp_registry::wire::AppStart {
         app: kit.tools[i].spec.name.clone(),
