@@ -42,6 +42,22 @@ impl IntoResponse for Refused {
     }
 }
 
+/// An admin request, let through by [`require`]. As a handler's argument
+/// it answers a refused request itself (404 or 401) before the handler
+/// runs or reads the body.
+pub(crate) struct Admin;
+
+impl axum::extract::FromRequestParts<std::sync::Arc<crate::State>> for Admin {
+    type Rejection = Refused;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &std::sync::Arc<crate::State>,
+    ) -> Result<Self, Refused> {
+        require(s, &parts.headers).map(|()| Admin)
+    }
+}
+
 /// Lets an admin request through, or says why not.
 pub(crate) fn require(s: &crate::State, headers: &HeaderMap) -> Result<(), Refused> {
     if s.config.dev {
@@ -65,11 +81,8 @@ const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 /// it missed. The stream ends when the server shuts down.
 pub(crate) async fn live_calls(
     axum::extract::State(s): axum::extract::State<std::sync::Arc<crate::State>>,
-    headers: HeaderMap,
+    _admin: Admin,
 ) -> Response {
-    if let Err(refused) = require(&s, &headers) {
-        return refused.into_response();
-    }
     use tokio::sync::broadcast::error::RecvError;
     let calls = s.calls.subscribe();
     let shutdown = s.shutdown.subscribe();

@@ -22,7 +22,7 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use crate::{
-    admin::{self, Refused},
+    admin::{self, Admin, Refused},
     error::{ApiError, json_response},
     hub::Route,
     llm::{ToolCall, call_tool},
@@ -191,10 +191,7 @@ fn view(s: &crate::State, kit: &ToolkitRecord) -> ToolkitView {
 
 /// `GET /admin/toolkits`: every registered toolkit, its tools and how it
 /// is connected, by name.
-pub(crate) async fn toolkits(State(s): State<Arc<crate::State>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = admin::require(&s, &headers) {
-        return refused.into_response();
-    }
+pub(crate) async fn toolkits(State(s): State<Arc<crate::State>>, _admin: Admin) -> Response {
     let kits: Vec<Arc<ToolkitRecord>> = s
         .toolkits
         .read()
@@ -238,12 +235,9 @@ fn find_tool(
 /// as an entry of MCP's `tools/list`.
 pub(crate) async fn formats(
     State(s): State<Arc<crate::State>>,
+    _admin: Admin,
     path: Result<Path<(String, String)>, PathRejection>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = admin::require(&s, &headers) {
-        return refused.into_response();
-    }
     let (kit, i) = match find_tool(&s, path) {
         Ok(found) => found,
         Err(e) => return e.into_response(),
@@ -302,13 +296,10 @@ async fn read_tool_body(
 /// "error": {"code", "message"}, "duration_ms": …}`.
 pub(crate) async fn call(
     State(s): State<Arc<crate::State>>,
+    _admin: Admin,
     path: Result<Path<(String, String)>, PathRejection>,
-    headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Err(refused) = admin::require(&s, &headers) {
-        return refused.into_response();
-    }
     let (kit, i) = match find_tool(&s, path) {
         Ok(found) => found,
         Err(e) => return e.into_response(),
@@ -369,13 +360,10 @@ fn app_answer(a: &atp_registry::wire::AppResponse) -> Response {
 /// console. 200 with the app's answer.
 pub(crate) async fn app_start(
     State(s): State<Arc<crate::State>>,
+    _admin: Admin,
     path: Result<Path<(String, String)>, PathRejection>,
-    headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Err(refused) = admin::require(&s, &headers) {
-        return refused.into_response();
-    }
     let (kit, i) = match find_tool(&s, path) {
         Ok(found) => found,
         Err(e) => return e.into_response(),
@@ -397,13 +385,10 @@ pub(crate) async fn app_start(
 /// action in a session the console started. 200 with the app's answer.
 pub(crate) async fn app_action(
     State(s): State<Arc<crate::State>>,
+    _admin: Admin,
     id: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Err(refused) = admin::require(&s, &headers) {
-        return refused.into_response();
-    }
     let Ok(Path(session_id)) = id else {
         return ApiError::not_found("not_found", "Not found").into_response();
     };
@@ -425,12 +410,9 @@ pub(crate) async fn app_action(
 /// 200 with the app's answer.
 pub(crate) async fn app_end(
     State(s): State<Arc<crate::State>>,
+    _admin: Admin,
     id: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = admin::require(&s, &headers) {
-        return refused.into_response();
-    }
     let Ok(Path(session_id)) = id else {
         return ApiError::not_found("not_found", "Not found").into_response();
     };
@@ -491,10 +473,7 @@ async fn connection_token(
 
 /// `GET /admin/oauth`: the OAuth platforms (no client secret) and every
 /// user's connection (no token), the newest first.
-pub(crate) async fn oauth(State(s): State<Arc<crate::State>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = admin::require(&s, &headers) {
-        return refused.into_response();
-    }
+pub(crate) async fn oauth(State(s): State<Arc<crate::State>>, _admin: Admin) -> Response {
     let platforms = platforms(&s);
     let connections = match s.store.list_connections().await {
         Ok(c) => c,
@@ -546,13 +525,11 @@ pub(crate) async fn oauth(State(s): State<Arc<crate::State>>, headers: HeaderMap
 /// `{"authorization_url"}`.
 pub(crate) async fn oauth_connect(
     State(s): State<Arc<crate::State>>,
+    _admin: Admin,
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Err(refused) = admin::require(&s, &headers) {
-        return refused.into_response();
-    }
     let Some(platform) = id.ok().and_then(|Path(id)| s.platform(&id)) else {
         return ApiError::not_found("platform_not_found", "OAuth platform not found")
             .into_response();
@@ -592,12 +569,10 @@ pub(crate) async fn oauth_connect(
 /// (its tokens are deleted here; the provider is not told). 204, or 404.
 pub(crate) async fn oauth_revoke(
     State(s): State<Arc<crate::State>>,
+    _admin: Admin,
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = admin::require(&s, &headers) {
-        return refused.into_response();
-    }
     let Ok(Path(id)) = id else {
         return ApiError::not_found("not_found", "Not found").into_response();
     };
@@ -651,10 +626,7 @@ fn url_shown(url: &str) -> String {
 /// `GET /admin/webhooks`: every webhook (its URL without query or
 /// credentials, never its secret) with its owner and its latest
 /// deliveries (never their bodies).
-pub(crate) async fn webhooks(State(s): State<Arc<crate::State>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = admin::require(&s, &headers) {
-        return refused.into_response();
-    }
+pub(crate) async fn webhooks(State(s): State<Arc<crate::State>>, _admin: Admin) -> Response {
     let (hooks, deliveries) = match s.store.admin_webhooks().await {
         Ok(found) => found,
         Err(e) => {
@@ -699,12 +671,10 @@ pub(crate) async fn webhooks(State(s): State<Arc<crate::State>>, headers: Header
 /// due now (the same `delivery_id` and body). 202, or 404.
 pub(crate) async fn resend(
     State(s): State<Arc<crate::State>>,
+    _admin: Admin,
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = admin::require(&s, &headers) {
-        return refused.into_response();
-    }
     let Ok(Path(id)) = id else {
         return ApiError::not_found("not_found", "Not found").into_response();
     };
