@@ -362,8 +362,10 @@ async fn slow_tools_do_not_block_others(t: Target) {
         let sent_tx = sent_tx.clone();
         slow.spawn(async move {
             let mut conn = Conn::connect(t.addr).await.expect("connect");
-            conn.send(&bytes).await.expect("send");
+            // The clock starts before the write: the server may begin its
+            // 900 ms before this task is polled again after `send`.
             let sent = Instant::now();
+            conn.send(&bytes).await.expect("send");
             let _ = sent_tx.send(());
             let r = tokio::time::timeout(WAIT, conn.read_response(false))
                 .await
