@@ -145,7 +145,8 @@ impl Outcome {
 }
 
 /// How the request came in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum Via {
     /// The LLM-client WebSocket.
     LlmWebsocket,

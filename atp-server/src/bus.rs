@@ -49,6 +49,7 @@ use tokio::{
 
 use crate::{
     State,
+    audit::Via,
     config::{Config, NatsUrl},
     error::ServerError,
     hub::{Answer, Report, RouteError, ToolRequest},
@@ -111,6 +112,9 @@ enum Work {
         session_id: String,
         action_data: Value,
         timeout_ms: u64,
+        /// How the action came in, for the holder's audit row.
+        #[serde(default)]
+        via: Option<Via>,
     },
     /// A session's end (answered at once).
     AppTerminate {
@@ -179,13 +183,21 @@ enum Done {
 struct WireError {
     code: String,
     message: String,
+    /// A rate limit's `Retry-After`, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
 }
 
 impl From<&RouteError> for WireError {
     fn from(e: &RouteError) -> Self {
+        let retry_after_ms = match e {
+            RouteError::Limited { retry_after, .. } => retry_after.map(millis),
+            _ => None,
+        };
         Self {
             code: e.code().to_owned(),
             message: e.to_string(),
+            retry_after_ms,
         }
     }
 }
@@ -200,6 +212,11 @@ impl WireError {
             "session_not_found" => RouteError::SessionNotFound,
             "session_ended" => RouteError::SessionEnded(self.message),
             "session_busy" => RouteError::SessionBusy,
+            "rate_limited" | "payload_too_large" => RouteError::Limited {
+                code: self.code,
+                message: self.message,
+                retry_after: self.retry_after_ms.map(Duration::from_millis),
+            },
             _ => RouteError::Failed {
                 code: self.code,
                 message: self.message,
@@ -592,16 +609,18 @@ impl Bus {
         }
     }
 
-    /// Sends an action to the session's server.
+    /// Sends an action to the session's server (answered within the
+    /// task timeout).
     pub async fn app_action(
         &self,
         s: &State,
         holder: &str,
         llm_key_hash: &str,
+        via: Via,
         session_id: &str,
         action_data: Value,
-        timeout: Duration,
     ) -> Result<(Value, bool), RouteError> {
+        let timeout = s.config.task_timeout;
         let rid = crate::keys::uuid4();
         let rx = self.expect(&rid);
         let work = Work::AppAction {
@@ -610,6 +629,7 @@ impl Bus {
             session_id: session_id.to_owned(),
             action_data,
             timeout_ms: millis(timeout),
+            via: Some(via),
         };
         let holder = match self.ask(&format!("atp.i.{holder}.app"), json(&work)).await {
             Ok(Ack::Accepted { holder }) => holder,
@@ -986,18 +1006,19 @@ async fn run(s: Arc<State>, client: Client, work: Work) {
             session_id,
             action_data,
             timeout_ms,
+            via,
         } => {
-            let outcome = s
-                .hub
-                .app_action(
-                    &llm_key_hash,
-                    &session_id,
-                    action_data,
-                    Duration::from_millis(timeout_ms),
-                )
-                .await
-                .map(|(ui, terminated)| Done::Ui { ui, terminated })
-                .map_err(|e| WireError::from(&e));
+            let outcome = crate::llm::act(
+                &s,
+                &llm_key_hash,
+                via.unwrap_or(Via::LlmWebsocket),
+                &session_id,
+                action_data,
+                Duration::from_millis(timeout_ms),
+            )
+            .await
+            .map(|(ui, terminated)| Done::Ui { ui, terminated })
+            .map_err(|f| WireError::from(&RouteError::from(f)));
             send(reply, Back::Answer { outcome }).await;
         }
         Work::AppTerminate { .. } | Work::InboxAnswer { .. } => {}

@@ -53,7 +53,7 @@ use atp_registry::{
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
-use crate::keys::uuid4;
+use crate::{keys::uuid4, metrics::Transport};
 
 /// How many progress reports of one request may wait for a slow reader;
 /// more are dropped (progress never holds up the answer).
@@ -94,6 +94,14 @@ pub(crate) enum RouteError {
         "The app session is still waiting for the toolkit's answer to a request: send one action at a time"
     )]
     SessionBusy,
+    /// A rate limit refused the request (`rate_limited`, or
+    /// `payload_too_large`), on the server that holds the session.
+    #[error("{message}")]
+    Limited {
+        code: String,
+        message: String,
+        retry_after: Option<Duration>,
+    },
     #[error("This API key has {0} app sessions open: terminate some first")]
     TooManySessions(usize),
     /// The other servers can not be reached (NATS is down, or a server
@@ -105,7 +113,7 @@ pub(crate) enum RouteError {
 impl RouteError {
     pub fn code(&self) -> &str {
         match self {
-            RouteError::Failed { code, .. } => code,
+            RouteError::Failed { code, .. } | RouteError::Limited { code, .. } => code,
             RouteError::NotConnected(_) => "toolkit_not_connected",
             RouteError::Disconnected => "toolkit_disconnected",
             RouteError::Timeout(_) => "toolkit_timeout",
@@ -281,6 +289,10 @@ struct Outstanding {
 struct Session {
     llm_key_hash: String,
     key_hash: String,
+    /// The toolkit and the app (the audit rows and rate limits of its
+    /// actions).
+    toolkit: String,
+    app: String,
     via: SessionVia,
     last_used: Instant,
     outstanding: Option<Outstanding>,
@@ -810,6 +822,8 @@ impl Hub {
                 Session {
                     llm_key_hash: llm_key_hash.to_owned(),
                     key_hash: key_hash.to_owned(),
+                    toolkit: app.to_owned(),
+                    app: request.tool_name.clone(),
                     via,
                     last_used: now,
                     outstanding: Some(Outstanding {
@@ -848,6 +862,25 @@ impl Hub {
                 })
             }
         }
+    }
+
+    /// The toolkit and the app of an open session of `llm_key_hash` here,
+    /// and how the toolkit is reached; `None` for a session that is not
+    /// open here or not the caller's.
+    pub fn session_app(
+        &self,
+        llm_key_hash: &str,
+        session_id: &str,
+    ) -> Option<(String, String, Transport)> {
+        let inner = self.lock();
+        let session = inner.sessions.get(session_id)?;
+        (session.llm_key_hash == llm_key_hash).then(|| {
+            let transport = match session.via {
+                SessionVia::Socket(_) => Transport::websocket,
+                SessionVia::Inbox => Transport::inbox,
+            };
+            (session.toolkit.clone(), session.app.clone(), transport)
+        })
     }
 
     /// Sends a user's action to the session's app and waits for its new UI
@@ -1632,6 +1665,8 @@ mod tests {
                     Session {
                         llm_key_hash: "llm".into(),
                         key_hash: "k".into(),
+                        toolkit: "kit".into(),
+                        app: "app".into(),
                         via: SessionVia::Socket(1),
                         last_used: Instant::now(),
                         outstanding: None,
@@ -1660,6 +1695,8 @@ mod tests {
                 Session {
                     llm_key_hash: "llm".into(),
                     key_hash: "k".into(),
+                    toolkit: "kit".into(),
+                    app: "app".into(),
                     via: SessionVia::Inbox,
                     last_used: Instant::now(),
                     outstanding: None,

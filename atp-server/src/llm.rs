@@ -117,7 +117,45 @@ impl From<RouteError> for Failure {
                 message,
                 limited: None,
             },
+            RouteError::Limited {
+                code,
+                message,
+                retry_after,
+            } => {
+                let status = if code == ErrorCode::PayloadTooLarge.as_str() {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                } else {
+                    StatusCode::TOO_MANY_REQUESTS
+                };
+                Self {
+                    code,
+                    message,
+                    limited: Some(Limited {
+                        status,
+                        retry_after,
+                    }),
+                }
+            }
             other => Self::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+/// A failure on its way to another server (over the bus).
+impl From<Failure> for RouteError {
+    fn from(f: Failure) -> Self {
+        let Failure {
+            code,
+            message,
+            limited,
+        } = f;
+        match limited {
+            Some(l) => RouteError::Limited {
+                code,
+                message,
+                retry_after: l.retry_after,
+            },
+            None => RouteError::Failed { code, message },
         }
     }
 }
@@ -231,11 +269,11 @@ fn failed_task(req: TaskRequest, f: &Failure) -> TaskResponse {
     )
 }
 
-/// `process/`'s answer to a `task_request`: 200, or the status and
-/// `Retry-After` of a rate limit's refusal.
-fn task_reply(sse: bool, done: TaskResponse, limited: Option<Limited>) -> Response {
+/// `process/`'s answer to a `task_request` or an app message: 200, or the
+/// status and `Retry-After` of a rate limit's refusal.
+fn limited_reply(sse: bool, done: &ServerToLlm, limited: Option<Limited>) -> Response {
     let status = limited.map_or(StatusCode::OK, |l| l.status);
-    let mut response = reply(sse, status, &ServerToLlm::TaskResponse(done));
+    let mut response = reply(sse, status, done);
     if let Some(wait) = limited.and_then(|l| l.retry_after) {
         response.headers_mut().insert(
             header::RETRY_AFTER,
@@ -311,7 +349,7 @@ fn admit(
     s: &crate::State,
     llm_key_hash: &str,
     toolkit: &str,
-    params: &Map<String, Value>,
+    params: &impl serde::Serialize,
 ) -> Result<Permit, Failure> {
     let request_bytes = serde_json::to_string(params).map_or(0, |t| t.len());
     let key_id = crate::api_keys::key_id(s, llm_key_hash);
@@ -609,17 +647,18 @@ async fn task_with_progress(
 }
 
 /// Runs one `app_request`, `app_action` or `app_terminate` and builds its
-/// `app_response` (always exactly one); `None` for other messages.
+/// `app_response` (always exactly one), with how `process/` answers a
+/// refusal by a rate limit; `None` for other messages.
 pub(crate) async fn app(
     s: &Arc<crate::State>,
     llm_key_hash: &str,
     via: Via,
     message: LlmToServer,
-) -> Option<AppResponse> {
+) -> Option<(AppResponse, Option<Limited>)> {
     Some(match message {
         LlmToServer::AppRequest(req) => app_start(s, llm_key_hash, via, req).await,
-        LlmToServer::AppAction(req) => app_action(s, llm_key_hash, req).await,
-        LlmToServer::AppTerminate(req) => app_terminate(s, llm_key_hash, req).await,
+        LlmToServer::AppAction(req) => app_action(s, llm_key_hash, via, req).await,
+        LlmToServer::AppTerminate(req) => (app_terminate(s, llm_key_hash, req).await, None),
         _ => return None,
     })
 }
@@ -633,35 +672,22 @@ fn app_failed(
     AppResponse::error(request_id, session_id, &f.code, &f.message)
 }
 
-/// Starts an app session (`app_request`); the start leaves an audit row
-/// like a tool call (the app is a tool of its toolkit).
+/// Starts an app session (`app_request`).
 async fn app_start(
     s: &Arc<crate::State>,
     llm_key_hash: &str,
     via: Via,
     req: AppRequest,
-) -> AppResponse {
+) -> (AppResponse, Option<Limited>) {
     let AppRequest {
         toolkit_id,
         request_id,
         payload,
     } = req;
-    let keep = s.audit.keeps_payloads(&toolkit_id);
-    let arguments = keep.then(|| payload.parameters.clone());
-    let token = payload.auth_token.clone();
-    let app_name = payload.app.clone();
-    let began = std::time::Instant::now();
-    let (done, transport) = start_app(s, llm_key_hash, &toolkit_id, payload).await;
-    let code = done.as_ref().err().map(|f| f.code.as_str());
-    let outcome = code.map_or(Outcome::Ok, |c| Outcome::of_failure(c, transport.is_some()));
-    s.audit.record(
-        Entry::call(via, outcome, code)
-            .key(s, llm_key_hash)
-            .tool(Some(&toolkit_id), Some(&app_name))
-            .ran(transport, began.elapsed())
-            .payloads(keep, arguments.as_ref(), None, token.as_ref()),
-    );
-    app_started(request_id, done)
+    let kit = s.visible_toolkit(llm_key_hash, &toolkit_id);
+    let done = start_audited(s, llm_key_hash, via, &toolkit_id, kit.as_deref(), payload).await;
+    let limited = done.as_ref().err().and_then(|f| f.limited);
+    (app_started(request_id, done), limited)
 }
 
 /// The `app_response` to a session's start: its first UI, or the error.
@@ -677,29 +703,48 @@ pub(crate) fn app_started(
     }
 }
 
-/// [`app_start`] but for its audit row: the session, its first UI and
-/// whether it already ended; and the transport, once the app was routed
-/// to its toolkit.
-async fn start_app(
+/// Starts a session of an app of the toolkit `toolkit_id` (`kit`, when
+/// it is found and visible to the caller) and leaves the start's audit
+/// row, like a tool call's (the app is a tool of its toolkit): the
+/// session, its first UI and whether it already ended.
+pub(crate) async fn start_audited(
     s: &Arc<crate::State>,
     llm_key_hash: &str,
+    via: Via,
     toolkit_id: &str,
+    kit: Option<&ToolkitRecord>,
     payload: atp_registry::wire::AppStart,
-) -> (Result<(String, Value, bool), Failure>, Option<Transport>) {
-    let Some(kit) = s.visible_toolkit(llm_key_hash, toolkit_id) else {
-        return (
+) -> Result<(String, Value, bool), Failure> {
+    let keep = s.audit.keeps_payloads(toolkit_id);
+    let arguments = keep.then(|| payload.parameters.clone());
+    let token = payload.auth_token.clone();
+    let app_name = payload.app.clone();
+    let began = std::time::Instant::now();
+    let (done, transport) = match kit {
+        Some(kit) => start_app_of(s, llm_key_hash, kit, payload).await,
+        None => (
             Err(Failure::new("toolkit_not_found", "Toolkit not found")),
             None,
-        );
+        ),
     };
-    start_app_of(s, llm_key_hash, &kit, payload).await
+    let code = done.as_ref().err().map(|f| f.code.as_str());
+    let outcome = code.map_or(Outcome::Ok, |c| Outcome::of_failure(c, transport.is_some()));
+    s.audit.record(
+        Entry::call(via, outcome, code)
+            .key(s, llm_key_hash)
+            .tool(Some(toolkit_id), Some(&app_name))
+            .ran(transport, began.elapsed())
+            .payloads(keep, arguments.as_ref(), None, token.as_ref()),
+    );
+    done
 }
 
 /// Starts a session of an app of `kit` (found, and visible to the
 /// caller) for the LLM key `llm_key_hash`, here or on the server that
-/// serves the toolkit: the session, its first UI and whether it already
-/// ended; and the transport, once the app was routed to its toolkit.
-pub(crate) async fn start_app_of(
+/// serves the toolkit, under the rate limits of the key and the toolkit:
+/// the session, its first UI and whether it already ended; and the
+/// transport, once the app was routed to its toolkit.
+async fn start_app_of(
     s: &Arc<crate::State>,
     llm_key_hash: &str,
     kit: &ToolkitRecord,
@@ -717,6 +762,10 @@ pub(crate) async fn start_app_of(
         );
         return (Err(f), None);
     }
+    let _admitted = match admit(s, llm_key_hash, &kit.app_name, &payload.parameters) {
+        Ok(permit) => permit,
+        Err(f) => return (Err(f), None),
+    };
     crate::hub::ensure_sweeper(s);
     let request = ToolRequest {
         tool_name: payload.app,
@@ -761,11 +810,13 @@ pub(crate) async fn start_app_of(
     (started.map_err(Failure::from), Some(transport))
 }
 
+/// Runs an `app_action` here, or on the server that holds its session.
 pub(crate) async fn app_action(
     s: &Arc<crate::State>,
     llm_key_hash: &str,
+    via: Via,
     req: AppActionRequest,
-) -> AppResponse {
+) -> (AppResponse, Option<Limited>) {
     let AppActionRequest {
         request_id,
         payload,
@@ -777,27 +828,104 @@ pub(crate) async fn app_action(
         .as_ref()
         .and_then(|b| Some((b, b.holder_of(&session_id)?)))
     {
-        Some((bus, holder)) => {
-            bus.app_action(
+        Some((bus, holder)) => bus
+            .app_action(
                 s,
                 holder,
                 llm_key_hash,
+                via,
+                &session_id,
+                payload.action_data,
+            )
+            .await
+            .map_err(Failure::from),
+        None => {
+            act(
+                s,
+                llm_key_hash,
+                via,
                 &session_id,
                 payload.action_data,
                 timeout,
             )
             .await
         }
-        None => {
-            s.hub
-                .app_action(llm_key_hash, &session_id, payload.action_data, timeout)
-                .await
-        }
     };
     match done {
-        Ok((ui, terminated)) => AppResponse::ok(request_id, session_id, Some(ui), Some(terminated)),
-        Err(e) => app_failed(request_id, Some(session_id), &Failure::from(e)),
+        Ok((ui, terminated)) => (
+            AppResponse::ok(request_id, session_id, Some(ui), Some(terminated)),
+            None,
+        ),
+        Err(f) => (
+            app_failed(request_id, Some(session_id.clone()), &f),
+            f.limited,
+        ),
     }
+}
+
+/// Runs an action in a session held here, under the rate limits of the
+/// key and the session's toolkit, and leaves its audit row (the app is a
+/// tool of its toolkit, as for the session's start): the new UI and
+/// whether the app ended the session.
+pub(crate) async fn act(
+    s: &crate::State,
+    llm_key_hash: &str,
+    via: Via,
+    session_id: &str,
+    action_data: Value,
+    timeout: std::time::Duration,
+) -> Result<(Value, bool), Failure> {
+    let began = std::time::Instant::now();
+    let Some((toolkit, app, transport)) = s.hub.session_app(llm_key_hash, session_id) else {
+        // Not open here (over, unknown, or another key's): the hub says
+        // which; nothing runs.
+        let done = s
+            .hub
+            .app_action(llm_key_hash, session_id, action_data, timeout)
+            .await
+            .map_err(Failure::from);
+        if let Err(f) = &done {
+            s.audit.record(
+                Entry::call(via, Outcome::of_failure(&f.code, false), Some(&f.code))
+                    .key(s, llm_key_hash),
+            );
+        }
+        return done;
+    };
+    let keep = s.audit.keeps_payloads(&toolkit);
+    let arguments = keep.then(|| {
+        let mut a = Map::new();
+        a.insert("action_data".into(), action_data.clone());
+        a
+    });
+    let refused = |f: Failure| {
+        s.audit.record(
+            Entry::call(via, Outcome::of_failure(&f.code, false), Some(&f.code))
+                .key(s, llm_key_hash)
+                .tool(Some(&toolkit), Some(&app))
+                .payloads(keep, arguments.as_ref(), None, None),
+        );
+        f
+    };
+    let _admitted = admit(s, llm_key_hash, &toolkit, &action_data).map_err(refused)?;
+    let done = s
+        .hub
+        .app_action(llm_key_hash, session_id, action_data, timeout)
+        .await
+        .map_err(Failure::from);
+    let code = done.as_ref().err().map(|f| f.code.as_str());
+    s.audit.record(
+        Entry::call(
+            via,
+            code.map_or(Outcome::Ok, |c| Outcome::of_failure(c, true)),
+            code,
+        )
+        .key(s, llm_key_hash)
+        .tool(Some(&toolkit), Some(&app))
+        .ran(Some(transport), began.elapsed())
+        .payloads(keep, arguments.as_ref(), None, None),
+    );
+    done
 }
 
 pub(crate) async fn app_terminate(
@@ -1020,7 +1148,7 @@ pub(crate) async fn process(
                     );
                     let limited = f.limited;
                     let done = failed_task(req, &f);
-                    return task_reply(true, done, limited);
+                    return limited_reply(true, &ServerToLlm::TaskResponse(done), limited);
                 }
             };
             sse_stream(move |tx| async move {
@@ -1037,24 +1165,16 @@ pub(crate) async fn process(
         Ok(LlmToServer::TaskRequest(req)) => {
             let (done, limited) =
                 task_or_limited(&s, &llm_key_hash, Via::LlmHttp, req, None, None).await;
-            task_reply(false, done, limited)
+            limited_reply(false, &ServerToLlm::TaskResponse(done), limited)
         }
-        Ok(
-            m @ (LlmToServer::AppRequest(_)
-            | LlmToServer::AppAction(_)
-            | LlmToServer::AppTerminate(_)),
-        ) if sse => sse_stream(move |tx| async move {
-            if let Some(done) = app(&s, &llm_key_hash, Via::LlmHttp, m).await {
-                let last = event(&ServerToLlm::AppResponse(done));
-                let _ = tokio::time::timeout(s.config.task_timeout, tx.send(last)).await;
-            }
-        }),
+        // An app message has no progress: its one event (or body) is sent
+        // once it is answered, with a rate limit's status and Retry-After.
         Ok(
             m @ (LlmToServer::AppRequest(_)
             | LlmToServer::AppAction(_)
             | LlmToServer::AppTerminate(_)),
         ) => match app(&s, &llm_key_hash, Via::LlmHttp, m).await {
-            Some(done) => answer(StatusCode::OK, &ServerToLlm::AppResponse(done)),
+            Some((done, limited)) => limited_reply(sse, &ServerToLlm::AppResponse(done), limited),
             None => ApiError::internal("unexpected message").into_response(),
         },
         Ok(other) => {
@@ -1298,7 +1418,7 @@ impl Handler for LlmSocket {
                 let (s, tx, llm_key_hash) =
                     (self.s.clone(), self.tx.clone(), self.llm_key_hash.clone());
                 self.tasks.spawn(async move {
-                    if let Some(done) = app(&s, &llm_key_hash, Via::LlmWebsocket, m).await {
+                    if let Some((done, _)) = app(&s, &llm_key_hash, Via::LlmWebsocket, m).await {
                         let _ = tx.send(ServerToLlm::AppResponse(done).to_json()).await;
                     }
                 });

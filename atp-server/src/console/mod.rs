@@ -23,6 +23,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     admin::{self, Admin, Refused},
+    audit::Via,
     error::{ApiError, json_response},
     hub::Route,
     llm::{ToolCall, call_tool},
@@ -331,7 +332,7 @@ pub(crate) async fn call(
         logs: false,
         admitted: None,
         trace: None,
-        via: crate::audit::Via::AdminApi,
+        via: Via::AdminApi,
     };
     let started = std::time::Instant::now();
     let outcome = call_tool(&s, CONSOLE_CALLER, &kit, call, None).await;
@@ -377,7 +378,15 @@ pub(crate) async fn app_start(
         parameters,
         auth_token,
     };
-    let (done, _) = crate::llm::start_app_of(&s, CONSOLE_CALLER, &kit, payload).await;
+    let done = crate::llm::start_audited(
+        &s,
+        CONSOLE_CALLER,
+        Via::AdminApi,
+        &kit.app_name,
+        Some(&kit),
+        payload,
+    )
+    .await;
     app_answer(&crate::llm::app_started(None, done))
 }
 
@@ -403,7 +412,8 @@ pub(crate) async fn app_action(
             action_data: body.remove("action_data").unwrap_or(Value::Null),
         },
     };
-    app_answer(&crate::llm::app_action(&s, CONSOLE_CALLER, req).await)
+    let (done, _) = crate::llm::app_action(&s, CONSOLE_CALLER, Via::AdminApi, req).await;
+    app_answer(&done)
 }
 
 /// `DELETE /admin/apps/{session_id}`: ends a session the console started.

@@ -262,17 +262,17 @@ async fn next_seen(seen: &mut mpsc::UnboundedReceiver<Value>) -> Value {
         .expect("the poller runs")
 }
 
-fn app_request(request_id: &str, toolkit: &str, app: &str, parameters: Value) -> Value {
+pub(crate) fn app_request(request_id: &str, toolkit: &str, app: &str, parameters: Value) -> Value {
     json!({"type": "app_request", "toolkit_id": toolkit, "request_id": request_id,
            "payload": {"app": app, "parameters": parameters}})
 }
 
-fn app_action(request_id: &str, session_id: &str, action_data: Value) -> Value {
+pub(crate) fn app_action(request_id: &str, session_id: &str, action_data: Value) -> Value {
     json!({"type": "app_action", "request_id": request_id,
            "payload": {"session_id": session_id, "action_data": action_data}})
 }
 
-fn app_terminate(request_id: &str, session_id: &str) -> Value {
+pub(crate) fn app_terminate(request_id: &str, session_id: &str) -> Value {
     json!({"type": "app_terminate", "request_id": request_id,
            "payload": {"session_id": session_id}})
 }
@@ -296,7 +296,7 @@ async fn http_call(server: &TestServer, key: &str, message: &Value) -> Value {
     a
 }
 
-fn code(a: &Value) -> &str {
+pub(crate) fn code(a: &Value) -> &str {
     a["payload"]["code"].as_str().unwrap_or("(none)")
 }
 
@@ -462,6 +462,40 @@ async fn a_python_style_toolkit_runs_a_whole_session_over_websocket_and_http() {
                 .any(|r| r["outcome"] == "error" && r["error_code"] == "app_error"),
             "{rows:#?}"
         );
+        // So did each action, over either transport, its action data kept.
+        let action = |via: &str, data: Value, outcome: &str| {
+            rows.iter().any(|r| {
+                r["via"] == via
+                    && r["transport"] == "websocket"
+                    && r["outcome"] == outcome
+                    && r["arguments"] == json!({ "action_data": data })
+            })
+        };
+        assert!(
+            action("llm_websocket", json!({"add": 2}), "ok"),
+            "{rows:#?}"
+        );
+        assert!(action("llm_http", json!({"add": 3}), "ok"), "{rows:#?}");
+        assert!(
+            action("llm_websocket", json!({"fail": true}), "error"),
+            "{rows:#?}"
+        );
+        // An action on a session that is over is refused, and recorded.
+        let (status, _, text) = http(
+            "GET",
+            &format!("{}/admin/audit?outcome=refused", server.base),
+            &[("authorization", auth.as_str())],
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+        let refused: Value = serde_json::from_str(&text).expect("JSON");
+        let ended = refused["rows"].as_array().map_or(0, |r| {
+            r.iter()
+                .filter(|r| r["error_code"] == "session_ended")
+                .count()
+        });
+        assert_eq!(ended, 3, "r7, r8 and r12: {refused:#}");
         server.stop().await;
     })
     .await;

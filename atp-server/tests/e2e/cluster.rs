@@ -30,13 +30,30 @@ pub(crate) async fn cluster(n: usize) -> Option<(Postgres, Nats, Vec<TestServer>
     Some((pg, nats, servers))
 }
 
+/// The admin key of the cluster's servers.
+const CLUSTER_ADMIN_KEY: &str = "cluster-admin-key-0123456789";
+
 /// The keyed test config, on the shared database and bus.
 pub(crate) fn cluster_config(pg: &Postgres, nats: &Nats) -> Config {
     Config {
         db: DbLocation::Postgres(pg.url.clone()),
         nats_url: Some(NatsUrl(nats.url.clone())),
+        admin_api_keys: vec![CLUSTER_ADMIN_KEY.into()],
         ..keyed_config()
     }
+}
+
+/// The audit rows of `query`, read through `server`.
+async fn audit_rows(server: &TestServer, query: &str) -> Vec<Value> {
+    let (status, answer) = http_json(
+        "GET",
+        &format!("{}/admin/audit?{query}", server.base),
+        &[("authorization", &format!("Bearer {CLUSTER_ADMIN_KEY}"))],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    answer["rows"].as_array().cloned().unwrap_or_default()
 }
 
 /// Calls `hello_world` through `server` over `protocol`.
@@ -221,6 +238,30 @@ async fn an_app_session_started_on_one_server_goes_on_through_the_others() {
             matches!(&after, Err(LlmError::App { code, .. }) if code == "session_ended"),
             "{after:?}"
         );
+
+        // The start left its row where it came in (B); each action its
+        // row on A, which holds the session, with the way it came in.
+        // (Reading through a server writes its queued rows first: B's,
+        // then A's.)
+        audit_rows(b, "toolkit=games").await;
+        let rows = audit_rows(a, "toolkit=games&tool=counter&outcome=ok").await;
+        let seen: Vec<(&str, &str)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r["via"].as_str().unwrap_or_default(),
+                    r["transport"].as_str().unwrap_or_default(),
+                )
+            })
+            .collect();
+        for row in [
+            ("llm_http", "remote"),
+            ("llm_websocket", "websocket"),
+            ("llm_http", "websocket"),
+        ] {
+            assert!(seen.contains(&row), "{row:?} in {rows:#?}");
+        }
+        assert_eq!(rows.len(), 3, "{rows:#?}");
     })
     .await;
 }

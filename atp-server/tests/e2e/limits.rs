@@ -11,7 +11,7 @@ use atp_server::{Config, DbLocation, KeyKind};
 use serde_json::{Value, json};
 
 use crate::{
-    apps::{llm_ws, recv_json, send_json},
+    apps::{self, llm_ws, recv_json, send_json},
     cli::listening_addr,
     common::*,
     faults::{next_json, raw_toolkit, send},
@@ -185,6 +185,93 @@ async fn over_a_rate_limit_calls_get_429_then_work_again() {
             counted >= 5.0,
             "HTTP twice, the WebSocket, MCP, events: {counted}"
         );
+        server.stop().await;
+    })
+    .await;
+}
+
+/// App sessions are calls of their toolkit: starts and actions are
+/// refused over a limit like a `task_request`, over the WebSocket and
+/// over `process/` (429 with `Retry-After`), and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_starts_and_actions_are_rate_limited() {
+    bounded(Duration::from_secs(60), async {
+        let server = TestServer::start(config()).await;
+        apps::register(&server, TK_KEY, "rated", "counter").await;
+        let _tk = apps::ScriptedToolkit::start(&server, TK_KEY).await;
+        server.wait_served("rated").await;
+        let mut ws = llm_ws(&server, LLM_KEY).await;
+
+        let start = apps::app_request("r0", "rated", "counter", json!({"start": 1}));
+        send_json(&mut ws, &start).await;
+        let a = recv_json(&mut ws).await;
+        let session = a["payload"]["session_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a session: {a}"))
+            .to_owned();
+
+        // Actions over the WebSocket pass until the toolkit's rate is
+        // spent (a burst of 2, the start included), then get rate_limited.
+        let mut count = 1;
+        let mut limited = false;
+        for i in 0..20 {
+            send_json(
+                &mut ws,
+                &apps::app_action(&format!("w{i}"), &session, json!({"add": 1})),
+            )
+            .await;
+            let a = recv_json(&mut ws).await;
+            assert_eq!(a["type"], "app_response", "{a}");
+            if apps::code(&a) == "rate_limited" {
+                assert_eq!(a["payload"]["session_id"], session, "{a}");
+                limited = true;
+                break;
+            }
+            count += 1;
+            assert_eq!(a["payload"]["ui_content"], json!({ "count": count }), "{a}");
+        }
+        assert!(limited, "an action over the limit is refused");
+
+        // process/: 429 with Retry-After and the app_response, for an
+        // action and for a start.
+        let (status, retry_after, a) = call(
+            &server,
+            &apps::app_action("h1", &session, json!({"add": 1})),
+        )
+        .await;
+        assert_eq!((status, apps::code(&a)), (429, "rate_limited"), "{a}");
+        assert_eq!(a["type"], "app_response", "{a}");
+        let wait = retry_after.expect("a Retry-After header");
+        assert!((1..=2).contains(&wait), "{wait}");
+        let (status, retry_after, a) = call(
+            &server,
+            &apps::app_request("h2", "rated", "counter", json!({})),
+        )
+        .await;
+        assert_eq!((status, apps::code(&a)), (429, "rate_limited"), "{a}");
+        assert!(retry_after.is_some());
+
+        // After Retry-After the session goes on where it was.
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        let (status, _, a) = call(
+            &server,
+            &apps::app_action("h3", &session, json!({"add": 1})),
+        )
+        .await;
+        assert_eq!(status, 200, "{a}");
+        assert_eq!(
+            a["payload"]["ui_content"],
+            json!({ "count": count + 1 }),
+            "{a}"
+        );
+
+        let metrics = scrape(&server).await;
+        let counted = value(
+            &metrics,
+            "atp_rate_limited_total",
+            &[("limit", "toolkit_rate"), ("toolkit", "rated")],
+        );
+        assert!(counted >= 3.0, "{counted}");
         server.stop().await;
     })
     .await;
