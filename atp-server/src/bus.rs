@@ -37,7 +37,11 @@ use std::{
 };
 
 use async_nats::{Client, Message, RequestErrorKind, Subscriber};
-use atp_registry::{LogLevel, Secret, wire::ProgressBody};
+use atp_registry::{
+    LogLevel, Secret,
+    trace::TraceContext,
+    wire::{ProgressBody, SessionAction},
+};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -104,6 +108,12 @@ enum Work {
         params: Map<String, Value>,
         auth_token: Option<Secret>,
         timeout_ms: u64,
+        /// The trace context for the toolkit (older servers send none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
+        /// Its `tracestate`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tracestate: Option<String>,
     },
     /// An action in a session; the answer goes to `reply`.
     AppAction {
@@ -115,6 +125,12 @@ enum Work {
         /// How the action came in, for the holder's audit row.
         #[serde(default)]
         via: Option<Via>,
+        /// The caller's trace context (older servers send none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
+        /// Its `tracestate`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tracestate: Option<String>,
     },
     /// A session's end (answered at once).
     AppTerminate {
@@ -542,6 +558,7 @@ impl Bus {
         progress: Option<mpsc::Sender<Report>>,
     ) -> Result<Value, RouteError> {
         let rid = crate::keys::uuid4();
+        let (traceparent, tracestate) = TraceContext::into_fields(request.trace.clone());
         let work = Work::Call {
             reply: self.reply_subject(&rid),
             app: app.to_owned(),
@@ -552,11 +569,8 @@ impl Bus {
             timeout_ms: millis(timeout),
             progress: progress.is_some(),
             logs: request.logs,
-            traceparent: request.trace.as_ref().map(|t| t.traceparent().to_owned()),
-            tracestate: request
-                .trace
-                .as_ref()
-                .and_then(|t| t.tracestate().map(str::to_owned)),
+            traceparent,
+            tracestate,
         };
         let (rx, holder) = self.send_to_holder(app, key_hash, &rid, work).await?;
         let mut shutdown = s.shutdown.subscribe();
@@ -582,6 +596,7 @@ impl Bus {
         timeout: Duration,
     ) -> Result<(String, Value, bool), RouteError> {
         let rid = crate::keys::uuid4();
+        let (traceparent, tracestate) = TraceContext::into_fields(request.trace.clone());
         let work = Work::AppStart {
             reply: self.reply_subject(&rid),
             llm_key_hash: llm_key_hash.to_owned(),
@@ -591,6 +606,8 @@ impl Bus {
             params: request.params.clone(),
             auth_token: request.auth_token.clone(),
             timeout_ms: millis(timeout),
+            traceparent,
+            tracestate,
         };
         let (rx, holder) = self.send_to_holder(app, key_hash, &rid, work).await?;
         let mut shutdown = s.shutdown.subscribe();
@@ -617,19 +634,22 @@ impl Bus {
         holder: &str,
         llm_key_hash: &str,
         via: Via,
-        session_id: &str,
-        action_data: Value,
+        action: SessionAction,
+        trace: Option<TraceContext>,
     ) -> Result<(Value, bool), RouteError> {
         let timeout = s.config.task_timeout;
         let rid = crate::keys::uuid4();
         let rx = self.expect(&rid);
+        let (traceparent, tracestate) = TraceContext::into_fields(trace);
         let work = Work::AppAction {
             reply: self.reply_subject(&rid),
             llm_key_hash: llm_key_hash.to_owned(),
-            session_id: session_id.to_owned(),
-            action_data,
+            session_id: action.session_id,
+            action_data: action.action_data,
             timeout_ms: millis(timeout),
             via: Some(via),
+            traceparent,
+            tracestate,
         };
         let holder = match self.ask(&format!("atp.i.{holder}.app"), json(&work)).await {
             Ok(Ack::Accepted { holder }) => holder,
@@ -935,10 +955,7 @@ async fn run(s: Arc<State>, client: Client, work: Work) {
                 params,
                 auth_token,
                 logs,
-                trace: atp_registry::trace::TraceContext::from_fields(
-                    traceparent.as_deref(),
-                    tracestate.as_deref(),
-                ),
+                trace: TraceContext::from_fields(traceparent.as_deref(), tracestate.as_deref()),
             };
             let (tx, mut rx) = mpsc::channel(crate::hub::PROGRESS_BUFFER);
             let work = s.hub.dispatch(
@@ -973,13 +990,15 @@ async fn run(s: Arc<State>, client: Client, work: Work) {
             params,
             auth_token,
             timeout_ms,
+            traceparent,
+            tracestate,
         } => {
             let request = ToolRequest {
                 tool_name,
                 params,
                 auth_token,
                 logs: false,
-                trace: None,
+                trace: TraceContext::from_fields(traceparent.as_deref(), tracestate.as_deref()),
             };
             crate::hub::ensure_sweeper(&s);
             let outcome = s
@@ -1007,13 +1026,18 @@ async fn run(s: Arc<State>, client: Client, work: Work) {
             action_data,
             timeout_ms,
             via,
+            traceparent,
+            tracestate,
         } => {
             let outcome = crate::llm::act(
                 &s,
                 &llm_key_hash,
                 via.unwrap_or(Via::LlmWebsocket),
-                &session_id,
-                action_data,
+                SessionAction {
+                    session_id,
+                    action_data,
+                },
+                TraceContext::from_fields(traceparent.as_deref(), tracestate.as_deref()),
                 Duration::from_millis(timeout_ms),
             )
             .await

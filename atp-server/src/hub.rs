@@ -159,17 +159,15 @@ pub(crate) enum Report {
 impl ToolRequest {
     /// The request on the wire, with the hub's id.
     fn on_wire(&self, request_id: &str) -> wire::ToolRequest {
+        let (traceparent, tracestate) = TraceContext::into_fields(self.trace.clone());
         wire::ToolRequest {
             request_id: RequestId::Str(request_id.to_owned()),
             tool_name: self.tool_name.clone(),
             params: self.params.clone(),
             auth_token: self.auth_token.clone(),
             logs: self.logs,
-            traceparent: self.trace.as_ref().map(|t| t.traceparent().to_owned()),
-            tracestate: self
-                .trace
-                .as_ref()
-                .and_then(|t| t.tracestate().map(str::to_owned)),
+            traceparent,
+            tracestate,
         }
     }
 }
@@ -891,6 +889,7 @@ impl Hub {
         llm_key_hash: &str,
         session_id: &str,
         action_data: Value,
+        trace: Option<TraceContext>,
         timeout: Duration,
     ) -> Result<(Value, bool), RouteError> {
         let (tx, rx) = oneshot::channel();
@@ -916,9 +915,12 @@ impl Hub {
                 deadline: now + timeout,
             });
             let (via, key_hash) = (session.via, session.key_hash.clone());
+            let (traceparent, tracestate) = TraceContext::into_fields(trace);
             let action = wire::AppAction {
                 request_id: RequestId::Str(session_id.to_owned()),
                 action_data,
+                traceparent,
+                tracestate,
             };
             match via {
                 SessionVia::Socket(id) => match inner.socket_tx(&key_hash, id) {
@@ -1571,17 +1573,17 @@ mod tests {
         let h = hub.clone();
         let s2 = sid.clone();
         let first = tokio::spawn(async move {
-            h.app_action("llm", &s2, json!(1), Duration::from_secs(5))
+            h.app_action("llm", &s2, json!(1), None, Duration::from_secs(5))
                 .await
         });
         out.recv().await.expect("sent");
         assert_eq!(
-            hub.app_action("llm", &sid, json!(2), Duration::from_secs(5))
+            hub.app_action("llm", &sid, json!(2), None, Duration::from_secs(5))
                 .await,
             Err(RouteError::SessionBusy)
         );
         assert_eq!(
-            hub.app_action("other", &sid, json!(2), Duration::from_secs(5))
+            hub.app_action("other", &sid, json!(2), None, Duration::from_secs(5))
                 .await,
             Err(RouteError::SessionNotFound)
         );
@@ -1595,7 +1597,7 @@ mod tests {
         ));
         assert_eq!(first.await.expect("join"), Ok((json!("bye"), true)));
         let ended = hub
-            .app_action("llm", &sid, json!(3), Duration::from_secs(5))
+            .app_action("llm", &sid, json!(3), None, Duration::from_secs(5))
             .await;
         assert!(matches!(ended, Err(RouteError::SessionEnded(m)) if m.contains("app ended it")));
         assert_eq!(
@@ -1627,7 +1629,7 @@ mod tests {
         // An action whose caller goes before any poll took it.
         let abandoned = tokio::time::timeout(
             Duration::from_millis(20),
-            hub.app_action("llm", &sid, json!(1), Duration::from_secs(5)),
+            hub.app_action("llm", &sid, json!(1), None, Duration::from_secs(5)),
         )
         .await;
         assert!(abandoned.is_err(), "still waiting when dropped");
@@ -1641,7 +1643,7 @@ mod tests {
         let h = hub.clone();
         let s2 = sid.clone();
         let next = tokio::spawn(async move {
-            h.app_action("llm", &s2, json!(2), Duration::from_secs(5))
+            h.app_action("llm", &s2, json!(2), None, Duration::from_secs(5))
                 .await
         });
         let entry = hub

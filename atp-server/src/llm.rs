@@ -15,7 +15,7 @@ use atp_registry::{
     wire::{
         AppActionRequest, AppRequest, AppResponse, AppTerminateRequest, ContextPayload,
         ContextRequest, ContextResponse, ErrorFrame, LlmToServer, RequestId, ServerToLlm,
-        TaskProgress, TaskRequest, TaskResponse, WireError,
+        SessionAction, TaskProgress, TaskRequest, TaskResponse, WireError,
     },
 };
 use axum::{
@@ -679,13 +679,24 @@ async fn app_start(
     via: Via,
     req: AppRequest,
 ) -> (AppResponse, Option<Limited>) {
+    let trace = req.trace();
     let AppRequest {
         toolkit_id,
         request_id,
         payload,
+        ..
     } = req;
     let kit = s.visible_toolkit(llm_key_hash, &toolkit_id);
-    let done = start_audited(s, llm_key_hash, via, &toolkit_id, kit.as_deref(), payload).await;
+    let done = start_audited(
+        s,
+        llm_key_hash,
+        via,
+        &toolkit_id,
+        kit.as_deref(),
+        payload,
+        trace,
+    )
+    .await;
     let limited = done.as_ref().err().and_then(|f| f.limited);
     (app_started(request_id, done), limited)
 }
@@ -707,6 +718,10 @@ pub(crate) fn app_started(
 /// it is found and visible to the caller) and leaves the start's audit
 /// row, like a tool call's (the app is a tool of its toolkit): the
 /// session, its first UI and whether it already ended.
+///
+/// The start runs in an `atp.server.app` span (fields `toolkit`, `app`,
+/// `trace_id`) that joins the caller's `trace`; the toolkit gets the
+/// trace context with this span as its parent.
 pub(crate) async fn start_audited(
     s: &Arc<crate::State>,
     llm_key_hash: &str,
@@ -714,14 +729,26 @@ pub(crate) async fn start_audited(
     toolkit_id: &str,
     kit: Option<&ToolkitRecord>,
     payload: atp_registry::wire::AppStart,
+    trace: Option<TraceContext>,
 ) -> Result<(String, Value, bool), Failure> {
+    let span = tracing::info_span!(
+        "atp.server.app",
+        toolkit = toolkit_id,
+        app = %payload.app,
+        trace_id = tracing::field::Empty,
+    );
+    let onward = trace::link(&span, trace.as_ref());
     let keep = s.audit.keeps_payloads(toolkit_id);
     let arguments = keep.then(|| payload.parameters.clone());
     let token = payload.auth_token.clone();
     let app_name = payload.app.clone();
     let began = std::time::Instant::now();
     let (done, transport) = match kit {
-        Some(kit) => start_app_of(s, llm_key_hash, kit, payload).await,
+        Some(kit) => {
+            start_app_of(s, llm_key_hash, kit, payload, onward)
+                .instrument(span)
+                .await
+        }
         None => (
             Err(Failure::new("toolkit_not_found", "Toolkit not found")),
             None,
@@ -749,6 +776,7 @@ async fn start_app_of(
     llm_key_hash: &str,
     kit: &ToolkitRecord,
     payload: atp_registry::wire::AppStart,
+    trace: TraceContext,
 ) -> (Result<(String, Value, bool), Failure>, Option<Transport>) {
     // The Python toolkit ignores an app it does not have (no answer at
     // all): only the registered tools are apps.
@@ -772,7 +800,7 @@ async fn start_app_of(
         params: payload.parameters,
         auth_token: payload.auth_token,
         logs: false,
-        trace: None,
+        trace: Some(trace),
     };
     let route = s.hub.route(&kit.key_hash, false);
     let started = match &s.bus {
@@ -817,11 +845,13 @@ pub(crate) async fn app_action(
     via: Via,
     req: AppActionRequest,
 ) -> (AppResponse, Option<Limited>) {
+    let trace = req.trace();
     let AppActionRequest {
         request_id,
         payload,
+        ..
     } = req;
-    let session_id = payload.session_id;
+    let session_id = payload.session_id.clone();
     let timeout = s.config.task_timeout;
     let done = match s
         .bus
@@ -829,27 +859,10 @@ pub(crate) async fn app_action(
         .and_then(|b| Some((b, b.holder_of(&session_id)?)))
     {
         Some((bus, holder)) => bus
-            .app_action(
-                s,
-                holder,
-                llm_key_hash,
-                via,
-                &session_id,
-                payload.action_data,
-            )
+            .app_action(s, holder, llm_key_hash, via, payload, trace)
             .await
             .map_err(Failure::from),
-        None => {
-            act(
-                s,
-                llm_key_hash,
-                via,
-                &session_id,
-                payload.action_data,
-                timeout,
-            )
-            .await
-        }
+        None => act(s, llm_key_hash, via, payload, trace, timeout).await,
     };
     match done {
         Ok((ui, terminated)) => (
@@ -867,21 +880,30 @@ pub(crate) async fn app_action(
 /// key and the session's toolkit, and leaves its audit row (the app is a
 /// tool of its toolkit, as for the session's start): the new UI and
 /// whether the app ended the session.
+///
+/// The action runs in an `atp.server.app` span (fields `toolkit`, `app`,
+/// `session`, `trace_id`) that joins the caller's `trace`; the toolkit
+/// gets the trace context with this span as its parent.
 pub(crate) async fn act(
     s: &crate::State,
     llm_key_hash: &str,
     via: Via,
-    session_id: &str,
-    action_data: Value,
+    action: SessionAction,
+    trace: Option<TraceContext>,
     timeout: std::time::Duration,
 ) -> Result<(Value, bool), Failure> {
     let began = std::time::Instant::now();
+    let SessionAction {
+        session_id,
+        action_data,
+    } = action;
+    let session_id = session_id.as_str();
     let Some((toolkit, app, transport)) = s.hub.session_app(llm_key_hash, session_id) else {
         // Not open here (over, unknown, or another key's): the hub says
         // which; nothing runs.
         let done = s
             .hub
-            .app_action(llm_key_hash, session_id, action_data, timeout)
+            .app_action(llm_key_hash, session_id, action_data, None, timeout)
             .await
             .map_err(Failure::from);
         if let Err(f) = &done {
@@ -908,9 +930,18 @@ pub(crate) async fn act(
         f
     };
     let _admitted = admit(s, llm_key_hash, &toolkit, &action_data).map_err(refused)?;
+    let span = tracing::info_span!(
+        "atp.server.app",
+        toolkit = %toolkit,
+        app = %app,
+        session = session_id,
+        trace_id = tracing::field::Empty,
+    );
+    let onward = trace::link(&span, trace.as_ref());
     let done = s
         .hub
-        .app_action(llm_key_hash, session_id, action_data, timeout)
+        .app_action(llm_key_hash, session_id, action_data, Some(onward), timeout)
+        .instrument(span)
         .await
         .map_err(Failure::from);
     let code = done.as_ref().err().map(|f| f.code.as_str());
@@ -1115,10 +1146,11 @@ pub(crate) async fn process(
     let sse = wants_sse(&headers);
     let message = LlmToServer::from_object(m).map(|mut m| {
         // The body's trace context wins; else the `traceparent` header's.
-        if let LlmToServer::TaskRequest(t) = &mut m
-            && t.trace().is_none()
+        let given = m.trace().is_some();
+        if let Some((parent, state)) = m.trace_fields_mut()
+            && !given
         {
-            (t.traceparent, t.tracestate) = TraceContext::into_fields(trace_of(&headers));
+            (*parent, *state) = TraceContext::into_fields(trace_of(&headers));
         }
         m
     });
@@ -1167,14 +1199,25 @@ pub(crate) async fn process(
                 task_or_limited(&s, &llm_key_hash, Via::LlmHttp, req, None, None).await;
             limited_reply(false, &ServerToLlm::TaskResponse(done), limited)
         }
-        // An app message has no progress: its one event (or body) is sent
-        // once it is answered, with a rate limit's status and Retry-After.
+        // As events, the head goes out at once (a client that goes away
+        // abandons the app's start); a rate limit's refusal is then the
+        // event's code only.
+        Ok(
+            m @ (LlmToServer::AppRequest(_)
+            | LlmToServer::AppAction(_)
+            | LlmToServer::AppTerminate(_)),
+        ) if sse => sse_stream(move |tx| async move {
+            if let Some((done, _)) = app(&s, &llm_key_hash, Via::LlmHttp, m).await {
+                let last = event(&ServerToLlm::AppResponse(done));
+                let _ = tokio::time::timeout(s.config.task_timeout, tx.send(last)).await;
+            }
+        }),
         Ok(
             m @ (LlmToServer::AppRequest(_)
             | LlmToServer::AppAction(_)
             | LlmToServer::AppTerminate(_)),
         ) => match app(&s, &llm_key_hash, Via::LlmHttp, m).await {
-            Some((done, limited)) => limited_reply(sse, &ServerToLlm::AppResponse(done), limited),
+            Some((done, limited)) => limited_reply(false, &ServerToLlm::AppResponse(done), limited),
             None => ApiError::internal("unexpected message").into_response(),
         },
         Ok(other) => {

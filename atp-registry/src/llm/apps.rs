@@ -3,10 +3,12 @@
 //! `POST process/`.
 
 use serde_json::{Map, Value};
+use tracing::Instrument;
 
 use super::{LlmClient, LlmError};
 use crate::{
     secret::Secret,
+    trace::TraceContext,
     wire::{
         AppActionRequest, AppPayload, AppRequest, AppStart, AppTerminateRequest, LlmToServer,
         ServerToLlm, SessionAction, SessionRef,
@@ -43,6 +45,10 @@ impl LlmClient {
     /// A failure the server reports (unknown app, toolkit gone, timeout)
     /// is [`LlmError::App`] with its code.
     ///
+    /// The start runs in an `atp.llm.app` span (fields `toolkit`, `app`,
+    /// `trace_id`) whose trace the server and the toolkit's app join (see
+    /// [`crate::trace`]); so does each [`app_action`](Self::app_action).
+    ///
     /// ```no_run
     /// # async fn demo(atp: atp_registry::llm::LlmClient) -> Result<(), atp_registry::llm::LlmError> {
     /// use serde_json::json;
@@ -72,6 +78,14 @@ impl LlmClient {
             }
         };
         let request_id = self.request_id("app");
+        let span = tracing::info_span!(
+            "atp.llm.app",
+            toolkit = toolkit_id,
+            app,
+            trace_id = tracing::field::Empty,
+        );
+        let (traceparent, tracestate) =
+            TraceContext::into_fields(Some(crate::trace::link(&span, None)));
         let message = LlmToServer::AppRequest(AppRequest {
             toolkit_id: toolkit_id.to_owned(),
             request_id: Some(request_id.clone()),
@@ -80,9 +94,12 @@ impl LlmClient {
                 parameters,
                 auth_token: auth_token.cloned(),
             },
+            traceparent,
+            tracestate,
         });
         let payload = app_payload(
             self.exchange(&request_id, &message, self.inner.timeout)
+                .instrument(span)
                 .await?,
         )?;
         let session_id = payload.session_id.ok_or_else(|| {
@@ -102,15 +119,25 @@ impl LlmClient {
         action_data: &Value,
     ) -> Result<AppUpdate, LlmError> {
         let request_id = self.request_id("app_action");
+        let span = tracing::info_span!(
+            "atp.llm.app",
+            session = session_id,
+            trace_id = tracing::field::Empty,
+        );
+        let (traceparent, tracestate) =
+            TraceContext::into_fields(Some(crate::trace::link(&span, None)));
         let message = LlmToServer::AppAction(AppActionRequest {
             request_id: Some(request_id.clone()),
             payload: SessionAction {
                 session_id: session_id.to_owned(),
                 action_data: action_data.clone(),
             },
+            traceparent,
+            tracestate,
         });
         let payload = app_payload(
             self.exchange(&request_id, &message, self.inner.timeout)
+                .instrument(span)
                 .await?,
         )?;
         Ok(AppUpdate {

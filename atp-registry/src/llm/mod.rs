@@ -711,12 +711,11 @@ impl LlmClient {
                 let mut headers = vec![("authorization", auth.as_str()), ("accept", accept)];
                 // The trace context goes in the headers too, for HTTP
                 // middleware (proxies, the server's own tracing layer).
-                if let LlmToServer::TaskRequest(t) = message {
-                    if let Some(tp) = &t.traceparent {
-                        headers.push((crate::trace::TRACEPARENT, tp.as_str()));
-                    }
-                    if let Some(ts) = &t.tracestate {
-                        headers.push((crate::trace::TRACESTATE, ts.as_str()));
+                let trace = message.trace();
+                if let Some(t) = &trace {
+                    headers.push((crate::trace::TRACEPARENT, t.traceparent()));
+                    if let Some(ts) = t.tracestate() {
+                        headers.push((crate::trace::TRACESTATE, ts));
                     }
                 }
                 let body = Some(("application/json", Bytes::from(message.to_json())));

@@ -6,6 +6,10 @@
 //! the app returned last. Its actions run one at a time. Sessions are
 //! bounded in number (the least recently used one is ended to make room)
 //! and end with their connection.
+//!
+//! A start or an action runs in an `atp.app` span (fields `toolkit`,
+//! `app`, `session`, `trace_id`) that joins the request's trace
+//! (`traceparent`), see [`crate::trace`].
 
 use std::{
     collections::HashMap,
@@ -18,6 +22,7 @@ use std::{
 
 use serde_json::{Map, Value};
 use tokio::sync::OwnedMutexGuard;
+use tracing::Instrument;
 
 use crate::{
     AppCall, AuthToken,
@@ -59,13 +64,36 @@ pub(crate) enum AppJob {
         /// The session's state, held until the start has set it, so that
         /// an early action waits.
         state: OwnedMutexGuard<Value>,
+        /// Its `atp.app` span.
+        span: tracing::Span,
     },
     /// Run a user action.
     Action {
         id: RequestId,
         session: Arc<Session>,
         action_data: Value,
+        /// Its `atp.app` span.
+        span: tracing::Span,
     },
+}
+
+/// The `atp.app` span of a start or an action of `session` in `app`,
+/// joined to the request's trace.
+fn app_span(
+    client: &ToolKitClient,
+    app: &str,
+    session: &RequestId,
+    trace: Option<crate::trace::TraceContext>,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "atp.app",
+        toolkit = client.app_name(),
+        app,
+        session = %session,
+        trace_id = tracing::field::Empty,
+    );
+    crate::trace::link(&span, trace.as_ref());
+    span
 }
 
 fn ok(id: RequestId, ui: Value, terminated: bool) -> ToolkitAppResponse {
@@ -132,6 +160,7 @@ impl Sessions {
     /// session (a start with the id of an open session replaces it, as the
     /// Python SDK does).
     pub(crate) fn start(&self, client: &ToolKitClient, req: ToolRequest) -> AppJob {
+        let span = app_span(client, &req.tool_name, &req.request_id, req.trace());
         let id = req.request_id;
         let Some(app) = client.tool(&req.tool_name) else {
             return AppJob::Answer(error(
@@ -187,11 +216,13 @@ impl Sessions {
             session,
             params: req.params,
             state: guard,
+            span,
         }
     }
 
     /// `atp_app_action`: finds the session.
-    pub(crate) fn action(&self, action: AppAction) -> AppJob {
+    pub(crate) fn action(&self, client: &ToolKitClient, action: AppAction) -> AppJob {
+        let trace = action.trace();
         let id = action.request_id;
         let mut map = self.lock();
         map.clock += 1;
@@ -201,10 +232,12 @@ impl Sessions {
         };
         drop(map);
         session.last_used.store(now, Ordering::Relaxed);
+        let span = app_span(client, session.app.name(), &id, trace);
         AppJob::Action {
             id,
             session,
             action_data: action.action_data,
+            span,
         }
     }
 }
@@ -223,13 +256,14 @@ impl AppJob {
                 session,
                 params,
                 mut state,
+                span,
             } => {
                 let call = AppCall::Start {
                     session_id: id.to_string(),
                     params,
                     auth_token: session.auth_token.clone(),
                 };
-                match session.app.run_app(client, call).await {
+                match session.app.run_app(client, call).instrument(span).await {
                     Ok(reply) => {
                         *state = reply.app_state.unwrap_or(Value::Null);
                         drop(state);
@@ -252,6 +286,7 @@ impl AppJob {
                 id,
                 session,
                 action_data,
+                span,
             } => {
                 let Ok(mut state) =
                     tokio::time::timeout(ACTION_WAIT, session.state.clone().lock_owned()).await
@@ -267,7 +302,7 @@ impl AppJob {
                     state: state.clone(),
                     auth_token: session.auth_token.clone(),
                 };
-                match session.app.run_app(client, call).await {
+                match session.app.run_app(client, call).instrument(span).await {
                     Ok(reply) => {
                         if let Some(next) = reply.app_state {
                             *state = next;
@@ -348,6 +383,8 @@ mod tests {
         AppAction {
             request_id: id.into(),
             action_data: data,
+            traceparent: None,
+            tracestate: None,
         }
     }
 
@@ -360,24 +397,24 @@ mod tests {
             .run(&s, &c)
             .await;
         assert_eq!((r.result, r.terminated), (json!({"n": 5}), Some(false)));
-        let r = s.action(action("s1", json!("+"))).run(&s, &c).await;
+        let r = s.action(&c, action("s1", json!("+"))).run(&s, &c).await;
         assert_eq!(r.result, json!({"n": 6}));
-        let r = s.action(action("s1", json!("fail"))).run(&s, &c).await;
+        let r = s.action(&c, action("s1", json!("fail"))).run(&s, &c).await;
         assert_eq!(
             (r.result, r.is_error, r.terminated),
             (json!({"error": "no"}), Some(true), Some(false))
         );
-        let r = s.action(action("s1", json!("boom"))).run(&s, &c).await;
+        let r = s.action(&c, action("s1", json!("boom"))).run(&s, &c).await;
         assert_eq!(
             (r.result, r.terminated),
             (json!({"error": "The app panicked"}), Some(false))
         );
-        let r = s.action(action("s1", json!("stop"))).run(&s, &c).await;
+        let r = s.action(&c, action("s1", json!("stop"))).run(&s, &c).await;
         assert_eq!(
             (r.result, r.is_error, r.terminated),
             (json!({"bye": 7}), Some(false), Some(true))
         );
-        let r = s.action(action("s1", json!("+"))).run(&s, &c).await;
+        let r = s.action(&c, action("s1", json!("+"))).run(&s, &c).await;
         assert_eq!((r.is_error, r.terminated), (Some(true), Some(true)));
         assert_eq!(s.len(), 0);
     }
@@ -418,14 +455,14 @@ mod tests {
                 .await;
         }
         // "a" is used, so "b" is the least recently used one.
-        s.action(action("a", json!("+"))).run(&s, &c).await;
+        s.action(&c, action("a", json!("+"))).run(&s, &c).await;
         s.start(&c, start("c", "counter", json!({})))
             .run(&s, &c)
             .await;
         assert_eq!(s.len(), 2);
-        let r = s.action(action("b", json!("+"))).run(&s, &c).await;
+        let r = s.action(&c, action("b", json!("+"))).run(&s, &c).await;
         assert_eq!(r.is_error, Some(true));
-        let r = s.action(action("a", json!("+"))).run(&s, &c).await;
+        let r = s.action(&c, action("a", json!("+"))).run(&s, &c).await;
         assert_eq!(r.result, json!({"n": 2}));
     }
 }

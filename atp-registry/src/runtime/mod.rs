@@ -1029,7 +1029,7 @@ async fn serve_inbox(
                     }
                     Dispatch::Action(action) => {
                         backoff.reset();
-                        let job = sessions.action(action);
+                        let job = sessions.action(client, action);
                         spawn_inbox_app(&mut tasks, shared, &sessions, &respond, job, permit);
                         Duration::ZERO
                     }
@@ -1180,7 +1180,7 @@ impl Handler for SocketHandler {
                 self.run_app(job)
             }
             Dispatch::Action(action) => {
-                let job = self.sessions.action(action);
+                let job = self.sessions.action(&self.shared.client, action);
                 self.run_app(job)
             }
             Dispatch::Terminate(id) => {

@@ -173,6 +173,34 @@ pub struct AppRequest {
     pub request_id: Option<RequestId>,
     /// `{"app", "parameters", "auth_token"?}`.
     pub payload: AppStart,
+    /// The W3C trace context of the request (`00-{trace id}-{span id}-{flags}`):
+    /// the span of the request on the other side joins this trace. Absent
+    /// is none (a new trace); a malformed one is ignored. Not written when
+    /// absent.
+    #[serde(
+        default,
+        deserialize_with = "super::trace_field",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` that goes with `traceparent` (vendors' data,
+    /// passed on as it is).
+    #[serde(
+        default,
+        deserialize_with = "super::trace_field",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tracestate: Option<String>,
+}
+
+impl AppRequest {
+    /// The request's trace context, if it has a valid one.
+    pub fn trace(&self) -> Option<crate::trace::TraceContext> {
+        crate::trace::TraceContext::from_fields(
+            self.traceparent.as_deref(),
+            self.tracestate.as_deref(),
+        )
+    }
 }
 
 /// The payload of [`AppRequest`].
@@ -200,6 +228,34 @@ pub struct AppActionRequest {
     pub request_id: Option<RequestId>,
     /// `{"session_id", "action_data"}`.
     pub payload: SessionAction,
+    /// The W3C trace context of the request (`00-{trace id}-{span id}-{flags}`):
+    /// the span of the request on the other side joins this trace. Absent
+    /// is none (a new trace); a malformed one is ignored. Not written when
+    /// absent.
+    #[serde(
+        default,
+        deserialize_with = "super::trace_field",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` that goes with `traceparent` (vendors' data,
+    /// passed on as it is).
+    #[serde(
+        default,
+        deserialize_with = "super::trace_field",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tracestate: Option<String>,
+}
+
+impl AppActionRequest {
+    /// The request's trace context, if it has a valid one.
+    pub fn trace(&self) -> Option<crate::trace::TraceContext> {
+        crate::trace::TraceContext::from_fields(
+            self.traceparent.as_deref(),
+            self.tracestate.as_deref(),
+        )
+    }
 }
 
 /// The payload of [`AppActionRequest`].
@@ -295,6 +351,28 @@ impl LlmToServer {
             Self::AppTerminate(r) => r.request_id.as_ref(),
             Self::Ping { request_id } => request_id.as_ref(),
             Self::Auth { .. } => None,
+        }
+    }
+
+    /// The trace context fields (`traceparent`, `tracestate`) of a
+    /// message that carries them (`task_request`, `app_request`,
+    /// `app_action`).
+    pub fn trace_fields_mut(&mut self) -> Option<(&mut Option<String>, &mut Option<String>)> {
+        match self {
+            Self::TaskRequest(r) => Some((&mut r.traceparent, &mut r.tracestate)),
+            Self::AppRequest(r) => Some((&mut r.traceparent, &mut r.tracestate)),
+            Self::AppAction(r) => Some((&mut r.traceparent, &mut r.tracestate)),
+            _ => None,
+        }
+    }
+
+    /// The message's trace context, if it carries a valid one.
+    pub fn trace(&self) -> Option<crate::trace::TraceContext> {
+        match self {
+            Self::TaskRequest(r) => r.trace(),
+            Self::AppRequest(r) => r.trace(),
+            Self::AppAction(r) => r.trace(),
+            _ => None,
         }
     }
 

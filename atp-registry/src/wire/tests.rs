@@ -273,12 +273,16 @@ fn server_to_toolkit() -> impl Strategy<Value = ServerToToolkit> {
         ".{0,10}".prop_map(|message| ServerToToolkit::Connected { message }),
         tool_request().prop_map(ServerToToolkit::ToolRequest),
         tool_request().prop_map(ServerToToolkit::AppRequest),
-        (id(), json_value()).prop_map(|(request_id, action_data)| ServerToToolkit::AppAction(
-            AppAction {
-                request_id,
-                action_data
+        (id(), json_value(), trace()).prop_map(
+            |(request_id, action_data, (traceparent, tracestate))| {
+                ServerToToolkit::AppAction(AppAction {
+                    request_id,
+                    action_data,
+                    traceparent,
+                    tracestate,
+                })
             }
-        )),
+        ),
         id().prop_map(|request_id| ServerToToolkit::AppTerminate { request_id }),
         ".{0,10}".prop_map(|message| ServerToToolkit::Error { message }),
         Just(ServerToToolkit::Pong),

@@ -64,6 +64,34 @@ pub struct AppAction {
     /// What the user did (a button, a form's fields).
     #[serde(default)]
     pub action_data: Value,
+    /// The W3C trace context of the request (`00-{trace id}-{span id}-{flags}`):
+    /// the span of the request on the other side joins this trace. Absent
+    /// is none (a new trace); a malformed one is ignored. Not written when
+    /// absent.
+    #[serde(
+        default,
+        deserialize_with = "super::trace_field",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` that goes with `traceparent` (vendors' data,
+    /// passed on as it is).
+    #[serde(
+        default,
+        deserialize_with = "super::trace_field",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tracestate: Option<String>,
+}
+
+impl AppAction {
+    /// The action's trace context, if it has a valid one.
+    pub fn trace(&self) -> Option<crate::trace::TraceContext> {
+        crate::trace::TraceContext::from_fields(
+            self.traceparent.as_deref(),
+            self.tracestate.as_deref(),
+        )
+    }
 }
 
 #[derive(Serialize, Deserialize)]

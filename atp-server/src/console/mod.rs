@@ -385,6 +385,7 @@ pub(crate) async fn app_start(
         &kit.app_name,
         Some(&kit),
         payload,
+        None,
     )
     .await;
     app_answer(&crate::llm::app_started(None, done))
@@ -411,6 +412,8 @@ pub(crate) async fn app_action(
             session_id,
             action_data: body.remove("action_data").unwrap_or(Value::Null),
         },
+        traceparent: None,
+        tracestate: None,
     };
     let (done, _) = crate::llm::app_action(&s, CONSOLE_CALLER, Via::AdminApi, req).await;
     app_answer(&done)

@@ -194,6 +194,7 @@ async fn counter(call: AppCall<Counter>) -> Result<AppReply<Counter>, ToolError>
 
 #[tokio::test]
 async fn an_app_session_started_on_one_server_goes_on_through_the_others() {
+    let spans = &capture().spans;
     bounded(Duration::from_secs(90), async {
         let Some((_pg, _nats, servers)) = cluster(3).await else {
             return;
@@ -219,6 +220,21 @@ async fn an_app_session_started_on_one_server_goes_on_through_the_others() {
             .await
             .expect("action through C");
         assert_eq!(update.ui_content, json!({"count": 2}));
+        // One trace from the client through A (over NATS) to the app.
+        let acted = spans.find(|r| {
+            r.name == "atp.llm.app" && r.field("session") == Some(session.session_id.as_str())
+        });
+        let trace_id = acted
+            .last()
+            .and_then(|r| r.field("trace_id"))
+            .expect("the client's span");
+        let mut names: Vec<&str> = spans
+            .find(|r| r.field("trace_id") == Some(trace_id))
+            .iter()
+            .map(|r| r.name)
+            .collect();
+        names.sort_unstable();
+        assert_eq!(names, ["atp.app", "atp.llm.app", "atp.server.app"]);
         let update = a
             .llm(LlmProtocol::Http)
             .app_action(&session.session_id, &json!({"add": 3}))

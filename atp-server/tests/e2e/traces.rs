@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use atp_registry::{
-    Call, Tool, ToolError, ToolKitClient,
+    AppCall, AppReply, Call, Tool, ToolError, ToolKitClient,
     llm::{CallOptions, LlmProtocol},
     runtime::Transport,
     trace::TraceContext,
@@ -224,4 +224,83 @@ async fn an_endpoint_url_toolkit_joins_the_trace() {
         server.stop().await;
     })
     .await;
+}
+
+/// An app session over either protocol: its start and each of its actions
+/// is one trace, from the LLM client's `atp.llm.app` span through the
+/// server's `atp.server.app` to the toolkit's `atp.app`, and into the
+/// app's own span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_of_an_app_session_is_one_trace() {
+    const KIT: &str = "traced-apps";
+    let spans = &capture().spans;
+    bounded(Duration::from_secs(60), async {
+        let server = TestServer::start(keyed_config()).await;
+        let toolkit = ToolKitClient::new(TK_KEY, KIT).with_base_url(&server.base);
+        toolkit
+            .register_app(Tool::new("counter"), |_call: AppCall| async {
+                tracing::info_span!("app.work").in_scope(|| tracing::info!("working"));
+                Ok::<_, ToolError>(AppReply::new(json!({"ok": true})))
+            })
+            .expect("valid");
+        let runtime = serve_toolkit(&toolkit, Transport::WebSocket);
+        let _stop = StopOnDrop(toolkit.clone());
+        server.wait_served(KIT).await;
+        let mut seen = Vec::new();
+        for protocol in [LlmProtocol::WebSocket, LlmProtocol::Http] {
+            let llm = server.llm(protocol);
+            let session = llm
+                .start_app(KIT, "counter", &Value::Null, None)
+                .await
+                .expect("started");
+            let started =
+                spans.find(|r| r.name == "atp.llm.app" && r.field("toolkit") == Some(KIT));
+            let trace_id = started
+                .last()
+                .and_then(|r| r.field("trace_id"))
+                .expect("the client's span")
+                .to_owned();
+            assert_app_trace(spans, &trace_id);
+            seen.push(trace_id);
+
+            llm.app_action(&session.session_id, &json!({"add": 1}))
+                .await
+                .expect("acted");
+            let acted = spans.find(|r| {
+                r.name == "atp.llm.app" && r.field("session") == Some(session.session_id.as_str())
+            });
+            let trace_id = acted
+                .last()
+                .and_then(|r| r.field("trace_id"))
+                .expect("the client's span")
+                .to_owned();
+            assert_app_trace(spans, &trace_id);
+            seen.push(trace_id);
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 4, "a trace per request: {seen:?}");
+        stop_toolkit(&toolkit, runtime).await;
+        server.stop().await;
+    })
+    .await;
+}
+
+/// The spans of the app request traced `trace_id`: one each of the
+/// client's, the server's and the toolkit's, and the app's own span in
+/// the toolkit's.
+fn assert_app_trace(spans: &SpanLog, trace_id: &str) {
+    assert!(is_trace_id(trace_id), "{trace_id}");
+    let of_trace = spans.find(|r| r.field("trace_id") == Some(trace_id));
+    let mut names: Vec<&str> = of_trace.iter().map(|r| r.name).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["atp.app", "atp.llm.app", "atp.server.app"],
+        "the spans of trace {trace_id}: {of_trace:#?}"
+    );
+    let inner =
+        spans.find(|r| r.name == "app.work" && r.parent_trace_id.as_deref() == Some(trace_id));
+    assert_eq!(inner.len(), 1, "the app's own span, in trace {trace_id}");
+    assert_eq!(inner[0].parent, Some("atp.app"));
 }
