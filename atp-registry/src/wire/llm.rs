@@ -147,14 +147,6 @@ impl TaskRequest {
             .or(self.auth_token.as_ref())
     }
 
-    /// The call's trace context, if it has a valid one.
-    pub fn trace(&self) -> Option<crate::trace::TraceContext> {
-        crate::trace::TraceContext::from_fields(
-            self.traceparent.as_deref(),
-            self.tracestate.as_deref(),
-        )
-    }
-
     /// The end user: the message's, else the payload's.
     pub fn external_user_id(&self) -> Option<&str> {
         self.external_user_id
@@ -191,16 +183,6 @@ pub struct AppRequest {
         skip_serializing_if = "Option::is_none"
     )]
     pub tracestate: Option<String>,
-}
-
-impl AppRequest {
-    /// The request's trace context, if it has a valid one.
-    pub fn trace(&self) -> Option<crate::trace::TraceContext> {
-        crate::trace::TraceContext::from_fields(
-            self.traceparent.as_deref(),
-            self.tracestate.as_deref(),
-        )
-    }
 }
 
 /// The payload of [`AppRequest`].
@@ -246,16 +228,6 @@ pub struct AppActionRequest {
         skip_serializing_if = "Option::is_none"
     )]
     pub tracestate: Option<String>,
-}
-
-impl AppActionRequest {
-    /// The request's trace context, if it has a valid one.
-    pub fn trace(&self) -> Option<crate::trace::TraceContext> {
-        crate::trace::TraceContext::from_fields(
-            self.traceparent.as_deref(),
-            self.tracestate.as_deref(),
-        )
-    }
 }
 
 /// The payload of [`AppActionRequest`].

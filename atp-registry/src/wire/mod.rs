@@ -211,6 +211,30 @@ pub(crate) fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Strin
     Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
 }
 
+/// `trace()` for the messages that carry a trace context (`traceparent`
+/// and `tracestate` fields).
+macro_rules! traced {
+    ($($message:ty),+) => {$(
+        impl $message {
+            /// The message's trace context, if it carries a valid one.
+            pub fn trace(&self) -> Option<crate::trace::TraceContext> {
+                crate::trace::TraceContext::from_fields(
+                    self.traceparent.as_deref(),
+                    self.tracestate.as_deref(),
+                )
+            }
+        }
+    )+};
+}
+
+traced!(
+    TaskRequest,
+    AppRequest,
+    AppActionRequest,
+    ToolRequest,
+    AppAction
+);
+
 /// A trace context field (`traceparent`, `tracestate`): a string is
 /// kept as it is (it is checked where it is used, see
 /// [`crate::trace::TraceContext`]); anything else is absent, never an

@@ -46,16 +46,6 @@ pub struct ToolRequest {
     pub tracestate: Option<String>,
 }
 
-impl ToolRequest {
-    /// The request's trace context, if it has a valid one.
-    pub fn trace(&self) -> Option<crate::trace::TraceContext> {
-        crate::trace::TraceContext::from_fields(
-            self.traceparent.as_deref(),
-            self.tracestate.as_deref(),
-        )
-    }
-}
-
 /// `atp_app_action`: a user's action in an app session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AppAction {
@@ -82,16 +72,6 @@ pub struct AppAction {
         skip_serializing_if = "Option::is_none"
     )]
     pub tracestate: Option<String>,
-}
-
-impl AppAction {
-    /// The action's trace context, if it has a valid one.
-    pub fn trace(&self) -> Option<crate::trace::TraceContext> {
-        crate::trace::TraceContext::from_fields(
-            self.traceparent.as_deref(),
-            self.tracestate.as_deref(),
-        )
-    }
 }
 
 #[derive(Serialize, Deserialize)]

@@ -296,6 +296,22 @@ async fn http_call(server: &TestServer, key: &str, message: &Value) -> Value {
     a
 }
 
+/// A frame from the server without its trace context, which it must
+/// have: the server traces each app start and action (docs/OPERATIONS.md,
+/// "Traces").
+fn traced(frame: &Value) -> Value {
+    let mut frame = frame.clone();
+    let fields = frame.as_object_mut().expect("an object");
+    let parent = fields.remove("traceparent");
+    let parent = parent.as_ref().and_then(Value::as_str).unwrap_or_default();
+    assert!(
+        parent.len() == 55 && parent.starts_with("00-"),
+        "a W3C traceparent: {parent:?}"
+    );
+    fields.remove("tracestate");
+    frame
+}
+
 pub(crate) fn code(a: &Value) -> &str {
     a["payload"]["code"].as_str().unwrap_or("(none)")
 }
@@ -331,7 +347,7 @@ async fn a_python_style_toolkit_runs_a_whole_session_over_websocket_and_http() {
         // session id (not the LLM's request id) as its request_id.
         let got = tk.next_seen("atp_app_request").await;
         assert_eq!(
-            got["payload"],
+            traced(&got["payload"]),
             json!({"request_id": session, "tool_name": "counter",
                    "params": {"start": 5}, "auth_token": "user-token"})
         );
@@ -345,7 +361,7 @@ async fn a_python_style_toolkit_runs_a_whole_session_over_websocket_and_http() {
         );
         let got = tk.next_seen("atp_app_action").await;
         assert_eq!(
-            got["payload"],
+            traced(&got["payload"]),
             json!({"request_id": session, "action_data": {"add": 2}})
         );
         let a = http_call(
@@ -565,7 +581,7 @@ async fn an_inbox_toolkit_runs_a_session() {
         assert_eq!(a["payload"]["ui_content"], json!({"count": 1}));
         let entry = next_seen(&mut seen).await;
         assert_eq!(
-            entry,
+            traced(&entry),
             json!({"message_type": "atp_app_request", "request_id": session,
                    "tool_name": "counter", "params": {"start": 1}, "auth_token": null})
         );
@@ -580,7 +596,7 @@ async fn an_inbox_toolkit_runs_a_session() {
             );
             let entry = next_seen(&mut seen).await;
             assert_eq!(
-                entry,
+                traced(&entry),
                 json!({"message_type": "atp_app_action", "request_id": session,
                        "action_data": {"add": i + 2}})
             );

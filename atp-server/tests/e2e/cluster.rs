@@ -221,15 +221,11 @@ async fn an_app_session_started_on_one_server_goes_on_through_the_others() {
             .expect("action through C");
         assert_eq!(update.ui_content, json!({"count": 2}));
         // One trace from the client through A (over NATS) to the app.
-        let acted = spans.find(|r| {
+        let trace_id = spans.newest_trace_id(|r| {
             r.name == "atp.llm.app" && r.field("session") == Some(session.session_id.as_str())
         });
-        let trace_id = acted
-            .last()
-            .and_then(|r| r.field("trace_id"))
-            .expect("the client's span");
         let mut names: Vec<&str> = spans
-            .find(|r| r.field("trace_id") == Some(trace_id))
+            .find(|r| r.field("trace_id") == Some(trace_id.as_str()))
             .iter()
             .map(|r| r.name)
             .collect();

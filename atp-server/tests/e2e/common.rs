@@ -478,6 +478,15 @@ impl SpanLog {
             .cloned()
             .collect()
     }
+
+    /// The `trace_id` of the newest closed span that `keep` picks.
+    pub fn newest_trace_id(&self, keep: impl Fn(&SpanRecord) -> bool) -> String {
+        self.find(keep)
+            .last()
+            .and_then(|r| r.field("trace_id"))
+            .expect("a span with a trace id")
+            .to_owned()
+    }
 }
 
 struct Fields<'a>(&'a mut BTreeMap<String, String>);

@@ -105,11 +105,10 @@ async fn one_call_is_one_trace_from_the_llm_client_to_the_tool() {
                     .await
                     .expect("call");
                 assert_eq!(outputs(&out), [r#""done""#]);
-                let started =
-                    spans.find(|r| r.name == "atp.llm.call" && r.field("toolkit") == Some(APP));
-                let newest = started.last().expect("the client's span");
                 assert!(spans.find(|r| r.name == "atp.llm.call").len() > before);
-                let trace_id = newest.field("trace_id").expect("a trace id").to_owned();
+                let trace_id = spans.newest_trace_id(|r| {
+                    r.name == "atp.llm.call" && r.field("toolkit") == Some(APP)
+                });
                 assert!(is_trace_id(&trace_id), "{trace_id}");
                 assert_one_trace(spans, APP, &trace_id, tool);
             }
@@ -253,27 +252,17 @@ async fn each_request_of_an_app_session_is_one_trace() {
                 .start_app(KIT, "counter", &Value::Null, None)
                 .await
                 .expect("started");
-            let started =
-                spans.find(|r| r.name == "atp.llm.app" && r.field("toolkit") == Some(KIT));
-            let trace_id = started
-                .last()
-                .and_then(|r| r.field("trace_id"))
-                .expect("the client's span")
-                .to_owned();
+            let trace_id = spans
+                .newest_trace_id(|r| r.name == "atp.llm.app" && r.field("toolkit") == Some(KIT));
             assert_app_trace(spans, &trace_id);
             seen.push(trace_id);
 
             llm.app_action(&session.session_id, &json!({"add": 1}))
                 .await
                 .expect("acted");
-            let acted = spans.find(|r| {
+            let trace_id = spans.newest_trace_id(|r| {
                 r.name == "atp.llm.app" && r.field("session") == Some(session.session_id.as_str())
             });
-            let trace_id = acted
-                .last()
-                .and_then(|r| r.field("trace_id"))
-                .expect("the client's span")
-                .to_owned();
             assert_app_trace(spans, &trace_id);
             seen.push(trace_id);
         }
