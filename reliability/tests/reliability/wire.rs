@@ -248,8 +248,9 @@ async fn huge_headers(t: Target) {
     }
 }
 
-/// A body of twice the limit sent slowly, with a declared length or
-/// chunked: the 413 must come before the body is all sent.
+/// A body of twice the limit sent slowly (slower still past the limit),
+/// with a declared length or chunked: the 413 must come before the body is
+/// all sent.
 async fn oversized_slowly(t: Target) {
     let limit = t.limit();
     let total = 2 * limit;
@@ -283,7 +284,11 @@ async fn oversized_slowly(t: Target) {
                 }
                 done += piece;
                 counter.store(done, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Slower once over the limit: the rest takes over 1 s, so a
+                // server starved of CPU for a while still has time to
+                // refuse before the whole body is written.
+                let pause = if done > limit { 150 } else { 20 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
             }
             let _ = writer.write_all(b"0\r\n\r\n").await;
         });
