@@ -74,7 +74,9 @@ fn example_binary() -> PathBuf {
 struct Server {
     child: Child,
     stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
+    /// Each line on stdout with when it arrived (stamped by the reader
+    /// thread, not when the test gets to it).
+    lines: mpsc::Receiver<(Instant, String)>,
 }
 
 impl Server {
@@ -96,7 +98,7 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
+                if tx.send((Instant::now(), line)).is_err() {
                     break;
                 }
             }
@@ -119,16 +121,34 @@ impl Server {
         self.send_raw(serde_json::to_string(&message).unwrap().as_bytes());
     }
 
+    /// Sends messages as lines in one write (the server gets them
+    /// together).
+    fn send_together(&mut self, messages: &[Value]) {
+        let mut bytes = Vec::new();
+        for m in messages {
+            bytes.extend_from_slice(serde_json::to_string(m).unwrap().as_bytes());
+            bytes.push(b'\n');
+        }
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(&bytes).unwrap();
+        stdin.flush().unwrap();
+    }
+
     /// The next line on stdout: always one JSON-RPC message.
     fn next(&self) -> Value {
-        let line = self
+        self.next_stamped().1
+    }
+
+    /// The next line on stdout, and when it arrived.
+    fn next_stamped(&self) -> (Instant, Value) {
+        let (at, line) = self
             .lines
             .recv_timeout(WAIT)
             .expect("no message from the server");
         let v: Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("stdout has a line that is not JSON ({e}): {line}"));
         assert_eq!(v["jsonrpc"], "2.0", "{v}");
-        v
+        (at, v)
     }
 
     /// Sends a request and returns its response (no other message is
@@ -247,13 +267,14 @@ fn stdio_protocol() {
     assert_eq!(unknown["error"]["code"], -32602, "{unknown}");
 
     // Progress and logs of a slow call, in order before its response; a
-    // ping sent meanwhile is answered first (calls run concurrently).
-    s.send(
+    // ping sent with it (in the same write) is answered first, long before
+    // the first file is done (calls run concurrently).
+    s.send_together(&[
         json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
-        "name": "download", "arguments": {"files": 3, "delay_ms": 200},
+        "name": "download", "arguments": {"files": 3, "delay_ms": 400},
         "_meta": {"progressToken": "dl"}}}),
-    );
-    s.send(json!({"jsonrpc": "2.0", "id": "ping-1", "method": "ping"}));
+        json!({"jsonrpc": "2.0", "id": "ping-1", "method": "ping"}),
+    ]);
     let pong = s.next();
     assert_eq!(
         pong,
@@ -262,10 +283,10 @@ fn stdio_protocol() {
     let mut progress = Vec::new();
     let mut logs = Vec::new();
     let mut first_report = None;
-    let done = loop {
-        let m = s.next();
+    let (done_at, done) = loop {
+        let (at, m) = s.next_stamped();
         if m["method"].is_string() {
-            first_report.get_or_insert_with(Instant::now);
+            first_report.get_or_insert(at);
         }
         match m["method"].as_str() {
             Some("notifications/progress") => {
@@ -278,15 +299,17 @@ fn stdio_protocol() {
                 assert_eq!(m["params"]["logger"], "download", "{m}");
                 logs.push(m["params"]["data"].as_str().unwrap().to_owned());
             }
-            _ => break m,
+            _ => break (at, m),
         }
     };
     assert_eq!(done["id"], 9, "{done}");
-    // Live: the first file's reports come as it is done, two files (400 ms)
-    // before the answer, not with it.
-    let ahead = first_report.map(|t| t.elapsed()).unwrap_or_default();
+    // Live: the first file's reports come as it is done, two files (800 ms)
+    // before the answer, not with it (by when they arrived).
+    let ahead = first_report
+        .map(|t| done_at.saturating_duration_since(t))
+        .unwrap_or_default();
     assert!(
-        ahead >= Duration::from_millis(200),
+        ahead >= Duration::from_millis(400),
         "the first report came only {ahead:?} before the answer"
     );
     assert_eq!(

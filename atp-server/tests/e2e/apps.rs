@@ -832,7 +832,9 @@ async fn unknown_toolkits_apps_and_sessions_and_bad_messages_get_clear_codes() {
 async fn a_busy_session_refuses_a_second_action_and_an_unanswered_one_ends_it() {
     bounded(Duration::from_secs(60), async {
         let mut config = keyed_config();
-        config.task_timeout = Duration::from_millis(1500);
+        // Long enough that the second action surely meets the session
+        // while the first (unanswered) is still waiting.
+        config.task_timeout = Duration::from_secs(3);
         let server = TestServer::start(config).await;
         register(&server, TK_KEY, "kit", "counter").await;
         let mut tk = ScriptedToolkit::start(&server, TK_KEY).await;

@@ -139,7 +139,7 @@ async fn over_a_rate_limit_calls_get_429_then_work_again() {
 
         // Server-sent events: the limits are checked before the stream
         // starts, so the refusal keeps its status and Retry-After.
-        let mut sse_limited = false;
+        let mut sse_retry_after = None;
         for i in 0..20 {
             let (status, headers, body) = http(
                 "POST",
@@ -154,22 +154,25 @@ async fn over_a_rate_limit_calls_get_429_then_work_again() {
             let last = events(&body).pop().expect("an event");
             assert_eq!(last["type"], "task_response", "{body}");
             if status == 429 {
-                assert!(headers.contains_key("retry-after"), "{headers:?}");
+                let retry_after = headers
+                    .get("retry-after")
+                    .unwrap_or_else(|| panic!("a Retry-After header: {headers:?}"));
                 assert_eq!(last["code"], "rate_limited", "{body}");
-                sse_limited = true;
+                sse_retry_after = Some(
+                    retry_after
+                        .to_str()
+                        .expect("ASCII")
+                        .parse::<u64>()
+                        .expect("whole seconds"),
+                );
                 break;
             }
             assert_eq!(status, 200, "{body}");
             assert_eq!(last["payload"]["result"]["echo"], "hi", "{body}");
         }
-        assert!(
-            sse_limited,
-            "an event-stream call over the limit is refused"
-        );
+        let wait = sse_retry_after.expect("an event-stream call over the limit is refused");
 
-        // After waiting Retry-After, calls pass again.
-        let (_, retry_after, _) = call(&server, &task("again", "rated", "hi")).await;
-        let wait = retry_after.expect("still limited right after");
+        // After waiting the last refusal's Retry-After, calls pass again.
         tokio::time::sleep(Duration::from_secs(wait)).await;
         let (status, _, answer) = call(&server, &task("after", "rated", "back")).await;
         assert_eq!(status, 200, "{answer}");
@@ -182,8 +185,8 @@ async fn over_a_rate_limit_calls_get_429_then_work_again() {
             &[("limit", "toolkit_rate"), ("toolkit", "rated")],
         );
         assert!(
-            counted >= 5.0,
-            "HTTP twice, the WebSocket, MCP, events: {counted}"
+            counted >= 4.0,
+            "HTTP, the WebSocket, MCP, events: {counted}"
         );
         server.stop().await;
     })
@@ -233,23 +236,42 @@ async fn app_starts_and_actions_are_rate_limited() {
         assert!(limited, "an action over the limit is refused");
 
         // process/: 429 with Retry-After and the app_response, for an
-        // action and for a start.
-        let (status, retry_after, a) = call(
-            &server,
-            &apps::app_action("h1", &session, json!({"add": 1})),
-        )
-        .await;
-        assert_eq!((status, apps::code(&a)), (429, "rate_limited"), "{a}");
-        assert_eq!(a["type"], "app_response", "{a}");
-        let wait = retry_after.expect("a Retry-After header");
+        // action and for a start. A token may have come back meanwhile (one
+        // every 2 s): an action that passes counts, as over the WebSocket.
+        let mut refused = None;
+        for i in 0..20 {
+            let (status, retry_after, a) = call(
+                &server,
+                &apps::app_action(&format!("h1-{i}"), &session, json!({"add": 1})),
+            )
+            .await;
+            assert_eq!(a["type"], "app_response", "{a}");
+            if status == 429 {
+                assert_eq!(apps::code(&a), "rate_limited", "{a}");
+                refused = Some(retry_after.expect("a Retry-After header"));
+                break;
+            }
+            assert_eq!(status, 200, "{a}");
+            count += 1;
+            assert_eq!(a["payload"]["ui_content"], json!({ "count": count }), "{a}");
+        }
+        let wait = refused.expect("an action over the limit is refused");
         assert!((1..=2).contains(&wait), "{wait}");
-        let (status, retry_after, a) = call(
-            &server,
-            &apps::app_request("h2", "rated", "counter", json!({})),
-        )
-        .await;
-        assert_eq!((status, apps::code(&a)), (429, "rate_limited"), "{a}");
-        assert!(retry_after.is_some());
+        let mut refused = None;
+        for i in 0..20 {
+            let (status, retry_after, a) = call(
+                &server,
+                &apps::app_request(&format!("h2-{i}"), "rated", "counter", json!({})),
+            )
+            .await;
+            if status == 429 {
+                assert_eq!(apps::code(&a), "rate_limited", "{a}");
+                refused = Some(retry_after.expect("a Retry-After header"));
+                break;
+            }
+            assert_eq!(status, 200, "{a}");
+        }
+        let wait = refused.expect("a start over the limit is refused");
 
         // After Retry-After the session goes on where it was.
         tokio::time::sleep(Duration::from_secs(wait)).await;

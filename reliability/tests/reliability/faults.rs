@@ -643,7 +643,7 @@ async fn a_black_holed_llm_connection_is_noticed_and_replaced() {
         .with_base_url(proxy.url())
         .with_protocol(LlmProtocol::WebSocket)
         .with_timeout(Duration::from_secs(10))
-        .with_ping_interval(Duration::from_millis(200));
+        .with_ping_interval(Duration::from_millis(500));
     for round in 0..fault_cycles() {
         echo_works(&client, "holekit").await;
         let pending = tokio::spawn({
@@ -672,7 +672,7 @@ async fn a_black_holed_llm_connection_is_noticed_and_replaced() {
         );
         // Two ping intervals and a bit, well before the call's own timeout.
         assert!(
-            frozen.elapsed() < Duration::from_secs(3),
+            frozen.elapsed() < PROMPT,
             "round {round}: noticed after {:?}",
             frozen.elapsed()
         );
@@ -705,7 +705,7 @@ async fn a_black_holed_toolkit_connection_is_noticed_by_both_sides() {
         toolkit_api_keys: vec![TK.into()],
         llm_api_keys: vec![LLM.into()],
         task_timeout: Duration::from_secs(60),
-        ping_interval: Duration::from_millis(200),
+        ping_interval: Duration::from_millis(500),
         ..Config::default()
     })
     .expect("open");
@@ -717,7 +717,7 @@ async fn a_black_holed_toolkit_connection_is_noticed_by_both_sides() {
     let toolkit = test_toolkit_with(TK, "holeside", &proxy.url(), move |_| notify.notify_one())
         .with_runtime_options(
             test_runtime_options()
-                .ping_interval(Duration::from_millis(200))
+                .ping_interval(Duration::from_millis(500))
                 // Its re-announcement may first pick a pooled HTTP connection
                 // the freeze caught: that call waits this long.
                 .request_timeout(Duration::from_secs(1)),
@@ -756,7 +756,7 @@ async fn a_black_holed_toolkit_connection_is_noticed_by_both_sides() {
             "round {round}: {out:?}"
         );
         assert!(
-            frozen.elapsed() < Duration::from_secs(3),
+            frozen.elapsed() < PROMPT,
             "round {round}: the caller waited {:?}",
             frozen.elapsed()
         );

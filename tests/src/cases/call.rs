@@ -392,7 +392,8 @@ pub async fn blocking_tool_answers(base: &str) -> Result<(), String> {
 }
 
 /// Sends `request` and expects `504 tool_timeout` at the toolkit's
-/// timeout (1 s), well before the handler would finish (3 s).
+/// timeout (1 s), before the handler would finish (3 s; the bound allows
+/// for a loaded machine).
 async fn expect_timeout(base: &str, request: &Request) -> Result<(), String> {
     let started = Instant::now();
     expect_error(base, request, 504, "tool_timeout").await?;
@@ -402,7 +403,7 @@ async fn expect_timeout(base: &str, request: &Request) -> Result<(), String> {
         "{request}: the timeout of 1000 ms answered after only {elapsed:?}"
     );
     ensure!(
-        elapsed < Duration::from_millis(2500),
+        elapsed < Duration::from_millis(3000),
         "{request}: the timeout of 1000 ms answered only after {elapsed:?} (the tool takes 3000 ms)"
     );
     Ok(())
@@ -445,7 +446,7 @@ pub async fn slow_tools_run_concurrently(base: &str) -> Result<(), String> {
         "{CALLS} calls of slow {MS} ms finished after only {elapsed:?}"
     );
     ensure!(
-        elapsed < Duration::from_millis(2000),
+        elapsed < Duration::from_millis(2800),
         "{CALLS} parallel calls of slow {MS} ms took {elapsed:?}: they ran one after another ({} ms)",
         MS * u64::from(CALLS)
     );
@@ -454,11 +455,14 @@ pub async fn slow_tools_run_concurrently(base: &str) -> Result<(), String> {
 
 /// A blocking tool does not stall the server: while 4 calls of `blocking`
 /// (800 ms each, more than the server has executor threads) run, other
-/// calls are answered quickly (each under 500 ms).
+/// calls are answered quickly (each under 700 ms: a call stalled behind
+/// the blocking ones would wait for one to end, close to 800 ms).
 pub async fn blocking_tool_does_not_stall_server(base: &str) -> Result<(), String> {
     const CALLS: usize = 4;
     const MS: u64 = 800;
-    const QUICK: Duration = Duration::from_millis(500);
+    // Not dropped for `answered_meanwhile` alone: quick calls answered
+    // before the blocking ones reach the server count there too.
+    const QUICK: Duration = Duration::from_millis(700);
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut set = JoinSet::new();
