@@ -477,10 +477,13 @@
     }
     for (const [name, title] of FORMATS) {
       const text = JSON.stringify(data[name], null, 2);
-      const copy = el("button", { type: "button", class: "quiet", "aria-label": "Copy the " + title + " format", onclick: async () => {
-        try { await navigator.clipboard.writeText(text); copy.textContent = "Copied"; }
-        catch (_) { copy.textContent = "Copy failed: select the text"; }
-      } }, "Copy");
+      // The accessible name starts with the visible text, whichever it is.
+      const said = (shown) => { copy.textContent = shown; copy.setAttribute("aria-label", shown + " (the " + title + " format)"); };
+      const copy = el("button", { type: "button", class: "quiet", onclick: async () => {
+        try { await navigator.clipboard.writeText(text); said("Copied"); }
+        catch (_) { said("Copy failed: select the text"); }
+      } });
+      said("Copy");
       box.append(el("details", { "data-format": name }, el("summary", { text: title }),
         el("pre", { tabindex: "0", "aria-label": title + " format", text }), copy));
     }

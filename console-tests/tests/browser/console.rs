@@ -18,7 +18,7 @@ use std::{
 
 use atp_registry::{AppCall, AppReply, Call, Tool, ToolError, ToolKitClient, runtime::Transport};
 use atp_server::Config;
-use fantoccini::{Client, ClientBuilder, Locator, elements::Element};
+use fantoccini::{Client, ClientBuilder, Locator, elements::Element, key::Key};
 use serde_json::{Value, json};
 
 use crate::{
@@ -346,6 +346,19 @@ async fn console_shows_toolkits_runs_tools_and_follows_calls() {
             serde_json::from_str(&browser.text("[data-format=anthropic] pre").await).expect("JSON");
         assert_eq!(anthropic["name"], "echo");
         assert_eq!(anthropic["input_schema"]["required"], json!(["text"]));
+        // Its Copy button puts that text on the browser's clipboard: pasted
+        // into a field (which drops the line breaks), it reads back.
+        browser.click("[data-format=anthropic] button").await;
+        browser
+            .until("document.querySelector('[data-format=anthropic] button').textContent === 'Copied'")
+            .await;
+        let field = browser.find("#try-fields input[name=text]").await;
+        field.clear().await.expect("cleared");
+        field.send_keys(&(Key::Control + "v")).await.expect("pasted");
+        let pasted = field.prop("value").await.expect("value").unwrap_or_default();
+        let pasted: Value = serde_json::from_str(&pasted)
+            .unwrap_or_else(|e| panic!("the copied format, pasted: {e}: {pasted:?}"));
+        assert_eq!(pasted, anthropic);
         browser.click("[data-format=mcp] summary").await;
         let mcp: Value =
             serde_json::from_str(&browser.text("[data-format=mcp] pre").await).expect("JSON");
