@@ -48,22 +48,34 @@ fn call(tool: &str) -> Value {
 /// client's, the server's and the toolkit's, and the tool's own span
 /// inside the toolkit's.
 fn assert_one_trace(spans: &SpanLog, app: &str, trace_id: &str, tool: &str) {
-    let of_trace = spans.find(|r| r.field("trace_id") == Some(trace_id));
-    let mut names: Vec<&str> = of_trace.iter().map(|r| r.name).collect();
-    names.sort_unstable();
-    assert_eq!(
-        names,
+    let of_trace = assert_hops(
+        spans,
+        trace_id,
         ["atp.llm.call", "atp.server.call", "atp.tool"],
-        "the spans of trace {trace_id}: {of_trace:#?}"
+        "tool.work",
     );
     for r in &of_trace {
         assert_eq!(r.field("toolkit"), Some(app), "{r:?}");
         assert_eq!(r.field("tool"), Some(tool), "{r:?}");
     }
-    let inner =
-        spans.find(|r| r.name == "tool.work" && r.parent_trace_id.as_deref() == Some(trace_id));
-    assert_eq!(inner.len(), 1, "the tool's own span, in trace {trace_id}");
-    assert_eq!(inner[0].parent, Some("atp.tool"));
+}
+
+/// The spans of trace `trace_id`: exactly `hops` (by name, sorted), and
+/// one span `inner` inside the last hop (the toolkit's). Returns the hops.
+fn assert_hops(spans: &SpanLog, trace_id: &str, hops: [&str; 3], inner: &str) -> Vec<SpanRecord> {
+    let of_trace = spans.find(|r| r.field("trace_id") == Some(trace_id));
+    let mut names: Vec<&str> = of_trace.iter().map(|r| r.name).collect();
+    names.sort_unstable();
+    let mut sorted = hops;
+    sorted.sort_unstable();
+    assert_eq!(
+        names, sorted,
+        "the spans of trace {trace_id}: {of_trace:#?}"
+    );
+    let own = spans.find(|r| r.name == inner && r.parent_trace_id.as_deref() == Some(trace_id));
+    assert_eq!(own.len(), 1, "{inner}, in trace {trace_id}");
+    assert_eq!(own[0].parent, Some(hops[2]));
+    of_trace
 }
 
 fn is_trace_id(id: &str) -> bool {
@@ -280,16 +292,10 @@ async fn each_request_of_an_app_session_is_one_trace() {
 /// the toolkit's.
 fn assert_app_trace(spans: &SpanLog, trace_id: &str) {
     assert!(is_trace_id(trace_id), "{trace_id}");
-    let of_trace = spans.find(|r| r.field("trace_id") == Some(trace_id));
-    let mut names: Vec<&str> = of_trace.iter().map(|r| r.name).collect();
-    names.sort_unstable();
-    assert_eq!(
-        names,
-        ["atp.app", "atp.llm.app", "atp.server.app"],
-        "the spans of trace {trace_id}: {of_trace:#?}"
+    assert_hops(
+        spans,
+        trace_id,
+        ["atp.llm.app", "atp.server.app", "atp.app"],
+        "app.work",
     );
-    let inner =
-        spans.find(|r| r.name == "app.work" && r.parent_trace_id.as_deref() == Some(trace_id));
-    assert_eq!(inner.len(), 1, "the app's own span, in trace {trace_id}");
-    assert_eq!(inner[0].parent, Some("atp.app"));
 }
