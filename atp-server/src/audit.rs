@@ -228,6 +228,14 @@ impl Entry {
         e
     }
 
+    /// A tool call that came in `via` and ended with the ATP error code
+    /// `error_code` (`None`: it was done); `dispatched`: it had reached
+    /// its toolkit.
+    pub fn ended(via: Via, error_code: Option<&str>, dispatched: bool) -> Self {
+        let outcome = error_code.map_or(Outcome::Ok, |c| Outcome::of_failure(c, dispatched));
+        Self::call(via, outcome, error_code)
+    }
+
     /// An admin action (`keys revoke`, …) on `target` (a key id, a
     /// toolkit; never a key), done (`error_code` `None`) or not.
     pub fn admin(via: Via, action: &str, target: Option<&str>, error_code: Option<&str>) -> Self {

@@ -91,13 +91,24 @@ impl Failure {
         } else {
             ErrorCode::RateLimited
         };
+        Self::limited(code.as_str().to_owned(), r.message, r.retry_after)
+    }
+
+    /// A refusal by a rate limit (`code` `rate_limited` or
+    /// `payload_too_large`), here or on the server that holds a session:
+    /// answered 429, or 413 for a request too large.
+    fn limited(code: String, message: String, retry_after: Option<std::time::Duration>) -> Self {
+        let status = if code == ErrorCode::PayloadTooLarge.as_str() {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::TOO_MANY_REQUESTS
+        };
         Self {
-            code: code.as_str().to_owned(),
-            message: r.message,
+            code,
+            message,
             limited: Some(Limited {
-                status: StatusCode::from_u16(code.status())
-                    .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
-                retry_after: r.retry_after,
+                status,
+                retry_after,
             }),
         }
     }
@@ -121,21 +132,7 @@ impl From<RouteError> for Failure {
                 code,
                 message,
                 retry_after,
-            } => {
-                let status = if code == ErrorCode::PayloadTooLarge.as_str() {
-                    StatusCode::PAYLOAD_TOO_LARGE
-                } else {
-                    StatusCode::TOO_MANY_REQUESTS
-                };
-                Self {
-                    code,
-                    message,
-                    limited: Some(Limited {
-                        status,
-                        retry_after,
-                    }),
-                }
-            }
+            } => Self::limited(code, message, retry_after),
             other => Self::new(other.code(), other.to_string()),
         }
     }
@@ -305,7 +302,7 @@ async fn run_task(
         Ok(found) => found,
         Err(f) => {
             s.audit.record(
-                Entry::call(via, Outcome::of_failure(&f.code, false), Some(&f.code))
+                Entry::ended(via, Some(&f.code), false)
                     .key(s, llm_key_hash)
                     .tool(Some(&req.toolkit_id), Some(&req.payload.function)),
             );
@@ -434,18 +431,12 @@ async fn audited_call(
     let started = std::time::Instant::now();
     let (result, ran) = run_tool(s, llm_key_hash, kit, call, progress, onward).await;
     let code = result.as_ref().err().map(|f| f.code.as_str());
-    let (outcome, transport, took, token) = match ran {
-        Some((transport, took, sent)) => {
-            let outcome = code.map_or(Outcome::Ok, |c| Outcome::of_failure(c, true));
-            (outcome, Some(transport), took, sent)
-        }
-        None => {
-            let outcome = code.map_or(Outcome::Ok, |c| Outcome::of_failure(c, false));
-            (outcome, None, started.elapsed(), given)
-        }
+    let (transport, took, token) = match ran {
+        Some((transport, took, sent)) => (Some(transport), took, sent),
+        None => (None, started.elapsed(), given),
     };
     s.audit.record(
-        Entry::call(via, outcome, code)
+        Entry::ended(via, code, transport.is_some())
             .key(s, llm_key_hash)
             .tool(Some(&kit.app_name), Some(function))
             .ran(transport, took)
@@ -755,9 +746,8 @@ pub(crate) async fn start_audited(
         ),
     };
     let code = done.as_ref().err().map(|f| f.code.as_str());
-    let outcome = code.map_or(Outcome::Ok, |c| Outcome::of_failure(c, transport.is_some()));
     s.audit.record(
-        Entry::call(via, outcome, code)
+        Entry::ended(via, code, transport.is_some())
             .key(s, llm_key_hash)
             .tool(Some(toolkit_id), Some(&app_name))
             .ran(transport, began.elapsed())
@@ -869,10 +859,7 @@ pub(crate) async fn app_action(
             AppResponse::ok(request_id, session_id, Some(ui), Some(terminated)),
             None,
         ),
-        Err(f) => (
-            app_failed(request_id, Some(session_id.clone()), &f),
-            f.limited,
-        ),
+        Err(f) => (app_failed(request_id, Some(session_id), &f), f.limited),
     }
 }
 
@@ -898,64 +885,51 @@ pub(crate) async fn act(
         action_data,
     } = action;
     let session_id = session_id.as_str();
-    let Some((toolkit, app, transport)) = s.hub.session_app(llm_key_hash, session_id) else {
-        // Not open here (over, unknown, or another key's): the hub says
-        // which; nothing runs.
-        let done = s
-            .hub
-            .app_action(llm_key_hash, session_id, action_data, None, timeout)
-            .await
-            .map_err(Failure::from);
-        if let Err(f) = &done {
-            s.audit.record(
-                Entry::call(via, Outcome::of_failure(&f.code, false), Some(&f.code))
-                    .key(s, llm_key_hash),
-            );
-        }
-        return done;
+    // `None`: not open here (over, unknown, or another key's); the hub
+    // says which, and nothing runs.
+    let found = s.hub.session_app(llm_key_hash, session_id);
+    let keep = found
+        .as_ref()
+        .is_some_and(|(toolkit, ..)| s.audit.keeps_payloads(toolkit));
+    let arguments = keep.then(|| Map::from_iter([("action_data".to_owned(), action_data.clone())]));
+    let (done, ran) = match &found {
+        None => (
+            s.hub
+                .app_action(llm_key_hash, session_id, action_data, None, timeout)
+                .await
+                .map_err(Failure::from),
+            None,
+        ),
+        Some((toolkit, app, transport)) => match admit(s, llm_key_hash, toolkit, &action_data) {
+            Err(f) => (Err(f), None),
+            Ok(_admitted) => {
+                let span = tracing::info_span!(
+                    "atp.server.app",
+                    toolkit = %toolkit,
+                    app = %app,
+                    session = session_id,
+                    trace_id = tracing::field::Empty,
+                );
+                let onward = trace::link(&span, trace.as_ref());
+                let done = s
+                    .hub
+                    .app_action(llm_key_hash, session_id, action_data, Some(onward), timeout)
+                    .instrument(span)
+                    .await
+                    .map_err(Failure::from);
+                (done, Some(*transport))
+            }
+        },
     };
-    let keep = s.audit.keeps_payloads(&toolkit);
-    let arguments = keep.then(|| {
-        let mut a = Map::new();
-        a.insert("action_data".into(), action_data.clone());
-        a
-    });
-    let refused = |f: Failure| {
-        s.audit.record(
-            Entry::call(via, Outcome::of_failure(&f.code, false), Some(&f.code))
-                .key(s, llm_key_hash)
-                .tool(Some(&toolkit), Some(&app))
-                .payloads(keep, arguments.as_ref(), None, None),
-        );
-        f
-    };
-    let _admitted = admit(s, llm_key_hash, &toolkit, &action_data).map_err(refused)?;
-    let span = tracing::info_span!(
-        "atp.server.app",
-        toolkit = %toolkit,
-        app = %app,
-        session = session_id,
-        trace_id = tracing::field::Empty,
-    );
-    let onward = trace::link(&span, trace.as_ref());
-    let done = s
-        .hub
-        .app_action(llm_key_hash, session_id, action_data, Some(onward), timeout)
-        .instrument(span)
-        .await
-        .map_err(Failure::from);
     let code = done.as_ref().err().map(|f| f.code.as_str());
-    s.audit.record(
-        Entry::call(
-            via,
-            code.map_or(Outcome::Ok, |c| Outcome::of_failure(c, true)),
-            code,
-        )
-        .key(s, llm_key_hash)
-        .tool(Some(&toolkit), Some(&app))
-        .ran(Some(transport), began.elapsed())
-        .payloads(keep, arguments.as_ref(), None, None),
-    );
+    let mut entry = Entry::ended(via, code, ran.is_some()).key(s, llm_key_hash);
+    if let Some((toolkit, app, _)) = &found {
+        entry = entry
+            .tool(Some(toolkit), Some(app))
+            .ran(ran, began.elapsed())
+            .payloads(keep, arguments.as_ref(), None, None);
+    }
+    s.audit.record(entry);
     done
 }
 
@@ -1170,13 +1144,9 @@ pub(crate) async fn process(
                 Ok(permit) => permit,
                 Err(f) => {
                     s.audit.record(
-                        Entry::call(
-                            Via::LlmHttp,
-                            Outcome::of_failure(&f.code, false),
-                            Some(&f.code),
-                        )
-                        .key(&s, &llm_key_hash)
-                        .tool(Some(&req.toolkit_id), Some(&req.payload.function)),
+                        Entry::ended(Via::LlmHttp, Some(&f.code), false)
+                            .key(&s, &llm_key_hash)
+                            .tool(Some(&req.toolkit_id), Some(&req.payload.function)),
                     );
                     let limited = f.limited;
                     let done = failed_task(req, &f);

@@ -711,12 +711,12 @@ impl LlmClient {
                 let mut headers = vec![("authorization", auth.as_str()), ("accept", accept)];
                 // The trace context goes in the headers too, for HTTP
                 // middleware (proxies, the server's own tracing layer).
-                let trace = message.trace();
-                if let Some(t) = &trace {
-                    headers.push((crate::trace::TRACEPARENT, t.traceparent()));
-                    if let Some(ts) = t.tracestate() {
-                        headers.push((crate::trace::TRACESTATE, ts));
-                    }
+                if let Some((parent, state)) = message.trace_fields() {
+                    let fields = [
+                        (crate::trace::TRACEPARENT, parent),
+                        (crate::trace::TRACESTATE, state),
+                    ];
+                    headers.extend(fields.into_iter().filter_map(|(h, v)| Some((h, v?))));
                 }
                 let body = Some(("application/json", Bytes::from(message.to_json())));
                 let http = &self.inner.http;

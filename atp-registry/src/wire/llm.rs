@@ -338,14 +338,22 @@ impl LlmToServer {
         }
     }
 
+    /// The trace context fields (`traceparent`, `tracestate`) as sent, of
+    /// a message that carries them.
+    pub fn trace_fields(&self) -> Option<(Option<&str>, Option<&str>)> {
+        let (parent, state) = match self {
+            Self::TaskRequest(r) => (&r.traceparent, &r.tracestate),
+            Self::AppRequest(r) => (&r.traceparent, &r.tracestate),
+            Self::AppAction(r) => (&r.traceparent, &r.tracestate),
+            _ => return None,
+        };
+        Some((parent.as_deref(), state.as_deref()))
+    }
+
     /// The message's trace context, if it carries a valid one.
     pub fn trace(&self) -> Option<crate::trace::TraceContext> {
-        match self {
-            Self::TaskRequest(r) => r.trace(),
-            Self::AppRequest(r) => r.trace(),
-            Self::AppAction(r) => r.trace(),
-            _ => None,
-        }
+        let (parent, state) = self.trace_fields()?;
+        crate::trace::TraceContext::from_fields(parent, state)
     }
 
     /// Reads a message from an LLM-side client.
